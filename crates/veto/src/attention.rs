@@ -1,0 +1,136 @@
+//! Scaled dot-product attention, in pieces that can share work.
+//!
+//! Layout everywhere: `[batch, heads, seq, head_dim]`.
+//!
+//! Guidance needs the attention of the *same* queries over two contexts (positive and negative
+//! text) that share a large common part (the image tokens). Softmax over a concatenation of key
+//! blocks equals a log-sum-exp weighted merge of per-block attentions, so the expensive
+//! image-over-image block is computed once and merged with each text block
+//! ([`attend_block`] + [`merge_blocks`]) instead of tiling queries, keys and values.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// Plain softmax attention: `softmax(q k^T * scale) v`.
+pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v.contiguous()?)
+}
+
+/// Attention over one key block, kept mergeable: the block-normalised output and the
+/// log-sum-exp of its logits, `[b, h, q, 1]` (in f32, whatever the input dtype).
+/// `bias` is added to every logit of the block after scaling (VSF uses it).
+pub struct BlockAttention {
+    pub out: Tensor,
+    pub lse: Tensor,
+}
+
+pub fn attend_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    bias: Option<f64>,
+) -> Result<BlockAttention> {
+    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    if let Some(b) = bias {
+        scores = (scores + b)?;
+    }
+    let scores = scores.to_dtype(DType::F32)?;
+    let max = scores.max_keepdim(D::Minus1)?;
+    let e = scores.broadcast_sub(&max)?.exp()?;
+    let sum = e.sum_keepdim(D::Minus1)?;
+    let lse = (max + sum.log()?)?;
+    let probs = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
+    let out = probs.matmul(&v.contiguous()?)?;
+    Ok(BlockAttention { out, lse })
+}
+
+/// Merge per-block attentions into the attention over all their keys at once.
+pub fn merge_blocks(blocks: &[&BlockAttention]) -> Result<Tensor> {
+    let dtype = blocks[0].out.dtype();
+    let lses: Vec<&Tensor> = blocks.iter().map(|b| &b.lse).collect();
+    let all = Tensor::cat(&lses, D::Minus1)?; // [b, h, q, n_blocks]
+    let max = all.max_keepdim(D::Minus1)?;
+    let mut acc: Option<Tensor> = None;
+    let mut total: Option<Tensor> = None;
+    for b in blocks {
+        let w = b.lse.broadcast_sub(&max)?.exp()?; // [b, h, q, 1]
+        let term = b.out.to_dtype(DType::F32)?.broadcast_mul(&w)?;
+        acc = Some(match acc {
+            None => term,
+            Some(a) => (a + term)?,
+        });
+        total = Some(match total {
+            None => w,
+            Some(t) => (t + w)?,
+        });
+    }
+    let (acc, total) = (acc.unwrap(), total.unwrap());
+    acc.broadcast_div(&total)?.to_dtype(dtype)
+}
+
+/// `[b, h, s, d]` -> `[b, s, h*d]`.
+pub fn merge_heads(x: &Tensor) -> Result<Tensor> {
+    let (b, h, s, d) = x.dims4()?;
+    x.transpose(1, 2)?.reshape((b, s, h * d))
+}
+
+/// `[b, s, h*d]` -> `[b, h, s, d]`.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, s, hd) = x.dims3()?;
+    x.reshape((b, s, heads, hd / heads))?.transpose(1, 2)?.contiguous()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    }
+
+    #[test]
+    fn merged_blocks_equal_attention_over_concatenated_keys() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
+        let k1 = Tensor::randn(0f32, 2.0, (2, 3, 4, 8), &dev).unwrap();
+        let v1 = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev).unwrap();
+        let k2 = Tensor::randn(0f32, 2.0, (2, 3, 7, 8), &dev).unwrap();
+        let v2 = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev).unwrap();
+        let scale = 1.0 / (8f64).sqrt();
+        let full = sdpa(
+            &q,
+            &Tensor::cat(&[&k1, &k2], 2).unwrap(),
+            &Tensor::cat(&[&v1, &v2], 2).unwrap(),
+            scale,
+        )
+        .unwrap();
+        let b1 = attend_block(&q, &k1, &v1, scale, None).unwrap();
+        let b2 = attend_block(&q, &k2, &v2, scale, None).unwrap();
+        let merged = merge_blocks(&[&b1, &b2]).unwrap();
+        assert!(max_diff(&full, &merged) < 1e-5);
+    }
+
+    #[test]
+    fn block_bias_shifts_weight_between_blocks() {
+        let dev = Device::Cpu;
+        let q = Tensor::ones((1, 1, 1, 2), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 1, 1, 2), DType::F32, &dev).unwrap();
+        let v1 = Tensor::ones((1, 1, 1, 2), DType::F32, &dev).unwrap();
+        let v2 = Tensor::zeros((1, 1, 1, 2), DType::F32, &dev).unwrap();
+        // Equal logits; a bias of ln(3) on block 1 gives it weight 3/4.
+        let b1 = attend_block(&q, &k, &v1, 1.0, Some(3f64.ln())).unwrap();
+        let b2 = attend_block(&q, &k, &v2, 1.0, None).unwrap();
+        let m = merge_blocks(&[&b1, &b2]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((m[0] - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn heads_round_trip() {
+        let x = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((1, 4, 6)).unwrap();
+        let back = merge_heads(&split_heads(&x, 2).unwrap()).unwrap();
+        assert_eq!(max_diff(&x, &back), 0.0);
+    }
+}

@@ -1,0 +1,3 @@
+//! Loading models: diffusers folders, sharded safetensors, the Hugging Face hub cache.
+
+pub mod safetensors_files;

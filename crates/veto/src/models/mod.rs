@@ -1,0 +1,3 @@
+//! Models: denoisers (Flux), VAEs.
+
+pub mod vae;

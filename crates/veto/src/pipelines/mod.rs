@@ -1,0 +1,1 @@
+//! Pipelines: text -> latents -> image.
