@@ -1,3 +1,4 @@
 //! Models: denoisers (Flux), VAEs.
 
 pub mod vae;
+pub mod flux;

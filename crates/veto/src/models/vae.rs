@@ -153,8 +153,11 @@ impl std::fmt::Debug for AutoencoderKl {
 
 impl AutoencoderKl {
     /// Load `dir/config.json` and `dir/diffusion_pytorch_model.safetensors` (or its sharded
-    /// index), converting weights to `dtype` on `device`.
+    /// index), converting weights to `dtype` on `device`. On the CPU the VAE always runs in
+    /// f32: candle's CPU convolutions do not support half precision (and the Flux VAE config
+    /// asks for `force_upcast` anyway). [`Self::dtype`] tells the dtype actually used.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let dtype = if device.is_cpu() { DType::F32 } else { dtype };
         if !dir.is_dir() {
             return Err(Error::MissingFile {
                 what: "VAE folder not found".into(),

@@ -1,0 +1,264 @@
+//! Flux's transformer blocks with negative-text guidance.
+//!
+//! Data flow under attention guidance (the official diffusers NAG semantics):
+//! - double blocks: the image stream exists once and is modulated by the positive `temb`; the
+//!   positive and negative text streams each have their own modulation. Image queries attend to
+//!   `[text+ ; image]` and `[text- ; image]`; the image-over-image block is computed once and
+//!   merged with each text block by log-sum-exp ([`crate::attention`]). The image rows become
+//!   `guide(Z+, Z-)`; each text stream keeps its own attention output.
+//! - single blocks: two halves `[text+ ; image]` and `[text- ; image']`, stacked on the batch,
+//!   each with its own modulation, MLP and residual; in attention the image rows of both halves
+//!   are replaced by `guide(Z+, Z-)`.
+
+use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa};
+use crate::guidance::AttentionGuidance;
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Linear, RmsNorm, VarBuilder};
+
+use super::embeddings::Rope;
+
+/// LayerNorm without affine parameters, eps 1e-6.
+fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let dim = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
+    candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)
+}
+
+/// `norm(x) * (1 + scale) + shift`, with `scale`/`shift` `[B, dim]`.
+fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    layer_norm(x)?
+        .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `SiLU -> Linear(dim, n*dim)`, chunked into `n` vectors `[B, dim]` (AdaLayerNormZero & co).
+pub struct Modulation {
+    linear: Linear,
+    n: usize,
+}
+
+impl Modulation {
+    pub fn new(dim: usize, n: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { linear: candle_nn::linear(dim, n * dim, vb.pp("linear"))?, n })
+    }
+
+    pub fn chunks(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
+        self.linear.forward(&temb.silu()?)?.chunk(self.n, D::Minus1)
+    }
+}
+
+/// `Linear(dim, 4 dim) -> GELU(tanh) -> Linear(4 dim, dim)`.
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj_in: candle_nn::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
+            proj_out: candle_nn::linear(4 * dim, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+    }
+}
+
+/// q/k/v projections of one token stream with per-head RMSNorm on q and k.
+struct Qkv {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    norm_q: RmsNorm,
+    norm_k: RmsNorm,
+}
+
+/// Query, key and value of a stream, `[B, H, S, head_dim]`, rotated.
+struct Heads {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+}
+
+impl Qkv {
+    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder) -> Result<Self> {
+        Ok(Self {
+            q: candle_nn::linear(dim, dim, vb.pp(names[0]))?,
+            k: candle_nn::linear(dim, dim, vb.pp(names[1]))?,
+            v: candle_nn::linear(dim, dim, vb.pp(names[2]))?,
+            norm_q: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[3]))?,
+            norm_k: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[4]))?,
+        })
+    }
+
+    fn heads(&self, x: &Tensor, n_heads: usize, rope: &Rope) -> Result<Heads> {
+        let (b, s, dim) = x.dims3()?;
+        let split = |t: Tensor| t.reshape((b, s, n_heads, dim / n_heads));
+        let q = self.norm_q.forward(&split(self.q.forward(x)?)?)?.transpose(1, 2)?;
+        let k = self.norm_k.forward(&split(self.k.forward(x)?)?)?.transpose(1, 2)?;
+        let v = split(self.v.forward(x)?)?.transpose(1, 2)?.contiguous()?;
+        Ok(Heads { q: rope.apply(&q.contiguous()?)?, k: rope.apply(&k.contiguous()?)?, v })
+    }
+}
+
+/// Text streams of a double block: the positive one, and the negative one under guidance.
+pub struct TextStreams {
+    pub pos: Tensor,
+    pub neg: Option<Tensor>,
+}
+
+/// Conditioning vectors: positive, and negative when a negative text stream exists.
+pub struct Temb<'a> {
+    pub pos: &'a Tensor,
+    pub neg: Option<&'a Tensor>,
+}
+
+pub struct DoubleBlock {
+    norm1: Modulation,
+    norm1_context: Modulation,
+    img_qkv: Qkv,
+    txt_qkv: Qkv,
+    to_out: Linear,
+    to_add_out: Linear,
+    ff: FeedForward,
+    ff_context: FeedForward,
+    heads: usize,
+}
+
+impl DoubleBlock {
+    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let head_dim = dim / heads;
+        let attn = vb.pp("attn");
+        Ok(Self {
+            norm1: Modulation::new(dim, 6, vb.pp("norm1"))?,
+            norm1_context: Modulation::new(dim, 6, vb.pp("norm1_context"))?,
+            img_qkv: Qkv::new(dim, head_dim, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
+            txt_qkv: Qkv::new(
+                dim,
+                head_dim,
+                ["add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"],
+                &attn,
+            )?,
+            to_out: candle_nn::linear(dim, dim, attn.pp("to_out.0"))?,
+            to_add_out: candle_nn::linear(dim, dim, attn.pp("to_add_out"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+            ff_context: FeedForward::new(dim, vb.pp("ff_context"))?,
+            heads,
+        })
+    }
+
+    /// Attention output of the text queries of one stream over `[text ; image]`.
+    fn text_rows(&self, txt: &Heads, img: &Heads, scale: f64) -> Result<Tensor> {
+        let k = Tensor::cat(&[&txt.k, &img.k], 2)?;
+        let v = Tensor::cat(&[&txt.v, &img.v], 2)?;
+        merge_heads(&sdpa(&txt.q, &k, &v, scale)?)
+    }
+
+    /// Text stream update after attention: gated residual, modulated feed-forward.
+    fn text_update(&self, txt: &Tensor, attn: &Tensor, m: &[Tensor]) -> Result<Tensor> {
+        let txt = (txt + self.to_add_out.forward(attn)?.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
+        let ff = self.ff_context.forward(&modulate(&txt, &m[3], &m[4])?)?;
+        txt + ff.broadcast_mul(&m[5].unsqueeze(1)?)?
+    }
+
+    /// `rope_txt` covers the text rows, `rope_img` the image rows (both streams share text
+    /// positions). `guide` is this step's attention guidance; it needs `txt.neg` and `temb.neg`.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &TextStreams,
+        temb: &Temb,
+        rope_txt: &Rope,
+        rope_img: &Rope,
+        guide: Option<&AttentionGuidance>,
+    ) -> Result<(Tensor, TextStreams)> {
+        let scale = 1.0 / ((img.dim(D::Minus1)? / self.heads) as f64).sqrt();
+        let mi = self.norm1.chunks(temb.pos)?;
+        let img_h = self.img_qkv.heads(&modulate(img, &mi[0], &mi[1])?, self.heads, rope_img)?;
+
+        let mp = self.norm1_context.chunks(temb.pos)?;
+        let pos_h = self.txt_qkv.heads(&modulate(&txt.pos, &mp[0], &mp[1])?, self.heads, rope_txt)?;
+
+        // Image rows: image-over-image once, merged with each text block.
+        let img_block = attend_block(&img_h.q, &img_h.k, &img_h.v, scale, None)?;
+        let pos_block = attend_block(&img_h.q, &pos_h.k, &pos_h.v, scale, None)?;
+        let z_pos = merge_heads(&merge_blocks(&[&pos_block, &img_block])?)?;
+        let pos_txt_attn = self.text_rows(&pos_h, &img_h, scale)?;
+
+        let (img_attn, neg_out) = match (guide, &txt.neg, temb.neg) {
+            (Some(g), Some(neg), Some(temb_neg)) => {
+                let mn = self.norm1_context.chunks(temb_neg)?;
+                let neg_h = self.txt_qkv.heads(&modulate(neg, &mn[0], &mn[1])?, self.heads, rope_txt)?;
+                let neg_block = attend_block(&img_h.q, &neg_h.k, &neg_h.v, scale, None)?;
+                let z_neg = merge_heads(&merge_blocks(&[&neg_block, &img_block])?)?;
+                let neg_txt_attn = self.text_rows(&neg_h, &img_h, scale)?;
+                let neg_out = self.text_update(neg, &neg_txt_attn, &mn)?;
+                (g.combine(&z_pos, &z_neg)?, Some(neg_out))
+            }
+            (Some(_), _, _) => candle_core::bail!("attention guidance needs the negative text stream"),
+            _ => (z_pos, None),
+        };
+
+        let img = (img + self.to_out.forward(&img_attn)?.broadcast_mul(&mi[2].unsqueeze(1)?)?)?;
+        let ff = self.ff.forward(&modulate(&img, &mi[3], &mi[4])?)?;
+        let img = (&img + ff.broadcast_mul(&mi[5].unsqueeze(1)?)?)?;
+        let pos = self.text_update(&txt.pos, &pos_txt_attn, &mp)?;
+        Ok((img, TextStreams { pos, neg: neg_out }))
+    }
+}
+
+pub struct SingleBlock {
+    norm: Modulation,
+    qkv: Qkv,
+    proj_mlp: Linear,
+    proj_out: Linear,
+    heads: usize,
+}
+
+impl SingleBlock {
+    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+        let head_dim = dim / heads;
+        Ok(Self {
+            norm: Modulation::new(dim, 3, vb.pp("norm"))?,
+            qkv: Qkv::new(dim, head_dim, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &vb.pp("attn"))?,
+            proj_mlp: candle_nn::linear(dim, 4 * dim, vb.pp("proj_mlp"))?,
+            proj_out: candle_nn::linear(5 * dim, dim, vb.pp("proj_out"))?,
+            heads,
+        })
+    }
+
+    /// `x` `[B or 2B, text_len + image_len, dim]`; under guidance the positive half is the first
+    /// B rows and `temb` is `[2B, dim]` (positive, then negative).
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        text_len: usize,
+        rope: &Rope,
+        guide: Option<&AttentionGuidance>,
+    ) -> Result<Tensor> {
+        let scale = 1.0 / ((x.dim(D::Minus1)? / self.heads) as f64).sqrt();
+        let m = self.norm.chunks(temb)?;
+        let h = modulate(x, &m[0], &m[1])?;
+        let mlp = self.proj_mlp.forward(&h)?.gelu()?;
+        let heads = self.qkv.heads(&h, self.heads, rope)?;
+        let mut attn = merge_heads(&sdpa(&heads.q, &heads.k, &heads.v, scale)?)?;
+        if let Some(g) = guide {
+            let b = x.dim(0)? / 2;
+            let seq = x.dim(1)?;
+            let image_len = seq - text_len;
+            let z_pos = attn.narrow(0, 0, b)?.narrow(1, text_len, image_len)?;
+            let z_neg = attn.narrow(0, b, b)?.narrow(1, text_len, image_len)?;
+            let guided = g.combine(&z_pos, &z_neg)?;
+            let both = Tensor::cat(&[&guided, &guided], 0)?;
+            attn = Tensor::cat(&[&attn.narrow(1, 0, text_len)?, &both], 1)?;
+        }
+        let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
+        x + out.broadcast_mul(&m[2].unsqueeze(1)?)?
+    }
+}

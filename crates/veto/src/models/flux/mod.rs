@@ -1,0 +1,293 @@
+//! The Flux transformer (diffusers `FluxTransformer2DModel`), config-driven, with negative-text
+//! attention guidance (NAG / NASA) following the official diffusers NAG implementation. See
+//! [`blocks`] for the guided data flow.
+
+pub mod blocks;
+pub mod embeddings;
+pub mod latents;
+
+use crate::error::{Error, Result};
+use crate::guidance::AttentionGuidance;
+use blocks::{DoubleBlock, SingleBlock, Temb, TextStreams};
+use candle_core::{DType, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use embeddings::{Rope, TimeTextEmbed};
+use serde::Deserialize;
+use std::path::Path;
+
+/// `transformer/config.json`, with the real FLUX.1 values as defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FluxConfig {
+    #[serde(default = "one")]
+    pub patch_size: usize,
+    #[serde(default = "d_in_channels")]
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    #[serde(default = "d_num_layers")]
+    pub num_layers: usize,
+    #[serde(default = "d_num_single_layers")]
+    pub num_single_layers: usize,
+    #[serde(default = "d_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_joint_dim")]
+    pub joint_attention_dim: usize,
+    #[serde(default = "d_pooled_dim")]
+    pub pooled_projection_dim: usize,
+    #[serde(default)]
+    pub guidance_embeds: bool,
+    #[serde(default = "d_axes")]
+    pub axes_dims_rope: Vec<usize>,
+}
+
+fn one() -> usize {
+    1
+}
+fn d_in_channels() -> usize {
+    64
+}
+fn d_num_layers() -> usize {
+    19
+}
+fn d_num_single_layers() -> usize {
+    38
+}
+fn d_head_dim() -> usize {
+    128
+}
+fn d_heads() -> usize {
+    24
+}
+fn d_joint_dim() -> usize {
+    4096
+}
+fn d_pooled_dim() -> usize {
+    768
+}
+fn d_axes() -> Vec<usize> {
+    vec![16, 56, 56]
+}
+
+impl FluxConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
+            what: format!("cannot read Flux transformer config ({e})"),
+            path: path.display().to_string(),
+        })?;
+        let cfg: FluxConfig = serde_json::from_str(&text).map_err(|e| Error::BadModelFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        cfg.check().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.patch_size != 1 {
+            return Err(format!("patch_size {} is not supported (Flux uses 1)", self.patch_size));
+        }
+        let rope: usize = self.axes_dims_rope.iter().sum();
+        if rope != self.attention_head_dim {
+            return Err(format!(
+                "axes_dims_rope {:?} sum to {rope}, attention_head_dim is {}",
+                self.axes_dims_rope, self.attention_head_dim
+            ));
+        }
+        if self.axes_dims_rope.iter().any(|d| d % 2 != 0) {
+            return Err(format!("axes_dims_rope {:?} must be even", self.axes_dims_rope));
+        }
+        Ok(())
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    /// Latent channels before 2x2 packing.
+    pub fn latent_channels(&self) -> usize {
+        self.in_channels / 4
+    }
+}
+
+/// The text conditioning of one prompt: T5 states `[B, T, joint_dim]`, pooled CLIP `[B, pooled]`.
+#[derive(Clone)]
+pub struct TextConditioning {
+    pub hidden: Tensor,
+    pub pooled: Tensor,
+}
+
+/// Inputs of one transformer call.
+pub struct FluxInputs<'a> {
+    /// Packed latents `[B, L, in_channels]`.
+    pub latents: &'a Tensor,
+    /// `[L, 3]` and `[T, 3]` positions.
+    pub img_ids: &'a Tensor,
+    pub txt_ids: &'a Tensor,
+    /// Timestep as diffusers passes it to the model (sigma, in [0, 1]), `[B]`.
+    pub timestep: &'a Tensor,
+    /// Embedded guidance (guidance-distilled models), unscaled, `[B]`.
+    pub guidance: Option<&'a Tensor>,
+    pub positive: &'a TextConditioning,
+    /// Needed when `guide` is set.
+    pub negative: Option<&'a TextConditioning>,
+    pub guide: Option<&'a AttentionGuidance>,
+}
+
+/// Named intermediate tensors, for parity tests and debugging.
+pub type Trace = Vec<(String, Tensor)>;
+
+pub struct FluxTransformer {
+    x_embedder: Linear,
+    time_text_embed: TimeTextEmbed,
+    context_embedder: Linear,
+    double_blocks: Vec<DoubleBlock>,
+    single_blocks: Vec<SingleBlock>,
+    norm_out: blocks::Modulation,
+    proj_out: Linear,
+    config: FluxConfig,
+}
+
+impl FluxTransformer {
+    pub fn new(config: &FluxConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dim = config.inner_dim();
+        let heads = config.num_attention_heads;
+        let double_blocks = (0..config.num_layers)
+            .map(|i| DoubleBlock::new(dim, heads, vb.pp(format!("transformer_blocks.{i}"))))
+            .collect::<candle_core::Result<_>>()?;
+        let single_blocks = (0..config.num_single_layers)
+            .map(|i| SingleBlock::new(dim, heads, vb.pp(format!("single_transformer_blocks.{i}"))))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            x_embedder: candle_nn::linear(config.in_channels, dim, vb.pp("x_embedder"))?,
+            time_text_embed: TimeTextEmbed::new(
+                dim,
+                config.pooled_projection_dim,
+                config.guidance_embeds,
+                vb.pp("time_text_embed"),
+            )?,
+            context_embedder: candle_nn::linear(config.joint_attention_dim, dim, vb.pp("context_embedder"))?,
+            double_blocks,
+            single_blocks,
+            norm_out: blocks::Modulation::new(dim, 2, vb.pp("norm_out"))?,
+            proj_out: candle_nn::linear(dim, config.out_channels(), vb.pp("proj_out"))?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &FluxConfig {
+        &self.config
+    }
+
+    /// The conditioning vector of one prompt: diffusers multiplies the incoming timestep and
+    /// guidance by 1000 inside the model, in the model dtype; so do we.
+    fn temb(&self, inputs: &FluxInputs, pooled: &Tensor) -> candle_core::Result<Tensor> {
+        let dtype = pooled.dtype();
+        let t = (inputs.timestep.to_dtype(dtype)? * 1000.0)?;
+        let g = match inputs.guidance {
+            Some(g) if self.time_text_embed.has_guidance() => Some((g.to_dtype(dtype)? * 1000.0)?),
+            _ => None,
+        };
+        self.time_text_embed.forward(&t, g.as_ref(), pooled)
+    }
+
+    /// Predicted velocity `[B, L, out_channels]`.
+    pub fn forward(&self, inputs: &FluxInputs) -> Result<Tensor> {
+        Ok(self.forward_traced(inputs, None)?)
+    }
+
+    /// As [`forward`](Self::forward), recording the streams after every block when `trace` is given.
+    pub fn forward_traced(
+        &self,
+        inputs: &FluxInputs,
+        mut trace: Option<&mut Trace>,
+    ) -> candle_core::Result<Tensor> {
+        if self.time_text_embed.has_guidance() && inputs.guidance.is_none() {
+            candle_core::bail!("this Flux model embeds guidance: a guidance scale is required");
+        }
+        let guide = inputs.guide;
+        let negative = match (guide, inputs.negative) {
+            (Some(_), Some(n)) => Some(n),
+            (Some(_), None) => candle_core::bail!("attention guidance needs a negative prompt"),
+            (None, _) => None,
+        };
+        let dtype = inputs.latents.dtype();
+        let rope = Rope::new(
+            &Tensor::cat(&[inputs.txt_ids, inputs.img_ids], 0)?,
+            &self.config.axes_dims_rope,
+            10000.0,
+            dtype,
+        )?;
+        let text_len = inputs.txt_ids.dim(0)?;
+        let image_len = inputs.img_ids.dim(0)?;
+        let rope_txt = rope.narrow(0, text_len)?;
+        let rope_img = rope.narrow(text_len, image_len)?;
+
+        let temb_pos = self.temb(inputs, &inputs.positive.pooled)?;
+        let temb_neg = negative.map(|n| self.temb(inputs, &n.pooled)).transpose()?;
+
+        let mut img = self.x_embedder.forward(inputs.latents)?;
+        let mut txt = TextStreams {
+            pos: self.context_embedder.forward(&inputs.positive.hidden)?,
+            neg: negative.map(|n| self.context_embedder.forward(&n.hidden)).transpose()?,
+        };
+        if let Some(n) = &txt.neg {
+            if n.dims() != txt.pos.dims() {
+                candle_core::bail!(
+                    "negative text {:?} and positive text {:?} must have the same shape",
+                    n.dims(),
+                    txt.pos.dims()
+                );
+            }
+        }
+        let temb = Temb { pos: &temb_pos, neg: temb_neg.as_ref() };
+        for (i, block) in self.double_blocks.iter().enumerate() {
+            let (next_img, next_txt) = block.forward(&img, &txt, &temb, &rope_txt, &rope_img, guide)?;
+            img = next_img;
+            txt = next_txt;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push((format!("double_{i}_img"), img.clone()));
+                tr.push((format!("double_{i}_txt"), txt.pos.clone()));
+                if let Some(n) = &txt.neg {
+                    tr.push((format!("double_{i}_txt_neg"), n.clone()));
+                }
+            }
+        }
+
+        // Single blocks: [text ; image] per half; under guidance the halves stack on the batch.
+        let pos_seq = Tensor::cat(&[&txt.pos, &img], 1)?;
+        let (mut x, temb_single) = match (&txt.neg, &temb_neg) {
+            (Some(neg), Some(tn)) => (
+                Tensor::cat(&[&pos_seq, &Tensor::cat(&[neg, &img], 1)?], 0)?,
+                Tensor::cat(&[&temb_pos, tn], 0)?,
+            ),
+            _ => (pos_seq, temb_pos.clone()),
+        };
+        for (i, block) in self.single_blocks.iter().enumerate() {
+            x = block.forward(&x, &temb_single, text_len, &rope, guide)?;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push((format!("single_{i}"), x.clone()));
+            }
+        }
+
+        let b = inputs.latents.dim(0)?;
+        let img = x.narrow(0, 0, b)?.narrow(1, text_len, image_len)?;
+        let m = self.norm_out.chunks(&temb_pos)?; // AdaLayerNormContinuous: scale, then shift
+        let (scale, shift) = (&m[0], &m[1]);
+        let dim = img.dim(2)?;
+        let ones = Tensor::ones(dim, img.dtype(), img.device())?;
+        let zeros = Tensor::zeros(dim, img.dtype(), img.device())?;
+        let normed = candle_nn::ops::layer_norm(&img, &ones, &zeros, 1e-6)?;
+        let img = normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)?;
+        self.proj_out.forward(&img)
+    }
+
+    pub fn dtype_hint(&self) -> DType {
+        self.proj_out.weight().dtype()
+    }
+}
