@@ -33,7 +33,11 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
     }
     let (w32, h32) = match (u32::try_from(w), u32::try_from(h)) {
         (Ok(w), Ok(h)) => (w, h),
-        _ => return Err(Error::invalid(format!("image of {w}x{h} pixels is too large"))),
+        _ => {
+            return Err(Error::invalid(format!(
+                "image of {w}x{h} pixels is too large"
+            )))
+        }
     };
     // [B, H, W, 3] on the host, f32 like diffusers' `.float().numpy()`.
     let data = images
@@ -86,7 +90,10 @@ pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
 /// then rename, so an interrupted or failed run never leaves a half-written image.
 pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
     let file_name = path.file_name().ok_or_else(|| {
-        Error::invalid(format!("output path {} does not name a file", path.display()))
+        Error::invalid(format!(
+            "output path {} does not name a file",
+            path.display()
+        ))
     })?;
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -158,7 +165,13 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let t = Tensor::zeros((1, 4, 2, 2), DType::F32, &dev).unwrap();
         assert!(tensor_to_images(&t).is_err());
-        let t = Tensor::new(&[f32::NAN; 12], &dev).unwrap().reshape((1, 3, 2, 2)).unwrap();
-        assert!(tensor_to_images(&t).unwrap_err().to_string().contains("NaN"));
+        let t = Tensor::new(&[f32::NAN; 12], &dev)
+            .unwrap()
+            .reshape((1, 3, 2, 2))
+            .unwrap();
+        assert!(tensor_to_images(&t)
+            .unwrap_err()
+            .to_string()
+            .contains("NaN"));
     }
 }

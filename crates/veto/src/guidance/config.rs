@@ -1,83 +1,152 @@
 //! What the user asked for ([`GuidanceConfig`], validated once) and what applies at one step
-//! ([`GuidancePlan`], the step window already resolved). Models receive the plan by reference
-//! and hand attention outputs to [`AttentionGuidance::combine`].
+//! ([`GuidancePlan`], the step window already resolved). Models receive the plan by reference;
+//! for NAG/NASA they hand attention outputs to [`AttentionGuidance::combine`].
 
 use super::nag::{nag, NagParams};
 use super::nasa::nasa;
+use super::vsf::VsfParams;
 use super::window;
 use crate::error::{Error, Result};
 use candle_core::Tensor;
 
-/// The guidance method, named as `--guidance` spells it.
+/// The attention-space method of a run (at most one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Method {
-    /// No negative guidance: a single positive pass.
-    None,
-    /// NAG in attention space.
+pub enum AttentionMethod {
     Nag,
-    /// NASA in attention space.
     Nasa,
-    /// CFG with the negative prompt in output space.
-    Cfg,
-    /// CFG and NAG in one run: the positive pass carries NAG, the negative pass is plain.
-    CfgNag,
+    Vsf,
+}
+
+/// The guidance of a run: output-space CFG and PAG, and at most one attention-space method.
+/// Spelled as `--guidance` takes it: components joined by `+` (`nag`, `cfg+nag`,
+/// `cfg+pag+nag`, `vsf`, ...), or `none`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Method {
+    /// CFG with the negative prompt (a second, negative model pass).
+    pub cfg: bool,
+    /// Perturbed-attention guidance (a pass with self-attention replaced by identity).
+    pub pag: bool,
+    pub attention: Option<AttentionMethod>,
+}
+
+impl Method {
+    pub const NONE: Method = Method { cfg: false, pag: false, attention: None };
+    pub const NAG: Method = Method { cfg: false, pag: false, attention: Some(AttentionMethod::Nag) };
+    pub const NASA: Method = Method { cfg: false, pag: false, attention: Some(AttentionMethod::Nasa) };
+    pub const VSF: Method = Method { cfg: false, pag: false, attention: Some(AttentionMethod::Vsf) };
+    pub const CFG: Method = Method { cfg: true, pag: false, attention: None };
+    pub const CFG_NAG: Method = Method { cfg: true, pag: false, attention: Some(AttentionMethod::Nag) };
 }
 
 impl std::str::FromStr for Method {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "none" => Ok(Method::None),
-            "nag" => Ok(Method::Nag),
-            "nasa" => Ok(Method::Nasa),
-            "cfg" => Ok(Method::Cfg),
-            "cfg+nag" | "nag+cfg" => Ok(Method::CfgNag),
-            other => Err(Error::invalid(format!(
-                "unknown guidance '{other}' (expected one of: nag, nasa, cfg, cfg+nag, none)"
-            ))),
+        let unknown = || {
+            Error::invalid(format!(
+                "unknown guidance '{s}' (expected none, or nag, nasa, vsf, cfg, pag joined by '+', e.g. cfg+nag)"
+            ))
+        };
+        let lower = s.trim().to_ascii_lowercase();
+        if lower == "none" {
+            return Ok(Method::NONE);
         }
+        let mut m = Method::NONE;
+        for part in lower.split('+') {
+            let attention = match part.trim() {
+                "cfg" if !m.cfg => {
+                    m.cfg = true;
+                    continue;
+                }
+                "pag" if !m.pag => {
+                    m.pag = true;
+                    continue;
+                }
+                "nag" => AttentionMethod::Nag,
+                "nasa" => AttentionMethod::Nasa,
+                "vsf" => AttentionMethod::Vsf,
+                _ => return Err(unknown()),
+            };
+            if let Some(prev) = m.attention {
+                return Err(Error::invalid(format!(
+                    "guidance '{s}' combines two attention methods ({prev:?} and {attention:?}); use one"
+                )));
+            }
+            m.attention = Some(attention);
+        }
+        Ok(m)
     }
 }
 
 impl std::fmt::Display for Method {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Method::None => "none",
-            Method::Nag => "nag",
-            Method::Nasa => "nasa",
-            Method::Cfg => "cfg",
-            Method::CfgNag => "cfg+nag",
-        })
+        let mut parts = Vec::new();
+        if self.cfg {
+            parts.push("cfg");
+        }
+        if self.pag {
+            parts.push("pag");
+        }
+        match self.attention {
+            Some(AttentionMethod::Nag) => parts.push("nag"),
+            Some(AttentionMethod::Nasa) => parts.push("nasa"),
+            Some(AttentionMethod::Vsf) => parts.push("vsf"),
+            None => {}
+        }
+        if parts.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&parts.join("+"))
+        }
     }
+}
+
+/// Which pooled text vector conditions the NAG branch of an MMDiT (SD3): the official
+/// diffusers pipeline uses the positive one, the official ComfyUI node the negative one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NagPooled {
+    #[default]
+    Positive,
+    Negative,
 }
 
 /// The user's guidance request, validated by [`GuidanceConfig::validate`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuidanceConfig {
     pub method: Method,
-    /// NAG parameters (used by `nag` and `cfg+nag`).
+    /// NAG parameters.
     pub nag: NagParams,
     /// `nag_end`: attention guidance runs while `t >= (1 - nag_end) * 1000` (appendix G's theta).
     pub nag_end: f64,
+    /// SD3: which pooled vector conditions the NAG branch.
+    pub nag_pooled: NagPooled,
     /// `nasa_scale`: NASA's phi.
     pub nasa_scale: f64,
-    /// `true_cfg_scale`: CFG's scale (`neg + c (pos - neg)`), used by `cfg` and `cfg+nag`.
+    /// VSF's alpha, beta and layout.
+    pub vsf: VsfParams,
+    /// CFG's scale (`neg + c (pos - neg)`): Flux `true_cfg_scale`, SD3/SDXL `guidance_scale`.
     pub true_cfg_scale: f64,
+    /// PAG's scale (`+ s (eps - eps_perturbed)`).
+    pub pag_scale: f64,
 }
 
-/// The attention-space operation a model applies to `(Z+, Z-)` at this step.
+/// The attention-space operation a model applies at this step.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AttentionGuidance {
     Nag(NagParams),
     Nasa { scale: f64 },
+    Vsf(VsfParams),
 }
 
 impl AttentionGuidance {
-    /// Merge the positive and negative attention outputs of the same queries.
+    /// Merge the positive and negative attention outputs of the same queries (NAG, NASA).
+    /// VSF is no such merge: models implement it in the attention itself.
     pub fn combine(&self, z_pos: &Tensor, z_neg: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             AttentionGuidance::Nag(p) => nag(z_pos, z_neg, p),
             AttentionGuidance::Nasa { scale } => nasa(z_pos, z_neg, *scale),
+            AttentionGuidance::Vsf(_) => {
+                candle_core::bail!("VSF is applied inside attention, not by merging two outputs")
+            }
         }
     }
 }
@@ -87,8 +156,10 @@ impl AttentionGuidance {
 pub struct GuidancePlan {
     /// Attention guidance for this step's (positive) model pass; `None` outside the window.
     pub attention: Option<AttentionGuidance>,
-    /// CFG scale when a separate negative pass runs at this step.
+    /// CFG scale when a negative pass runs at this step.
     pub cfg_scale: Option<f64>,
+    /// PAG scale when a perturbed pass runs at this step.
+    pub pag_scale: Option<f64>,
 }
 
 impl GuidancePlan {
@@ -102,11 +173,14 @@ impl GuidanceConfig {
     /// The official defaults for FLUX.1-schnell (NAG README): s = 5, tau = 2.5, alpha = 0.25.
     pub fn nag_default() -> Self {
         GuidanceConfig {
-            method: Method::Nag,
+            method: Method::NAG,
             nag: NagParams { scale: 5.0, tau: 2.5, alpha: 0.25, norm: Default::default() },
             nag_end: 1.0,
+            nag_pooled: NagPooled::Positive,
             nasa_scale: 0.5,
+            vsf: VsfParams::default(),
             true_cfg_scale: 4.0,
+            pag_scale: 3.0,
         }
     }
 
@@ -124,7 +198,10 @@ impl GuidanceConfig {
         finite("--nag-alpha", self.nag.alpha)?;
         finite("--nag-end", self.nag_end)?;
         finite("--nasa-scale", self.nasa_scale)?;
+        finite("--vsf-scale", self.vsf.scale)?;
+        finite("--vsf-bias", self.vsf.bias)?;
         finite("--true-cfg-scale", self.true_cfg_scale)?;
+        finite("--pag-scale", self.pag_scale)?;
         if self.nag.scale < 1.0 {
             return Err(Error::invalid(format!(
                 "--nag-scale must be >= 1 (s = phi + 1; 1 means off), got {}",
@@ -147,45 +224,60 @@ impl GuidanceConfig {
             )));
         }
         if self.nasa_scale < 0.0 {
-            return Err(Error::invalid(format!(
-                "--nasa-scale (phi) must be >= 0, got {}",
-                self.nasa_scale
-            )));
+            return Err(Error::invalid(format!("--nasa-scale (phi) must be >= 0, got {}", self.nasa_scale)));
+        }
+        if self.vsf.scale < 0.0 {
+            return Err(Error::invalid(format!("--vsf-scale (alpha) must be >= 0, got {}", self.vsf.scale)));
+        }
+        if self.vsf.bias < 0.0 {
+            return Err(Error::invalid(format!("--vsf-bias (beta) must be >= 0, got {}", self.vsf.bias)));
         }
         if self.true_cfg_scale < 1.0 {
             return Err(Error::invalid(format!(
-                "--true-cfg-scale must be >= 1 (1 means off), got {}",
+                "the CFG scale must be >= 1 (1 means off), got {}",
                 self.true_cfg_scale
             )));
+        }
+        if self.pag_scale < 0.0 {
+            return Err(Error::invalid(format!("--pag-scale must be >= 0, got {}", self.pag_scale)));
         }
         Ok(())
     }
 
-    /// Whether the model needs the negative text as an attention stream at any step.
+    /// Whether the model needs the negative text as an attention context at any step.
     pub fn uses_attention_guidance(&self) -> bool {
-        match self.method {
-            Method::Nag | Method::CfgNag => self.nag.scale > 1.0,
-            Method::Nasa => true,
-            Method::None | Method::Cfg => false,
+        match self.method.attention {
+            Some(AttentionMethod::Nag) => self.nag.scale > 1.0,
+            Some(AttentionMethod::Nasa) | Some(AttentionMethod::Vsf) => true,
+            None => false,
         }
     }
 
     /// Whether a separate negative model pass runs (CFG).
     pub fn uses_cfg(&self) -> bool {
-        matches!(self.method, Method::Cfg | Method::CfgNag) && self.true_cfg_scale > 1.0
+        self.method.cfg && self.true_cfg_scale > 1.0
+    }
+
+    /// Whether a perturbed-attention pass runs (PAG).
+    pub fn uses_pag(&self) -> bool {
+        self.method.pag && self.pag_scale > 0.0
     }
 
     /// The plan at timestep `t` (0..=`num_train_timesteps` scale).
     pub fn plan_at(&self, t: f64, num_train_timesteps: f64) -> GuidancePlan {
         let in_window = window::is_active(t, self.nag_end, num_train_timesteps);
-        let attention = match self.method {
+        let attention = match self.method.attention {
             _ if !in_window || !self.uses_attention_guidance() => None,
-            Method::Nag | Method::CfgNag => Some(AttentionGuidance::Nag(self.nag)),
-            Method::Nasa => Some(AttentionGuidance::Nasa { scale: self.nasa_scale }),
-            Method::None | Method::Cfg => None,
+            Some(AttentionMethod::Nag) => Some(AttentionGuidance::Nag(self.nag)),
+            Some(AttentionMethod::Nasa) => Some(AttentionGuidance::Nasa { scale: self.nasa_scale }),
+            Some(AttentionMethod::Vsf) => Some(AttentionGuidance::Vsf(self.vsf)),
+            None => None,
         };
-        let cfg_scale = self.uses_cfg().then_some(self.true_cfg_scale);
-        GuidancePlan { attention, cfg_scale }
+        GuidancePlan {
+            attention,
+            cfg_scale: self.uses_cfg().then_some(self.true_cfg_scale),
+            pag_scale: self.uses_pag().then_some(self.pag_scale),
+        }
     }
 }
 
@@ -195,10 +287,16 @@ mod tests {
 
     #[test]
     fn parses_methods_and_rejects_unknown() {
-        assert_eq!("cfg+nag".parse::<Method>().unwrap(), Method::CfgNag);
-        assert_eq!("NAG".parse::<Method>().unwrap(), Method::Nag);
-        let e = "pag".parse::<Method>().unwrap_err().to_string();
-        assert!(e.contains("unknown guidance 'pag'"), "{e}");
+        assert_eq!("cfg+nag".parse::<Method>().unwrap(), Method::CFG_NAG);
+        assert_eq!("NAG".parse::<Method>().unwrap(), Method::NAG);
+        let m: Method = "cfg+pag+nag".parse().unwrap();
+        assert!(m.cfg && m.pag && m.attention == Some(AttentionMethod::Nag));
+        assert_eq!(m.to_string(), "cfg+pag+nag");
+        assert_eq!("none".parse::<Method>().unwrap().to_string(), "none");
+        let e = "magic".parse::<Method>().unwrap_err().to_string();
+        assert!(e.contains("unknown guidance 'magic'"), "{e}");
+        assert!("nag+vsf".parse::<Method>().is_err());
+        assert!("cfg+cfg".parse::<Method>().is_err());
     }
 
     #[test]
@@ -213,6 +311,9 @@ mod tests {
         c.nag_end = -0.1;
         assert!(c.validate().unwrap_err().to_string().contains("--nag-end"));
         let mut c = GuidanceConfig::nag_default();
+        c.vsf.bias = -1.0;
+        assert!(c.validate().unwrap_err().to_string().contains("--vsf-bias"));
+        let mut c = GuidanceConfig::nag_default();
         c.nag.scale = f64::NAN;
         assert!(c.validate().is_err());
         assert!(GuidanceConfig::nag_default().validate().is_ok());
@@ -226,16 +327,19 @@ mod tests {
         assert_eq!(c.plan_at(250.0, 1000.0).attention, None);
         assert_eq!(c.plan_at(750.0, 1000.0).cfg_scale, None);
 
-        c.method = Method::CfgNag;
+        c.method = Method::CFG_NAG;
         let late = c.plan_at(250.0, 1000.0);
         assert_eq!(late.attention, None);
         assert_eq!(late.cfg_scale, Some(4.0));
 
-        c.method = Method::Cfg;
+        c.method = Method::CFG;
         assert_eq!(c.plan_at(1000.0, 1000.0).attention, None);
 
+        c.method = Method::VSF;
+        assert!(matches!(c.plan_at(1000.0, 1000.0).attention, Some(AttentionGuidance::Vsf(_))));
+
         // nag_scale 1 means NAG off.
-        c.method = Method::Nag;
+        c.method = Method::NAG;
         c.nag.scale = 1.0;
         assert_eq!(c.plan_at(1000.0, 1000.0), GuidancePlan::none());
     }

@@ -1,3 +1,5 @@
 //! Loading models: diffusers folders, sharded safetensors, the Hugging Face hub cache.
 
 pub mod safetensors_files;
+pub mod model_index;
+pub mod model_source;

@@ -51,7 +51,10 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| bad(format!("weight_map entry for {tensor} is not a file name")))?;
         // Shard names are plain file names; refuse anything that would leave the folder.
         let p = Path::new(file);
-        if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        if p.is_absolute()
+            || p.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
             return Err(bad(format!("shard path {file:?} leaves the model folder")));
         }
         shards.insert(file.to_string());
@@ -124,7 +127,10 @@ mod tests {
         let d = tmpdir("single");
         std::fs::write(d.join("model.safetensors"), b"x").unwrap();
         std::fs::write(d.join("model.safetensors.index.json"), b"{}").unwrap();
-        assert_eq!(weight_files(&d, "model").unwrap(), vec![d.join("model.safetensors")]);
+        assert_eq!(
+            weight_files(&d, "model").unwrap(),
+            vec![d.join("model.safetensors")]
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -138,15 +144,23 @@ mod tests {
         assert!(err.contains("m-2.safetensors"), "{err}");
         std::fs::write(d.join("m-2.safetensors"), b"x").unwrap();
         let files = weight_files(&d, "model").unwrap();
-        assert_eq!(files, vec![d.join("m-1.safetensors"), d.join("m-2.safetensors")]);
+        assert_eq!(
+            files,
+            vec![d.join("m-1.safetensors"), d.join("m-2.safetensors")]
+        );
         std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn missing_folder_and_files() {
         let d = tmpdir("missing");
-        let err = weight_files(&d, "diffusion_pytorch_model").unwrap_err().to_string();
-        assert!(err.contains(&d.display().to_string()) && err.contains("diffusion_pytorch_model"), "{err}");
+        let err = weight_files(&d, "diffusion_pytorch_model")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&d.display().to_string()) && err.contains("diffusion_pytorch_model"),
+            "{err}"
+        );
         let gone = d.join("nope");
         let err = weight_files(&gone, "model").unwrap_err().to_string();
         assert!(err.contains(&gone.display().to_string()), "{err}");

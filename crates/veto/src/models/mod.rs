@@ -2,3 +2,4 @@
 
 pub mod vae;
 pub mod flux;
+pub mod mmdit;

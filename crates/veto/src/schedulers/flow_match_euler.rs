@@ -71,7 +71,11 @@ enum Shift {
     /// `shift * s / (1 + (shift - 1) * s)`.
     Static(f64),
     /// Resolution dependent: `mu` interpolated between the base and max shift by sequence length.
-    Dynamic { kind: TimeShift, base_shift: f64, max_shift: f64 },
+    Dynamic {
+        kind: TimeShift,
+        base_shift: f64,
+        max_shift: f64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -120,7 +124,27 @@ impl FlowMatchEulerScheduler {
 
     /// Parses and validates the JSON text of a scheduler config.
     pub fn from_json(json: &str) -> Result<Self> {
-        let config: FlowMatchEulerConfig = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+        let value: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let config = match serde_json::from_value::<FlowMatchEulerConfig>(value.clone()) {
+            Ok(config) => config,
+            Err(e) => {
+                // serde's message does not say which key is wrong; find it by retrying each
+                // key alone (all fields are optional, so only the bad one fails).
+                let culprit = value.as_object().and_then(|map| {
+                    map.iter().map(|(k, v)| (k, v.clone())).find(|(k, v)| {
+                        let single = serde_json::Value::Object(
+                            [((*k).clone(), v.clone())].into_iter().collect(),
+                        );
+                        serde_json::from_value::<FlowMatchEulerConfig>(single).is_err()
+                    })
+                });
+                return Err(bad(match culprit {
+                    Some((key, _)) => format!("field {key:?}: {e}"),
+                    None => e.to_string(),
+                }));
+            }
+        };
         Self::new(config)
     }
 
@@ -130,9 +154,15 @@ impl FlowMatchEulerScheduler {
         match config.class_name.as_deref() {
             Some(CLASS_NAME) => {}
             Some(other) => {
-                return Err(bad(format!("_class_name is {other:?}, expected {CLASS_NAME:?}")))
+                return Err(bad(format!(
+                    "_class_name is {other:?}, expected {CLASS_NAME:?}"
+                )))
             }
-            None => return Err(bad(format!("missing _class_name (expected {CLASS_NAME:?})"))),
+            None => {
+                return Err(bad(format!(
+                    "missing _class_name (expected {CLASS_NAME:?})"
+                )))
+            }
         }
         if config.num_train_timesteps == 0 {
             return Err(bad("num_train_timesteps must be positive"));
@@ -144,7 +174,9 @@ impl FlowMatchEulerScheduler {
             (config.stochastic_sampling, "stochastic_sampling"),
         ] {
             if flag {
-                return Err(bad(format!("{name}=true is not supported by this scheduler")));
+                return Err(bad(format!(
+                    "{name}=true is not supported by this scheduler"
+                )));
             }
         }
         let kind = match config.time_shift_type.as_str() {
@@ -171,7 +203,11 @@ impl FlowMatchEulerScheduler {
                     "base_image_seq_len and max_image_seq_len must differ for dynamic shifting",
                 ));
             }
-            Shift::Dynamic { kind, base_shift, max_shift }
+            Shift::Dynamic {
+                kind,
+                base_shift,
+                max_shift,
+            }
         } else {
             if !config.shift.is_finite() || config.shift <= 0.0 {
                 return Err(bad(format!("shift must be positive, got {}", config.shift)));
@@ -191,7 +227,11 @@ impl FlowMatchEulerScheduler {
     pub fn mu(&self, image_seq_len: usize) -> Option<f64> {
         match self.shift {
             Shift::Static(_) => None,
-            Shift::Dynamic { base_shift, max_shift, .. } => Some(calculate_shift(
+            Shift::Dynamic {
+                base_shift,
+                max_shift,
+                ..
+            } => Some(calculate_shift(
                 image_seq_len,
                 self.config.base_image_seq_len,
                 self.config.max_image_seq_len,
@@ -206,7 +246,9 @@ impl FlowMatchEulerScheduler {
     /// shifting.
     pub fn timesteps_for(&self, steps: usize, image_seq_len: usize) -> Result<Schedule> {
         if steps == 0 {
-            return Err(Error::invalid("the number of inference steps must be at least 1"));
+            return Err(Error::invalid(
+                "the number of inference steps must be at least 1",
+            ));
         }
         // FluxPipeline: np.linspace(1.0, 1 / n, n) in float64, then cast to float32 by
         // set_timesteps.
@@ -229,7 +271,9 @@ impl FlowMatchEulerScheduler {
                     TimeShift::Exponential => mu.exp() as f32,
                     TimeShift::Linear => mu as f32,
                 };
-                base.iter().map(|&s| num / (num + (1.0 / s - 1.0))).collect()
+                base.iter()
+                    .map(|&s| num / (num + (1.0 / s - 1.0)))
+                    .collect()
             }
         };
 
@@ -295,7 +339,9 @@ impl FlowMatchEulerScheduler {
             )));
         }
         let dt = sigma_next as f32 - sigma as f32;
-        let update = model_output.affine(f64::from(dt), 0.0)?.to_dtype(DType::F32)?;
+        let update = model_output
+            .affine(f64::from(dt), 0.0)?
+            .to_dtype(DType::F32)?;
         let next = (sample.to_dtype(DType::F32)? + update)?;
         Ok(next.to_dtype(out_dtype)?)
     }
@@ -322,12 +368,21 @@ fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
     }
     let step = (stop - start) / (n - 1) as f64;
     (0..n)
-        .map(|i| if i == n - 1 { stop } else { i as f64 * step + start })
+        .map(|i| {
+            if i == n - 1 {
+                stop
+            } else {
+                i as f64 * step + start
+            }
+        })
         .collect()
 }
 
 fn bad(reason: impl Into<String>) -> Error {
-    Error::BadModelFile { path: "scheduler_config.json".to_string(), reason: reason.into() }
+    Error::BadModelFile {
+        path: "scheduler_config.json".to_string(),
+        reason: reason.into(),
+    }
 }
 
 #[cfg(test)]
@@ -374,7 +429,11 @@ mod tests {
         for (i, &t) in sch.timesteps.iter().enumerate() {
             let x = 1.0 - 0.25 * i as f64;
             let want = 3.0 * x / (1.0 + 2.0 * x);
-            assert!(close(sch.sigmas[i], want, 1e-6), "{i}: {} vs {want}", sch.sigmas[i]);
+            assert!(
+                close(sch.sigmas[i], want, 1e-6),
+                "{i}: {} vs {want}",
+                sch.sigmas[i]
+            );
             assert!(close(t, want * 1000.0, 1e-3));
         }
     }
@@ -418,10 +477,19 @@ mod tests {
         assert_eq!(sch.timesteps[27], DIFFUSERS_DEV_1024_28_TIMESTEP_LAST);
     }
 
-    const DIFFUSERS_DEV_4096_4_TIMESTEPS: [f64; 4] =
-        [1000.0, 904.53076171875, 759.5109252929688, 512.8441162109375];
-    const DIFFUSERS_DEV_4096_4_SIGMAS: [f64; 5] =
-        [1.0, 0.9045307636260986, 0.7595109343528748, 0.5128441452980042, 0.0];
+    const DIFFUSERS_DEV_4096_4_TIMESTEPS: [f64; 4] = [
+        1000.0,
+        904.53076171875,
+        759.5109252929688,
+        512.8441162109375,
+    ];
+    const DIFFUSERS_DEV_4096_4_SIGMAS: [f64; 5] = [
+        1.0,
+        0.9045307636260986,
+        0.7595109343528748,
+        0.5128441452980042,
+        0.0,
+    ];
     const DIFFUSERS_DEV_1024_28_TIMESTEPS_HEAD: [f64; 4] =
         [1000.0, 980.6559448242188, 960.643798828125, 939.92822265625];
     const DIFFUSERS_DEV_1024_28_TIMESTEP_LAST: f64 = 65.01959991455078;
@@ -448,7 +516,13 @@ mod tests {
         let s = FlowMatchEulerScheduler::from_json(&json).unwrap();
         assert_eq!(
             s.timesteps_for(4, 0).unwrap().sigmas,
-            vec![1.0, 0.7000000476837158, 0.40000003576278687, 0.10000002384185791, 0.0]
+            vec![
+                1.0,
+                0.7000000476837158,
+                0.40000003576278687,
+                0.10000002384185791,
+                0.0
+            ]
         );
     }
 
@@ -488,7 +562,10 @@ mod tests {
 
     #[test]
     fn linear_time_shift() {
-        let json = DEV.replace("\"shift\": 3.0", "\"shift\": 3.0, \"time_shift_type\": \"linear\"");
+        let json = DEV.replace(
+            "\"shift\": 3.0",
+            "\"shift\": 3.0, \"time_shift_type\": \"linear\"",
+        );
         let s = FlowMatchEulerScheduler::from_json(&json).unwrap();
         let sch = s.timesteps_for(4, 4096).unwrap();
         let x: f64 = 0.75;
@@ -513,7 +590,10 @@ mod tests {
     fn rejects_bad_configs() {
         let cases = [
             (r#"{"shift": 1.0}"#, "_class_name"),
-            (r#"{"_class_name": "EulerDiscreteScheduler"}"#, "EulerDiscreteScheduler"),
+            (
+                r#"{"_class_name": "EulerDiscreteScheduler"}"#,
+                "EulerDiscreteScheduler",
+            ),
             (
                 r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": true}"#,
                 "use_karras_sigmas",
@@ -538,11 +618,17 @@ mod tests {
                 r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": true, "base_shift": null}"#,
                 "base_shift",
             ),
-            (r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}"#, "shift"),
-            ("not json", "expected"),
+            (
+                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}"#,
+                "shift",
+            ),
+            ("not json", "not valid JSON"),
+            ("[1]", "expected"),
         ];
         for (json, needle) in cases {
-            let err = FlowMatchEulerScheduler::from_json(json).unwrap_err().to_string();
+            let err = FlowMatchEulerScheduler::from_json(json)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(needle), "{json}: {err}");
             assert!(err.contains("scheduler_config.json"), "{json}: {err}");
         }
@@ -553,12 +639,19 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("veto-sched-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let missing = dir.join("nope.json");
-        let err = FlowMatchEulerScheduler::from_config_file(&missing).unwrap_err().to_string();
+        let err = FlowMatchEulerScheduler::from_config_file(&missing)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope.json"), "{err}");
         let bad_file = dir.join("bad_scheduler_config.json");
         std::fs::write(&bad_file, r#"{"_class_name": "DDIMScheduler"}"#).unwrap();
-        let err = FlowMatchEulerScheduler::from_config_file(&bad_file).unwrap_err().to_string();
-        assert!(err.contains("bad_scheduler_config.json") && err.contains("DDIMScheduler"), "{err}");
+        let err = FlowMatchEulerScheduler::from_config_file(&bad_file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("bad_scheduler_config.json") && err.contains("DDIMScheduler"),
+            "{err}"
+        );
         let good = dir.join("scheduler_config.json");
         std::fs::write(&good, DEV).unwrap();
         assert!(FlowMatchEulerScheduler::from_config_file(&good).is_ok());
@@ -585,8 +678,14 @@ mod tests {
         // result cast back to bf16.
         let s = FlowMatchEulerScheduler::from_json(SCHNELL).unwrap();
         let dev = Device::Cpu;
-        let x = Tensor::new(&[1.0f32, 0.3], &dev).unwrap().to_dtype(DType::BF16).unwrap();
-        let v = Tensor::new(&[1.0f32, 3.0], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let x = Tensor::new(&[1.0f32, 0.3], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
+        let v = Tensor::new(&[1.0f32, 3.0], &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap();
         let (sigma, sigma_next) = (1.0, 0.7);
         let y = s.step(&v, sigma, sigma_next, &x).unwrap();
         assert_eq!(y.dtype(), DType::BF16);

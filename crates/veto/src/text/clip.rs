@@ -12,12 +12,12 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 use serde::Deserialize;
 use tokenizers::models::bpe::{Vocab, BPE};
+use tokenizers::normalizers::replace::ReplacePattern;
 use tokenizers::normalizers::{Lowercase, Replace, Sequence, NFC};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::processors::roberta::RobertaProcessing;
-use tokenizers::normalizers::replace::ReplacePattern;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::{check_ids, encode_fixed_length, ids_to_host, TokenizedText};
@@ -71,11 +71,15 @@ impl ClipTokenizer {
             (tok, json_path)
         } else {
             let vocab_path = dir.join("vocab.json");
-            (build_from_vocab_merges(dir, &bos, &eos, &unk, &pad)?, vocab_path)
+            (
+                build_from_vocab_merges(dir, &bos, &eos, &unk, &pad)?,
+                vocab_path,
+            )
         };
         // We truncate and pad ourselves, per call (see `encode_fixed_length`).
         tok.with_padding(None);
-        tok.with_truncation(None).map_err(|e| Error::other(e.to_string()))?;
+        tok.with_truncation(None)
+            .map_err(|e| Error::other(e.to_string()))?;
 
         let id = |t: &str| {
             tok.token_to_id(t).ok_or_else(|| Error::BadModelFile {
@@ -128,7 +132,13 @@ impl ClipTokenizer {
 /// Build a `tokenizers::Tokenizer` that behaves like transformers' `CLIPTokenizer` built from
 /// vocab.json + merges.txt (v5; identical to v4's fast tokenizer, and to v4's slow one for
 /// ordinary text).
-fn build_from_vocab_merges(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &str) -> Result<Tokenizer> {
+fn build_from_vocab_merges(
+    dir: &Path,
+    bos: &str,
+    eos: &str,
+    unk: &str,
+    pad: &str,
+) -> Result<Tokenizer> {
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
     for p in [&vocab_path, &merges_path] {
@@ -174,7 +184,11 @@ fn build_from_vocab_merges(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &st
         .unk_token(unk.to_string())
         .end_of_word_suffix("</w>".to_string())
         .build()
-        .map_err(|e| bad(format!("vocab.json and merges.txt do not fit together: {e}")))?;
+        .map_err(|e| {
+            bad(format!(
+                "vocab.json and merges.txt do not fit together: {e}"
+            ))
+        })?;
 
     let mut tok = Tokenizer::new(bpe);
     let regex_err = |e: tokenizers::Error| Error::other(format!("building CLIP tokenizer: {e}"));
@@ -182,7 +196,9 @@ fn build_from_vocab_merges(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &st
     // lowercase. The regex split then drops the whitespace.
     let normalizer = Sequence::new(vec![
         NFC.into(),
-        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(regex_err)?.into(),
+        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(regex_err)?
+            .into(),
         Lowercase.into(),
     ]);
     tok.with_normalizer(Some(normalizer)).map_err(regex_err)?;
@@ -212,7 +228,8 @@ fn build_from_vocab_merges(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &st
             specials.push(AddedToken::from(t, true));
         }
     }
-    let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) = specials.into_iter().partition(|t| t.special);
+    let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) =
+        specials.into_iter().partition(|t| t.special);
     tok.add_special_tokens(special).map_err(regex_err)?;
     tok.add_tokens(plain).map_err(regex_err)?;
     Ok(tok)
@@ -234,7 +251,8 @@ fn configured_added_tokens(dir: &Path) -> Vec<AddedToken> {
         .filter_map(|(id, v)| {
             let id: u64 = id.parse().ok()?;
             let content = v.get("content")?.as_str()?;
-            let flag = |k: &str, default: bool| v.get(k).and_then(|b| b.as_bool()).unwrap_or(default);
+            let flag =
+                |k: &str, default: bool| v.get(k).and_then(|b| b.as_bool()).unwrap_or(default);
             let special = flag("special", true);
             let tok = AddedToken::from(content, special)
                 .single_word(flag("single_word", false))
@@ -352,14 +370,23 @@ impl EncoderLayer {
 
     /// Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). `mask` is the additive causal
     /// mask `[L, L]` in f32.
-    fn forward(&self, xs: &Tensor, mask: &Tensor, heads: usize, act: Activation) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        mask: &Tensor,
+        heads: usize,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
         let (b, l, h) = xs.dims3()?;
         let hd = h / heads;
         let dtype = xs.dtype();
         let x = self.layer_norm1.forward(xs)?;
         // Scores and softmax in f32: CLIP's pooled output is sensitive to bf16 softmax error.
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous()?.to_dtype(DType::F32)
+            t.reshape((b, l, heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()?
+                .to_dtype(DType::F32)
         };
         let q = (split(self.q_proj.forward(&x)?)? * (hd as f64).powf(-0.5))?;
         let k = split(self.k_proj.forward(&x)?)?;
@@ -426,12 +453,17 @@ impl ClipTextEncoder {
         if let Some(text) = json.get("text_config").filter(|t| t.is_object()) {
             json = text.clone();
         }
-        let config: ClipTextConfig = serde_json::from_value(json).map_err(|e| Error::BadModelFile {
-            path: config_path.display().to_string(),
-            reason: format!("invalid CLIP text config: {e}"),
-        })?;
+        let config: ClipTextConfig =
+            serde_json::from_value(json).map_err(|e| Error::BadModelFile {
+                path: config_path.display().to_string(),
+                reason: format!("invalid CLIP text config: {e}"),
+            })?;
         let activation = Activation::parse(&config.hidden_act, &config_path)?;
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             return Err(Error::BadModelFile {
                 path: config_path.display().to_string(),
                 reason: format!(
@@ -466,8 +498,8 @@ impl ClipTextEncoder {
         };
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
-        let token_embedding =
-            candle_nn::embedding(config.vocab_size, h, emb.pp("token_embedding")).map_err(weights_err)?;
+        let token_embedding = candle_nn::embedding(config.vocab_size, h, emb.pp("token_embedding"))
+            .map_err(weights_err)?;
         let position_embedding = emb
             .pp("position_embedding")
             .get((config.max_position_embeddings, h), "weight")
@@ -477,10 +509,14 @@ impl ClipTextEncoder {
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(weights_err)?;
         let final_layer_norm =
-            candle_nn::layer_norm(h, config.layer_norm_eps, vb.pp("final_layer_norm")).map_err(weights_err)?;
+            candle_nn::layer_norm(h, config.layer_norm_eps, vb.pp("final_layer_norm"))
+                .map_err(weights_err)?;
         let text_projection = if root.contains_tensor("text_projection.weight") {
             let proj = config.projection_dim.unwrap_or(h);
-            Some(candle_nn::linear_no_bias(h, proj, root.pp("text_projection")).map_err(weights_err)?)
+            Some(
+                candle_nn::linear_no_bias(h, proj, root.pp("text_projection"))
+                    .map_err(weights_err)?,
+            )
         } else {
             None
         };
@@ -521,7 +557,8 @@ impl ClipTextEncoder {
                     let max = r.iter().copied().max().unwrap_or(0);
                     r.iter().position(|&t| t == max)
                 } else {
-                    r.iter().position(|&t| i64::from(t) == self.config.eos_token_id)
+                    r.iter()
+                        .position(|&t| i64::from(t) == self.config.eos_token_id)
                 };
                 pos.unwrap_or(0) as u32
             })
@@ -552,7 +589,9 @@ impl ClipTextEncoder {
             .map(|(bi, &p)| bi as u32 * l as u32 + p)
             .collect();
         let index = Tensor::new(index.as_slice(), &self.device)?;
-        let pooled = last_hidden_state.reshape((b * l, h))?.index_select(&index, 0)?;
+        let pooled = last_hidden_state
+            .reshape((b * l, h))?
+            .index_select(&index, 0)?;
         let text_embeds = match &self.text_projection {
             Some(p) => Some(p.forward(&pooled)?),
             None => None,

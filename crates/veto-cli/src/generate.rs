@@ -1,0 +1,246 @@
+//! `veto generate`.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use veto::guidance::vsf::VsfLayout;
+use veto::guidance::{GuidanceConfig, Method, NagNorm, NagPooled};
+use veto::loading::model_source::ModelSource;
+use veto::pipelines::{GenerateRequest, TextToImage};
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell) or a local diffusers folder.
+    #[arg(long)]
+    pub model: String,
+    /// What the image should show.
+    #[arg(long)]
+    pub prompt: String,
+    /// What it should not show (NAG/NASA: the negative attention context; CFG: the negative pass).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// Guidance method: nag, nasa, vsf, cfg, cfg+nag, cfg+pag+nag, ... or none [default: nag with a negative prompt, else none].
+    #[arg(long)]
+    pub guidance: Option<String>,
+    /// NAG scale s = phi + 1 (paper: phi, eq. 7); 1 turns NAG off [default: per model, Flux 5].
+    #[arg(long)]
+    pub nag_scale: Option<f64>,
+    /// NAG clipping threshold tau (paper eq. 9), > 0 [default: 2.5].
+    #[arg(long)]
+    pub nag_tau: Option<f64>,
+    /// NAG blend alpha (paper eq. 10), in [0, 1] [default: per model, Flux 0.25].
+    #[arg(long)]
+    pub nag_alpha: Option<f64>,
+    /// Norm of the NAG ratio (paper eq. 8): l1 (the paper) or l2 (the official Flux code).
+    #[arg(long, default_value = "l1")]
+    pub nag_norm: String,
+    /// Early stopping theta (paper appendix G): guide while t >= (1 - nag_end) * 1000; 1 = every step.
+    #[arg(long, default_value_t = 1.0)]
+    pub nag_end: f64,
+    /// NASA scale phi (paper eq. 5: Z = Z+ - phi Z-).
+    #[arg(long, default_value_t = 0.5)]
+    pub nasa_scale: f64,
+    /// Flux: CFG scale with the negative prompt (diffusers true_cfg_scale; paper eq. 3 phi = scale - 1).
+    #[arg(long, default_value_t = 4.0)]
+    pub true_cfg_scale: f64,
+    /// VSF scale alpha (VSF paper: negative values times -alpha) [default: 3.5].
+    #[arg(long, default_value_t = 3.5)]
+    pub vsf_scale: f64,
+    /// VSF bias beta (VSF paper: -beta on image -> flipped-negative logits) [default: 0.1].
+    #[arg(long, default_value_t = 0.1)]
+    pub vsf_bias: f64,
+    /// VSF token layout: paper (as the paper describes) or official (as the official SD3 pipeline runs).
+    #[arg(long, default_value = "paper")]
+    pub vsf_layout: String,
+    /// PAG scale s (perturbed-attention guidance: + s (eps - eps_perturbed)).
+    #[arg(long, default_value_t = 3.0)]
+    pub pag_scale: f64,
+    /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).
+    #[arg(long, default_value = "positive")]
+    pub nag_pooled: String,
+    /// The pipeline's guidance_scale: for Flux the embedded guidance of FLUX.1-dev [default: dev 3.5, schnell 0].
+    #[arg(long)]
+    pub guidance_scale: Option<f64>,
+    /// Denoising steps [default: schnell 4, dev 25].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Image height in pixels, a multiple of 16 [default: 1024].
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Image width in pixels, a multiple of 16 [default: 1024].
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// T5 tokens [default: schnell 256, dev 512].
+    #[arg(long)]
+    pub max_sequence_length: Option<usize>,
+    /// Seed of the initial noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Safetensors file with a tensor `latents` [1, C, H/8, W/8] used instead of seeded noise.
+    #[arg(long)]
+    pub init_latents: Option<PathBuf>,
+    /// Write the final latents [1, C, H/8, W/8] (before VAE decode) to this safetensors file.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(long, default_value = "out.png")]
+    pub output: PathBuf,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DtypeArg,
+}
+
+pub fn device(arg: DeviceArg) -> Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Cuda => {
+            if !candle_core::utils::cuda_is_available() {
+                bail!("--device cuda: this veto was built without the `cuda` feature (cargo build --release --features cuda)");
+            }
+            Device::new_cuda(0).context("--device cuda: no usable CUDA device")
+        }
+    }
+}
+
+pub fn dtype(arg: DtypeArg) -> DType {
+    match arg {
+        DtypeArg::F32 => DType::F32,
+        DtypeArg::Bf16 => DType::BF16,
+        DtypeArg::F16 => DType::F16,
+    }
+}
+
+/// The guidance request: the flags over the model's defaults.
+fn guidance_config(a: &GenerateArgs, defaults: &GuidanceConfig) -> Result<GuidanceConfig> {
+    let method = match &a.guidance {
+        Some(g) => g.parse::<Method>()?,
+        None if a.negative_prompt.is_some() => Method::NAG,
+        None => Method::NONE,
+    };
+    let mut cfg = defaults.clone();
+    cfg.method = method;
+    cfg.nag.scale = a.nag_scale.unwrap_or(defaults.nag.scale);
+    cfg.nag.tau = a.nag_tau.unwrap_or(defaults.nag.tau);
+    cfg.nag.alpha = a.nag_alpha.unwrap_or(defaults.nag.alpha);
+    cfg.nag.norm = a.nag_norm.parse::<NagNorm>().map_err(anyhow::Error::msg).context("--nag-norm")?;
+    cfg.nag_end = a.nag_end;
+    cfg.nasa_scale = a.nasa_scale;
+    cfg.true_cfg_scale = a.true_cfg_scale;
+    cfg.vsf.scale = a.vsf_scale;
+    cfg.vsf.bias = a.vsf_bias;
+    cfg.vsf.layout = a.vsf_layout.parse::<VsfLayout>().map_err(anyhow::Error::msg).context("--vsf-layout")?;
+    cfg.pag_scale = a.pag_scale;
+    cfg.nag_pooled = match a.nag_pooled.to_ascii_lowercase().as_str() {
+        "positive" => NagPooled::Positive,
+        "negative" => NagPooled::Negative,
+        other => bail!("--nag-pooled: unknown value '{other}' (expected positive or negative)"),
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+fn load_init_latents(path: &Path) -> Result<Tensor> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("--init-latents: cannot read safetensors file {}", path.display()))?;
+    tensors
+        .remove("latents")
+        .with_context(|| format!("--init-latents: {} has no tensor named `latents`", path.display()))
+}
+
+/// Write `latents` atomically (temporary file + rename).
+fn save_latents(latents: &Tensor, path: &Path) -> Result<()> {
+    let name = path.file_name().with_context(|| format!("--save-latents {} names no file", path.display()))?;
+    let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let latents = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+    let res = candle_core::safetensors::save(&std::collections::HashMap::from([("latents", latents)]), &tmp)
+        .map_err(anyhow::Error::from)
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("--save-latents: writing {}", path.display()))
+}
+
+/// Fail early when an output would land in a folder that does not exist.
+fn check_output_folder(flag: &str, path: &Path) -> Result<()> {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if !parent.is_dir() {
+        bail!("{flag}: folder {} does not exist", parent.display());
+    }
+    Ok(())
+}
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    // Everything that can be checked without the model is checked first.
+    guidance_config(&a, &GuidanceConfig::nag_default())?;
+    for (flag, v) in [("--height", a.height), ("--width", a.width)] {
+        if v == Some(0) {
+            bail!("{flag} must be positive");
+        }
+    }
+    check_output_folder("--output", &a.output)?;
+    if let Some(p) = &a.save_latents {
+        check_output_folder("--save-latents", p)?;
+    }
+    let init_latents = a.init_latents.as_deref().map(load_init_latents).transpose()?;
+    let device = device(a.device)?;
+    let source = ModelSource::resolve(&a.model)?;
+
+    eprintln!("loading {} ...", a.model);
+    let pipe = veto::pipelines::load(&source, &device, dtype(a.dtype))?;
+    let d = pipe.defaults();
+    let req = GenerateRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: a.negative_prompt.clone(),
+        guidance: guidance_config(&a, &d.guidance)?,
+        steps: a.steps.unwrap_or(d.steps),
+        height: a.height.unwrap_or(d.height),
+        width: a.width.unwrap_or(d.width),
+        guidance_scale: a.guidance_scale.unwrap_or(d.guidance_scale),
+        max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
+        seed: a.seed,
+        init_latents,
+    };
+    pipe.validate(&req)?;
+    generate_with(pipe.as_ref(), &req, &a)
+}
+
+fn generate_with(pipe: &dyn TextToImage, req: &GenerateRequest, a: &GenerateArgs) -> Result<()> {
+    let bar = ProgressBar::new(req.steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let latents = pipe.generate_latents(req, &mut |e| {
+        bar.set_message(format!("t={:.0}{}", e.timestep, if e.attention_guided { " (guided)" } else { "" }));
+        bar.inc(1);
+    });
+    bar.finish_and_clear();
+    for w in pipe.take_warnings() {
+        eprintln!("warning: {w}");
+    }
+    let latents = latents?;
+    if let Some(p) = &a.save_latents {
+        save_latents(&latents, p)?;
+    }
+    let image = pipe.decode(&latents)?;
+    veto::image_io::save_png(&image, &a.output)?;
+    eprintln!("wrote {}", a.output.display());
+    Ok(())
+}

@@ -1,0 +1,34 @@
+//! `veto`: negative prompts that work on few-step diffusion models. Argument parsing and
+//! printing only; the work is in the `veto` library.
+
+mod bench;
+mod generate;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "veto", version, about = "Negative prompts that work on few-step diffusion models (NAG, NASA, CFG)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate an image from a prompt, with a negative prompt that works.
+    Generate(Box<generate::GenerateArgs>),
+    /// Time one denoising step of a random-weight Flux at the real width: none / NAG / CFG.
+    Bench(bench::BenchArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(*args),
+        Command::Bench(args) => bench::run(args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,201 @@
+//! The `veto` binary end to end on the tiny Flux pipeline folders, and its handling of bad input.
+
+use candle_core::{Device, Tensor};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/flux"))
+}
+
+fn veto(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_veto"))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .expect("run veto")
+}
+
+fn load(path: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let s: f32 = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    d / s.max(1.0)
+}
+
+/// A temp folder holding the fixture's initial latents as `init.safetensors`.
+fn workdir(fixture: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = load(&fixtures().join(fixture));
+    let init = dir.path().join("init.safetensors");
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", fx["init_latents"].clone())]),
+        &init,
+    )
+    .unwrap();
+    (dir, init)
+}
+
+#[test]
+fn generate_nag_end_to_end_matches_reference() {
+    let (dir, init) = workdir("pipeline_schnell_nag_l1.safetensors");
+    let out = dir.path().join("cat.png");
+    let saved = dir.path().join("final.safetensors");
+    let model = fixtures().join("schnell");
+    let o = veto(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat wearing glasses",
+        "--negative-prompt",
+        "glasses, blurry",
+        "--guidance",
+        "nag",
+        "--nag-scale",
+        "5",
+        "--nag-tau",
+        "2.5",
+        "--nag-alpha",
+        "0.25",
+        "--nag-norm",
+        "l1",
+        "--steps",
+        "4",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--max-sequence-length",
+        "16",
+        "--init-latents",
+        init.to_str().unwrap(),
+        "--save-latents",
+        saved.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "veto failed: {stderr}");
+    let png = image::open(&out).expect("a readable PNG");
+    assert_eq!((png.width(), png.height()), (64, 64));
+    let want = load(&fixtures().join("pipeline_schnell_nag_l1.safetensors"));
+    let got = load(&saved);
+    let d = rel_diff(&got["latents"], &want["final_latents"]);
+    assert!(d <= 1e-4, "saved latents differ from the reference by {d:e}");
+}
+
+/// Runs `veto generate` on the tiny model with `extra` flags; expects a clean failure whose
+/// message contains `needle`, and no output file.
+fn expect_failure(extra: &[&str], needle: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let model = fixtures().join("schnell");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--negative-prompt",
+        "glasses",
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--max-sequence-length",
+        "16",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = veto(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "expected failure for {extra:?}");
+    assert!(!stderr.contains("panicked"), "panic for {extra:?}: {stderr}");
+    assert!(stderr.contains(needle), "message for {extra:?} lacks {needle:?}: {stderr}");
+    assert!(!out.exists(), "output written despite failure for {extra:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(leftovers.is_empty(), "files left behind for {extra:?}: {leftovers:?}");
+}
+
+#[test]
+fn bad_tau() {
+    expect_failure(&["--nag-tau", "0"], "--nag-tau");
+}
+
+#[test]
+fn bad_alpha() {
+    expect_failure(&["--nag-alpha", "1.5"], "--nag-alpha");
+}
+
+#[test]
+fn bad_height() {
+    expect_failure(&["--height", "72"], "multiple of 16");
+}
+
+#[test]
+fn unknown_guidance() {
+    expect_failure(&["--guidance", "magic"], "unknown guidance 'magic'");
+}
+
+#[test]
+fn bad_nag_end() {
+    expect_failure(&["--nag-end", "2"], "--nag-end");
+}
+
+#[test]
+fn missing_model_folder() {
+    expect_failure(&["--model", "/nonexistent/flux-folder"], "/nonexistent/flux-folder");
+}
+
+#[test]
+fn missing_init_latents_file() {
+    expect_failure(&["--init-latents", "/nonexistent/init.safetensors"], "/nonexistent/init.safetensors");
+}
+
+#[test]
+fn wrong_shape_init_latents() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.safetensors");
+    let t = Tensor::zeros((1, 16, 4, 4), candle_core::DType::F32, &Device::Cpu).unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", t)]), &bad).unwrap();
+    expect_failure(&["--init-latents", bad.to_str().unwrap()], "init latents have shape [1, 16, 4, 4]");
+}
+
+#[test]
+fn model_folder_missing_a_component_file() {
+    // A copy of the tiny pipeline without the transformer config.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("broken");
+    copy_dir(&fixtures().join("schnell"), &copy);
+    std::fs::remove_file(copy.join("transformer/config.json")).unwrap();
+    expect_failure(&["--model", copy.to_str().unwrap()], "transformer/config.json");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
+
+#[test]
+fn help_names_the_paper_symbols() {
+    let o = veto(&["generate", "--help"]);
+    let s = String::from_utf8_lossy(&o.stdout);
+    for sym in ["phi", "tau", "alpha", "theta"] {
+        assert!(s.contains(sym), "--help lacks {sym}");
+    }
+}

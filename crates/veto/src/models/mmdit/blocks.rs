@@ -1,0 +1,381 @@
+//! The MMDiT joint transformer block (diffusers `JointTransformerBlock`) with negative-prompt
+//! guidance in its joint attention.
+//!
+//! Data flow per guidance (the official NAG / VSF SD3 code's semantics):
+//! - none: image and text tokens attend jointly (one softmax over `[I, T]`).
+//! - NAG / NASA ([`BlockGuide::Contrast`]): the negative text is a stream of its own through
+//!   every block, with its own modulation; it pairs with the *last* `Bn` rows of the image batch
+//!   (with batched CFG `[uncond, cond]`, the cond row: as the official processor does). Those
+//!   image rows attend to `[I, T+]` and `[I, T-]`; the image-over-image block is computed once
+//!   and merged with each text block by log-sum-exp; the image rows become `guide(Z+, Z-)`.
+//!   The image stream exists once; the negative stream's own rows attend to `[I, T-]`.
+//! - VSF ([`BlockGuide::Vsf`]): one text stream `[A, N]` whose last `neg_len` tokens are the
+//!   negative prompt; attention per [`crate::guidance::vsf::joint_attention`].
+//! - MMDiT-X blocks (SD3.5-Medium) also run `attn2`, image-only self-attention, unguided.
+//! - The last block is `context_pre_only`: its text streams only give keys and values.
+
+use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, BlockAttention};
+use crate::guidance::vsf::{self, VsfParams};
+use crate::guidance::AttentionGuidance;
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Linear, RmsNorm, VarBuilder};
+
+/// LayerNorm without affine parameters, eps 1e-6.
+fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let dim = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
+    candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)
+}
+
+/// `x * (1 + scale) + shift`, with `scale`/`shift` `[B, dim]`.
+fn modulate(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// `x + gate * y`, with `gate` `[B, dim]`.
+fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+/// `SiLU -> Linear(dim, n*dim)` chunked into `n` vectors `[B, dim]` (AdaLayerNormZero,
+/// SD35AdaLayerNormZeroX, AdaLayerNormContinuous share this head).
+struct Modulation {
+    linear: Linear,
+    n: usize,
+}
+
+impl Modulation {
+    fn new(dim: usize, n: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { linear: candle_nn::linear(dim, n * dim, vb.pp("linear"))?, n })
+    }
+
+    fn chunks(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
+        self.linear.forward(&temb.silu()?)?.chunk(self.n, D::Minus1)
+    }
+}
+
+/// `Linear(dim, 4 dim) -> GELU(tanh) -> Linear(4 dim, dim)`.
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj_in: candle_nn::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
+            proj_out: candle_nn::linear(4 * dim, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+    }
+}
+
+/// q/k/v projections of one token stream, with the optional per-head RMSNorm of q and k
+/// (`qk_norm: "rms_norm"`). `q` is absent where no query is ever needed (the text side of a
+/// `context_pre_only` block).
+struct Projections {
+    q: Option<Linear>,
+    k: Linear,
+    v: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+}
+
+/// `[B, H, S, d]` heads of one stream.
+pub struct Heads {
+    pub q: Option<Tensor>,
+    pub k: Tensor,
+    pub v: Tensor,
+}
+
+impl Heads {
+    fn as_vsf(&self) -> vsf::Heads<'_> {
+        vsf::Heads { q: self.q.as_ref(), k: &self.k, v: &self.v }
+    }
+
+    fn q(&self) -> Result<&Tensor> {
+        self.q.as_ref().ok_or_else(|| candle_core::Error::Msg("no queries for this stream".into()))
+    }
+
+    /// Rows `start..start+len` of the batch.
+    fn rows(&self, start: usize, len: usize) -> Result<Heads> {
+        Ok(Heads {
+            q: self.q.as_ref().map(|q| q.narrow(0, start, len)).transpose()?,
+            k: self.k.narrow(0, start, len)?,
+            v: self.v.narrow(0, start, len)?,
+        })
+    }
+}
+
+impl Projections {
+    /// `names`: q, k, v, norm_q, norm_k (as the checkpoint spells them under `attn`).
+    fn new(
+        dim: usize,
+        head_dim: usize,
+        qk_norm: bool,
+        with_q: bool,
+        names: [&str; 5],
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let norm = |name: &str, wanted: bool| -> Result<Option<RmsNorm>> {
+            if qk_norm && wanted {
+                Ok(Some(candle_nn::rms_norm(head_dim, 1e-6, vb.pp(name))?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Self {
+            q: if with_q { Some(candle_nn::linear(dim, dim, vb.pp(names[0]))?) } else { None },
+            k: candle_nn::linear(dim, dim, vb.pp(names[1]))?,
+            v: candle_nn::linear(dim, dim, vb.pp(names[2]))?,
+            norm_q: norm(names[3], with_q)?,
+            norm_k: norm(names[4], true)?,
+        })
+    }
+
+    fn heads(&self, x: &Tensor, n_heads: usize) -> Result<Heads> {
+        let (b, s, dim) = x.dims3()?;
+        let split = |lin: &Linear, norm: Option<&RmsNorm>| -> Result<Tensor> {
+            let t = lin.forward(x)?.reshape((b, s, n_heads, dim / n_heads))?;
+            let t = match norm {
+                Some(n) => n.forward(&t)?,
+                None => t,
+            };
+            t.transpose(1, 2)?.contiguous()
+        };
+        Ok(Heads {
+            q: self.q.as_ref().map(|q| split(q, self.norm_q.as_ref())).transpose()?,
+            k: split(&self.k, self.norm_k.as_ref())?,
+            v: split(&self.v, None)?,
+        })
+    }
+}
+
+/// What the joint attention of a block does at this step.
+#[derive(Clone, Copy)]
+pub enum BlockGuide<'a> {
+    None,
+    /// NAG / NASA with the negative stream (module docs).
+    Contrast(&'a AttentionGuidance),
+    /// VSF: the last `neg_len` tokens of the text stream are the negative prompt.
+    Vsf { params: &'a VsfParams, neg_len: usize },
+}
+
+/// A block's streams: image `[B, N, D]`, text `[B, T, D]` (absent after the last block), and
+/// the NAG/NASA negative text `[Bn, Tn, D]`.
+pub struct Streams {
+    pub img: Tensor,
+    pub txt: Option<Tensor>,
+    pub neg: Option<Tensor>,
+}
+
+/// The text side's modulation: AdaLayerNormZero (6 chunks) or, in a `context_pre_only` block,
+/// AdaLayerNormContinuous (scale, shift).
+struct TextModulation {
+    normed: Tensor,
+    /// gate_msa, shift_mlp, scale_mlp, gate_mlp (absent in a `context_pre_only` block).
+    rest: Option<[Tensor; 4]>,
+}
+
+pub struct JointBlock {
+    norm1: Modulation,
+    norm1_context: Modulation,
+    img: Projections,
+    txt: Projections,
+    to_out: Linear,
+    to_add_out: Option<Linear>,
+    attn2: Option<(Projections, Linear)>,
+    ff: FeedForward,
+    ff_context: Option<FeedForward>,
+    heads: usize,
+    context_pre_only: bool,
+}
+
+impl JointBlock {
+    pub fn new(
+        dim: usize,
+        heads: usize,
+        qk_norm: bool,
+        context_pre_only: bool,
+        dual_attention: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let head_dim = dim / heads;
+        let attn = vb.pp("attn");
+        let img_names = ["to_q", "to_k", "to_v", "norm_q", "norm_k"];
+        let attn2 = if dual_attention {
+            let a2 = vb.pp("attn2");
+            Some((
+                Projections::new(dim, head_dim, qk_norm, true, img_names, &a2)?,
+                candle_nn::linear(dim, dim, a2.pp("to_out.0"))?,
+            ))
+        } else {
+            None
+        };
+        Ok(Self {
+            norm1: Modulation::new(dim, if dual_attention { 9 } else { 6 }, vb.pp("norm1"))?,
+            norm1_context: Modulation::new(dim, if context_pre_only { 2 } else { 6 }, vb.pp("norm1_context"))?,
+            img: Projections::new(dim, head_dim, qk_norm, true, img_names, &attn)?,
+            txt: Projections::new(
+                dim,
+                head_dim,
+                qk_norm,
+                !context_pre_only,
+                ["add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"],
+                &attn,
+            )?,
+            to_out: candle_nn::linear(dim, dim, attn.pp("to_out.0"))?,
+            to_add_out: if context_pre_only {
+                None
+            } else {
+                Some(candle_nn::linear(dim, dim, attn.pp("to_add_out"))?)
+            },
+            attn2,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+            ff_context: if context_pre_only { None } else { Some(FeedForward::new(dim, vb.pp("ff_context"))?) },
+            heads,
+            context_pre_only,
+        })
+    }
+
+    pub fn context_pre_only(&self) -> bool {
+        self.context_pre_only
+    }
+
+    fn text_modulation(&self, txt: &Tensor, temb: &Tensor) -> Result<TextModulation> {
+        let m = self.norm1_context.chunks(temb)?;
+        let normed = layer_norm(txt)?;
+        if self.context_pre_only {
+            // AdaLayerNormContinuous: scale first, then shift.
+            return Ok(TextModulation { normed: modulate(&normed, &m[1], &m[0])?, rest: None });
+        }
+        Ok(TextModulation {
+            normed: modulate(&normed, &m[0], &m[1])?,
+            rest: Some([m[2].clone(), m[3].clone(), m[4].clone(), m[5].clone()]),
+        })
+    }
+
+    /// Text stream after attention: gated residual, then the modulated feed-forward.
+    fn text_update(&self, txt: &Tensor, attn: Option<Tensor>, m: &TextModulation) -> Result<Option<Tensor>> {
+        let (Some(attn), Some([gate_msa, shift_mlp, scale_mlp, gate_mlp]), Some(to_add_out), Some(ff)) =
+            (attn, &m.rest, &self.to_add_out, &self.ff_context)
+        else {
+            return Ok(None);
+        };
+        let txt = gated_add(txt, gate_msa, &to_add_out.forward(&attn)?)?;
+        let ff_out = ff.forward(&modulate(&layer_norm(&txt)?, shift_mlp, scale_mlp)?)?;
+        Ok(Some(gated_add(&txt, gate_mlp, &ff_out)?))
+    }
+
+    /// Attention of the queries `q` over the keys and values of `blocks`, merged.
+    fn rows_over(q: &Tensor, blocks: &[&Heads], scale: f64) -> Result<Tensor> {
+        let parts = blocks
+            .iter()
+            .map(|h| attend_block(q, &h.k, &h.v, scale, None))
+            .collect::<Result<Vec<_>>>()?;
+        merge_blocks(&parts.iter().collect::<Vec<_>>())
+    }
+
+    /// `temb` `[B, D]` conditions the image and text streams; `temb_neg` `[Bn, D]` the negative
+    /// stream (NAG/NASA). Returns the streams after the block.
+    pub fn forward(
+        &self,
+        img: &Tensor,
+        txt: &Tensor,
+        neg: Option<&Tensor>,
+        temb: &Tensor,
+        temb_neg: Option<&Tensor>,
+        guide: BlockGuide,
+    ) -> Result<Streams> {
+        let heads = self.heads;
+        let scale = 1.0 / ((img.dim(D::Minus1)? / heads) as f64).sqrt();
+        let m = self.norm1.chunks(temb)?;
+        let img_normed = layer_norm(img)?;
+        let img_h = self.img.heads(&modulate(&img_normed, &m[0], &m[1])?, heads)?;
+        let tm = self.text_modulation(txt, temb)?;
+        let txt_h = self.txt.heads(&tm.normed, heads)?;
+        let n_img = img.dim(1)?;
+
+        let (z_img, txt_attn, neg_out) = match guide {
+            BlockGuide::None => {
+                // Plain joint attention: one softmax over [I, T] for every query.
+                let k = Tensor::cat(&[&img_h.k, &txt_h.k], 2)?;
+                let v = Tensor::cat(&[&img_h.v, &txt_h.v], 2)?;
+                let q = match &txt_h.q {
+                    Some(qt) => Tensor::cat(&[img_h.q()?, qt], 2)?,
+                    None => img_h.q()?.clone(),
+                };
+                let out = sdpa(&q, &k, &v, scale)?;
+                let z_img = merge_heads(&out.narrow(2, 0, n_img)?)?;
+                let txt_attn = match &txt_h.q {
+                    Some(qt) => Some(merge_heads(&out.narrow(2, n_img, qt.dim(2)?)?)?),
+                    None => None,
+                };
+                (z_img, txt_attn, None)
+            }
+            BlockGuide::Vsf { params, neg_len } => {
+                let out = vsf::joint_attention(&img_h.as_vsf(), &txt_h.as_vsf(), neg_len, scale, params)?;
+                (merge_heads(&out.image)?, out.text.map(|t| merge_heads(&t)).transpose()?, None)
+            }
+            BlockGuide::Contrast(g) => {
+                let (Some(neg), Some(temb_neg)) = (neg, temb_neg) else {
+                    candle_core::bail!("NAG/NASA needs the negative text stream and its conditioning");
+                };
+                let b = img.dim(0)?;
+                let bn = neg.dim(0)?;
+                if bn > b {
+                    candle_core::bail!("{bn} negative rows for {b} image rows");
+                }
+                let first = b - bn; // image rows before the guided ones (CFG's uncond row)
+                let q_img = img_h.q()?;
+                let img_img = attend_block(q_img, &img_h.k, &img_h.v, scale, None)?;
+                let img_pos = attend_block(q_img, &txt_h.k, &txt_h.v, scale, None)?;
+                let z_pos = merge_heads(&merge_blocks(&[&img_img, &img_pos])?)?;
+
+                let nm = self.text_modulation(neg, temb_neg)?;
+                let neg_h = self.txt.heads(&nm.normed, heads)?;
+                let guided_img = img_h.rows(first, bn)?;
+                let img_img_g = BlockAttention {
+                    out: img_img.out.narrow(0, first, bn)?,
+                    lse: img_img.lse.narrow(0, first, bn)?,
+                };
+                let img_neg = attend_block(guided_img.q()?, &neg_h.k, &neg_h.v, scale, None)?;
+                let z_neg = merge_heads(&merge_blocks(&[&img_img_g, &img_neg])?)?;
+                let z_guided = g.combine(&z_pos.narrow(0, first, bn)?, &z_neg)?;
+                let z_img = if first == 0 {
+                    z_guided
+                } else {
+                    Tensor::cat(&[&z_pos.narrow(0, 0, first)?, &z_guided], 0)?
+                };
+
+                let txt_attn = match &txt_h.q {
+                    Some(qt) => Some(merge_heads(&Self::rows_over(qt, &[&img_h, &txt_h], scale)?)?),
+                    None => None,
+                };
+                let neg_attn = match &neg_h.q {
+                    Some(qn) => Some(merge_heads(&Self::rows_over(qn, &[&guided_img, &neg_h], scale)?)?),
+                    None => None,
+                };
+                (z_img, txt_attn, self.text_update(neg, neg_attn, &nm)?)
+            }
+        };
+
+        let mut img_out = gated_add(img, &m[2], &self.to_out.forward(&z_img)?)?;
+        if let Some((proj, to_out)) = &self.attn2 {
+            // SD35AdaLayerNormZeroX: attn2 sees the block input modulated by chunks 6 and 7.
+            let h2 = proj.heads(&modulate(&img_normed, &m[6], &m[7])?, heads)?;
+            let a2 = merge_heads(&sdpa(h2.q()?, &h2.k, &h2.v, scale)?)?;
+            img_out = gated_add(&img_out, &m[8], &to_out.forward(&a2)?)?;
+        }
+        let ff_out = self.ff.forward(&modulate(&layer_norm(&img_out)?, &m[3], &m[4])?)?;
+        let img_out = gated_add(&img_out, &m[5], &ff_out)?;
+        let txt_out = self.text_update(txt, txt_attn, &tm)?;
+        Ok(Streams { img: img_out, txt: txt_out, neg: neg_out })
+    }
+}

@@ -1,0 +1,304 @@
+//! The MMDiT transformer of Stable Diffusion 3 / 3.5 (diffusers `SD3Transformer2DModel`),
+//! config-driven: SD3-Medium (no qk norm), SD3.5-Large / Large-Turbo (`qk_norm: "rms_norm"`),
+//! SD3.5-Medium (MMDiT-X: `attn2` in the blocks of `dual_attention_layers`). Negative-prompt
+//! guidance (NAG, NASA, VSF) lives in the joint attention; see [`blocks`] for the data flow.
+
+pub mod blocks;
+pub mod embeddings;
+
+use crate::error::{Error, Result};
+use crate::guidance::vsf::{self, VsfParams};
+use crate::guidance::AttentionGuidance;
+use crate::models::flux::embeddings::TimeTextEmbed;
+use blocks::{BlockGuide, JointBlock};
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+use embeddings::PatchEmbed;
+use serde::Deserialize;
+use std::path::Path;
+
+/// `transformer/config.json`; defaults are diffusers' (the SD3-Medium values).
+#[derive(Debug, Clone, Deserialize)]
+pub struct MmditConfig {
+    #[serde(default = "d_sample_size")]
+    pub sample_size: usize,
+    #[serde(default = "d_patch_size")]
+    pub patch_size: usize,
+    #[serde(default = "d_channels")]
+    pub in_channels: usize,
+    #[serde(default)]
+    pub out_channels: Option<usize>,
+    #[serde(default = "d_num_layers")]
+    pub num_layers: usize,
+    #[serde(default = "d_head_dim")]
+    pub attention_head_dim: usize,
+    #[serde(default = "d_heads")]
+    pub num_attention_heads: usize,
+    #[serde(default = "d_joint_dim")]
+    pub joint_attention_dim: usize,
+    #[serde(default = "d_caption_dim")]
+    pub caption_projection_dim: usize,
+    #[serde(default = "d_pooled_dim")]
+    pub pooled_projection_dim: usize,
+    #[serde(default = "d_pos_max")]
+    pub pos_embed_max_size: usize,
+    #[serde(default)]
+    pub dual_attention_layers: Vec<usize>,
+    #[serde(default)]
+    pub qk_norm: Option<String>,
+}
+
+fn d_sample_size() -> usize {
+    128
+}
+fn d_patch_size() -> usize {
+    2
+}
+fn d_channels() -> usize {
+    16
+}
+fn d_num_layers() -> usize {
+    18
+}
+fn d_heads() -> usize {
+    18
+}
+fn d_head_dim() -> usize {
+    64
+}
+fn d_joint_dim() -> usize {
+    4096
+}
+fn d_caption_dim() -> usize {
+    1152
+}
+fn d_pooled_dim() -> usize {
+    2048
+}
+fn d_pos_max() -> usize {
+    96
+}
+
+impl MmditConfig {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
+            what: format!("cannot read SD3 transformer config ({e})"),
+            path: path.display().to_string(),
+        })?;
+        let cfg: MmditConfig = serde_json::from_str(&text).map_err(|e| Error::BadModelFile {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        cfg.check().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.caption_projection_dim != self.inner_dim() {
+            return Err(format!(
+                "caption_projection_dim {} differs from num_attention_heads x attention_head_dim = {}",
+                self.caption_projection_dim,
+                self.inner_dim()
+            ));
+        }
+        match self.qk_norm.as_deref() {
+            None | Some("rms_norm") => {}
+            Some(other) => return Err(format!("qk_norm \"{other}\" is not supported (null or \"rms_norm\")")),
+        }
+        if self.num_layers == 0 || self.patch_size == 0 {
+            return Err("num_layers and patch_size must be positive".into());
+        }
+        if let Some(&bad) = self.dual_attention_layers.iter().find(|&&i| i >= self.num_layers) {
+            return Err(format!("dual_attention_layers names block {bad}, the model has {}", self.num_layers));
+        }
+        if self.inner_dim() % 4 != 0 {
+            return Err(format!("inner dim {} must be divisible by 4 (2-D sin-cos positions)", self.inner_dim()));
+        }
+        Ok(())
+    }
+
+    pub fn inner_dim(&self) -> usize {
+        self.num_attention_heads * self.attention_head_dim
+    }
+
+    pub fn out_channels(&self) -> usize {
+        self.out_channels.unwrap_or(self.in_channels)
+    }
+
+    pub fn qk_norm(&self) -> bool {
+        self.qk_norm.is_some()
+    }
+}
+
+/// The negative-prompt guidance of one transformer call.
+#[derive(Clone, Copy)]
+pub enum MmditGuidance<'a> {
+    None,
+    /// NAG or NASA. `negative` `[Bn, Tn, joint_dim]` is a text stream of its own that pairs
+    /// with the *last* `Bn` rows of the batch (with batched CFG `[uncond, cond]`: the cond
+    /// row); `pooled` `[Bn, pooled_dim]` conditions its modulation (the positive pooled vector
+    /// in the official diffusers pipeline, the negative one in the official ComfyUI node).
+    Contrast { guide: &'a AttentionGuidance, negative: &'a Tensor, pooled: &'a Tensor },
+    /// VSF: `negative` `[B, Ln, joint_dim]` is the unpadded negative prompt; the model runs the
+    /// text stream of `params.layout` ([`vsf::text_stream`]) with the positive pooled vector.
+    Vsf { params: &'a VsfParams, negative: &'a Tensor },
+}
+
+/// Inputs of one transformer call.
+pub struct MmditInputs<'a> {
+    /// `[B, C, h, w]` latents.
+    pub latents: &'a Tensor,
+    /// `[B]` on the 0..1000 scale (SD3 pipelines pass the scheduler's `t` unscaled).
+    pub timestep: &'a Tensor,
+    /// Text states `[B, T, joint_dim]` and pooled vector `[B, pooled_dim]` of each row.
+    pub context: &'a Tensor,
+    pub pooled: &'a Tensor,
+    pub guidance: MmditGuidance<'a>,
+}
+
+/// Named intermediate tensors, for parity tests and debugging.
+pub type Trace = Vec<(String, Tensor)>;
+
+pub struct MmditTransformer {
+    pos_embed: PatchEmbed,
+    time_text_embed: TimeTextEmbed,
+    context_embedder: Linear,
+    blocks: Vec<JointBlock>,
+    norm_out: Linear,
+    proj_out: Linear,
+    config: MmditConfig,
+}
+
+impl MmditTransformer {
+    pub fn new(config: &MmditConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let dim = config.inner_dim();
+        let n = config.num_layers;
+        let blocks = (0..n)
+            .map(|i| {
+                JointBlock::new(
+                    dim,
+                    config.num_attention_heads,
+                    config.qk_norm(),
+                    i + 1 == n,
+                    config.dual_attention_layers.contains(&i),
+                    vb.pp(format!("transformer_blocks.{i}")),
+                )
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            pos_embed: PatchEmbed::new(
+                config.in_channels,
+                dim,
+                config.patch_size,
+                config.pos_embed_max_size,
+                config.sample_size / config.patch_size,
+                vb.pp("pos_embed"),
+            )?,
+            time_text_embed: TimeTextEmbed::new(dim, config.pooled_projection_dim, false, vb.pp("time_text_embed"))?,
+            context_embedder: candle_nn::linear(
+                config.joint_attention_dim,
+                config.caption_projection_dim,
+                vb.pp("context_embedder"),
+            )?,
+            blocks,
+            norm_out: candle_nn::linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
+            proj_out: candle_nn::linear(
+                dim,
+                config.patch_size * config.patch_size * config.out_channels(),
+                vb.pp("proj_out"),
+            )?,
+            config: config.clone(),
+        })
+    }
+
+    pub fn config(&self) -> &MmditConfig {
+        &self.config
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.proj_out.weight().dtype()
+    }
+
+    /// Predicted velocity `[B, out_channels, h, w]`.
+    pub fn forward(&self, inputs: &MmditInputs) -> Result<Tensor> {
+        Ok(self.forward_traced(inputs, None)?)
+    }
+
+    /// As [`forward`](Self::forward), recording the streams after every block when `trace` is
+    /// given: `block_{i}_img`, `block_{i}_txt` (not after the last block), `block_{i}_txt_neg`
+    /// (NAG/NASA). Under VSF `block_{i}_txt` is the whole VSF text stream.
+    pub fn forward_traced(&self, inputs: &MmditInputs, mut trace: Option<&mut Trace>) -> candle_core::Result<Tensor> {
+        let (b, _, h, w) = inputs.latents.dims4()?;
+        let p = self.config.patch_size;
+        if h % p != 0 || w % p != 0 {
+            candle_core::bail!("latents {h}x{w} are not a multiple of the patch size {p}");
+        }
+        for (what, t) in [("timestep", inputs.timestep), ("pooled", inputs.pooled), ("context", inputs.context)] {
+            if t.dim(0)? != b {
+                candle_core::bail!("{what} has batch {}, the latents {b}", t.dim(0)?);
+            }
+        }
+        let dtype = inputs.latents.dtype();
+        let temb_of = |t: &Tensor, pooled: &Tensor| {
+            self.time_text_embed.forward(&t.to_dtype(DType::F32)?, None, &pooled.to_dtype(dtype)?)
+        };
+        let temb = temb_of(inputs.timestep, inputs.pooled)?;
+        let mut img = self.pos_embed.forward(inputs.latents)?;
+
+        let (context, block_guide, mut neg, temb_neg) = match inputs.guidance {
+            MmditGuidance::None => (inputs.context.clone(), BlockGuide::None, None, None),
+            MmditGuidance::Contrast { guide, negative, pooled } => {
+                let bn = negative.dim(0)?;
+                if bn > b || pooled.dim(0)? != bn {
+                    candle_core::bail!(
+                        "negative text has batch {bn} and its pooled vector {}, for {b} image rows",
+                        pooled.dim(0)?
+                    );
+                }
+                let t_neg = inputs.timestep.narrow(0, b - bn, bn)?;
+                let neg = self.context_embedder.forward(negative)?;
+                (inputs.context.clone(), BlockGuide::Contrast(guide), Some(neg), Some(temb_of(&t_neg, pooled)?))
+            }
+            MmditGuidance::Vsf { params, negative } => {
+                if negative.dim(0)? != b {
+                    candle_core::bail!("VSF negative text has batch {}, the latents {b}", negative.dim(0)?);
+                }
+                let stream = vsf::text_stream(inputs.context, negative, params.layout)?;
+                (stream, BlockGuide::Vsf { params, neg_len: negative.dim(1)? }, None, None)
+            }
+        };
+
+        let mut txt = self.context_embedder.forward(&context)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let out = block.forward(&img, &txt, neg.as_ref(), &temb, temb_neg.as_ref(), block_guide)?;
+            img = out.img;
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push((format!("block_{i}_img"), img.clone()));
+                if let Some(t) = &out.txt {
+                    tr.push((format!("block_{i}_txt"), t.clone()));
+                }
+                if let Some(n) = &out.neg {
+                    tr.push((format!("block_{i}_txt_neg"), n.clone()));
+                }
+            }
+            match out.txt {
+                Some(t) => txt = t,
+                None if i + 1 < self.blocks.len() => {
+                    candle_core::bail!("block {i} dropped the text stream before the last block")
+                }
+                None => {}
+            }
+            neg = out.neg;
+        }
+
+        // AdaLayerNormContinuous: scale, then shift.
+        let m = self.norm_out.forward(&temb.silu()?)?.chunk(2, D::Minus1)?;
+        let dim = img.dim(2)?;
+        let ones = Tensor::ones(dim, img.dtype(), img.device())?;
+        let zeros = Tensor::zeros(dim, img.dtype(), img.device())?;
+        let normed = candle_nn::ops::layer_norm(&img, &ones, &zeros, 1e-6)?;
+        let img = normed.broadcast_mul(&(m[0].unsqueeze(1)? + 1.0)?)?.broadcast_add(&m[1].unsqueeze(1)?)?;
+        let out = self.proj_out.forward(&img)?;
+        embeddings::unpatchify(&out, h, w, p)
+    }
+}

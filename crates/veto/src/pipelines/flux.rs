@@ -1,0 +1,309 @@
+//! Flux text-to-image (diffusers `FluxPipeline` + the official NAG pipeline's guidance):
+//! CLIP pooled + T5 states -> packed latents -> FlowMatch Euler loop with NAG / NASA / CFG ->
+//! unpacked latents -> VAE -> image.
+
+use crate::error::{Error, Result};
+use crate::guidance::{cfg::cfg, AttentionMethod, GuidanceConfig, GuidancePlan};
+use crate::loading::model_source::ModelSource;
+use crate::loading::safetensors_files::{read_json, var_builder};
+use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
+use crate::models::vae::AutoencoderKl;
+use crate::pipelines::noise::gaussian;
+use crate::pipelines::{Defaults, GenerateRequest, StepEvent, TextToImage};
+use crate::schedulers::flow_match_euler::FlowMatchEulerScheduler;
+use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
+use crate::text::t5::{T5TextEncoder, T5Tokenizer};
+use candle_core::{DType, Device, Tensor};
+use std::path::PathBuf;
+
+/// CLIP always sees 77 tokens in Flux.
+const CLIP_LEN: usize = 77;
+/// Latent pixels per image pixel (the VAE), times the 2x2 packing.
+const VAE_SCALE: usize = 8;
+
+pub struct FluxPipeline {
+    clip_tokenizer: ClipTokenizer,
+    clip: ClipTextEncoder,
+    t5_tokenizer: T5Tokenizer,
+    t5: T5TextEncoder,
+    transformer: FluxTransformer,
+    vae: AutoencoderKl,
+    scheduler: FlowMatchEulerScheduler,
+    device: Device,
+    dtype: DType,
+    warnings: std::cell::RefCell<Vec<String>>,
+}
+
+/// Resolve every file a component folder needs, returning the folder.
+fn component_dir(source: &ModelSource, component: &str, files: &[&str]) -> Result<PathBuf> {
+    let mut dir = None;
+    for f in files {
+        let p = source.file(&format!("{component}/{f}"))?;
+        dir = p.parent().map(|d| d.to_path_buf());
+    }
+    dir.ok_or_else(|| Error::other(format!("no files requested for {component}")))
+}
+
+/// Resolve a component's weights: a single safetensors file or an index and its shards.
+fn weights_dir(source: &ModelSource, component: &str, stem: &str) -> Result<PathBuf> {
+    let single = format!("{component}/{stem}.safetensors");
+    if let Some(p) = source.try_file(&single)? {
+        return Ok(parent(&p));
+    }
+    let index_rel = format!("{component}/{stem}.safetensors.index.json");
+    let index = source.try_file(&index_rel)?.ok_or_else(|| Error::MissingFile {
+        what: format!("the model has neither {single} nor {index_rel}"),
+        path: source.describe(component),
+    })?;
+    let json: serde_json::Value = read_json(&index, "weights index")?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadModelFile {
+        path: index.display().to_string(),
+        reason: "no \"weight_map\" object".into(),
+    })?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    for shard in shards {
+        source.file(&format!("{component}/{shard}"))?;
+    }
+    Ok(parent(&index))
+}
+
+fn parent(p: &std::path::Path) -> PathBuf {
+    p.parent().map(|d| d.to_path_buf()).unwrap_or_default()
+}
+
+}
+
+impl FluxPipeline {
+    /// Load every component of a Flux diffusers folder (local or from the hub cache).
+    pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        let clip_dir = match source.try_file("tokenizer/tokenizer.json")? {
+            Some(p) => parent(&p),
+            None => component_dir(source, "tokenizer", &["vocab.json", "merges.txt"])?,
+        };
+        for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
+            source.try_file(&format!("tokenizer/{optional}"))?;
+            source.try_file(&format!("tokenizer_2/{optional}"))?;
+        }
+        let clip_tokenizer = ClipTokenizer::load(&clip_dir)?;
+        let t5_tok_dir = component_dir(source, "tokenizer_2", &["tokenizer.json"])?;
+        let t5_tokenizer = T5Tokenizer::load(&t5_tok_dir)?;
+
+        component_dir(source, "text_encoder", &["config.json"])?;
+        let clip = ClipTextEncoder::load(&weights_dir(source, "text_encoder", "model")?, device, dtype)?;
+        component_dir(source, "text_encoder_2", &["config.json"])?;
+        let t5 = T5TextEncoder::load(&weights_dir(source, "text_encoder_2", "model")?, device, dtype)?;
+
+        let tdir = component_dir(source, "transformer", &["config.json"])?;
+        let config = FluxConfig::from_file(&tdir.join("config.json"))?;
+        let tdir = weights_dir(source, "transformer", "diffusion_pytorch_model")?;
+        let files = crate::loading::safetensors_files::weight_files(&tdir, "diffusion_pytorch_model")?;
+        let vb = var_builder(&files, dtype, device)?;
+        let transformer = FluxTransformer::new(&config, vb).map_err(|e| Error::BadModelFile {
+            path: tdir.display().to_string(),
+            reason: format!("transformer weights do not match config.json: {e}"),
+        })?;
+
+        component_dir(source, "vae", &["config.json"])?;
+        let vae = AutoencoderKl::load(&weights_dir(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
+        if vae.config().latent_channels != config.latent_channels() {
+            return Err(Error::BadModelFile {
+                path: source.describe("vae"),
+                reason: format!(
+                    "VAE has {} latent channels, the transformer expects {}",
+                    vae.config().latent_channels,
+                    config.latent_channels()
+                ),
+            });
+        }
+        let sched = source.file("scheduler/scheduler_config.json")?;
+        let scheduler = FlowMatchEulerScheduler::from_config_file(&sched)?;
+        Ok(Self {
+            clip_tokenizer,
+            clip,
+            t5_tokenizer,
+            t5,
+            transformer,
+            vae,
+            scheduler,
+            device: device.clone(),
+            dtype,
+            warnings: Default::default(),
+        })
+    }
+
+    pub fn transformer(&self) -> &FluxTransformer {
+        &self.transformer
+    }
+
+
+    fn warn(&self, msg: String) {
+        self.warnings.borrow_mut().push(msg);
+    }
+
+    /// CLIP pooled vector (77 tokens) and T5 states (`max_sequence_length` tokens), as
+    /// diffusers' `FluxPipeline.encode_prompt`.
+    pub fn encode_prompt(&self, text: &str, max_sequence_length: usize) -> Result<TextConditioning> {
+        let clip_ids = self.clip_tokenizer.tokenize(text, CLIP_LEN)?;
+        if clip_ids.truncated {
+            self.warn(format!(
+                "the prompt is longer than CLIP's {CLIP_LEN} tokens; CLIP ignores: {}",
+                clip_ids.removed_text.clone().unwrap_or_default()
+            ));
+        }
+        let pooled = self.clip.encode_ids(&clip_ids.ids)?.pooled.to_dtype(self.dtype)?;
+        let t5_ids = self.t5_tokenizer.tokenize(text, max_sequence_length)?;
+        if t5_ids.truncated {
+            self.warn(format!(
+                "the prompt is longer than max_sequence_length {max_sequence_length}; T5 ignores: {}",
+                t5_ids.removed_text.clone().unwrap_or_default()
+            ));
+        }
+        let hidden = self.t5.encode_ids(&t5_ids.ids)?.to_dtype(self.dtype)?;
+        Ok(TextConditioning { hidden, pooled })
+    }
+
+    fn check(&self, req: &GenerateRequest) -> Result<()> {
+        req.guidance.validate()?;
+        let m = req.guidance.method;
+        if m.pag || m.attention == Some(AttentionMethod::Vsf) {
+            return Err(Error::invalid(format!(
+                "guidance '{m}' is not available for Flux (supported: nag, nasa, cfg, cfg+nag, cfg+nasa, none)"
+            )));
+        }
+        let mult = VAE_SCALE * 2;
+        if req.height == 0 || req.width == 0 || req.height % mult != 0 || req.width % mult != 0 {
+            return Err(Error::invalid(format!(
+                "--height and --width must each be a positive multiple of {mult} for Flux, got {}x{}",
+                req.height, req.width
+            )));
+        }
+        if req.steps == 0 {
+            return Err(Error::invalid("--steps must be at least 1"));
+        }
+        if req.max_sequence_length == 0 || req.max_sequence_length > 512 {
+            return Err(Error::invalid(format!(
+                "--max-sequence-length must be in 1..=512, got {}",
+                req.max_sequence_length
+            )));
+        }
+        if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
+            return Err(Error::invalid(format!("--guidance-scale must be >= 0, got {}", req.guidance_scale)));
+        }
+        if let Some(init) = &req.init_latents {
+            let want = [1, self.transformer.config().latent_channels(), req.height / VAE_SCALE, req.width / VAE_SCALE];
+            if init.dims() != want {
+                return Err(Error::invalid(format!(
+                    "init latents have shape {:?}, expected {:?} ([B, C, H/8, W/8] for {}x{})",
+                    init.dims(),
+                    want,
+                    req.height,
+                    req.width
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn denoise(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+        self.check(req)?;
+        let model_cfg = self.transformer.config();
+        if !model_cfg.guidance_embeds && req.guidance_scale != 0.0 {
+            self.warn(format!(
+                "this model has no guidance embedding; --guidance-scale {} is ignored",
+                req.guidance_scale
+            ));
+        }
+        let (lh, lw) = (req.height / VAE_SCALE, req.width / VAE_SCALE);
+        let shape = [1, model_cfg.latent_channels(), lh, lw];
+        let init = match &req.init_latents {
+            Some(t) => t.to_device(&self.device)?.to_dtype(DType::F32)?,
+            None => gaussian(&shape, req.seed, &self.device)?,
+        };
+        let mut x = latents::pack(&init.to_dtype(self.dtype)?)?;
+
+        let positive = self.encode_prompt(&req.prompt, req.max_sequence_length)?;
+        let g = &req.guidance;
+        let negative = if g.uses_attention_guidance() || g.uses_cfg() {
+            Some(self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), req.max_sequence_length)?)
+        } else {
+            None
+        };
+        let img_ids = latents::image_ids(lh, lw, &self.device)?;
+        let txt_ids = latents::text_ids(positive.hidden.dim(1)?, &self.device)?;
+        let schedule = self.scheduler.timesteps_for(req.steps, img_ids.dim(0)?)?;
+        let guidance = if model_cfg.guidance_embeds {
+            Some(Tensor::new(&[req.guidance_scale as f32], &self.device)?.to_dtype(self.dtype)?)
+        } else {
+            None
+        };
+        let total = schedule.timesteps.len();
+        for (i, &t) in schedule.timesteps.iter().enumerate() {
+            let plan: GuidancePlan = g.plan_at(t, self.scheduler.config().num_train_timesteps as f64);
+            // diffusers feeds `t / 1000` in the latents' dtype; the model scales it back.
+            let timestep = (Tensor::new(&[t as f32], &self.device)? / 1000.0)?.to_dtype(self.dtype)?;
+            let call = |text: &TextConditioning, neg: Option<&TextConditioning>, guided: bool| {
+                self.transformer.forward(&FluxInputs {
+                    latents: &x,
+                    img_ids: &img_ids,
+                    txt_ids: &txt_ids,
+                    timestep: &timestep,
+                    guidance: guidance.as_ref(),
+                    positive: text,
+                    negative: neg,
+                    guide: if guided { plan.attention.as_ref() } else { None },
+                })
+            };
+            let mut v = call(&positive, negative.as_ref(), plan.attention.is_some())?;
+            if let (Some(scale), Some(neg)) = (plan.cfg_scale, negative.as_ref()) {
+                let v_neg = call(neg, None, false)?;
+                v = cfg(&v, &v_neg, scale)?;
+            }
+            x = self.scheduler.step(&v, schedule.sigmas[i], schedule.sigmas[i + 1], &x)?;
+            let unpacked = latents::unpack(&x, lh, lw)?;
+            on_step(StepEvent {
+                index: i,
+                total,
+                timestep: t,
+                attention_guided: plan.attention.is_some(),
+                latents: &unpacked,
+            });
+        }
+        Ok(latents::unpack(&x, lh, lw)?)
+    }
+
+}
+
+/// FLUX.1 defaults: the official NAG README (s = 5, tau = 2.5, alpha = 0.25; schnell 4 steps
+/// with no embedded guidance and 256 T5 tokens; dev 25 steps at guidance 3.5, 512 tokens).
+pub fn flux_defaults(cfg: &FluxConfig) -> Defaults {
+    let guidance = GuidanceConfig::nag_default();
+    if cfg.guidance_embeds {
+        Defaults { steps: 25, guidance_scale: 3.5, max_sequence_length: 512, height: 1024, width: 1024, guidance }
+    } else {
+        Defaults { steps: 4, guidance_scale: 0.0, max_sequence_length: 256, height: 1024, width: 1024, guidance }
+    }
+}
+
+impl TextToImage for FluxPipeline {
+    fn defaults(&self) -> Defaults {
+        flux_defaults(self.transformer.config())
+    }
+
+    fn validate(&self, req: &GenerateRequest) -> Result<()> {
+        self.check(req)
+    }
+
+    fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+        self.denoise(req, on_step)
+    }
+
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode_latents(latents)
+    }
+
+    fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut self.warnings.borrow_mut())
+    }
+}

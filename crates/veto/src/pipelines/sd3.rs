@@ -1,0 +1,630 @@
+//! Stable Diffusion 3 / 3.5 text-to-image (diffusers `StableDiffusion3Pipeline` plus the
+//! official NAG and VSF pipelines' guidance): CLIP-L + CLIP-G + T5 text states -> FlowMatch
+//! Euler loop over the MMDiT with NAG / NASA / VSF / CFG / CFG+NAG -> VAE -> image.
+//!
+//! **CFG scale.** For SD3 the CFG scale is the pipeline's `guidance_scale`, exactly as
+//! diffusers' `StableDiffusion3Pipeline(guidance_scale=...)`: CFG runs when the method
+//! contains `cfg` *and* `GenerateRequest::guidance_scale > 1`, with
+//! `v = v_uncond + guidance_scale (v_cond - v_uncond)`, the uncond pass on the (padded)
+//! negative prompt. `GuidanceConfig::true_cfg_scale` (Flux's separate CFG scale) is not used.
+//! CFG is batched `[uncond, cond]` in one transformer call; with CFG+NAG (or CFG+NASA) the NAG
+//! negative stream joins that same call and guides the cond row only, as the official
+//! `NAGStableDiffusion3Pipeline` does. VSF changes the cond row's token count, so CFG+VSF runs
+//! the uncond pass as a second call.
+//!
+//! **Defaults** ([`sd3_defaults`]). Turbo is detected from the model's location: a folder path
+//! or hub repo id containing "turbo" (case-insensitive; the SD3.5-Large-Turbo files are
+//! otherwise identical to SD3.5-Large's). Turbo: 8 steps (the NAG and VSF papers' setting; the
+//! model card uses 4), guidance_scale 0 (no CFG). Otherwise, per the diffusers model cards:
+//! SD3.5-Medium (MMDiT-X, `dual_attention_layers` set) 40 steps at 4.5, SD3-Medium (no qk norm)
+//! 28 steps at 7.0, SD3.5-Large 28 steps at 3.5. NAG: the NAG paper's Table 5 for SD3.5-Large
+//! (phi = 4, i.e. nag_scale 5, tau 2.5, alpha 0.125); VSF: alpha 3.5, beta 0.1, paper layout.
+
+use crate::error::{Error, Result};
+use crate::guidance::{cfg::cfg, AttentionGuidance, AttentionMethod, GuidanceConfig, Method, NagParams, NagPooled};
+use crate::loading::model_source::ModelSource;
+use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
+use crate::models::mmdit::{MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
+use crate::models::vae::AutoencoderKl;
+use crate::pipelines::noise::gaussian;
+use crate::pipelines::{Defaults, GenerateRequest, StepEvent, TextToImage};
+use crate::schedulers::flow_match_euler::{FlowMatchEulerConfig, FlowMatchEulerScheduler};
+use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
+use crate::text::t5::{T5TextEncoder, T5Tokenizer};
+use crate::text::TokenizedText;
+use candle_core::{DType, Device, Tensor, D};
+use std::path::PathBuf;
+
+/// CLIP's context length (`tokenizer_max_length` in diffusers).
+const CLIP_LEN: usize = 77;
+/// diffusers rejects longer T5 contexts for SD3.
+const MAX_T5_LEN: usize = 512;
+
+/// The text conditioning of one prompt: `[1, T, joint_dim]` states and `[1, pooled_dim]`.
+#[derive(Clone)]
+pub struct Sd3Text {
+    pub embeds: Tensor,
+    pub pooled: Tensor,
+}
+
+/// A CLIP tokenizer and its encoder.
+struct Clip {
+    tokenizer: ClipTokenizer,
+    encoder: ClipTextEncoder,
+    name: &'static str,
+}
+
+struct T5 {
+    tokenizer: T5Tokenizer,
+    encoder: T5TextEncoder,
+}
+
+pub struct Sd3Pipeline {
+    clip_l: Clip,
+    clip_g: Clip,
+    /// `None` when `model_index.json` has `text_encoder_3: [null, null]` (SD3 without T5).
+    t5: Option<T5>,
+    transformer: MmditTransformer,
+    vae: AutoencoderKl,
+    scheduler: FlowMatchEulerScheduler,
+    turbo: bool,
+    device: Device,
+    dtype: DType,
+    warnings: std::cell::RefCell<Vec<String>>,
+}
+
+/// Where a component lives, for error messages.
+fn describe(source: &ModelSource, component: &str) -> String {
+    match (source.root(), source.repo_id()) {
+        (Some(root), _) => root.join(component).display().to_string(),
+        (None, Some(repo)) => format!("{repo}/{component}"),
+        _ => component.to_string(),
+    }
+}
+
+/// Fetch the listed files of a component (local or from the hub cache); returns its folder.
+fn component_dir(source: &ModelSource, component: &str, files: &[&str]) -> Result<PathBuf> {
+    let mut dir = None;
+    for f in files {
+        let p = source.file(&format!("{component}/{f}"))?;
+        dir = p.parent().map(|d| d.to_path_buf());
+    }
+    dir.ok_or_else(|| Error::other(format!("no files requested for {component}")))
+}
+
+/// Fetch a component's config and weights (one safetensors file, or an index and its shards).
+fn weights_dir(source: &ModelSource, component: &str, stem: &str) -> Result<PathBuf> {
+    component_dir(source, component, &["config.json"])?;
+    if let Some(p) = source.try_file(&format!("{component}/{stem}.safetensors"))? {
+        return Ok(p.parent().map(|d| d.to_path_buf()).unwrap_or_default());
+    }
+    let index = source.try_file(&format!("{component}/{stem}.safetensors.index.json"))?.ok_or_else(|| {
+        Error::MissingFile {
+            what: format!("no {stem}.safetensors or {stem}.safetensors.index.json for {component}"),
+            path: describe(source, component),
+        }
+    })?;
+    let json: serde_json::Value = read_json(&index, "weights index")?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadModelFile {
+        path: index.display().to_string(),
+        reason: "no \"weight_map\" object".into(),
+    })?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    for shard in shards {
+        source.file(&format!("{component}/{shard}"))?;
+    }
+    Ok(index.parent().map(|d| d.to_path_buf()).unwrap_or_default())
+}
+
+/// A CLIP tokenizer folder: vocab.json + merges.txt or tokenizer.json, plus the optional
+/// special-token files (tokenizer_2's pad token "!" is declared there).
+fn clip_tokenizer(source: &ModelSource, component: &str) -> Result<ClipTokenizer> {
+    for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
+        source.try_file(&format!("{component}/{optional}"))?;
+    }
+    let dir = component_dir(source, component, &["vocab.json", "merges.txt"])
+        .or_else(|_| component_dir(source, component, &["tokenizer.json"]))?;
+    ClipTokenizer::load(&dir)
+}
+
+/// The Turbo rule of the module docs: "turbo" in the repo id or in the path of the model's
+/// files (local folder, or the hub cache folder named after the repo).
+fn is_turbo(source: &ModelSource, index_path: &std::path::Path) -> bool {
+    let said = |s: &str| s.to_ascii_lowercase().contains("turbo");
+    source.repo_id().is_some_and(said) || said(&index_path.to_string_lossy())
+}
+
+/// Whether `model_index.json` ships `component` (not `[null, null]`, not missing).
+fn has_component(index: &serde_json::Value, component: &str) -> bool {
+    match index.get(component) {
+        Some(serde_json::Value::Array(pair)) => pair.iter().any(|v| !v.is_null()),
+        _ => false,
+    }
+}
+
+impl Sd3Pipeline {
+    /// Load every component of an SD3 / SD3.5 diffusers folder (local or from the hub cache).
+    pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        let index_path = source.file("model_index.json")?;
+        let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
+        let clip_l = Clip {
+            tokenizer: clip_tokenizer(source, "tokenizer")?,
+            encoder: ClipTextEncoder::load(&weights_dir(source, "text_encoder", "model")?, device, dtype)?,
+            name: "text_encoder",
+        };
+        let clip_g = Clip {
+            tokenizer: clip_tokenizer(source, "tokenizer_2")?,
+            encoder: ClipTextEncoder::load(&weights_dir(source, "text_encoder_2", "model")?, device, dtype)?,
+            name: "text_encoder_2",
+        };
+        let t5 = if has_component(&index, "text_encoder_3") {
+            for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
+                source.try_file(&format!("tokenizer_3/{optional}"))?;
+            }
+            Some(T5 {
+                tokenizer: T5Tokenizer::load(&component_dir(source, "tokenizer_3", &["tokenizer.json"])?)?,
+                encoder: T5TextEncoder::load(&weights_dir(source, "text_encoder_3", "model")?, device, dtype)?,
+            })
+        } else {
+            None
+        };
+
+        let tdir = weights_dir(source, "transformer", "diffusion_pytorch_model")?;
+        let config = MmditConfig::from_file(&tdir.join("config.json"))?;
+        let files = weight_files(&tdir, "diffusion_pytorch_model")?;
+        let transformer = MmditTransformer::new(&config, var_builder(&files, dtype, device)?).map_err(|e| {
+            Error::BadModelFile {
+                path: tdir.display().to_string(),
+                reason: format!("transformer weights do not match config.json: {e}"),
+            }
+        })?;
+
+        let vae = AutoencoderKl::load(&weights_dir(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
+        if vae.config().latent_channels != config.in_channels {
+            return Err(Error::BadModelFile {
+                path: describe(source, "vae"),
+                reason: format!(
+                    "VAE has {} latent channels, the transformer expects {}",
+                    vae.config().latent_channels,
+                    config.in_channels
+                ),
+            });
+        }
+        let scheduler = FlowMatchEulerScheduler::from_config_file(source.file("scheduler/scheduler_config.json")?)?;
+        if scheduler.config().invert_sigmas {
+            return Err(Error::BadModelFile {
+                path: describe(source, "scheduler"),
+                reason: "invert_sigmas is not supported for SD3".into(),
+            });
+        }
+
+        let pipe = Self {
+            clip_l,
+            clip_g,
+            t5,
+            transformer,
+            vae,
+            scheduler,
+            turbo: is_turbo(source, &index_path),
+            device: device.clone(),
+            dtype,
+            warnings: Default::default(),
+        };
+        pipe.check_widths()?;
+        Ok(pipe)
+    }
+
+    /// The text encoders must produce what the transformer consumes.
+    fn check_widths(&self) -> Result<()> {
+        let cfg = self.transformer.config();
+        let proj = |c: &Clip| c.encoder.config().projection_dim.unwrap_or(0);
+        let pooled = proj(&self.clip_l) + proj(&self.clip_g);
+        if pooled != cfg.pooled_projection_dim {
+            return Err(Error::BadModelFile {
+                path: "text_encoder/config.json, text_encoder_2/config.json".into(),
+                reason: format!(
+                    "the CLIP projections give a pooled vector of {pooled}, the transformer expects {}",
+                    cfg.pooled_projection_dim
+                ),
+            });
+        }
+        let clip_width = self.clip_l.encoder.hidden_size() + self.clip_g.encoder.hidden_size();
+        let t5_width = self.t5.as_ref().map_or(cfg.joint_attention_dim, |t| t.encoder.hidden_size());
+        if t5_width != cfg.joint_attention_dim || clip_width > t5_width {
+            return Err(Error::BadModelFile {
+                path: "text_encoder_3/config.json".into(),
+                reason: format!(
+                    "text widths: CLIP-L + CLIP-G {clip_width}, T5 {t5_width}; the transformer's \
+                     joint_attention_dim is {} (CLIP is zero-padded up to the T5 width)",
+                    cfg.joint_attention_dim
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn transformer(&self) -> &MmditTransformer {
+        &self.transformer
+    }
+
+    /// Whether the defaults are the Turbo ones (see the module docs for the rule).
+    pub fn is_turbo(&self) -> bool {
+        self.turbo
+    }
+
+    fn warn(&self, msg: String) {
+        let mut w = self.warnings.borrow_mut();
+        if !w.contains(&msg) {
+            w.push(msg);
+        }
+    }
+
+    fn warn_truncated(&self, what: &str, encoder: &str, limit: usize, t: &TokenizedText) {
+        if t.truncated {
+            self.warn(format!(
+                "the {what} is longer than {encoder}'s {limit} tokens and was truncated; ignored: \"{}\"",
+                t.removed_text.clone().unwrap_or_default()
+            ));
+        }
+    }
+
+    /// `StableDiffusion3Pipeline.encode_prompt` for one prompt. `padded`: CLIP padded to 77
+    /// and T5 to `max_sequence_length` (diffusers); unpadded: CLIP `[BOS, tokens, EOS]` and T5
+    /// `[tokens, </s>]` at their natural lengths (the official VSF pipeline's negative prompt,
+    /// VSF paper 3.4). `what` names the prompt in truncation warnings.
+    pub fn encode_prompt(&self, text: &str, max_sequence_length: usize, padded: bool, what: &str) -> Result<Sd3Text> {
+        let mut states = Vec::new();
+        let mut pooled = Vec::new();
+        for clip in [&self.clip_l, &self.clip_g] {
+            let t = clip.tokenizer.tokenize(text, CLIP_LEN)?;
+            self.warn_truncated(what, "CLIP", CLIP_LEN, &t);
+            let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
+            let out = clip.encoder.encode_ids(ids)?;
+            states.push(out.penultimate_hidden_state);
+            pooled.push(out.text_embeds.ok_or_else(|| Error::BadModelFile {
+                path: clip.name.into(),
+                reason: "SD3 needs CLIPTextModelWithProjection weights (no text_projection found)".into(),
+            })?);
+        }
+        let clip = Tensor::cat(&states, D::Minus1)?;
+        let width = self.transformer.config().joint_attention_dim;
+        let t5 = match &self.t5 {
+            Some(t5) => {
+                let t = t5.tokenizer.tokenize(text, max_sequence_length)?;
+                self.warn_truncated(what, "T5 (max_sequence_length)", max_sequence_length, &t);
+                let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
+                t5.encoder.encode_ids(ids)?
+            }
+            // diffusers: zeros of CLIP's length when the pipeline has no T5.
+            None => Tensor::zeros((1, CLIP_LEN, width), clip.dtype(), &self.device)?,
+        };
+        let clip = clip.pad_with_zeros(D::Minus1, 0, width - clip.dim(D::Minus1)?)?;
+        Ok(Sd3Text {
+            embeds: Tensor::cat(&[&clip, &t5.to_dtype(clip.dtype())?], 1)?.to_dtype(self.dtype)?,
+            pooled: Tensor::cat(&pooled, D::Minus1)?.to_dtype(self.dtype)?,
+        })
+    }
+
+    fn check(&self, req: &GenerateRequest) -> Result<()> {
+        req.guidance.validate()?;
+        let m = req.guidance.method;
+        if m.pag {
+            return Err(Error::invalid(format!(
+                "guidance '{m}' is not available for SD3 (supported: none, nag, nasa, vsf, cfg, cfg+nag, cfg+nasa, cfg+vsf)"
+            )));
+        }
+        let cfg = self.transformer.config();
+        let mult = self.vae.config().downscale_factor() * cfg.patch_size;
+        if req.height == 0 || req.width == 0 || req.height % mult != 0 || req.width % mult != 0 {
+            return Err(Error::invalid(format!(
+                "--height and --width must be positive multiples of {mult} for SD3, got {}x{}",
+                req.height, req.width
+            )));
+        }
+        let max_px = cfg.pos_embed_max_size * mult;
+        if req.height > max_px || req.width > max_px {
+            return Err(Error::invalid(format!(
+                "--height and --width must be at most {max_px} for this model (pos_embed_max_size {}), got {}x{}",
+                cfg.pos_embed_max_size, req.height, req.width
+            )));
+        }
+        if req.steps == 0 {
+            return Err(Error::invalid("--steps must be at least 1"));
+        }
+        if req.max_sequence_length == 0 || req.max_sequence_length > MAX_T5_LEN {
+            return Err(Error::invalid(format!(
+                "--max-sequence-length must be in 1..={MAX_T5_LEN}, got {}",
+                req.max_sequence_length
+            )));
+        }
+        if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
+            return Err(Error::invalid(format!("--guidance-scale must be >= 0, got {}", req.guidance_scale)));
+        }
+        if let Some(init) = &req.init_latents {
+            let f = self.vae.config().downscale_factor();
+            let want = [1, cfg.in_channels, req.height / f, req.width / f];
+            if init.dims() != want {
+                return Err(Error::invalid(format!(
+                    "init latents have shape {:?}, expected {:?} ([1, C, H/{f}, W/{f}] for {}x{})",
+                    init.dims(),
+                    want,
+                    req.height,
+                    req.width
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The CFG scale of a request (module docs): `Some(guidance_scale)` when CFG runs.
+    pub fn cfg_scale(req: &GenerateRequest) -> Option<f64> {
+        (req.guidance.method.cfg && req.guidance_scale > 1.0).then_some(req.guidance_scale)
+    }
+
+    fn warn_unused(&self, req: &GenerateRequest) {
+        let m = req.guidance.method;
+        if m.cfg && req.guidance_scale <= 1.0 {
+            self.warn(format!(
+                "guidance '{m}' asks for CFG but --guidance-scale is {} (CFG runs only above 1, as in diffusers)",
+                req.guidance_scale
+            ));
+        }
+        if !m.cfg && req.guidance_scale > 1.0 {
+            self.warn(format!(
+                "--guidance-scale {} has no effect: guidance '{m}' has no cfg (SD3's CFG scale is the guidance scale)",
+                req.guidance_scale
+            ));
+        }
+        if req.negative_prompt.is_some() && !req.guidance.uses_attention_guidance() && Self::cfg_scale(req).is_none() {
+            self.warn(format!("the negative prompt is unused: guidance '{m}' does not use one"));
+        }
+    }
+
+    fn denoise(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+        self.check(req)?;
+        self.warn_unused(req);
+        let model_cfg = self.transformer.config();
+        let f = self.vae.config().downscale_factor();
+        let (lh, lw) = (req.height / f, req.width / f);
+        let init = match &req.init_latents {
+            Some(t) => t.to_device(&self.device)?,
+            None => gaussian(&[1, model_cfg.in_channels, lh, lw], req.seed, &self.device)?,
+        };
+        let mut x = init.to_dtype(self.dtype)?;
+
+        let g = &req.guidance;
+        let cfg_scale = Self::cfg_scale(req);
+        let attention = if g.uses_attention_guidance() { g.method.attention } else { None };
+        let msl = req.max_sequence_length;
+        let neg_text = req.negative_prompt.as_deref().unwrap_or("");
+        let positive = self.encode_prompt(&req.prompt, msl, true, "prompt")?;
+        let contrast = matches!(attention, Some(AttentionMethod::Nag | AttentionMethod::Nasa));
+        let negative = if cfg_scale.is_some() || contrast {
+            Some(self.encode_prompt(neg_text, msl, true, "negative prompt")?)
+        } else {
+            None
+        };
+        let vsf_negative = if attention == Some(AttentionMethod::Vsf) {
+            Some(self.encode_prompt(neg_text, msl, false, "negative prompt")?)
+        } else {
+            None
+        };
+        // The NAG stream's modulation: positive pooled (official diffusers) or negative (ComfyUI).
+        let nag_pooled = match (g.nag_pooled, &negative) {
+            (NagPooled::Negative, Some(n)) => &n.pooled,
+            _ => &positive.pooled,
+        };
+        // CFG batches [uncond, cond]; built once.
+        let batched = match (&negative, cfg_scale) {
+            (Some(n), Some(_)) => Some(Sd3Text {
+                embeds: Tensor::cat(&[&n.embeds, &positive.embeds], 0)?,
+                pooled: Tensor::cat(&[&n.pooled, &positive.pooled], 0)?,
+            }),
+            _ => None,
+        };
+
+        let image_seq_len = (lh / model_cfg.patch_size) * (lw / model_cfg.patch_size);
+        let sigmas = sd3_sigmas(self.scheduler.config(), self.scheduler.mu(image_seq_len), req.steps)?;
+        let n_train = self.scheduler.config().num_train_timesteps as f32;
+        let total = req.steps;
+        for i in 0..total {
+            // diffusers: timesteps = sigmas * num_train_timesteps in f32, passed to the model as is.
+            let t = sigmas[i] as f32 * n_train;
+            let plan = g.plan_at(t as f64, n_train as f64);
+            let guide = plan.attention;
+            let call = |latents: &Tensor, text: &Sd3Text, guidance: MmditGuidance| -> Result<Tensor> {
+                let b = latents.dim(0)?;
+                let timestep = Tensor::from_vec(vec![t; b], b, &self.device)?;
+                self.transformer.forward(&MmditInputs {
+                    latents,
+                    timestep: &timestep,
+                    context: &text.embeds,
+                    pooled: &text.pooled,
+                    guidance,
+                })
+            };
+            let missing = |what: &str| Error::other(format!("internal: the {what} was not encoded"));
+            let guidance = match &guide {
+                None => MmditGuidance::None,
+                Some(AttentionGuidance::Vsf(params)) => MmditGuidance::Vsf {
+                    params,
+                    negative: &vsf_negative.as_ref().ok_or_else(|| missing("VSF negative prompt"))?.embeds,
+                },
+                Some(other) => MmditGuidance::Contrast {
+                    guide: other,
+                    negative: &negative.as_ref().ok_or_else(|| missing("negative prompt"))?.embeds,
+                    pooled: nag_pooled,
+                },
+            };
+            let v = match cfg_scale {
+                None => call(&x, &positive, guidance)?,
+                Some(scale) => {
+                    let (v_cond, v_uncond) = if let MmditGuidance::Vsf { .. } = guidance {
+                        // VSF lengthens the cond row's context: the uncond pass runs on its own.
+                        let neg = negative.as_ref().ok_or_else(|| missing("negative prompt"))?;
+                        (call(&x, &positive, guidance)?, call(&x, neg, MmditGuidance::None)?)
+                    } else {
+                        let both = batched.as_ref().ok_or_else(|| missing("CFG batch"))?;
+                        let v = call(&Tensor::cat(&[&x, &x], 0)?, both, guidance)?;
+                        (v.narrow(0, 1, 1)?, v.narrow(0, 0, 1)?)
+                    };
+                    cfg(&v_cond, &v_uncond, scale)?
+                }
+            };
+            x = self.scheduler.step(&v, sigmas[i], sigmas[i + 1], &x)?;
+            on_step(StepEvent { index: i, total, timestep: t as f64, attention_guided: guide.is_some(), latents: &x });
+        }
+        Ok(x)
+    }
+}
+
+/// numpy's `linspace(start, stop, n)` (endpoint included, last value exactly `stop`).
+fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
+    if n == 1 {
+        return vec![start];
+    }
+    let step = (stop - start) / (n - 1) as f64;
+    let mut v: Vec<f64> = (0..n).map(|i| i as f64 * step + start).collect();
+    v[n - 1] = stop;
+    v
+}
+
+/// The `steps + 1` sigmas diffusers' `FlowMatchEulerDiscreteScheduler` gives the SD3
+/// pipeline, which passes no sigmas: the scheduler's construction shifts its 1000 training
+/// sigmas (f32) and keeps the extremes; `set_timesteps` then spaces `t` linearly between them
+/// (f64), divides by 1000 and shifts *again* (static `shift`, or the time shift with `mu`),
+/// optionally stretches to `shift_terminal`, rounds to f32 and appends 0. `mu` is only used
+/// with dynamic shifting.
+pub fn sd3_sigmas(config: &FlowMatchEulerConfig, mu: Option<f64>, steps: usize) -> Result<Vec<f64>> {
+    if steps == 0 {
+        return Err(Error::invalid("the number of inference steps must be at least 1"));
+    }
+    let n_train = config.num_train_timesteps;
+    let shift_f32 = |s: f32| -> f32 {
+        let shift = config.shift as f32;
+        shift * s / (1.0 + (config.shift - 1.0) as f32 * s)
+    };
+    // Construction: sigmas = linspace(1, n, n)[::-1] / n (f32), shifted unless dynamic.
+    let (first, last) = (n_train as f32 / n_train as f32, 1.0f32 / n_train as f32);
+    let (sigma_max, sigma_min) = if config.use_dynamic_shifting {
+        (first as f64, last as f64)
+    } else {
+        (shift_f32(first) as f64, shift_f32(last) as f64)
+    };
+    let nt = n_train as f64;
+    let raw: Vec<f64> = np_linspace(sigma_max * nt, sigma_min * nt, steps).into_iter().map(|t| t / nt).collect();
+    let mut sigmas: Vec<f64> = if config.use_dynamic_shifting {
+        let mu = mu.ok_or_else(|| Error::other("dynamic shifting needs mu"))?;
+        let num = if config.time_shift_type == "linear" { mu } else { mu.exp() };
+        raw.iter().map(|&s| num / (num + (1.0 / s - 1.0))).collect()
+    } else {
+        let s = config.shift;
+        raw.iter().map(|&x| s * x / (1.0 + (s - 1.0) * x)).collect()
+    };
+    if let Some(terminal) = config.shift_terminal.filter(|&t| t != 0.0) {
+        let one_minus_last = 1.0 - sigmas[steps - 1];
+        let scale = one_minus_last / (1.0 - terminal);
+        for s in &mut sigmas {
+            *s = 1.0 - (1.0 - *s) / scale;
+        }
+    }
+    Ok(sigmas.into_iter().map(|s| s as f32 as f64).chain(std::iter::once(0.0)).collect())
+}
+
+/// Defaults of an SD3-family model (module docs).
+pub fn sd3_defaults(cfg: &MmditConfig, turbo: bool) -> Defaults {
+    let (steps, guidance_scale): (usize, f64) = if turbo {
+        (8, 0.0)
+    } else if !cfg.dual_attention_layers.is_empty() {
+        (40, 4.5)
+    } else if !cfg.qk_norm() {
+        (28, 7.0)
+    } else {
+        (28, 3.5)
+    };
+    let mut guidance = GuidanceConfig::nag_default();
+    guidance.nag = NagParams { scale: 5.0, tau: 2.5, alpha: 0.125, norm: Default::default() };
+    guidance.method = if turbo { Method::NAG } else { Method::CFG_NAG };
+    // Not used by SD3 (the CFG scale is guidance_scale); kept equal for readers of the config.
+    guidance.true_cfg_scale = guidance_scale.max(1.0);
+    let size = cfg.sample_size * 8;
+    Defaults { steps, guidance_scale, max_sequence_length: 256, height: size, width: size, guidance }
+}
+
+impl TextToImage for Sd3Pipeline {
+    fn defaults(&self) -> Defaults {
+        let mut d = sd3_defaults(self.transformer.config(), self.turbo);
+        let size = self.transformer.config().sample_size * self.vae.config().downscale_factor();
+        d.height = size;
+        d.width = size;
+        d
+    }
+
+    fn validate(&self, req: &GenerateRequest) -> Result<()> {
+        self.check(req)
+    }
+
+    fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+        self.denoise(req, on_step)
+    }
+
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode_latents(latents)
+    }
+
+    fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut self.warnings.borrow_mut())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sd3_scheduler_config() -> FlowMatchEulerConfig {
+        FlowMatchEulerConfig {
+            class_name: Some("FlowMatchEulerDiscreteScheduler".into()),
+            shift: 3.0,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn schedule_matches_diffusers_sd3() {
+        // The fixture's timesteps (tests/fixtures/sd3/README.md): 1000, 857.6923, 602.1506, 8.9286.
+        let s = sd3_sigmas(&sd3_scheduler_config(), None, 4).unwrap();
+        let t: Vec<f32> = s[..4].iter().map(|&x| x as f32 * 1000.0).collect();
+        for (a, b) in t.iter().zip([1000.0f32, 857.6923, 602.1506, 8.9286]) {
+            assert!((a - b).abs() < 1e-3, "{t:?}");
+        }
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[4], 0.0);
+        assert_eq!(sd3_sigmas(&sd3_scheduler_config(), None, 1).unwrap(), vec![1.0, 0.0]);
+        assert!(sd3_sigmas(&sd3_scheduler_config(), None, 0).is_err());
+    }
+
+    #[test]
+    fn numpy_linspace_endpoints() {
+        assert_eq!(np_linspace(0.0, 1.0, 5), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
+        assert_eq!(np_linspace(3.0, 1.0, 1), vec![3.0]);
+    }
+
+    #[test]
+    fn defaults_per_model() {
+        let large: MmditConfig = serde_json::from_str(r#"{"qk_norm": "rms_norm", "num_attention_heads": 38, "caption_projection_dim": 2432}"#).unwrap();
+        let medium35: MmditConfig = serde_json::from_str(r#"{"qk_norm": "rms_norm", "dual_attention_layers": [0, 1], "num_attention_heads": 24, "caption_projection_dim": 1536}"#).unwrap();
+        let medium3: MmditConfig = serde_json::from_str("{}").unwrap();
+        let d = sd3_defaults(&large, true);
+        assert_eq!((d.steps, d.guidance_scale), (8, 0.0));
+        assert_eq!(d.guidance.method, Method::NAG);
+        assert_eq!((d.guidance.nag.scale, d.guidance.nag.tau, d.guidance.nag.alpha), (5.0, 2.5, 0.125));
+        assert_eq!((d.guidance.vsf.scale, d.guidance.vsf.bias), (3.5, 0.1));
+        assert_eq!((sd3_defaults(&large, false).steps, sd3_defaults(&large, false).guidance_scale), (28, 3.5));
+        assert_eq!(sd3_defaults(&medium35, false).guidance_scale, 4.5);
+        assert_eq!(sd3_defaults(&medium3, false).guidance_scale, 7.0);
+        assert_eq!(sd3_defaults(&medium3, false).height, 1024);
+        assert!(sd3_defaults(&large, false).guidance.validate().is_ok());
+    }
+}

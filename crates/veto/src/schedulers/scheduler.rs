@@ -1,0 +1,217 @@
+//! The [`Scheduler`] interface of the UNet-family samplers and [`load_scheduler`], which reads
+//! `scheduler_config.json` and builds the scheduler its `_class_name` names.
+//!
+//! A scheduler is a small state machine used as diffusers' pipelines use theirs:
+//! `set_timesteps(n)`, then per step `scale_model_input(x)` -> model -> `step(out, x)`.
+//! Stochastic samplers (LCM, TCD, DDIM with eta > 0) draw their noise from a caller-provided
+//! [`NoiseSource`], so runs are reproducible and tests can replay the reference noise.
+
+use std::collections::VecDeque;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::discrete::PredictionType;
+use crate::error::{Error, Result};
+
+/// Where stochastic schedulers take their Gaussian noise from.
+pub trait NoiseSource {
+    fn sample(&mut self, shape: &[usize], device: &Device) -> Result<Tensor>;
+}
+
+/// Seeded standard normal noise: draw `k` uses a seed derived from `(seed, k)`, so it never
+/// repeats the initial latents drawn with `seed` itself.
+#[derive(Debug, Clone)]
+pub struct SeededNoise {
+    seed: u64,
+    draws: u64,
+}
+
+impl SeededNoise {
+    pub fn new(seed: u64) -> Self {
+        Self { seed, draws: 0 }
+    }
+}
+
+impl NoiseSource for SeededNoise {
+    fn sample(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.draws += 1;
+        let derived = self.seed ^ self.draws.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        Ok(crate::pipelines::noise::gaussian(shape, derived, device)?)
+    }
+}
+
+/// Replays given tensors in order (reference noise in tests); an error when they run out.
+#[derive(Debug, Clone, Default)]
+pub struct FixedNoise {
+    queue: VecDeque<Tensor>,
+}
+
+impl FixedNoise {
+    pub fn new(tensors: impl IntoIterator<Item = Tensor>) -> Self {
+        Self { queue: tensors.into_iter().collect() }
+    }
+}
+
+impl NoiseSource for FixedNoise {
+    fn sample(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = self
+            .queue
+            .pop_front()
+            .ok_or_else(|| Error::invalid("the scheduler asked for more noise tensors than were given"))?;
+        if t.dims() != shape {
+            return Err(Error::invalid(format!(
+                "given noise has shape {:?}, the scheduler needs {shape:?}",
+                t.dims()
+            )));
+        }
+        Ok(t.to_device(device)?)
+    }
+}
+
+/// For deterministic schedulers: any request for noise is an error.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoNoise;
+
+impl NoiseSource for NoNoise {
+    fn sample(&mut self, _shape: &[usize], _device: &Device) -> Result<Tensor> {
+        Err(Error::invalid("this scheduler step needs noise but none was provided"))
+    }
+}
+
+/// A UNet-family sampler (diffusers semantics, one instance per generation: it keeps state).
+pub trait Scheduler: Send {
+    /// diffusers' class name (`EulerDiscreteScheduler`, ...).
+    fn class_name(&self) -> &'static str;
+    fn prediction_type(&self) -> PredictionType;
+    /// The training timesteps (1000 for every SD model).
+    fn num_train_timesteps(&self) -> usize;
+    /// Prepare `steps` steps; resets the state.
+    fn set_timesteps(&mut self, steps: usize) -> Result<()>;
+    /// Use explicit timesteps instead (DMD2: `[999, 749, 499, 249]` with LCM); resets the state.
+    /// Schedulers without that option in diffusers return an error.
+    fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
+        let _ = timesteps;
+        Err(Error::invalid(format!("{} does not take custom timesteps", self.class_name())))
+    }
+    /// The `eta` step argument of DDIM and TCD (diffusers pipelines pass it to every scheduler
+    /// whose `step` takes one, and default it to 0.0); other schedulers ignore it.
+    fn set_eta(&mut self, eta: f64) -> Result<()> {
+        let _ = eta;
+        Ok(())
+    }
+    /// The timesteps the model is called with, one per step (EDM: `0.25 ln sigma`).
+    fn timesteps(&self) -> &[f64];
+    /// Noise levels `steps + 1` long (the last is the final one), for sigma-based samplers.
+    fn sigmas(&self) -> Option<&[f64]> {
+        None
+    }
+    /// Standard deviation of the initial noise (multiplies unit Gaussian latents).
+    fn init_noise_sigma(&self) -> f64;
+    /// The index of the next step.
+    fn step_index(&self) -> usize;
+    /// The model input at the current step (identity for most samplers).
+    fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor>;
+    /// One step from `sample` with the model's output; advances the step index.
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
+    /// Step `i`'s position on the 0..=`num_train_timesteps` scale, for the guidance window
+    /// (the timestep itself for discrete samplers).
+    fn window_time(&self, i: usize) -> f64 {
+        self.timesteps()[i]
+    }
+    /// A fresh copy with the same config.
+    fn clone_box(&self) -> Box<dyn Scheduler>;
+}
+
+impl Clone for Box<dyn Scheduler> {
+    fn clone(&self) -> Self {
+        self.clone_box()
+    }
+}
+
+/// The schedulers [`load_scheduler`] knows.
+pub const SUPPORTED: [&str; 7] = [
+    "EulerDiscreteScheduler",
+    "LCMScheduler",
+    "DDIMScheduler",
+    "TCDScheduler",
+    "DPMSolverMultistepScheduler",
+    "EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler",
+];
+
+/// Read `scheduler_config.json` and build the scheduler its `_class_name` names.
+pub fn load_scheduler(path: impl AsRef<Path>) -> Result<Box<dyn Scheduler>> {
+    let path = path.as_ref();
+    let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
+        what: format!("cannot read scheduler config ({e})"),
+        path: path.display().to_string(),
+    })?;
+    scheduler_from_json(&text).map_err(|e| match e {
+        Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
+        other => other,
+    })
+}
+
+/// As [`load_scheduler`], from the JSON text.
+pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| super::discrete::bad(format!("not valid JSON: {e}")))?;
+    let class = json
+        .get("_class_name")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| super::discrete::bad(format!("no \"_class_name\" (supported: {})", SUPPORTED.join(", "))))?;
+    Ok(match class {
+        "EulerDiscreteScheduler" => Box::new(super::euler_discrete::EulerDiscreteScheduler::from_value(json)?),
+        "LCMScheduler" => Box::new(super::lcm::LcmScheduler::from_value(json)?),
+        "DDIMScheduler" => Box::new(super::ddim::DdimScheduler::from_value(json)?),
+        "TCDScheduler" => Box::new(super::tcd::TcdScheduler::from_value(json)?),
+        "DPMSolverMultistepScheduler" => {
+            Box::new(super::dpm_solver_multistep::DpmSolverMultistepScheduler::from_value(json)?)
+        }
+        "EDMEulerScheduler" => Box::new(super::edm::EdmEulerScheduler::from_value(json)?),
+        "EDMDPMSolverMultistepScheduler" => Box::new(super::edm::EdmDpmSolverMultistepScheduler::from_value(json)?),
+        other => {
+            return Err(super::discrete::bad(format!(
+                "scheduler '{other}' is not supported (supported: {})",
+                SUPPORTED.join(", ")
+            )))
+        }
+    })
+}
+
+/// Deserialize a config value, naming the scheduler class in errors.
+pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(json: serde_json::Value, class: &str) -> Result<T> {
+    serde_json::from_value(json).map_err(|e| super::discrete::bad(format!("{class}: {e}")))
+}
+
+/// `sum_i c_i x_i` in f32 (diffusers steps in float32), each term cast to f32 first.
+pub(crate) fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
+    let mut acc: Option<Tensor> = None;
+    for &(c, x) in terms {
+        let term = x.to_dtype(DType::F32)?.affine(c, 0.0)?;
+        acc = Some(match acc {
+            None => term,
+            Some(a) => (a + term)?,
+        });
+    }
+    acc.ok_or_else(|| Error::other("empty linear combination"))
+}
+
+/// Check the model output against the sample before a step.
+pub(crate) fn check_step_inputs(class: &str, model_output: &Tensor, sample: &Tensor, index: usize, steps: usize) -> Result<()> {
+    if steps == 0 {
+        return Err(Error::invalid(format!("{class}: call set_timesteps before step")));
+    }
+    if index >= steps {
+        return Err(Error::invalid(format!("{class}: all {steps} steps are done")));
+    }
+    if model_output.dims() != sample.dims() {
+        return Err(Error::invalid(format!(
+            "{class}: model output shape {:?} differs from sample shape {:?}",
+            model_output.dims(),
+            sample.dims()
+        )));
+    }
+    Ok(())
+}
