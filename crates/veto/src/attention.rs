@@ -10,11 +10,52 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+/// Largest score matrix (elements) materialised at once; longer query sequences are processed
+/// in row chunks so 1024x1024 images (4096+ tokens) do not need gigabytes of scores per layer.
+const MAX_SCORE_ELEMENTS: usize = 1 << 26;
+
+/// Query rows per chunk for `b*h` heads over `k_len` keys.
+fn query_chunk(q: &Tensor, k_len: usize) -> Result<usize> {
+    let (b, h, q_len, _) = q.dims4()?;
+    let per_row = (b * h * k_len).max(1);
+    Ok((MAX_SCORE_ELEMENTS / per_row).clamp(1, q_len.max(1)))
+}
+
+/// Run `f` over query row chunks and concatenate the results along the query axis.
+fn over_query_chunks<T>(
+    q: &Tensor,
+    k_len: usize,
+    mut f: impl FnMut(&Tensor) -> Result<T>,
+    mut join: impl FnMut(Vec<T>) -> Result<T>,
+) -> Result<T> {
+    let q_len = q.dim(2)?;
+    let chunk = query_chunk(q, k_len)?;
+    if chunk >= q_len {
+        return f(q);
+    }
+    let mut parts = Vec::with_capacity(q_len.div_ceil(chunk));
+    let mut start = 0;
+    while start < q_len {
+        let len = chunk.min(q_len - start);
+        parts.push(f(&q.narrow(2, start, len)?)?);
+        start += len;
+    }
+    join(parts)
+}
+
 /// Plain softmax attention: `softmax(q k^T * scale) v`.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-    probs.matmul(&v.contiguous()?)
+    let k_t = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    over_query_chunks(
+        q,
+        k.dim(2)?,
+        |q| {
+            let scores = (q.contiguous()?.matmul(&k_t)? * scale)?;
+            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
+        },
+        |parts| Tensor::cat(&parts, 2),
+    )
 }
 
 /// Attention over one key block, kept mergeable: the block-normalised output and the
@@ -32,7 +73,22 @@ pub fn attend_block(
     scale: f64,
     bias: Option<f64>,
 ) -> Result<BlockAttention> {
-    let mut scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let k_t = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    over_query_chunks(
+        q,
+        k.dim(2)?,
+        |q| attend_chunk(q, &k_t, &v, scale, bias),
+        |parts| {
+            let outs: Vec<&Tensor> = parts.iter().map(|p| &p.out).collect();
+            let lses: Vec<&Tensor> = parts.iter().map(|p| &p.lse).collect();
+            Ok(BlockAttention { out: Tensor::cat(&outs, 2)?, lse: Tensor::cat(&lses, 2)? })
+        },
+    )
+}
+
+fn attend_chunk(q: &Tensor, k_t: &Tensor, v: &Tensor, scale: f64, bias: Option<f64>) -> Result<BlockAttention> {
+    let mut scores = (q.contiguous()?.matmul(k_t)? * scale)?;
     if let Some(b) = bias {
         scores = (scores + b)?;
     }
@@ -42,7 +98,7 @@ pub fn attend_block(
     let sum = e.sum_keepdim(D::Minus1)?;
     let lse = (max + sum.log()?)?;
     let probs = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
-    let out = probs.matmul(&v.contiguous()?)?;
+    let out = probs.matmul(v)?;
     Ok(BlockAttention { out, lse })
 }
 
@@ -125,6 +181,23 @@ mod tests {
         let b2 = attend_block(&q, &k, &v2, 1.0, None).unwrap();
         let m = merge_blocks(&[&b1, &b2]).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         assert!((m[0] - 0.75).abs() < 1e-6);
+    }
+
+    #[test]
+    fn chunked_queries_equal_unchunked() {
+        let dev = Device::Cpu;
+        // 1 x 1 x 9000 x 8000 scores exceed MAX_SCORE_ELEMENTS, forcing several chunks.
+        let q = Tensor::randn(0f32, 1.0, (1, 1, 9000, 4), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1.0, (1, 1, 8000, 4), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1.0, (1, 1, 8000, 4), &dev).unwrap();
+        assert!(query_chunk(&q, 8000).unwrap() < 9000);
+        let chunked = sdpa(&q, &k, &v, 0.5).unwrap();
+        let probe = q.narrow(2, 8990, 10).unwrap();
+        let direct = sdpa(&probe, &k, &v, 0.5).unwrap();
+        assert!(max_diff(&chunked.narrow(2, 8990, 10).unwrap(), &direct) < 1e-5);
+        let block = attend_block(&q, &k, &v, 0.5, None).unwrap();
+        assert_eq!(block.lse.dims(), &[1, 1, 9000, 1]);
+        assert!(max_diff(&block.out, &chunked) < 1e-5);
     }
 
     #[test]

@@ -73,8 +73,6 @@ fn parent(p: &std::path::Path) -> PathBuf {
     p.parent().map(|d| d.to_path_buf()).unwrap_or_default()
 }
 
-}
-
 impl FluxPipeline {
     /// Load every component of a Flux diffusers folder (local or from the hub cache).
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {

@@ -78,9 +78,10 @@ pub fn load(
     let class = json.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
     match class {
         "FluxPipeline" => Ok(Box::new(flux::FluxPipeline::load(source, device, dtype)?)),
+        "StableDiffusion3Pipeline" => Ok(Box::new(sd3::Sd3Pipeline::load(source, device, dtype)?)),
         other => Err(crate::Error::BadModelFile {
             path: index.display().to_string(),
-            reason: format!("pipeline '{other}' is not supported (supported: FluxPipeline)"),
+            reason: format!("pipeline '{other}' is not supported (supported: FluxPipeline, StableDiffusion3Pipeline)"),
         }),
     }
 }

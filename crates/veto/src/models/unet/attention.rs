@@ -1,0 +1,340 @@
+//! diffusers' `Transformer2DModel` / `BasicTransformerBlock` of the UNet, with the guidance
+//! hooks:
+//!
+//! - `attn1` (self-attention): on the PAG rows of the selected layers the attention map is the
+//!   identity, so the output is `to_out(to_v(x))` (diffusers' `PAGIdentitySelfAttnProcessor`).
+//! - `attn2` (cross-attention): on the guided rows the same image queries also attend the
+//!   negative text. NAG/NASA merge `Z+` and `Z-` (heads merged, before `to_out`) through
+//!   [`AttentionGuidance::combine`]; VSF attends one softmax over the positive keys and the
+//!   negative keys with values `-alpha V-` and logits `- beta`, computed as two key blocks merged
+//!   by log-sum-exp ([`crate::attention::merge_blocks`]), never as a dense concatenation.
+//!
+//! The image side is never tiled: every row of the batch runs the trunk once.
+
+use std::ops::Range;
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, split_heads};
+use crate::guidance::AttentionGuidance;
+
+/// Attention guidance on some rows of the batch (the conditional row).
+#[derive(Clone, Copy)]
+pub struct RowGuidance<'a> {
+    /// Rows of the batch the guidance applies to.
+    pub rows: Range<usize>,
+    /// The negative context of those rows, `[rows.len(), T-, cross_dim]`.
+    pub negative: &'a Tensor,
+    pub method: &'a AttentionGuidance,
+}
+
+/// PAG: rows whose selected self-attention layers become identity.
+#[derive(Clone, Copy)]
+pub struct Perturbation<'a> {
+    pub rows: Range<usize>,
+    pub layers: &'a super::PagLayers,
+}
+
+/// What a transformer block needs besides its input.
+#[derive(Clone, Copy)]
+pub struct BlockContext<'a> {
+    /// `[B, T, cross_dim]`, one context per row.
+    pub context: &'a Tensor,
+    pub guidance: Option<RowGuidance<'a>>,
+    pub perturbation: Option<Perturbation<'a>>,
+}
+
+/// Replace rows `range` of `full` by `rows`.
+pub(crate) fn splice_rows(full: &Tensor, range: &Range<usize>, rows: &Tensor) -> Result<Tensor> {
+    let b = full.dim(0)?;
+    let mut parts = Vec::with_capacity(3);
+    if range.start > 0 {
+        parts.push(full.narrow(0, 0, range.start)?);
+    }
+    parts.push(rows.clone());
+    if range.end < b {
+        parts.push(full.narrow(0, range.end, b - range.end)?);
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// One attention module (`to_q`, `to_k`, `to_v` without bias, `to_out.0` with bias).
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+    /// Module path, e.g. `mid_block.attentions.0.transformer_blocks.0.attn1` (PAG selection).
+    name: String,
+}
+
+impl Attention {
+    fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        upcast: bool,
+        name: String,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            heads,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            upcast,
+            name,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// `softmax(q k^T / sqrt(d)) v`, in f32 when `upcast_attention` asks for it.
+    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        if self.upcast && q.dtype() != DType::F32 {
+            let dtype = q.dtype();
+            sdpa(&q.to_dtype(DType::F32)?, &k.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, self.scale)?
+                .to_dtype(dtype)
+        } else {
+            sdpa(q, k, v, self.scale)
+        }
+    }
+
+    /// Heads-merged attention output (before `to_out`) of `x` over `context`.
+    fn z(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        merge_heads(&self.attend(&q, &k, &v)?)
+    }
+
+    /// Self-attention, with the identity map on the perturbed rows when this layer is selected.
+    pub fn forward_self(&self, x: &Tensor, perturbation: Option<Perturbation>) -> Result<Tensor> {
+        let ptb = perturbation.filter(|p| p.layers.contains(&self.name) && !p.rows.is_empty());
+        let Some(p) = ptb else {
+            return self.to_out.forward(&self.z(x, x)?);
+        };
+        let b = x.dim(0)?;
+        // Identity attention: the output of each token is its own value.
+        let identity = self.to_v.forward(&x.narrow(0, p.rows.start, p.rows.len())?)?;
+        let mut parts = Vec::with_capacity(3);
+        if p.rows.start > 0 {
+            let before = x.narrow(0, 0, p.rows.start)?;
+            parts.push(self.z(&before, &before)?);
+        }
+        parts.push(identity);
+        if p.rows.end < b {
+            let after = x.narrow(0, p.rows.end, b - p.rows.end)?;
+            parts.push(self.z(&after, &after)?);
+        }
+        self.to_out.forward(&Tensor::cat(&parts, 0)?)
+    }
+
+    /// Cross-attention over `context`, guided on `guidance.rows` by the negative context.
+    pub fn forward_cross(&self, x: &Tensor, context: &Tensor, guidance: Option<RowGuidance>) -> Result<Tensor> {
+        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
+        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
+        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
+        let Some(g) = guidance.filter(|g| !g.rows.is_empty()) else {
+            return self.to_out.forward(&merge_heads(&self.attend(&q, &k, &v)?)?);
+        };
+        let (start, len) = (g.rows.start, g.rows.len());
+        if g.negative.dim(0)? != len {
+            candle_core::bail!(
+                "{}: negative context has batch {}, the guided rows are {:?}",
+                self.name,
+                g.negative.dim(0)?,
+                g.rows
+            );
+        }
+        let qg = q.narrow(0, start, len)?;
+        let kn = split_heads(&self.to_k.forward(g.negative)?, self.heads)?;
+        let vn = split_heads(&self.to_v.forward(g.negative)?, self.heads)?;
+        let guided = match g.method {
+            AttentionGuidance::Vsf(p) => {
+                // One softmax over [K+ ; K-] with values [V+ ; -alpha V-] and bias -beta on the
+                // negative logits (VSF eq. 6), as two merged key blocks.
+                let pos = attend_block(&qg, &k.narrow(0, start, len)?, &v.narrow(0, start, len)?, self.scale, None)?;
+                let neg = attend_block(&qg, &kn, &(vn * -p.scale)?, self.scale, Some(-p.bias))?;
+                merge_heads(&merge_blocks(&[&pos, &neg])?)?
+            }
+            other => {
+                let z_pos = merge_heads(&self.attend(&qg, &k.narrow(0, start, len)?, &v.narrow(0, start, len)?)?)?;
+                let z_neg = merge_heads(&self.attend(&qg, &kn, &vn)?)?;
+                other.combine(&z_pos, &z_neg)?
+            }
+        };
+        let b = x.dim(0)?;
+        let z = if len == b {
+            guided
+        } else {
+            // The other rows attend the positive context only.
+            let mut parts = Vec::with_capacity(3);
+            if start > 0 {
+                parts.push(merge_heads(&self.attend(&q.narrow(0, 0, start)?, &k.narrow(0, 0, start)?, &v.narrow(0, 0, start)?)?)?);
+            }
+            parts.push(guided);
+            let end = start + len;
+            if end < b {
+                let n = b - end;
+                parts.push(merge_heads(&self.attend(&q.narrow(0, end, n)?, &k.narrow(0, end, n)?, &v.narrow(0, end, n)?)?)?);
+            }
+            Tensor::cat(&parts, 0)?
+        };
+        self.to_out.forward(&z)
+    }
+}
+
+/// `GEGLU` feed-forward: `Linear(dim, 2 inner)`, `a * gelu(b)` (exact GELU), `Linear(inner, dim)`.
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            proj_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
+            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.proj_in.forward(x)?;
+        let parts = h.chunk(2, D::Minus1)?;
+        self.proj_out.forward(&(&parts[0] * parts[1].gelu_erf()?)?)
+    }
+}
+
+/// `BasicTransformerBlock` (layer-norm variant): self-attention, cross-attention, GEGLU.
+pub struct TransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl TransformerBlock {
+    fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        let x = (self.attn1.forward_self(&self.norm1.forward(x)?, ctx.perturbation)? + x)?;
+        let x = (self.attn2.forward_cross(&self.norm2.forward(&x)?, ctx.context, ctx.guidance)? + &x)?;
+        self.ff.forward(&self.norm3.forward(&x)?)? + &x
+    }
+
+    pub fn self_attention_name(&self) -> &str {
+        self.attn1.name()
+    }
+}
+
+/// The input/output projection: a linear layer on tokens or a 1x1 convolution on the map.
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+/// `Transformer2DModel` (continuous input): GroupNorm, projection in, blocks, projection out,
+/// residual.
+pub struct SpatialTransformer {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<TransformerBlock>,
+    proj_out: Projection,
+}
+
+/// Everything a [`SpatialTransformer`] is built from.
+pub struct TransformerSpec {
+    pub channels: usize,
+    pub heads: usize,
+    pub layers: usize,
+    pub cross_attention_dim: usize,
+    pub norm_num_groups: usize,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+    /// Module path of this transformer, e.g. `down_blocks.1.attentions.0`.
+    pub name: String,
+}
+
+impl SpatialTransformer {
+    pub fn new(spec: &TransformerSpec, vb: VarBuilder) -> Result<Self> {
+        let c = spec.channels;
+        if spec.heads == 0 || c % spec.heads != 0 {
+            candle_core::bail!("{}: {} channels do not split into {} heads", spec.name, c, spec.heads);
+        }
+        let head_dim = c / spec.heads;
+        let proj = |name: &str, vb: &VarBuilder| -> Result<Projection> {
+            Ok(if spec.use_linear_projection {
+                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+            } else {
+                Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?)
+            })
+        };
+        let blocks = (0..spec.layers)
+            .map(|i| {
+                let bvb = vb.pp(format!("transformer_blocks.{i}"));
+                let base = format!("{}.transformer_blocks.{i}", spec.name);
+                Ok(TransformerBlock {
+                    norm1: candle_nn::layer_norm(c, 1e-5, bvb.pp("norm1"))?,
+                    attn1: Attention::new(c, c, spec.heads, head_dim, spec.upcast_attention, format!("{base}.attn1"), bvb.pp("attn1"))?,
+                    norm2: candle_nn::layer_norm(c, 1e-5, bvb.pp("norm2"))?,
+                    attn2: Attention::new(
+                        c,
+                        spec.cross_attention_dim,
+                        spec.heads,
+                        head_dim,
+                        spec.upcast_attention,
+                        format!("{base}.attn2"),
+                        bvb.pp("attn2"),
+                    )?,
+                    norm3: candle_nn::layer_norm(c, 1e-5, bvb.pp("norm3"))?,
+                    ff: FeedForward::new(c, bvb.pp("ff"))?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            norm: candle_nn::group_norm(spec.norm_num_groups, c, 1e-6, vb.pp("norm"))?,
+            proj_in: proj("proj_in", &vb)?,
+            blocks,
+            proj_out: proj("proj_out", &vb)?,
+        })
+    }
+
+    pub fn blocks(&self) -> &[TransformerBlock] {
+        &self.blocks
+    }
+
+    /// `x`: `[B, C, H, W]`.
+    pub fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        let residual = x;
+        let x = self.norm.forward(&x.contiguous()?)?;
+        let to_tokens = |t: &Tensor| t.permute((0, 2, 3, 1))?.reshape((b, h * w, c));
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&x)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&x)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, ctx)?;
+        }
+        let to_map = |t: &Tensor| t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous();
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
+            Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
+        };
+        out + residual
+    }
+}
