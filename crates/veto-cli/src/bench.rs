@@ -6,23 +6,39 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use std::time::Instant;
+use veto::guidance::vsf::VsfParams;
 use veto::guidance::{cfg::cfg, AttentionGuidance, NagNorm, NagParams};
+use veto::models::mmdit::{MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Family {
+    /// FLUX.1 width: 3072 = 24 heads x 128; none / NAG / CFG.
+    Flux,
+    /// SD3.5-Large width: 2432 = 38 heads x 64; none / NAG / VSF / CFG.
+    Sd3,
+}
+
 #[derive(Args)]
 pub struct BenchArgs {
+    /// Which transformer family to time.
+    #[arg(long, value_enum, default_value = "flux")]
+    pub family: Family,
     /// Image sizes (square, pixels) to time.
     #[arg(long, value_delimiter = ',', default_value = "256,512")]
     pub sizes: Vec<usize>,
-    /// Double (MMDiT) blocks; the real model has 19.
+    /// Flux double (MMDiT) blocks; the real model has 19.
     #[arg(long, default_value_t = 1)]
     pub double_blocks: usize,
-    /// Single blocks; the real model has 38 (keep the real 1:2 ratio for representative ratios).
+    /// Flux single blocks; the real model has 38 (keep the real 1:2 ratio for representative ratios).
     #[arg(long, default_value_t = 2)]
     pub single_blocks: usize,
-    /// T5 tokens (schnell's default 256).
+    /// SD3 joint blocks; SD3.5-Large has 38 (the last one is context-pre-only).
+    #[arg(long, default_value_t = 2)]
+    pub sd3_blocks: usize,
+    /// T5 tokens (Flux-schnell and SD3 default 256).
     #[arg(long, default_value_t = 256)]
     pub text_len: usize,
     /// Timed repetitions per method (after one warm-up).
@@ -74,7 +90,80 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let device = device(a.device)?;
     let dtype: DType = dtype(a.dtype);
-    let model_cfg = config(&a);
+    match a.family {
+        Family::Flux => run_flux(&a, &device, dtype),
+        Family::Sd3 => run_sd3(&a, &device, dtype),
+    }
+}
+
+fn pct(x: f64, base: f64) -> f64 {
+    (x / base - 1.0) * 100.0
+}
+
+/// SD3.5-Large at reduced depth: none / NAG / VSF / CFG (CFG batched [uncond, cond] as diffusers).
+fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
+    if a.sd3_blocks == 0 {
+        bail!("--sd3-blocks must be at least 1");
+    }
+    let model_cfg: MmditConfig = serde_json::from_value(serde_json::json!({
+        "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16,
+        "num_layers": a.sd3_blocks, "attention_head_dim": 64, "num_attention_heads": 38,
+        "joint_attention_dim": 4096, "caption_projection_dim": 2432, "pooled_projection_dim": 2048,
+        "pos_embed_max_size": 192, "qk_norm": "rms_norm"
+    }))?;
+    let varmap = candle_nn::VarMap::new();
+    let model = MmditTransformer::new(&model_cfg, candle_nn::VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let ctx_len = 77 + a.text_len;
+    let randn = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?) };
+    let context = randn(&[1, ctx_len, 4096])?;
+    let neg_context = randn(&[1, ctx_len, 4096])?;
+    // VSF's negative prompt is unpadded: a few CLIP tokens plus a few T5 tokens.
+    let vsf_negative = randn(&[1, 16, 4096])?;
+    let pooled = randn(&[1, 2048])?;
+    let both_context = Tensor::cat(&[&neg_context, &context], 0)?;
+    let both_pooled = Tensor::cat(&[&pooled, &pooled], 0)?;
+    let nag = AttentionGuidance::Nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.125, norm: NagNorm::L1 });
+    let vsf = VsfParams::default();
+    println!(
+        "SD3.5-Large MMDiT, random weights, width 2432 (38 heads x 64), {} blocks, {} context tokens, {:?} on {:?}",
+        a.sd3_blocks, ctx_len, dtype, device
+    );
+    println!("one denoising step, median of {} runs\n", a.iters);
+    println!("{:>6} {:>12} {:>18} {:>18} {:>18}", "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)");
+    for &size in &a.sizes {
+        let x = randn(&[1, 16, size / 8, size / 8])?;
+        let x2 = Tensor::cat(&[&x, &x], 0)?;
+        let t = Tensor::new(&[750f32], device)?.to_dtype(dtype)?;
+        let t2 = Tensor::new(&[750f32, 750.0], device)?.to_dtype(dtype)?;
+        let call = |latents: &Tensor, t: &Tensor, context: &Tensor, pooled: &Tensor, guidance: MmditGuidance| {
+            model.forward(&MmditInputs { latents, timestep: t, context, pooled, guidance })
+        };
+        let none = time_ms(a.iters, device, || Ok(call(&x, &t, &context, &pooled, MmditGuidance::None)?))?;
+        let nag_ms = time_ms(a.iters, device, || {
+            let g = MmditGuidance::Contrast { guide: &nag, negative: &neg_context, pooled: &pooled };
+            Ok(call(&x, &t, &context, &pooled, g)?)
+        })?;
+        let vsf_ms = time_ms(a.iters, device, || {
+            let g = MmditGuidance::Vsf { params: &vsf, negative: &vsf_negative };
+            Ok(call(&x, &t, &context, &pooled, g)?)
+        })?;
+        let cfg_ms = time_ms(a.iters, device, || {
+            let v = call(&x2, &t2, &both_context, &both_pooled, MmditGuidance::None)?;
+            Ok(cfg(&v.narrow(0, 1, 1)?, &v.narrow(0, 0, 1)?, 4.5)?)
+        })?;
+        println!(
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
+            size, none, nag_ms, pct(nag_ms, none), vsf_ms, pct(vsf_ms, none), cfg_ms, pct(cfg_ms, none)
+        );
+    }
+    println!("\nPapers: NAG Table 4 (SD3.5-Large, A100, full depth) NAG +43%, CFG +95% per step;");
+    println!("VSF Table 2 (SD3.5-Large-Turbo, 8 steps) baseline 2.14 s, NAG 2.98 s (+39%), VSF 3.00 s (+40%).");
+    Ok(())
+}
+
+fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
+    let device = device.clone();
+    let model_cfg = config(a);
     let varmap = candle_nn::VarMap::new();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &device);
     let model = FluxTransformer::new(&model_cfg, vb)?;
@@ -122,9 +211,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
             size,
             none,
             nag_ms,
-            (nag_ms / none - 1.0) * 100.0,
+            pct(nag_ms, none),
             cfg_ms,
-            (cfg_ms / none - 1.0) * 100.0
+            pct(cfg_ms, none)
         );
     }
     println!("\nPaper (NAG Table 4, Flux, A100, full depth): NAG +87%, CFG +100% per step.");

@@ -34,7 +34,7 @@ pub struct GenerateArgs {
     /// What it should not show (NAG/NASA: the negative attention context; CFG: the negative pass).
     #[arg(long)]
     pub negative_prompt: Option<String>,
-    /// Guidance method: nag, nasa, vsf, cfg, cfg+nag, cfg+pag+nag, ... or none [default: nag with a negative prompt, else none].
+    /// Guidance method: nag, nasa, vsf, cfg, cfg+nag, cfg+pag+nag, ... or none [default: the model's (Flux: nag) with a negative prompt, else none/cfg].
     #[arg(long)]
     pub guidance: Option<String>,
     /// NAG scale s = phi + 1 (paper: phi, eq. 7); 1 turns NAG off [default: per model, Flux 5].
@@ -52,28 +52,28 @@ pub struct GenerateArgs {
     /// Early stopping theta (paper appendix G): guide while t >= (1 - nag_end) * 1000; 1 = every step.
     #[arg(long, default_value_t = 1.0)]
     pub nag_end: f64,
-    /// NASA scale phi (paper eq. 5: Z = Z+ - phi Z-).
-    #[arg(long, default_value_t = 0.5)]
-    pub nasa_scale: f64,
+    /// NASA scale phi (paper eq. 5: Z = Z+ - phi Z-) [default: 0.5].
+    #[arg(long)]
+    pub nasa_scale: Option<f64>,
     /// Flux: CFG scale with the negative prompt (diffusers true_cfg_scale; paper eq. 3 phi = scale - 1).
     #[arg(long, default_value_t = 4.0)]
     pub true_cfg_scale: f64,
-    /// VSF scale alpha (VSF paper: negative values times -alpha) [default: 3.5].
-    #[arg(long, default_value_t = 3.5)]
-    pub vsf_scale: f64,
-    /// VSF bias beta (VSF paper: -beta on image -> flipped-negative logits) [default: 0.1].
-    #[arg(long, default_value_t = 0.1)]
-    pub vsf_bias: f64,
+    /// VSF scale alpha (VSF paper: negative values times -alpha) [default: per model, SD3.5 3.5].
+    #[arg(long)]
+    pub vsf_scale: Option<f64>,
+    /// VSF bias beta (VSF paper: -beta on image -> flipped-negative logits) [default: per model, SD3.5 0.1].
+    #[arg(long)]
+    pub vsf_bias: Option<f64>,
     /// VSF token layout: paper (as the paper describes) or official (as the official SD3 pipeline runs).
     #[arg(long, default_value = "paper")]
     pub vsf_layout: String,
-    /// PAG scale s (perturbed-attention guidance: + s (eps - eps_perturbed)).
-    #[arg(long, default_value_t = 3.0)]
-    pub pag_scale: f64,
+    /// PAG scale s (perturbed-attention guidance: + s (eps - eps_perturbed)) [default: 3].
+    #[arg(long)]
+    pub pag_scale: Option<f64>,
     /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).
     #[arg(long, default_value = "positive")]
     pub nag_pooled: String,
-    /// The pipeline's guidance_scale: for Flux the embedded guidance of FLUX.1-dev [default: dev 3.5, schnell 0].
+    /// The pipeline's guidance_scale as diffusers means it: Flux-dev's embedded guidance; SD3/SDXL's CFG scale [default: per model].
     #[arg(long)]
     pub guidance_scale: Option<f64>,
     /// Denoising steps [default: schnell 4, dev 25].
@@ -128,10 +128,11 @@ pub fn dtype(arg: DtypeArg) -> DType {
 
 /// The guidance request: the flags over the model's defaults.
 fn guidance_config(a: &GenerateArgs, defaults: &GuidanceConfig) -> Result<GuidanceConfig> {
+    // Without --guidance: the model's default method; its attention part needs a negative prompt.
     let method = match &a.guidance {
         Some(g) => g.parse::<Method>()?,
-        None if a.negative_prompt.is_some() => Method::NAG,
-        None => Method::NONE,
+        None if a.negative_prompt.is_some() => defaults.method,
+        None => Method { attention: None, ..defaults.method },
     };
     let mut cfg = defaults.clone();
     cfg.method = method;
@@ -140,12 +141,12 @@ fn guidance_config(a: &GenerateArgs, defaults: &GuidanceConfig) -> Result<Guidan
     cfg.nag.alpha = a.nag_alpha.unwrap_or(defaults.nag.alpha);
     cfg.nag.norm = a.nag_norm.parse::<NagNorm>().map_err(anyhow::Error::msg).context("--nag-norm")?;
     cfg.nag_end = a.nag_end;
-    cfg.nasa_scale = a.nasa_scale;
+    cfg.nasa_scale = a.nasa_scale.unwrap_or(defaults.nasa_scale);
     cfg.true_cfg_scale = a.true_cfg_scale;
-    cfg.vsf.scale = a.vsf_scale;
-    cfg.vsf.bias = a.vsf_bias;
+    cfg.vsf.scale = a.vsf_scale.unwrap_or(defaults.vsf.scale);
+    cfg.vsf.bias = a.vsf_bias.unwrap_or(defaults.vsf.bias);
     cfg.vsf.layout = a.vsf_layout.parse::<VsfLayout>().map_err(anyhow::Error::msg).context("--vsf-layout")?;
-    cfg.pag_scale = a.pag_scale;
+    cfg.pag_scale = a.pag_scale.unwrap_or(defaults.pag_scale);
     cfg.nag_pooled = match a.nag_pooled.to_ascii_lowercase().as_str() {
         "positive" => NagPooled::Positive,
         "negative" => NagPooled::Negative,

@@ -94,25 +94,23 @@ fn expect_failure(extra: &[&str], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
     let model = fixtures().join("schnell");
-    let mut args = vec![
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--prompt",
-        "a cat",
-        "--negative-prompt",
-        "glasses",
-        "--steps",
-        "1",
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--max-sequence-length",
-        "16",
-        "--output",
-        out.to_str().unwrap(),
+    // Base flags as (flag, value) pairs; a flag given in `extra` replaces its base value.
+    let base = [
+        ("--model", model.to_str().unwrap()),
+        ("--prompt", "a cat"),
+        ("--negative-prompt", "glasses"),
+        ("--steps", "1"),
+        ("--height", "64"),
+        ("--width", "64"),
+        ("--max-sequence-length", "16"),
+        ("--output", out.to_str().unwrap()),
     ];
+    let mut args = vec!["generate"];
+    for (flag, value) in base {
+        if !extra.contains(&flag) {
+            args.extend([flag, value]);
+        }
+    }
     args.extend_from_slice(extra);
     let o = veto(&args);
     let stderr = String::from_utf8_lossy(&o.stderr);

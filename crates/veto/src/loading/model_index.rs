@@ -14,13 +14,20 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 
 /// Pipeline classes this crate can run.
-pub const SUPPORTED_PIPELINES: &[&str] = &["FluxPipeline"];
+pub const SUPPORTED_PIPELINES: &[&str] =
+    &["FluxPipeline", "StableDiffusion3Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"];
 
 /// The model families behind [`SUPPORTED_PIPELINES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PipelineKind {
     /// `FluxPipeline`: FLUX.1 [dev] / [schnell] and their fine-tunes.
     Flux,
+    /// `StableDiffusion3Pipeline`: SD3 / SD3.5 (MMDiT, MMDiT-X).
+    StableDiffusion3,
+    /// `StableDiffusionPipeline`: SD1.5-style UNets.
+    StableDiffusion,
+    /// `StableDiffusionXLPipeline`: SDXL and its few-step descendants.
+    StableDiffusionXl,
 }
 
 /// One component entry: `[library, class]`, either of which may be null.
@@ -83,6 +90,9 @@ impl ModelIndex {
         };
         let kind = match pipeline_class.as_str() {
             "FluxPipeline" => PipelineKind::Flux,
+            "StableDiffusion3Pipeline" => PipelineKind::StableDiffusion3,
+            "StableDiffusionPipeline" => PipelineKind::StableDiffusion,
+            "StableDiffusionXLPipeline" => PipelineKind::StableDiffusionXl,
             other => {
                 return Err(bad(format!(
                     "unsupported pipeline {other:?}; supported: {}",
@@ -259,12 +269,12 @@ mod tests {
 
     #[test]
     fn unknown_pipeline_lists_supported() {
-        let json = r#"{"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+        let json = r#"{"_class_name": "KandinskyV22Pipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                        "force_zeros_for_empty_prompt": true}"#;
         let err = ModelIndex::from_json(json, "x/model_index.json")
             .unwrap_err()
             .to_string();
-        assert!(err.contains("StableDiffusionXLPipeline"), "{err}");
+        assert!(err.contains("KandinskyV22Pipeline"), "{err}");
         assert!(err.contains("FluxPipeline"), "{err}");
         assert!(err.contains("x/model_index.json"), "{err}");
     }

@@ -3,3 +3,4 @@
 pub mod vae;
 pub mod flux;
 pub mod mmdit;
+pub mod unet;

@@ -5,7 +5,8 @@
 use crate::error::{Error, Result};
 use crate::guidance::{cfg::cfg, AttentionMethod, GuidanceConfig, GuidancePlan};
 use crate::loading::model_source::ModelSource;
-use crate::loading::safetensors_files::{read_json, var_builder};
+use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
+use crate::loading::safetensors_files::var_builder;
 use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
@@ -14,7 +15,6 @@ use crate::schedulers::flow_match_euler::FlowMatchEulerScheduler;
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use candle_core::{DType, Device, Tensor};
-use std::path::PathBuf;
 
 /// CLIP always sees 77 tokens in Flux.
 const CLIP_LEN: usize = 77;
@@ -34,68 +34,16 @@ pub struct FluxPipeline {
     warnings: std::cell::RefCell<Vec<String>>,
 }
 
-/// Resolve every file a component folder needs, returning the folder.
-fn component_dir(source: &ModelSource, component: &str, files: &[&str]) -> Result<PathBuf> {
-    let mut dir = None;
-    for f in files {
-        let p = source.file(&format!("{component}/{f}"))?;
-        dir = p.parent().map(|d| d.to_path_buf());
-    }
-    dir.ok_or_else(|| Error::other(format!("no files requested for {component}")))
-}
-
-/// Resolve a component's weights: a single safetensors file or an index and its shards.
-fn weights_dir(source: &ModelSource, component: &str, stem: &str) -> Result<PathBuf> {
-    let single = format!("{component}/{stem}.safetensors");
-    if let Some(p) = source.try_file(&single)? {
-        return Ok(parent(&p));
-    }
-    let index_rel = format!("{component}/{stem}.safetensors.index.json");
-    let index = source.try_file(&index_rel)?.ok_or_else(|| Error::MissingFile {
-        what: format!("the model has neither {single} nor {index_rel}"),
-        path: source.describe(component),
-    })?;
-    let json: serde_json::Value = read_json(&index, "weights index")?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadModelFile {
-        path: index.display().to_string(),
-        reason: "no \"weight_map\" object".into(),
-    })?;
-    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
-    shards.sort_unstable();
-    shards.dedup();
-    for shard in shards {
-        source.file(&format!("{component}/{shard}"))?;
-    }
-    Ok(parent(&index))
-}
-
-fn parent(p: &std::path::Path) -> PathBuf {
-    p.parent().map(|d| d.to_path_buf()).unwrap_or_default()
-}
-
 impl FluxPipeline {
     /// Load every component of a Flux diffusers folder (local or from the hub cache).
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
-        let clip_dir = match source.try_file("tokenizer/tokenizer.json")? {
-            Some(p) => parent(&p),
-            None => component_dir(source, "tokenizer", &["vocab.json", "merges.txt"])?,
-        };
-        for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
-            source.try_file(&format!("tokenizer/{optional}"))?;
-            source.try_file(&format!("tokenizer_2/{optional}"))?;
-        }
-        let clip_tokenizer = ClipTokenizer::load(&clip_dir)?;
-        let t5_tok_dir = component_dir(source, "tokenizer_2", &["tokenizer.json"])?;
-        let t5_tokenizer = T5Tokenizer::load(&t5_tok_dir)?;
-
-        component_dir(source, "text_encoder", &["config.json"])?;
+        let clip_tokenizer = clip_tokenizer(source, "tokenizer")?;
+        let t5_tokenizer = T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer_2")?)?;
         let clip = ClipTextEncoder::load(&weights_dir(source, "text_encoder", "model")?, device, dtype)?;
-        component_dir(source, "text_encoder_2", &["config.json"])?;
         let t5 = T5TextEncoder::load(&weights_dir(source, "text_encoder_2", "model")?, device, dtype)?;
 
-        let tdir = component_dir(source, "transformer", &["config.json"])?;
-        let config = FluxConfig::from_file(&tdir.join("config.json"))?;
         let tdir = weights_dir(source, "transformer", "diffusion_pytorch_model")?;
+        let config = FluxConfig::from_file(&tdir.join("config.json"))?;
         let files = crate::loading::safetensors_files::weight_files(&tdir, "diffusion_pytorch_model")?;
         let vb = var_builder(&files, dtype, device)?;
         let transformer = FluxTransformer::new(&config, vb).map_err(|e| Error::BadModelFile {
@@ -103,7 +51,6 @@ impl FluxPipeline {
             reason: format!("transformer weights do not match config.json: {e}"),
         })?;
 
-        component_dir(source, "vae", &["config.json"])?;
         let vae = AutoencoderKl::load(&weights_dir(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
         if vae.config().latent_channels != config.latent_channels() {
             return Err(Error::BadModelFile {

@@ -4,6 +4,7 @@
 pub mod flux;
 pub mod noise;
 pub mod sd3;
+pub mod sdxl;
 
 use crate::error::Result;
 use crate::guidance::GuidanceConfig;
@@ -79,9 +80,14 @@ pub fn load(
     match class {
         "FluxPipeline" => Ok(Box::new(flux::FluxPipeline::load(source, device, dtype)?)),
         "StableDiffusion3Pipeline" => Ok(Box::new(sd3::Sd3Pipeline::load(source, device, dtype)?)),
+        "StableDiffusionPipeline" | "StableDiffusionXLPipeline" => {
+            Ok(Box::new(sdxl::StableDiffusionPipeline::load(source, device, dtype)?))
+        }
         other => Err(crate::Error::BadModelFile {
             path: index.display().to_string(),
-            reason: format!("pipeline '{other}' is not supported (supported: FluxPipeline, StableDiffusion3Pipeline)"),
+            reason: format!(
+                "pipeline '{other}' is not supported (supported: FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)"
+            ),
         }),
     }
 }

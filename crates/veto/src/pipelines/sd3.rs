@@ -22,6 +22,7 @@
 
 use crate::error::{Error, Result};
 use crate::guidance::{cfg::cfg, AttentionGuidance, AttentionMethod, GuidanceConfig, Method, NagParams, NagPooled};
+use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::mmdit::{MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
@@ -33,7 +34,6 @@ use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use crate::text::TokenizedText;
 use candle_core::{DType, Device, Tensor, D};
-use std::path::PathBuf;
 
 /// CLIP's context length (`tokenizer_max_length` in diffusers).
 const CLIP_LEN: usize = 77;
@@ -73,62 +73,6 @@ pub struct Sd3Pipeline {
     warnings: std::cell::RefCell<Vec<String>>,
 }
 
-/// Where a component lives, for error messages.
-fn describe(source: &ModelSource, component: &str) -> String {
-    match (source.root(), source.repo_id()) {
-        (Some(root), _) => root.join(component).display().to_string(),
-        (None, Some(repo)) => format!("{repo}/{component}"),
-        _ => component.to_string(),
-    }
-}
-
-/// Fetch the listed files of a component (local or from the hub cache); returns its folder.
-fn component_dir(source: &ModelSource, component: &str, files: &[&str]) -> Result<PathBuf> {
-    let mut dir = None;
-    for f in files {
-        let p = source.file(&format!("{component}/{f}"))?;
-        dir = p.parent().map(|d| d.to_path_buf());
-    }
-    dir.ok_or_else(|| Error::other(format!("no files requested for {component}")))
-}
-
-/// Fetch a component's config and weights (one safetensors file, or an index and its shards).
-fn weights_dir(source: &ModelSource, component: &str, stem: &str) -> Result<PathBuf> {
-    component_dir(source, component, &["config.json"])?;
-    if let Some(p) = source.try_file(&format!("{component}/{stem}.safetensors"))? {
-        return Ok(p.parent().map(|d| d.to_path_buf()).unwrap_or_default());
-    }
-    let index = source.try_file(&format!("{component}/{stem}.safetensors.index.json"))?.ok_or_else(|| {
-        Error::MissingFile {
-            what: format!("no {stem}.safetensors or {stem}.safetensors.index.json for {component}"),
-            path: describe(source, component),
-        }
-    })?;
-    let json: serde_json::Value = read_json(&index, "weights index")?;
-    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadModelFile {
-        path: index.display().to_string(),
-        reason: "no \"weight_map\" object".into(),
-    })?;
-    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
-    shards.sort_unstable();
-    shards.dedup();
-    for shard in shards {
-        source.file(&format!("{component}/{shard}"))?;
-    }
-    Ok(index.parent().map(|d| d.to_path_buf()).unwrap_or_default())
-}
-
-/// A CLIP tokenizer folder: vocab.json + merges.txt or tokenizer.json, plus the optional
-/// special-token files (tokenizer_2's pad token "!" is declared there).
-fn clip_tokenizer(source: &ModelSource, component: &str) -> Result<ClipTokenizer> {
-    for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
-        source.try_file(&format!("{component}/{optional}"))?;
-    }
-    let dir = component_dir(source, component, &["vocab.json", "merges.txt"])
-        .or_else(|_| component_dir(source, component, &["tokenizer.json"]))?;
-    ClipTokenizer::load(&dir)
-}
-
 /// The Turbo rule of the module docs: "turbo" in the repo id or in the path of the model's
 /// files (local folder, or the hub cache folder named after the repo).
 fn is_turbo(source: &ModelSource, index_path: &std::path::Path) -> bool {
@@ -164,7 +108,7 @@ impl Sd3Pipeline {
                 source.try_file(&format!("tokenizer_3/{optional}"))?;
             }
             Some(T5 {
-                tokenizer: T5Tokenizer::load(&component_dir(source, "tokenizer_3", &["tokenizer.json"])?)?,
+                tokenizer: T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer_3")?)?,
                 encoder: T5TextEncoder::load(&weights_dir(source, "text_encoder_3", "model")?, device, dtype)?,
             })
         } else {
@@ -184,7 +128,7 @@ impl Sd3Pipeline {
         let vae = AutoencoderKl::load(&weights_dir(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
         if vae.config().latent_channels != config.in_channels {
             return Err(Error::BadModelFile {
-                path: describe(source, "vae"),
+                path: source.describe("vae"),
                 reason: format!(
                     "VAE has {} latent channels, the transformer expects {}",
                     vae.config().latent_channels,
@@ -195,7 +139,7 @@ impl Sd3Pipeline {
         let scheduler = FlowMatchEulerScheduler::from_config_file(source.file("scheduler/scheduler_config.json")?)?;
         if scheduler.config().invert_sigmas {
             return Err(Error::BadModelFile {
-                path: describe(source, "scheduler"),
+                path: source.describe("scheduler"),
                 reason: "invert_sigmas is not supported for SD3".into(),
             });
         }
@@ -317,7 +261,7 @@ impl Sd3Pipeline {
         }
         let cfg = self.transformer.config();
         let mult = self.vae.config().downscale_factor() * cfg.patch_size;
-        if req.height == 0 || req.width == 0 || req.height % mult != 0 || req.width % mult != 0 {
+        if req.height == 0 || req.width == 0 || !req.height.is_multiple_of(mult) || !req.width.is_multiple_of(mult) {
             return Err(Error::invalid(format!(
                 "--height and --width must be positive multiples of {mult} for SD3, got {}x{}",
                 req.height, req.width
@@ -507,7 +451,8 @@ pub fn sd3_sigmas(config: &FlowMatchEulerConfig, mu: Option<f64>, steps: usize) 
         shift * s / (1.0 + (config.shift - 1.0) as f32 * s)
     };
     // Construction: sigmas = linspace(1, n, n)[::-1] / n (f32), shifted unless dynamic.
-    let (first, last) = (n_train as f32 / n_train as f32, 1.0f32 / n_train as f32);
+    // Its first training sigma is n / n = 1 exactly, its last 1 / n in f32.
+    let (first, last) = (1.0f32, 1.0f32 / n_train as f32);
     let (sigma_max, sigma_min) = if config.use_dynamic_shifting {
         (first as f64, last as f64)
     } else {
@@ -609,6 +554,19 @@ mod tests {
     fn numpy_linspace_endpoints() {
         assert_eq!(np_linspace(0.0, 1.0, 5), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
         assert_eq!(np_linspace(3.0, 1.0, 1), vec![3.0]);
+    }
+
+    #[test]
+    fn turbo_is_read_from_the_location() {
+        let root = tempfile::tempdir().unwrap();
+        for (name, turbo) in [("stable-diffusion-3.5-large-Turbo", true), ("stable-diffusion-3.5-large", false)] {
+            let dir = root.path().join(name);
+            std::fs::create_dir(&dir).unwrap();
+            let index = dir.join("model_index.json");
+            std::fs::write(&index, r#"{"_class_name": "StableDiffusion3Pipeline"}"#).unwrap();
+            let source = ModelSource::local(&dir).unwrap();
+            assert_eq!(is_turbo(&source, &index), turbo, "{name}");
+        }
     }
 
     #[test]

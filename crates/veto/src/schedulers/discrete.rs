@@ -75,7 +75,13 @@ pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
     (0..n)
-        .map(|i| if i < half { start + step * i as f32 } else { end - step * (n - i - 1) as f32 })
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (n - i - 1) as f32
+            }
+        })
         .collect()
 }
 
@@ -88,7 +94,9 @@ pub fn linspace_f64(start: f64, stop: f64, n: usize) -> Vec<f64> {
         return vec![start];
     }
     let step = (stop - start) / (n - 1) as f64;
-    (0..n).map(|i| if i == n - 1 { stop } else { start + i as f64 * step }).collect()
+    (0..n)
+        .map(|i| if i == n - 1 { stop } else { start + i as f64 * step })
+        .collect()
 }
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform (Nichol & Dhariwal).
@@ -159,7 +167,11 @@ impl BetaConfig {
         if betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(bad("betas must lie in [0, 1)".to_string()));
         }
-        Ok(if self.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas })
+        Ok(if self.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        })
     }
 
     /// `alphas_cumprod[t]` for every training timestep (f32 values as f64). With zero-SNR
@@ -185,6 +197,12 @@ pub fn train_sigmas(alphas_cumprod: &[f64]) -> Vec<f64> {
             f64::from(((1.0 - a) / a).sqrt())
         })
         .collect()
+}
+
+/// `np.log` of the (float32) training sigmas: the logs are float32 too, which decides on which
+/// side of a table entry a Karras sigma falls in [`sigma_to_t`].
+pub fn log_sigmas(train_sigmas: &[f64]) -> Vec<f64> {
+    train_sigmas.iter().map(|&s| f64::from((s as f32).ln())).collect()
 }
 
 /// numpy's `interp(x, arange(len(ys)), ys)` (clamped at both ends).
@@ -235,12 +253,18 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
 /// Karras et al. (2022) noise levels from `sigma_max` down to `sigma_min` (numpy, f64).
 pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize, rho: f64) -> Vec<f64> {
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    linspace_f64(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
+    linspace_f64(0.0, 1.0, n)
+        .into_iter()
+        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
+        .collect()
 }
 
 /// Exponentially spaced noise levels from `sigma_max` down to `sigma_min` (numpy, f64).
 pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
-    linspace_f64(sigma_max.ln(), sigma_min.ln(), n).into_iter().map(f64::exp).collect()
+    linspace_f64(sigma_max.ln(), sigma_min.ln(), n)
+        .into_iter()
+        .map(f64::exp)
+        .collect()
 }
 
 /// `n` timesteps out of `num_train` by `spacing` (descending), as diffusers' Euler/DDIM do:
@@ -259,7 +283,10 @@ pub fn spaced_timesteps(spacing: TimestepSpacing, num_train: usize, n: usize, st
         }
         TimestepSpacing::Trailing => {
             let ratio = num_train as f64 / n as f64;
-            arange_desc(num_train as f64, ratio).into_iter().map(|t| round_half_even(t) - 1.0).collect()
+            arange_desc(num_train as f64, ratio)
+                .into_iter()
+                .map(|t| round_half_even(t) - 1.0)
+                .collect()
         }
     }
 }
@@ -288,7 +315,10 @@ pub fn f32r(x: f64) -> f64 {
 /// A config problem, attributed to `scheduler_config.json` (callers with the real path
 /// replace it).
 pub fn bad(reason: impl Into<String>) -> Error {
-    Error::BadModelFile { path: "scheduler_config.json".to_string(), reason: reason.into() }
+    Error::BadModelFile {
+        path: "scheduler_config.json".to_string(),
+        reason: reason.into(),
+    }
 }
 
 /// Reject `thresholding: true` and similar switches we do not implement, naming the key.
@@ -303,7 +333,9 @@ pub fn reject_if(flag: bool, key: &str, class: &str) -> Result<()> {
 /// Check `num_inference_steps` against the training timesteps.
 pub fn check_steps(steps: usize, num_train: usize, class: &str) -> Result<()> {
     if steps == 0 {
-        return Err(Error::invalid(format!("{class}: the number of steps must be at least 1")));
+        return Err(Error::invalid(format!(
+            "{class}: the number of steps must be at least 1"
+        )));
     }
     if steps > num_train {
         return Err(Error::invalid(format!(
@@ -326,7 +358,9 @@ pub fn check_custom_timesteps(ts: &[f64], num_train: usize, class: &str) -> Resu
             )));
         }
         if i > 0 && t >= ts[i - 1] {
-            return Err(Error::invalid(format!("{class}: custom timesteps must be in descending order, got {ts:?}")));
+            return Err(Error::invalid(format!(
+                "{class}: custom timesteps must be in descending order, got {ts:?}"
+            )));
         }
         out.push(t as usize);
     }
@@ -369,11 +403,23 @@ mod tests {
 
     #[test]
     fn spacings() {
-        assert_eq!(spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 0), vec![999.0, 749.0, 499.0, 249.0]);
-        assert_eq!(spaced_timesteps(TimestepSpacing::Leading, 1000, 4, 1), vec![751.0, 501.0, 251.0, 1.0]);
-        assert_eq!(spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0), vec![999.0, 666.0, 333.0, 0.0]);
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 0),
+            vec![999.0, 749.0, 499.0, 249.0]
+        );
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Leading, 1000, 4, 1),
+            vec![751.0, 501.0, 251.0, 1.0]
+        );
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0),
+            vec![999.0, 666.0, 333.0, 0.0]
+        );
         // trailing with a non-integer ratio: np.arange(1000, 0, -1000/3).round() - 1
-        assert_eq!(spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0), vec![999.0, 666.0, 332.0]);
+        assert_eq!(
+            spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0),
+            vec![999.0, 666.0, 332.0]
+        );
     }
 
     #[test]

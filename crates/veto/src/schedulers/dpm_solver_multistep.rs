@@ -65,6 +65,7 @@ pub struct DpmSolverMultistepConfig {
     pub use_lu_lambdas: Option<bool>,
     pub use_flow_sigmas: Option<bool>,
     pub final_sigmas_type: FinalSigmas,
+    #[serde(deserialize_with = "super::scheduler::non_finite_f64")]
     pub lambda_min_clipped: f64,
     pub variance_type: Option<String>,
     pub timestep_spacing: TimestepSpacing,
@@ -138,7 +139,16 @@ impl Multistep {
         euler_at_final: bool,
         final_sigma_zero: bool,
     ) -> Self {
-        Self { order, algorithm, solver_type, lower_order_final, euler_at_final, final_sigma_zero, outputs: Vec::new(), lower_order_nums: 0 }
+        Self {
+            order,
+            algorithm,
+            solver_type,
+            lower_order_final,
+            euler_at_final,
+            final_sigma_zero,
+            outputs: Vec::new(),
+            lower_order_nums: 0,
+        }
     }
 
     pub fn reset(&mut self) {
@@ -147,11 +157,17 @@ impl Multistep {
     }
 
     fn is_data_prediction(&self) -> bool {
-        matches!(self.algorithm, Algorithm::DpmSolverPlusPlus | Algorithm::SdeDpmSolverPlusPlus)
+        matches!(
+            self.algorithm,
+            Algorithm::DpmSolverPlusPlus | Algorithm::SdeDpmSolverPlusPlus
+        )
     }
 
     fn is_sde(&self) -> bool {
-        matches!(self.algorithm, Algorithm::SdeDpmSolverPlusPlus | Algorithm::SdeDpmSolver)
+        matches!(
+            self.algorithm,
+            Algorithm::SdeDpmSolverPlusPlus | Algorithm::SdeDpmSolver
+        )
     }
 
     /// One step at `index` of `n`, with the converted model output `converted`.
@@ -172,7 +188,11 @@ impl Multistep {
         if self.outputs.len() > self.order {
             self.outputs.remove(0);
         }
-        let z = if self.is_sde() { Some(noise.sample(sample.dims(), sample.device())?) } else { None };
+        let z = if self.is_sde() {
+            Some(noise.sample(sample.dims(), sample.device())?)
+        } else {
+            None
+        };
         let sample = lincomb(&[(1.0, sample)])?;
         let prev = if self.order == 1 || self.lower_order_nums < 1 || lower_final {
             self.first_order(&sample, index, levels, z.as_ref())?
@@ -210,7 +230,13 @@ impl Multistep {
         }
     }
 
-    fn second_order(&self, x: &Tensor, i: usize, levels: &dyn Fn(usize) -> Level, z: Option<&Tensor>) -> Result<Tensor> {
+    fn second_order(
+        &self,
+        x: &Tensor,
+        i: usize,
+        levels: &dyn Fn(usize) -> Level,
+        z: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let (t, s0, s1) = (levels(i + 1), levels(i), levels(i - 1));
         let (lt, l0, l1) = (t.lambda(), s0.lambda(), s1.lambda());
         let (h, h0) = (lt - l0, l0 - l1);
@@ -334,7 +360,11 @@ pub struct DpmSolverMultistepScheduler {
 impl DpmSolverMultistepScheduler {
     pub fn new(config: DpmSolverMultistepConfig) -> Result<Self> {
         reject_if(config.thresholding, "thresholding", CLASS)?;
-        reject_if(config.use_exponential_sigmas.unwrap_or(false), "use_exponential_sigmas", CLASS)?;
+        reject_if(
+            config.use_exponential_sigmas.unwrap_or(false),
+            "use_exponential_sigmas",
+            CLASS,
+        )?;
         reject_if(config.use_beta_sigmas.unwrap_or(false), "use_beta_sigmas", CLASS)?;
         reject_if(config.use_lu_lambdas.unwrap_or(false), "use_lu_lambdas", CLASS)?;
         reject_if(config.use_flow_sigmas.unwrap_or(false), "use_flow_sigmas", CLASS)?;
@@ -343,12 +373,21 @@ impl DpmSolverMultistepScheduler {
             "variance_type (learned)",
             CLASS,
         )?;
-        reject_if(config.algorithm_type == Algorithm::SdeDpmSolver, "algorithm_type sde-dpmsolver", CLASS)?;
+        reject_if(
+            config.algorithm_type == Algorithm::SdeDpmSolver,
+            "algorithm_type sde-dpmsolver",
+            CLASS,
+        )?;
         if !(1..=3).contains(&config.solver_order) {
-            return Err(bad(format!("{CLASS}: solver_order must be 1, 2 or 3, got {}", config.solver_order)));
+            return Err(bad(format!(
+                "{CLASS}: solver_order must be 1, 2 or 3, got {}",
+                config.solver_order
+            )));
         }
         if config.algorithm_type == Algorithm::SdeDpmSolverPlusPlus && config.solver_order == 3 {
-            return Err(bad(format!("{CLASS}: sde-dpmsolver++ with solver_order 3 is not supported")));
+            return Err(bad(format!(
+                "{CLASS}: sde-dpmsolver++ with solver_order 3 is not supported"
+            )));
         }
         if config.algorithm_type == Algorithm::DpmSolver && config.final_sigmas_type == FinalSigmas::Zero {
             return Err(bad(format!(
@@ -405,7 +444,10 @@ impl DpmSolverMultistepScheduler {
     fn level(&self, k: usize) -> Level {
         let s = self.sigmas[k] as f32;
         let alpha = 1.0 / (s * s + 1.0).sqrt();
-        Level { alpha, sigma: s * alpha }
+        Level {
+            alpha,
+            sigma: s * alpha,
+        }
     }
 
     fn finish(&mut self, timesteps: Vec<f64>, mut sigmas: Vec<f64>) {
@@ -458,19 +500,26 @@ impl Scheduler for DpmSolverMultistepScheduler {
             }
         };
         let sigmas: Vec<f64> = if c.use_karras_sigmas.unwrap_or(false) {
-            let logs: Vec<f64> = self.train_sigmas.iter().map(|s| s.ln()).collect();
+            let logs: Vec<f64> = super::discrete::log_sigmas(&self.train_sigmas);
             let n = self.train_sigmas.len();
             let sig = karras_sigmas(self.train_sigmas[0], self.train_sigmas[n - 1], steps, 7.0);
             timesteps = sig
                 .iter()
                 .map(|&s| {
                     let t = sigma_to_t(s, &logs);
-                    if c.beta_schedule == BetaSchedule::SquaredcosCapV2 { t.floor() } else { round_half_even(t) }
+                    if c.beta_schedule == BetaSchedule::SquaredcosCapV2 {
+                        t.floor()
+                    } else {
+                        round_half_even(t)
+                    }
                 })
                 .collect();
             sig
         } else {
-            timesteps.iter().map(|&t| super::discrete::interp_index(t, &self.train_sigmas)).collect()
+            timesteps
+                .iter()
+                .map(|&t| super::discrete::interp_index(t, &self.train_sigmas))
+                .collect()
         };
         // diffusers casts the timesteps to int64 (truncating Karras' fractional ones for the
         // cosine schedule).
@@ -480,10 +529,15 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
         if self.config.use_karras_sigmas.unwrap_or(false) {
-            return Err(Error::invalid(format!("{CLASS}: custom timesteps do not combine with Karras sigmas")));
+            return Err(Error::invalid(format!(
+                "{CLASS}: custom timesteps do not combine with Karras sigmas"
+            )));
         }
         super::discrete::check_custom_timesteps(timesteps, self.config.num_train_timesteps, CLASS)?;
-        let sigmas = timesteps.iter().map(|&t| super::discrete::interp_index(t, &self.train_sigmas)).collect();
+        let sigmas = timesteps
+            .iter()
+            .map(|&t| super::discrete::interp_index(t, &self.train_sigmas))
+            .collect();
         self.finish(timesteps.to_vec(), sigmas);
         Ok(())
     }
@@ -508,7 +562,9 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let n = self.timesteps.len();
         let i = self.step_index;
         check_step_inputs(CLASS, model_output, sample, i, n)?;
-        let converted = self.solver.convert(self.config.prediction_type, self.level(i), model_output, sample)?;
+        let converted = self
+            .solver
+            .convert(self.config.prediction_type, self.level(i), model_output, sample)?;
         let table: Vec<Level> = (0..=n).map(|k| self.level(k)).collect();
         let prev = self.solver.step(converted, sample, i, n, &|k| table[k], noise)?;
         self.step_index += 1;

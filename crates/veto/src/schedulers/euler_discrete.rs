@@ -11,8 +11,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 use super::discrete::{
-    bad, check_steps, exponential_sigmas, f32r, interp_index, karras_sigmas, reject_if, sigma_to_t,
-    spaced_timesteps, train_sigmas, BetaConfig, BetaSchedule, FinalSigmas, PredictionType, TimestepSpacing,
+    bad, check_steps, exponential_sigmas, f32r, interp_index, karras_sigmas, reject_if, sigma_to_t, spaced_timesteps,
+    train_sigmas, BetaConfig, BetaSchedule, FinalSigmas, PredictionType, TimestepSpacing,
 };
 use super::scheduler::{check_step_inputs, lincomb, parse_config, NoiseSource, Scheduler};
 use crate::error::{Error, Result};
@@ -98,7 +98,9 @@ impl EulerDiscreteScheduler {
         let exponential = config.use_exponential_sigmas.unwrap_or(false);
         reject_if(config.use_beta_sigmas.unwrap_or(false), "use_beta_sigmas", CLASS)?;
         if karras && exponential {
-            return Err(bad(format!("{CLASS}: use_karras_sigmas and use_exponential_sigmas are exclusive")));
+            return Err(bad(format!(
+                "{CLASS}: use_karras_sigmas and use_exponential_sigmas are exclusive"
+            )));
         }
         let betas = BetaConfig {
             num_train_timesteps: config.num_train_timesteps,
@@ -109,7 +111,13 @@ impl EulerDiscreteScheduler {
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         };
         let train_sigmas = train_sigmas(&betas.alphas_cumprod(true)?);
-        Ok(Self { config, train_sigmas, timesteps: Vec::new(), sigmas: Vec::new(), step_index: 0 })
+        Ok(Self {
+            config,
+            train_sigmas,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            step_index: 0,
+        })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {
@@ -149,14 +157,19 @@ impl Scheduler for EulerDiscreteScheduler {
             .into_iter()
             .map(f32r)
             .collect();
-        let log_sigmas: Vec<f64> = self.train_sigmas.iter().map(|s| s.ln()).collect();
+        let log_sigmas: Vec<f64> = super::discrete::log_sigmas(&self.train_sigmas);
         let mut sigmas: Vec<f64> = match c.interpolation_type {
             Interpolation::Linear => timesteps.iter().map(|&t| interp_index(t, &self.train_sigmas)).collect(),
             Interpolation::LogLinear => {
-                // torch.linspace(log(sigma_min_train), log(sigma_max_train), n + 1).exp(), in f32
-                let lo = self.train_sigmas[0].ln() as f32;
-                let hi = self.train_sigmas[n_train - 1].ln() as f32;
-                super::discrete::linspace_f32(lo, hi, steps + 1).into_iter().map(|l| f64::from(l.exp())).collect()
+                // torch.linspace(log(sigma_max_train), log(sigma_min_train), n + 1).exp(), in f32.
+                // diffusers keeps all n + 1 (so the last step ends at the smallest training sigma,
+                // not at the final sigma appended below); so do we.
+                let hi = (self.train_sigmas[n_train - 1] as f32).ln();
+                let lo = (self.train_sigmas[0] as f32).ln();
+                super::discrete::linspace_f32(hi, lo, steps + 1)
+                    .into_iter()
+                    .map(|l| f64::from(l.exp()))
+                    .collect()
             }
         };
         let mut timesteps = timesteps;
@@ -165,18 +178,24 @@ impl Scheduler for EulerDiscreteScheduler {
         if karras || exponential {
             let lo = c.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let hi = c.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = if karras { karras_sigmas(lo, hi, steps, 7.0) } else { exponential_sigmas(lo, hi, steps) };
+            sigmas = if karras {
+                karras_sigmas(lo, hi, steps, 7.0)
+            } else {
+                exponential_sigmas(lo, hi, steps)
+            };
             timesteps = sigmas.iter().map(|&s| f32r(sigma_to_t(s, &log_sigmas))).collect();
         }
         let last = match c.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
             FinalSigmas::SigmaMin => self.train_sigmas[0],
         };
-        sigmas.truncate(steps);
         sigmas.push(last);
         let sigmas: Vec<f64> = sigmas.into_iter().map(f32r).collect();
         if self.continuous() {
-            timesteps = sigmas[..steps].iter().map(|&s| f32r(0.25 * (s as f32).ln() as f64)).collect();
+            timesteps = sigmas[..steps]
+                .iter()
+                .map(|&s| f32r(0.25 * (s as f32).ln() as f64))
+                .collect();
         }
         self.timesteps = timesteps;
         self.sigmas = sigmas;
@@ -186,13 +205,20 @@ impl Scheduler for EulerDiscreteScheduler {
 
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
         if self.config.use_karras_sigmas.unwrap_or(false) || self.config.use_exponential_sigmas.unwrap_or(false) {
-            return Err(Error::invalid(format!("{CLASS}: custom timesteps do not combine with Karras/exponential sigmas")));
+            return Err(Error::invalid(format!(
+                "{CLASS}: custom timesteps do not combine with Karras/exponential sigmas"
+            )));
         }
         if self.continuous() {
-            return Err(Error::invalid(format!("{CLASS}: custom timesteps do not combine with continuous timesteps")));
+            return Err(Error::invalid(format!(
+                "{CLASS}: custom timesteps do not combine with continuous timesteps"
+            )));
         }
         super::discrete::check_custom_timesteps(timesteps, self.config.num_train_timesteps, CLASS)?;
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| f32r(interp_index(t, &self.train_sigmas))).collect();
+        let mut sigmas: Vec<f64> = timesteps
+            .iter()
+            .map(|&t| f32r(interp_index(t, &self.train_sigmas)))
+            .collect();
         sigmas.push(match self.config.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
             FinalSigmas::SigmaMin => self.train_sigmas[0],
@@ -258,7 +284,7 @@ impl Scheduler for EulerDiscreteScheduler {
     fn window_time(&self, i: usize) -> f64 {
         if self.continuous() {
             // Continuous timesteps are 0.25 ln sigma: map sigma back onto the training table.
-            let logs: Vec<f64> = self.train_sigmas.iter().map(|s| s.ln()).collect();
+            let logs: Vec<f64> = super::discrete::log_sigmas(&self.train_sigmas);
             sigma_to_t(self.sigmas[i], &logs)
         } else {
             self.timesteps[i]

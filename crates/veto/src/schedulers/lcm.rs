@@ -59,9 +59,16 @@ impl Default for LcmConfig {
 /// The timestep rule LCM and TCD share: the `original_inference_steps` "skipping" schedule
 /// `k - 1, 2k - 1, ..., T - 1` (k = T / original), reversed, and `steps` of it picked at
 /// `floor(linspace(0, len, steps, endpoint=False))`.
-pub(crate) fn consistency_timesteps(num_train: usize, original: usize, steps: usize, class: &str) -> Result<Vec<usize>> {
+pub(crate) fn consistency_timesteps(
+    num_train: usize,
+    original: usize,
+    steps: usize,
+    class: &str,
+) -> Result<Vec<usize>> {
     if steps == 0 {
-        return Err(Error::invalid(format!("{class}: the number of steps must be at least 1")));
+        return Err(Error::invalid(format!(
+            "{class}: the number of steps must be at least 1"
+        )));
     }
     if original == 0 || original > num_train {
         return Err(super::discrete::bad(format!(
@@ -105,7 +112,12 @@ impl LcmScheduler {
         }
         .alphas_cumprod(false)?;
         // `set_alpha_to_one` is never used: LCM's previous timestep is never negative.
-        Ok(Self { config, alphas_cumprod, timesteps: Vec::new(), step_index: 0 })
+        Ok(Self {
+            config,
+            alphas_cumprod,
+            timesteps: Vec::new(),
+            step_index: 0,
+        })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
 
 use super::discrete::PredictionType;
 use crate::error::{Error, Result};
@@ -49,7 +50,9 @@ pub struct FixedNoise {
 
 impl FixedNoise {
     pub fn new(tensors: impl IntoIterator<Item = Tensor>) -> Self {
-        Self { queue: tensors.into_iter().collect() }
+        Self {
+            queue: tensors.into_iter().collect(),
+        }
     }
 }
 
@@ -92,7 +95,10 @@ pub trait Scheduler: Send {
     /// Schedulers without that option in diffusers return an error.
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
         let _ = timesteps;
-        Err(Error::invalid(format!("{} does not take custom timesteps", self.class_name())))
+        Err(Error::invalid(format!(
+            "{} does not take custom timesteps",
+            self.class_name()
+        )))
     }
     /// The `eta` step argument of DDIM and TCD (diffusers pipelines pass it to every scheduler
     /// whose `step` takes one, and default it to 0.0); other schedulers ignore it.
@@ -102,7 +108,9 @@ pub trait Scheduler: Send {
     }
     /// The timesteps the model is called with, one per step (EDM: `0.25 ln sigma`).
     fn timesteps(&self) -> &[f64];
-    /// Noise levels `steps + 1` long (the last is the final one), for sigma-based samplers.
+    /// Noise levels, for sigma-based samplers: step `i` goes from `sigmas[i]` to `sigmas[i + 1]`;
+    /// `steps + 1` long (the last is the final one; Euler's log-linear interpolation has one more,
+    /// as in diffusers).
     fn sigmas(&self) -> Option<&[f64]> {
         None
     }
@@ -148,15 +156,18 @@ pub fn load_scheduler(path: impl AsRef<Path>) -> Result<Box<dyn Scheduler>> {
         path: path.display().to_string(),
     })?;
     scheduler_from_json(&text).map_err(|e| match e {
-        Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
+        Error::BadModelFile { reason, .. } => Error::BadModelFile {
+            path: path.display().to_string(),
+            reason,
+        },
         other => other,
     })
 }
 
 /// As [`load_scheduler`], from the JSON text.
 pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
-    let json: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| super::discrete::bad(format!("not valid JSON: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&quote_non_finite(text))
+        .map_err(|e| super::discrete::bad(format!("not valid JSON: {e}")))?;
     let class = json
         .get("_class_name")
         .and_then(|c| c.as_str())
@@ -166,9 +177,9 @@ pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
         "LCMScheduler" => Box::new(super::lcm::LcmScheduler::from_value(json)?),
         "DDIMScheduler" => Box::new(super::ddim::DdimScheduler::from_value(json)?),
         "TCDScheduler" => Box::new(super::tcd::TcdScheduler::from_value(json)?),
-        "DPMSolverMultistepScheduler" => {
-            Box::new(super::dpm_solver_multistep::DpmSolverMultistepScheduler::from_value(json)?)
-        }
+        "DPMSolverMultistepScheduler" => Box::new(
+            super::dpm_solver_multistep::DpmSolverMultistepScheduler::from_value(json)?,
+        ),
         "EDMEulerScheduler" => Box::new(super::edm::EdmEulerScheduler::from_value(json)?),
         "EDMDPMSolverMultistepScheduler" => Box::new(super::edm::EdmDpmSolverMultistepScheduler::from_value(json)?),
         other => {
@@ -178,6 +189,65 @@ pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
             )))
         }
     })
+}
+
+/// diffusers' `save_config` writes Python's `Infinity`, `-Infinity` and `NaN` (e.g.
+/// `"lambda_min_clipped": -Infinity`), which are not JSON: turn them into strings, outside
+/// string literals, for [`non_finite_f64`] to read.
+pub(crate) fn quote_non_finite(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if in_string {
+            out.push(c);
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+            rest = &rest[c.len_utf8()..];
+            continue;
+        }
+        if c == '"' {
+            in_string = true;
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"]
+            .into_iter()
+            .find(|t| rest.starts_with(t))
+        {
+            out.push('"');
+            out.push_str(token);
+            out.push('"');
+            rest = &rest[token.len()..];
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+/// A float config value that may be `"Infinity"`, `"-Infinity"` or `"NaN"` (see
+/// [`quote_non_finite`]).
+pub(crate) fn non_finite_f64<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Num {
+        N(f64),
+        S(String),
+    }
+    match Num::deserialize(d)? {
+        Num::N(x) => Ok(x),
+        Num::S(s) => match s.as_str() {
+            "Infinity" => Ok(f64::INFINITY),
+            "-Infinity" => Ok(f64::NEG_INFINITY),
+            "NaN" => Ok(f64::NAN),
+            other => Err(serde::de::Error::custom(format!("expected a number, got \"{other}\""))),
+        },
+    }
 }
 
 /// Deserialize a config value, naming the scheduler class in errors.
@@ -199,7 +269,13 @@ pub(crate) fn lincomb(terms: &[(f64, &Tensor)]) -> Result<Tensor> {
 }
 
 /// Check the model output against the sample before a step.
-pub(crate) fn check_step_inputs(class: &str, model_output: &Tensor, sample: &Tensor, index: usize, steps: usize) -> Result<()> {
+pub(crate) fn check_step_inputs(
+    class: &str,
+    model_output: &Tensor,
+    sample: &Tensor,
+    index: usize,
+    steps: usize,
+) -> Result<()> {
     if steps == 0 {
         return Err(Error::invalid(format!("{class}: call set_timesteps before step")));
     }
@@ -214,4 +290,49 @@ pub(crate) fn check_step_inputs(class: &str, model_output: &Tensor, sample: &Ten
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_non_finite_numbers_are_read() {
+        let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "note": "NaN -Infinity \" Infinity",
+                       "lambda_min_clipped": -Infinity}"#;
+        let quoted = quote_non_finite(text);
+        assert!(quoted.contains(r#""note": "NaN -Infinity \" Infinity""#), "{quoted}");
+        assert!(quoted.contains(r#""lambda_min_clipped": "-Infinity""#), "{quoted}");
+        let s = scheduler_from_json(text).unwrap();
+        assert_eq!(s.class_name(), "DPMSolverMultistepScheduler");
+    }
+
+    #[test]
+    fn unknown_class_names_the_supported_ones() {
+        let err = scheduler_from_json(r#"{"_class_name": "PNDMScheduler"}"#)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("PNDMScheduler") && err.contains("EulerDiscreteScheduler"),
+            "{err}"
+        );
+        let err = scheduler_from_json(r#"{"beta_start": 0.1}"#).err().unwrap().to_string();
+        assert!(err.contains("_class_name"), "{err}");
+    }
+
+    #[test]
+    fn seeded_noise_is_reproducible_and_fresh() {
+        let dev = Device::Cpu;
+        let mut a = SeededNoise::new(3);
+        let mut b = SeededNoise::new(3);
+        let x: Vec<f32> = a.sample(&[8], &dev).unwrap().to_vec1().unwrap();
+        assert_eq!(x, b.sample(&[8], &dev).unwrap().to_vec1::<f32>().unwrap());
+        assert_ne!(x, a.sample(&[8], &dev).unwrap().to_vec1::<f32>().unwrap());
+        let init: Vec<f32> = crate::pipelines::noise::gaussian(&[8], 3, &dev)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_ne!(x, init);
+    }
 }

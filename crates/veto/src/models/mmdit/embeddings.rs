@@ -10,7 +10,7 @@ use candle_nn::{Linear, VarBuilder};
 /// `p = index / (max_size / base_size)`. Positions are rounded to f32 and the table is computed
 /// in f64 before rounding, as diffusers does on CPU/CUDA.
 pub fn sincos_table(dim: usize, max_size: usize, base_size: usize, device: &Device) -> Result<Tensor> {
-    if dim % 4 != 0 {
+    if !dim.is_multiple_of(4) {
         candle_core::bail!("the position table needs a width divisible by 4, got {dim}");
     }
     let quarter = dim / 4;

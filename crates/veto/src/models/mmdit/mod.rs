@@ -111,7 +111,7 @@ impl MmditConfig {
         if let Some(&bad) = self.dual_attention_layers.iter().find(|&&i| i >= self.num_layers) {
             return Err(format!("dual_attention_layers names block {bad}, the model has {}", self.num_layers));
         }
-        if self.inner_dim() % 4 != 0 {
+        if !self.inner_dim().is_multiple_of(4) {
             return Err(format!("inner dim {} must be divisible by 4 (2-D sin-cos positions)", self.inner_dim()));
         }
         Ok(())
@@ -230,7 +230,7 @@ impl MmditTransformer {
     pub fn forward_traced(&self, inputs: &MmditInputs, mut trace: Option<&mut Trace>) -> candle_core::Result<Tensor> {
         let (b, _, h, w) = inputs.latents.dims4()?;
         let p = self.config.patch_size;
-        if h % p != 0 || w % p != 0 {
+        if !h.is_multiple_of(p) || !w.is_multiple_of(p) {
             candle_core::bail!("latents {h}x{w} are not a multiple of the patch size {p}");
         }
         for (what, t) in [("timestep", inputs.timestep), ("pooled", inputs.pooled), ("context", inputs.context)] {

@@ -20,7 +20,7 @@ use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, split_head
 use crate::guidance::AttentionGuidance;
 
 /// Attention guidance on some rows of the batch (the conditional row).
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct RowGuidance<'a> {
     /// Rows of the batch the guidance applies to.
     pub rows: Range<usize>,
@@ -30,33 +30,19 @@ pub struct RowGuidance<'a> {
 }
 
 /// PAG: rows whose selected self-attention layers become identity.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct Perturbation<'a> {
     pub rows: Range<usize>,
     pub layers: &'a super::PagLayers,
 }
 
 /// What a transformer block needs besides its input.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct BlockContext<'a> {
     /// `[B, T, cross_dim]`, one context per row.
     pub context: &'a Tensor,
     pub guidance: Option<RowGuidance<'a>>,
     pub perturbation: Option<Perturbation<'a>>,
-}
-
-/// Replace rows `range` of `full` by `rows`.
-pub(crate) fn splice_rows(full: &Tensor, range: &Range<usize>, rows: &Tensor) -> Result<Tensor> {
-    let b = full.dim(0)?;
-    let mut parts = Vec::with_capacity(3);
-    if range.start > 0 {
-        parts.push(full.narrow(0, 0, range.start)?);
-    }
-    parts.push(rows.clone());
-    if range.end < b {
-        parts.push(full.narrow(0, range.end, b - range.end)?);
-    }
-    Tensor::cat(&parts, 0)
 }
 
 /// One attention module (`to_q`, `to_k`, `to_v` without bias, `to_out.0` with bias).
@@ -103,8 +89,13 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         if self.upcast && q.dtype() != DType::F32 {
             let dtype = q.dtype();
-            sdpa(&q.to_dtype(DType::F32)?, &k.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, self.scale)?
-                .to_dtype(dtype)
+            sdpa(
+                &q.to_dtype(DType::F32)?,
+                &k.to_dtype(DType::F32)?,
+                &v.to_dtype(DType::F32)?,
+                self.scale,
+            )?
+            .to_dtype(dtype)
         } else {
             sdpa(q, k, v, self.scale)
         }
@@ -119,7 +110,7 @@ impl Attention {
     }
 
     /// Self-attention, with the identity map on the perturbed rows when this layer is selected.
-    pub fn forward_self(&self, x: &Tensor, perturbation: Option<Perturbation>) -> Result<Tensor> {
+    pub fn forward_self(&self, x: &Tensor, perturbation: Option<&Perturbation>) -> Result<Tensor> {
         let ptb = perturbation.filter(|p| p.layers.contains(&self.name) && !p.rows.is_empty());
         let Some(p) = ptb else {
             return self.to_out.forward(&self.z(x, x)?);
@@ -141,7 +132,7 @@ impl Attention {
     }
 
     /// Cross-attention over `context`, guided on `guidance.rows` by the negative context.
-    pub fn forward_cross(&self, x: &Tensor, context: &Tensor, guidance: Option<RowGuidance>) -> Result<Tensor> {
+    pub fn forward_cross(&self, x: &Tensor, context: &Tensor, guidance: Option<&RowGuidance>) -> Result<Tensor> {
         let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
         let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
         let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
@@ -164,7 +155,13 @@ impl Attention {
             AttentionGuidance::Vsf(p) => {
                 // One softmax over [K+ ; K-] with values [V+ ; -alpha V-] and bias -beta on the
                 // negative logits (VSF eq. 6), as two merged key blocks.
-                let pos = attend_block(&qg, &k.narrow(0, start, len)?, &v.narrow(0, start, len)?, self.scale, None)?;
+                let pos = attend_block(
+                    &qg,
+                    &k.narrow(0, start, len)?,
+                    &v.narrow(0, start, len)?,
+                    self.scale,
+                    None,
+                )?;
                 let neg = attend_block(&qg, &kn, &(vn * -p.scale)?, self.scale, Some(-p.bias))?;
                 merge_heads(&merge_blocks(&[&pos, &neg])?)?
             }
@@ -181,13 +178,21 @@ impl Attention {
             // The other rows attend the positive context only.
             let mut parts = Vec::with_capacity(3);
             if start > 0 {
-                parts.push(merge_heads(&self.attend(&q.narrow(0, 0, start)?, &k.narrow(0, 0, start)?, &v.narrow(0, 0, start)?)?)?);
+                parts.push(merge_heads(&self.attend(
+                    &q.narrow(0, 0, start)?,
+                    &k.narrow(0, 0, start)?,
+                    &v.narrow(0, 0, start)?,
+                )?)?);
             }
             parts.push(guided);
             let end = start + len;
             if end < b {
                 let n = b - end;
-                parts.push(merge_heads(&self.attend(&q.narrow(0, end, n)?, &k.narrow(0, end, n)?, &v.narrow(0, end, n)?)?)?);
+                parts.push(merge_heads(&self.attend(
+                    &q.narrow(0, end, n)?,
+                    &k.narrow(0, end, n)?,
+                    &v.narrow(0, end, n)?,
+                )?)?);
             }
             Tensor::cat(&parts, 0)?
         };
@@ -231,8 +236,14 @@ pub struct TransformerBlock {
 
 impl TransformerBlock {
     fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let x = (self.attn1.forward_self(&self.norm1.forward(x)?, ctx.perturbation)? + x)?;
-        let x = (self.attn2.forward_cross(&self.norm2.forward(&x)?, ctx.context, ctx.guidance)? + &x)?;
+        let x = (self
+            .attn1
+            .forward_self(&self.norm1.forward(x)?, ctx.perturbation.as_ref())?
+            + x)?;
+        let x = (self
+            .attn2
+            .forward_cross(&self.norm2.forward(&x)?, ctx.context, ctx.guidance.as_ref())?
+            + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
     }
 
@@ -272,7 +283,7 @@ pub struct TransformerSpec {
 impl SpatialTransformer {
     pub fn new(spec: &TransformerSpec, vb: VarBuilder) -> Result<Self> {
         let c = spec.channels;
-        if spec.heads == 0 || c % spec.heads != 0 {
+        if spec.heads == 0 || !c.is_multiple_of(spec.heads) {
             candle_core::bail!("{}: {} channels do not split into {} heads", spec.name, c, spec.heads);
         }
         let head_dim = c / spec.heads;
@@ -289,7 +300,15 @@ impl SpatialTransformer {
                 let base = format!("{}.transformer_blocks.{i}", spec.name);
                 Ok(TransformerBlock {
                     norm1: candle_nn::layer_norm(c, 1e-5, bvb.pp("norm1"))?,
-                    attn1: Attention::new(c, c, spec.heads, head_dim, spec.upcast_attention, format!("{base}.attn1"), bvb.pp("attn1"))?,
+                    attn1: Attention::new(
+                        c,
+                        c,
+                        spec.heads,
+                        head_dim,
+                        spec.upcast_attention,
+                        format!("{base}.attn1"),
+                        bvb.pp("attn1"),
+                    )?,
                     norm2: candle_nn::layer_norm(c, 1e-5, bvb.pp("norm2"))?,
                     attn2: Attention::new(
                         c,

@@ -10,7 +10,17 @@ use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use super::attention::{BlockContext, SpatialTransformer, TransformerSpec};
 
 fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, stride, ..Default::default() }, vb)
+    candle_nn::conv2d(
+        cin,
+        cout,
+        3,
+        Conv2dConfig {
+            padding: 1,
+            stride,
+            ..Default::default()
+        },
+        vb,
+    )
 }
 
 /// `ResnetBlock2D` with the default time-embedding norm: GroupNorm, SiLU, conv, `+ temb`,
@@ -38,7 +48,13 @@ pub struct ResnetSpec {
 impl ResnetBlock {
     pub fn new(cin: usize, cout: usize, spec: ResnetSpec, vb: VarBuilder) -> Result<Self> {
         let shortcut = if cin != cout {
-            Some(candle_nn::conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))?)
+            Some(candle_nn::conv2d(
+                cin,
+                cout,
+                1,
+                Default::default(),
+                vb.pp("conv_shortcut"),
+            )?)
         } else {
             None
         };
@@ -124,21 +140,39 @@ pub struct DownBlock {
 
 impl DownBlock {
     /// `name`: `down_blocks.{i}`.
-    pub fn new(cin: usize, cout: usize, add_downsample: bool, spec: &BlockSpec, name: &str, vb: VarBuilder) -> Result<Self> {
+    pub fn new(
+        cin: usize,
+        cout: usize,
+        add_downsample: bool,
+        spec: &BlockSpec,
+        name: &str,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let layers = (0..spec.layers)
             .map(|j| {
-                let resnet = ResnetBlock::new(if j == 0 { cin } else { cout }, cout, spec.resnet, vb.pp(format!("resnets.{j}")))?;
+                let resnet = ResnetBlock::new(
+                    if j == 0 { cin } else { cout },
+                    cout,
+                    spec.resnet,
+                    vb.pp(format!("resnets.{j}")),
+                )?;
                 let attention = if spec.cross_attention {
                     let aname = format!("{name}.attentions.{j}");
-                    Some(SpatialTransformer::new(&spec.transformer(cout, j, aname), vb.pp(format!("attentions.{j}")))?)
+                    Some(SpatialTransformer::new(
+                        &spec.transformer(cout, j, aname),
+                        vb.pp(format!("attentions.{j}")),
+                    )?)
                 } else {
                     None
                 };
                 Ok(Layer { resnet, attention })
             })
             .collect::<Result<Vec<_>>>()?;
-        let downsample =
-            if add_downsample { Some(conv3x3(cout, cout, 2, vb.pp("downsamplers.0.conv"))?) } else { None };
+        let downsample = if add_downsample {
+            Some(conv3x3(cout, cout, 2, vb.pp("downsamplers.0.conv"))?)
+        } else {
+            None
+        };
         Ok(Self { layers, downsample })
     }
 
@@ -223,14 +257,21 @@ impl UpBlock {
                 let resnet = ResnetBlock::new(cin, cout, spec.resnet, vb.pp(format!("resnets.{j}")))?;
                 let attention = if spec.cross_attention {
                     let aname = format!("{name}.attentions.{j}");
-                    Some(SpatialTransformer::new(&spec.transformer(cout, j, aname), vb.pp(format!("attentions.{j}")))?)
+                    Some(SpatialTransformer::new(
+                        &spec.transformer(cout, j, aname),
+                        vb.pp(format!("attentions.{j}")),
+                    )?)
                 } else {
                     None
                 };
                 Ok(Layer { resnet, attention })
             })
             .collect::<Result<Vec<_>>>()?;
-        let upsample = if add_upsample { Some(conv3x3(cout, cout, 1, vb.pp("upsamplers.0.conv"))?) } else { None };
+        let upsample = if add_upsample {
+            Some(conv3x3(cout, cout, 1, vb.pp("upsamplers.0.conv"))?)
+        } else {
+            None
+        };
         Ok(Self { layers, upsample })
     }
 
@@ -250,7 +291,9 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers {
-            let skip = skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet: ran out of skip connections".into()))?;
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("UNet: ran out of skip connections".into()))?;
             x = Tensor::cat(&[&x, &skip], 1)?;
             x = layer.forward(&x, temb, ctx)?;
         }

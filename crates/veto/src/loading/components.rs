@@ -1,0 +1,71 @@
+//! Fetching the files of one pipeline component (`transformer/`, `text_encoder/`, …) from a
+//! [`ModelSource`], local or hub, and returning the folder its loader reads.
+
+use std::path::{Path, PathBuf};
+
+use super::model_source::ModelSource;
+use super::safetensors_files::read_json;
+use crate::error::{Error, Result};
+use crate::text::clip::ClipTokenizer;
+
+fn parent(p: &Path) -> PathBuf {
+    p.parent().map(|d| d.to_path_buf()).unwrap_or_default()
+}
+
+/// Resolve the listed files of `component` (all must exist); returns its folder.
+pub fn component_dir(source: &ModelSource, component: &str, files: &[&str]) -> Result<PathBuf> {
+    let mut dir = None;
+    for f in files {
+        dir = Some(parent(&source.file(&format!("{component}/{f}"))?));
+    }
+    dir.ok_or_else(|| Error::other(format!("no files requested for {component}")))
+}
+
+/// Resolve a component's `config.json` and weights: `<stem>.safetensors`, or
+/// `<stem>.safetensors.index.json` and every shard it lists. Returns the folder.
+pub fn weights_dir(source: &ModelSource, component: &str, stem: &str) -> Result<PathBuf> {
+    component_dir(source, component, &["config.json"])?;
+    let single = format!("{component}/{stem}.safetensors");
+    if let Some(p) = source.try_file(&single)? {
+        return Ok(parent(&p));
+    }
+    let index_rel = format!("{component}/{stem}.safetensors.index.json");
+    let index = source.try_file(&index_rel)?.ok_or_else(|| Error::MissingFile {
+        what: format!("the model has neither {single} nor {index_rel}"),
+        path: source.describe(component),
+    })?;
+    let json: serde_json::Value = read_json(&index, "weights index")?;
+    let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadModelFile {
+        path: index.display().to_string(),
+        reason: "no \"weight_map\" object".into(),
+    })?;
+    let mut shards: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    for shard in shards {
+        source.file(&format!("{component}/{shard}"))?;
+    }
+    Ok(parent(&index))
+}
+
+/// A CLIP tokenizer component: `tokenizer.json` when shipped, else `vocab.json` +
+/// `merges.txt` (what the real Flux/SD3/SDXL repos ship), plus the optional special-token
+/// files that declare the pad token.
+pub fn clip_tokenizer(source: &ModelSource, component: &str) -> Result<ClipTokenizer> {
+    for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
+        source.try_file(&format!("{component}/{optional}"))?;
+    }
+    let dir = match source.try_file(&format!("{component}/tokenizer.json"))? {
+        Some(p) => parent(&p),
+        None => component_dir(source, component, &["vocab.json", "merges.txt"])?,
+    };
+    ClipTokenizer::load(&dir)
+}
+
+/// A T5 tokenizer component (`tokenizer.json`, plus its optional config files).
+pub fn t5_tokenizer_dir(source: &ModelSource, component: &str) -> Result<PathBuf> {
+    for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
+        source.try_file(&format!("{component}/{optional}"))?;
+    }
+    component_dir(source, component, &["tokenizer.json"])
+}

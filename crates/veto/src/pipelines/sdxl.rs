@@ -1,0 +1,665 @@
+//! Stable Diffusion 1.5 / 2.x and SDXL text-to-image (diffusers `StableDiffusionPipeline`,
+//! `StableDiffusionXLPipeline` and their PAG variants), with NAG / NASA / VSF in the UNet's
+//! cross-attention as the official SDXL NAG pipeline does. Serves the SDXL descendants that
+//! ship as the same folder layout: SDXL-Lightning (Euler, trailing), DMD2 (LCM), Hyper-SDXL
+//! (TCD / DDIM trailing), Playground v2.5 (EDM schedulers, VAE latents mean/std).
+//!
+//! One step, one UNet call on the rows the guidance needs (the trunk runs once per row):
+//! `[cond]`, `[uncond, cond]` with CFG, plus a perturbed row `[.., perturbed]` with PAG.
+//! - CFG: `uncond + guidance_scale (cond - uncond)` when the method has `cfg` and
+//!   `guidance_scale > 1` (diffusers' rule); uncond is the negative prompt (SDXL: zeros when no
+//!   negative prompt is given, `force_zeros_for_empty_prompt`).
+//! - PAG: `+ pag_scale (cond - perturbed)`, the perturbed row having identity self-attention in
+//!   the `pag_applied_layers` (default `["mid"]`), as diffusers' PAG pipelines.
+//! - NAG / NASA: on the cond row only, every `attn2` also attends the negative prompt (padded
+//!   to 77 tokens, the CFG negative when CFG runs, else the negative prompt encoded alone).
+//!   The uncond and perturbed rows keep plain attention (official SDXL NAG processor).
+//! - VSF: on the cond row, the negative prompt **without padding** joins the keys with values
+//!   `-alpha V` and logit bias `-beta` (VSF eq. 6).
+//! - Window (`nag_end`): as the official SDXL NAG pipeline, attention guidance stops for good
+//!   once `t < floor((1 - nag_end) 999)` (EDM schedulers: `t` mapped from sigma, see
+//!   [`crate::schedulers::edm`]).
+//!
+//! Latents stay f32 between steps (the scheduler's arithmetic is f32 as in diffusers); the
+//! UNet runs in the pipeline dtype.
+
+use std::cell::RefCell;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::{Error, Result};
+use crate::guidance::vsf::{VsfLayout, VsfParams};
+use crate::guidance::{cfg::cfg, AttentionGuidance, AttentionMethod, GuidanceConfig, GuidancePlan, Method, NagParams};
+use crate::loading::components::{clip_tokenizer, weights_dir};
+use crate::loading::model_source::ModelSource;
+use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
+use crate::models::unet::{PagLayers, Perturbation, RowGuidance, UNet2DConditionModel, UNetConfig, UNetInputs};
+use crate::models::vae::AutoencoderKl;
+use crate::pipelines::noise::gaussian;
+use crate::pipelines::{Defaults, GenerateRequest, StepEvent, TextToImage};
+use crate::schedulers::scheduler::{load_scheduler, Scheduler, SeededNoise};
+use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
+use crate::text::TokenizedText;
+
+/// CLIP's context length.
+const CLIP_LEN: usize = 77;
+
+/// Which pipeline the folder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// `StableDiffusionPipeline`: one CLIP, its last hidden state.
+    StableDiffusion,
+    /// `StableDiffusionXLPipeline`: two CLIPs' penultimate states, pooled `text_embeds`,
+    /// `time_ids` micro-conditioning.
+    StableDiffusionXl,
+}
+
+/// The text conditioning of one prompt.
+#[derive(Debug, Clone)]
+pub struct SdText {
+    /// Cross-attention context `[1, T, cross_dim]`.
+    pub embeds: Tensor,
+    /// SDXL: the second encoder's projected pooled output `[1, P]`.
+    pub pooled: Option<Tensor>,
+}
+
+struct Clip {
+    tokenizer: ClipTokenizer,
+    encoder: ClipTextEncoder,
+}
+
+/// `vae/config.json`'s latent normalisation (Playground v2.5 has per-channel mean and std).
+#[derive(Debug, Clone, serde::Deserialize)]
+struct VaeLatentStats {
+    #[serde(default)]
+    scaling_factor: Option<f64>,
+    #[serde(default)]
+    latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    latents_std: Option<Vec<f64>>,
+    /// The SD/SDXL VAEs overflow in float16: diffusers decodes in float32 then.
+    #[serde(default)]
+    force_upcast: Option<bool>,
+}
+
+/// diffusers' `pag_applied_layers` default.
+pub const DEFAULT_PAG_LAYERS: [&str; 1] = ["mid"];
+
+pub struct StableDiffusionPipeline {
+    family: Family,
+    clip: Clip,
+    /// SDXL's second encoder (CLIP-G with projection).
+    clip_2: Option<Clip>,
+    unet: UNet2DConditionModel,
+    vae: AutoencoderKl,
+    latent_stats: VaeLatentStats,
+    scheduler: Box<dyn Scheduler>,
+    force_zeros_for_empty_prompt: bool,
+    pag_layers: RefCell<PagLayers>,
+    timesteps_override: RefCell<Option<Vec<f64>>>,
+    eta: RefCell<f64>,
+    device: Device,
+    dtype: DType,
+    warnings: RefCell<Vec<String>>,
+}
+
+fn load_clip(source: &ModelSource, tokenizer: &str, encoder: &str, device: &Device, dtype: DType) -> Result<Clip> {
+    Ok(Clip {
+        tokenizer: clip_tokenizer(source, tokenizer)?,
+        encoder: ClipTextEncoder::load(&weights_dir(source, encoder, "model")?, device, dtype)?,
+    })
+}
+
+impl StableDiffusionPipeline {
+    /// Load a `StableDiffusionPipeline` or `StableDiffusionXLPipeline` folder (local or from the
+    /// hub cache), as `model_index.json` declares it.
+    pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        let index_path = source.file("model_index.json")?;
+        let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
+        let family = match index.get("_class_name").and_then(|c| c.as_str()) {
+            Some("StableDiffusionPipeline") => Family::StableDiffusion,
+            Some("StableDiffusionXLPipeline") => Family::StableDiffusionXl,
+            other => {
+                return Err(Error::BadModelFile {
+                    path: index_path.display().to_string(),
+                    reason: format!("pipeline {other:?} is not a StableDiffusionPipeline or StableDiffusionXLPipeline"),
+                })
+            }
+        };
+        let force_zeros_for_empty_prompt = index
+            .get("force_zeros_for_empty_prompt")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(family == Family::StableDiffusionXl);
+
+        let clip = load_clip(source, "tokenizer", "text_encoder", device, dtype)?;
+        let clip_2 = match family {
+            Family::StableDiffusion => None,
+            Family::StableDiffusionXl => Some(load_clip(source, "tokenizer_2", "text_encoder_2", device, dtype)?),
+        };
+
+        let udir = weights_dir(source, "unet", "diffusion_pytorch_model")?;
+        let config = UNetConfig::from_file(&udir.join("config.json"))?;
+        let files = weight_files(&udir, "diffusion_pytorch_model")?;
+        let vb = var_builder(&files, dtype, device)?;
+        let unet = UNet2DConditionModel::new(&config, vb).map_err(|e| Error::BadModelFile {
+            path: udir.display().to_string(),
+            reason: format!("UNet weights do not match config.json: {e}"),
+        })?;
+
+        // The text widths must fit the UNet.
+        let text_width = clip.encoder.hidden_size() + clip_2.as_ref().map_or(0, |c| c.encoder.hidden_size());
+        if text_width != config.context_dim() {
+            return Err(Error::BadModelFile {
+                path: source.describe("unet"),
+                reason: format!(
+                    "cross_attention_dim is {}, the text encoders give {text_width}",
+                    config.context_dim()
+                ),
+            });
+        }
+        match (family, config.has_text_time()) {
+            (Family::StableDiffusionXl, false) => {
+                return Err(Error::BadModelFile {
+                    path: source.describe("unet"),
+                    reason: "an SDXL UNet needs addition_embed_type \"text_time\"".into(),
+                })
+            }
+            (Family::StableDiffusion, true) => {
+                return Err(Error::BadModelFile {
+                    path: source.describe("unet"),
+                    reason: "addition_embed_type \"text_time\" is SDXL's; this is a StableDiffusionPipeline".into(),
+                })
+            }
+            _ => {}
+        }
+        if let (Some(c2), Some(pooled)) = (&clip_2, config.pooled_text_dim()) {
+            let proj = c2.encoder.config().projection_dim.unwrap_or(c2.encoder.hidden_size());
+            if proj != pooled {
+                return Err(Error::BadModelFile {
+                    path: source.describe("unet"),
+                    reason: format!(
+                        "the add embedding expects pooled text of width {pooled}, text_encoder_2 projects to {proj}"
+                    ),
+                });
+            }
+        }
+
+        let vdir = weights_dir(source, "vae", "diffusion_pytorch_model")?;
+        let latent_stats: VaeLatentStats = read_json(&vdir.join("config.json"), "VAE config")?;
+        let vae_dtype = if dtype == DType::F16 && latent_stats.force_upcast.unwrap_or(true) {
+            DType::F32
+        } else {
+            dtype
+        };
+        let vae = AutoencoderKl::load(&vdir, device, vae_dtype)?;
+        if vae.config().latent_channels != config.in_channels {
+            return Err(Error::BadModelFile {
+                path: source.describe("vae"),
+                reason: format!(
+                    "VAE has {} latent channels, the UNet expects {}",
+                    vae.config().latent_channels,
+                    config.in_channels
+                ),
+            });
+        }
+        for (key, v) in [
+            ("latents_mean", &latent_stats.latents_mean),
+            ("latents_std", &latent_stats.latents_std),
+        ] {
+            if let Some(v) = v {
+                if v.len() != config.in_channels {
+                    return Err(Error::BadModelFile {
+                        path: vdir.join("config.json").display().to_string(),
+                        reason: format!(
+                            "{key} has {} entries for {} latent channels",
+                            v.len(),
+                            config.in_channels
+                        ),
+                    });
+                }
+            }
+        }
+        let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
+        let pag_layers = unet
+            .pag_layers(&DEFAULT_PAG_LAYERS.map(String::from))
+            .unwrap_or_default();
+        Ok(Self {
+            family,
+            clip,
+            clip_2,
+            unet,
+            vae,
+            latent_stats,
+            scheduler,
+            force_zeros_for_empty_prompt,
+            pag_layers: RefCell::new(pag_layers),
+            timesteps_override: RefCell::new(None),
+            eta: RefCell::new(0.0),
+            device: device.clone(),
+            dtype,
+            warnings: Default::default(),
+        })
+    }
+
+    pub fn family(&self) -> Family {
+        self.family
+    }
+
+    pub fn unet(&self) -> &UNet2DConditionModel {
+        &self.unet
+    }
+
+    /// The scheduler as loaded (a fresh copy runs each generation).
+    pub fn scheduler(&self) -> &dyn Scheduler {
+        self.scheduler.as_ref()
+    }
+
+    /// diffusers' `pag_applied_layers` (see [`UNet2DConditionModel::pag_layers`]).
+    pub fn set_pag_layers(&self, layers: &[String]) -> Result<()> {
+        *self.pag_layers.borrow_mut() = self.unet.pag_layers(layers)?;
+        Ok(())
+    }
+
+    /// Explicit timesteps instead of the scheduler's rule, as diffusers' `timesteps=` argument
+    /// (DMD2's card: `[999, 749, 499, 249]` with LCM). Their count overrides the steps.
+    pub fn set_timesteps(&self, timesteps: Option<Vec<f64>>) {
+        *self.timesteps_override.borrow_mut() = timesteps;
+    }
+
+    /// diffusers' `eta` pipeline argument (DDIM, TCD's gamma); 0 by default as in diffusers.
+    pub fn set_eta(&self, eta: f64) -> Result<()> {
+        let mut probe = self.scheduler.clone_box();
+        probe.set_eta(eta)?;
+        *self.eta.borrow_mut() = eta;
+        Ok(())
+    }
+
+    fn warn(&self, msg: String) {
+        let mut w = self.warnings.borrow_mut();
+        if !w.contains(&msg) {
+            w.push(msg);
+        }
+    }
+
+    fn warn_truncated(&self, what: &str, t: &TokenizedText) {
+        if t.truncated {
+            self.warn(format!(
+                "the {what} is longer than CLIP's {CLIP_LEN} tokens and was truncated; ignored: \"{}\"",
+                t.removed_text.clone().unwrap_or_default()
+            ));
+        }
+    }
+
+    /// diffusers' `encode_prompt` for one prompt. `padded`: 77 tokens (diffusers); unpadded:
+    /// `[BOS, tokens, EOS]` only (VSF's negative prompt). `what` names it in warnings.
+    pub fn encode_prompt(&self, text: &str, padded: bool, what: &str) -> Result<SdText> {
+        let encode = |clip: &Clip| -> Result<_> {
+            let t = clip.tokenizer.tokenize(text, CLIP_LEN)?;
+            self.warn_truncated(what, &t);
+            let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
+            clip.encoder.encode_ids(ids)
+        };
+        let first = encode(&self.clip)?;
+        match &self.clip_2 {
+            None => Ok(SdText {
+                embeds: first.last_hidden_state.to_dtype(self.dtype)?,
+                pooled: None,
+            }),
+            Some(clip_2) => {
+                let second = encode(clip_2)?;
+                let pooled = second.text_embeds.ok_or_else(|| Error::BadModelFile {
+                    path: "text_encoder_2".into(),
+                    reason: "SDXL needs CLIPTextModelWithProjection weights (no text_projection found)".into(),
+                })?;
+                let embeds = Tensor::cat(
+                    &[
+                        &first.penultimate_hidden_state,
+                        &second
+                            .penultimate_hidden_state
+                            .to_dtype(first.penultimate_hidden_state.dtype())?,
+                    ],
+                    D::Minus1,
+                )?;
+                Ok(SdText {
+                    embeds: embeds.to_dtype(self.dtype)?,
+                    pooled: Some(pooled.to_dtype(self.dtype)?),
+                })
+            }
+        }
+    }
+
+    /// The CFG scale of a request: `Some(guidance_scale)` when CFG runs (method has cfg and
+    /// `guidance_scale > 1`, diffusers' rule).
+    pub fn cfg_scale(req: &GenerateRequest) -> Option<f64> {
+        (req.guidance.method.cfg && req.guidance_scale > 1.0).then_some(req.guidance_scale)
+    }
+
+    fn vae_factor(&self) -> usize {
+        self.vae.config().downscale_factor()
+    }
+
+    fn check(&self, req: &GenerateRequest) -> Result<()> {
+        req.guidance.validate()?;
+        let g = &req.guidance;
+        if g.method.attention == Some(AttentionMethod::Vsf) && g.vsf.layout == VsfLayout::Official {
+            return Err(Error::invalid(
+                "--vsf-layout official is the MMDiT (SD3) token layout; the UNet family's cross-attention uses the paper's (eq. 6)",
+            ));
+        }
+        let f = self.vae_factor();
+        if req.height == 0 || req.width == 0 || !req.height.is_multiple_of(f) || !req.width.is_multiple_of(f) {
+            return Err(Error::invalid(format!(
+                "--height and --width must be positive multiples of {f} for this model, got {}x{}",
+                req.height, req.width
+            )));
+        }
+        if req.steps == 0 && self.timesteps_override.borrow().is_none() {
+            return Err(Error::invalid("--steps must be at least 1"));
+        }
+        if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
+            return Err(Error::invalid(format!(
+                "--guidance-scale must be >= 0, got {}",
+                req.guidance_scale
+            )));
+        }
+        if let Some(init) = &req.init_latents {
+            let want = [1, self.unet.config().in_channels, req.height / f, req.width / f];
+            if init.dims() != want {
+                return Err(Error::invalid(format!(
+                    "init latents have shape {:?}, expected {:?} ([1, C, H/{f}, W/{f}] for {}x{})",
+                    init.dims(),
+                    want,
+                    req.height,
+                    req.width
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn warn_unused(&self, req: &GenerateRequest) {
+        let m = req.guidance.method;
+        if m.cfg && req.guidance_scale <= 1.0 {
+            self.warn(format!(
+                "guidance '{m}' asks for CFG but --guidance-scale is {} (CFG runs only above 1, as in diffusers)",
+                req.guidance_scale
+            ));
+        }
+        if !m.cfg && req.guidance_scale > 1.0 {
+            self.warn(format!(
+                "--guidance-scale {} has no effect: guidance '{m}' has no cfg (the CFG scale is the guidance scale)",
+                req.guidance_scale
+            ));
+        }
+        if req.negative_prompt.is_some() && !req.guidance.uses_attention_guidance() && Self::cfg_scale(req).is_none() {
+            self.warn(format!(
+                "the negative prompt is unused: guidance '{m}' does not use one"
+            ));
+        }
+    }
+
+    /// SDXL's `add_time_ids`: original size, crop top-left (0, 0), target size, all (H, W).
+    fn time_ids(&self, req: &GenerateRequest) -> Result<Tensor> {
+        let (h, w) = (req.height as f32, req.width as f32);
+        Ok(Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?.to_dtype(self.dtype)?)
+    }
+
+    /// Whether attention guidance runs at step `i`: the official SDXL NAG rule
+    /// `!(t < floor((1 - nag_end) * 999))`.
+    fn guidance_active(g: &GuidanceConfig, scheduler: &dyn Scheduler, i: usize) -> bool {
+        let t = scheduler.window_time(i);
+        let last = scheduler.num_train_timesteps() as f64 - 1.0;
+        t >= ((1.0 - g.nag_end) * last).floor()
+    }
+
+    fn denoise(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+        self.check(req)?;
+        self.warn_unused(req);
+        let g = &req.guidance;
+        let cfg_scale = Self::cfg_scale(req);
+        let pag_scale = g.uses_pag().then_some(g.pag_scale);
+        let attention = if g.uses_attention_guidance() {
+            g.method.attention
+        } else {
+            None
+        };
+
+        let mut scheduler = self.scheduler.clone_box();
+        match self.timesteps_override.borrow().as_deref() {
+            Some(ts) => scheduler.set_custom_timesteps(ts)?,
+            None => scheduler.set_timesteps(req.steps)?,
+        }
+        scheduler.set_eta(*self.eta.borrow())?;
+
+        let f = self.vae_factor();
+        let shape = [1, self.unet.config().in_channels, req.height / f, req.width / f];
+        let init = match &req.init_latents {
+            Some(t) => t.to_device(&self.device)?.to_dtype(DType::F32)?,
+            None => gaussian(&shape, req.seed, &self.device)?,
+        };
+        let mut x = (init * scheduler.init_noise_sigma())?;
+
+        // Text.
+        let neg_text = req.negative_prompt.as_deref().unwrap_or("");
+        let positive = self.encode_prompt(&req.prompt, true, "prompt")?;
+        let encoded_negative =
+            if cfg_scale.is_some() || matches!(attention, Some(AttentionMethod::Nag | AttentionMethod::Nasa)) {
+                Some(self.encode_prompt(neg_text, true, "negative prompt")?)
+            } else {
+                None
+            };
+        // CFG's uncond: SDXL zeroes it when no negative prompt is given.
+        let uncond = match (&encoded_negative, cfg_scale) {
+            (Some(n), Some(_)) if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt => Some(SdText {
+                embeds: n.embeds.zeros_like()?,
+                pooled: n.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+            }),
+            (Some(n), Some(_)) => Some(n.clone()),
+            _ => None,
+        };
+        let guide_context = match attention {
+            Some(AttentionMethod::Nag | AttentionMethod::Nasa) => encoded_negative.as_ref().map(|n| n.embeds.clone()),
+            Some(AttentionMethod::Vsf) => Some(self.encode_prompt(neg_text, false, "negative prompt")?.embeds),
+            None => None,
+        };
+
+        // Rows: [uncond?, cond, perturbed?].
+        let mut contexts = Vec::new();
+        let mut pooled = Vec::new();
+        if let Some(u) = &uncond {
+            contexts.push(u.embeds.clone());
+            pooled.extend(u.pooled.clone());
+        }
+        let cond_row = contexts.len();
+        contexts.push(positive.embeds.clone());
+        pooled.extend(positive.pooled.clone());
+        if pag_scale.is_some() {
+            contexts.push(positive.embeds.clone());
+            pooled.extend(positive.pooled.clone());
+        }
+        let rows = contexts.len();
+        let context = Tensor::cat(&contexts, 0)?;
+        let (text_embeds, time_ids) = match self.family {
+            Family::StableDiffusionXl => (
+                Some(Tensor::cat(&pooled, 0)?),
+                Some(self.time_ids(req)?.repeat((rows, 1))?),
+            ),
+            Family::StableDiffusion => (None, None),
+        };
+        let pag_layers = self.pag_layers.borrow().clone();
+        if pag_scale.is_some() && pag_layers.is_empty() {
+            return Err(Error::invalid(
+                "PAG needs at least one self-attention layer (pag_applied_layers selects none)",
+            ));
+        }
+
+        let timesteps = scheduler.timesteps().to_vec();
+        let total = timesteps.len();
+        let mut noise = SeededNoise::new(req.seed);
+        let mut guidance_on = true;
+        for (i, &t) in timesteps.iter().enumerate() {
+            // Once off, attention guidance stays off (official: processors are restored).
+            guidance_on = guidance_on && Self::guidance_active(g, scheduler.as_ref(), i);
+            let method: Option<AttentionGuidance> = if guidance_on {
+                plan_attention(g, scheduler.num_train_timesteps() as f64)
+            } else {
+                None
+            };
+            let scaled = scheduler.scale_model_input(&x)?;
+            let input = scaled.to_dtype(self.dtype)?.repeat((rows, 1, 1, 1))?;
+            let out = self.unet.forward(&UNetInputs {
+                sample: &input,
+                timestep: t,
+                encoder_hidden_states: &context,
+                text_embeds: text_embeds.as_ref(),
+                time_ids: time_ids.as_ref(),
+                guidance: match (&method, &guide_context) {
+                    (Some(m), Some(neg)) => Some(RowGuidance {
+                        rows: cond_row..cond_row + 1,
+                        negative: neg,
+                        method: m,
+                    }),
+                    _ => None,
+                },
+                perturbation: pag_scale.map(|_| Perturbation {
+                    rows: cond_row + 1..cond_row + 2,
+                    layers: &pag_layers,
+                }),
+            })?;
+            let out = out.to_dtype(DType::F32)?;
+            let cond = out.narrow(0, cond_row, 1)?;
+            let mut eps = match cfg_scale {
+                Some(s) => cfg(&cond, &out.narrow(0, 0, 1)?, s)?,
+                None => cond.clone(),
+            };
+            if let Some(s) = pag_scale {
+                let perturbed = out.narrow(0, cond_row + 1, 1)?;
+                eps = (eps + ((&cond - perturbed)? * s)?)?;
+            }
+            x = scheduler.step(&eps, &x, &mut noise)?;
+            on_step(StepEvent {
+                index: i,
+                total,
+                timestep: t,
+                attention_guided: method.is_some(),
+                latents: &x,
+            });
+        }
+        Ok(x)
+    }
+
+    /// Decode with the VAE's latent normalisation: `z / scaling` or, with `latents_mean` /
+    /// `latents_std` (Playground v2.5), `z std / scaling + mean`.
+    fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let (Some(mean), Some(std)) = (&self.latent_stats.latents_mean, &self.latent_stats.latents_std) else {
+            return self.vae.decode_latents(latents);
+        };
+        let scaling = self
+            .latent_stats
+            .scaling_factor
+            .unwrap_or(self.vae.config().scaling_factor);
+        let c = mean.len();
+        let to = |v: Vec<f32>| Tensor::from_vec(v, (1, c, 1, 1), latents.device());
+        let std_t = to(std.iter().map(|&s| s as f32).collect())?;
+        let shift = to(mean.iter().map(|&m| (m * scaling) as f32).collect())?;
+        // AutoencoderKl divides by the scaling factor: pre-multiply so that the result is
+        // `z std / scaling + mean`.
+        let z = latents
+            .to_dtype(DType::F32)?
+            .broadcast_mul(&std_t)?
+            .broadcast_add(&shift)?;
+        self.vae.decode_latents(&z)
+    }
+}
+
+/// The attention-space operation of a run, at a step where it is active (the SDXL window
+/// rule is applied by the caller; the top of the training range is inside any window).
+fn plan_attention(g: &GuidanceConfig, num_train_timesteps: f64) -> Option<AttentionGuidance> {
+    let plan: GuidancePlan = g.plan_at(num_train_timesteps, num_train_timesteps);
+    plan.attention
+}
+
+/// Defaults of a UNet-family model, from its scheduler and UNet:
+/// - SDXL-Lightning (Euler trailing), DMD2 (LCM), Hyper-SDXL (TCD, DDIM trailing): 4 steps,
+///   guidance scale 0, NAG alone (the few-step regime of the NAG paper).
+/// - Playground v2.5 (EDM schedulers): 50 steps, guidance scale 3, CFG + NAG.
+/// - SDXL (other schedulers): 25 steps, guidance scale 5 (diffusers' SDXL default), CFG + NAG.
+/// - SD1.5 / SD2: 25 steps, guidance scale 7.5 (diffusers' default), CFG + NAG.
+///
+/// NAG: NAG paper Table 5, phi = 2 (s = 3), tau 2.5, alpha 0.5 (SDXL, Playground) or 0.375
+/// (SD1.5), L1 norm; the official SDXL NAG code uses the same tau / alpha and L1.
+/// VSF: alpha 1.2, beta 0.2 (the official cross-attention (Wan) script's values; the VSF paper
+/// has no UNet setting). PAG: scale 3 (diffusers' default), layers `["mid"]`.
+pub fn unet_defaults(family: Family, scheduler: &dyn Scheduler, trailing: bool, sample_px: usize) -> Defaults {
+    let class = scheduler.class_name();
+    let few_step = matches!(class, "LCMScheduler" | "TCDScheduler") || trailing;
+    let edm = class.starts_with("EDM");
+    let (steps, guidance_scale, method): (usize, f64, Method) = match (family, few_step, edm) {
+        (_, true, _) => (4, 0.0, Method::NAG),
+        (_, false, true) => (50, 3.0, Method::CFG_NAG),
+        (Family::StableDiffusionXl, false, false) => (25, 5.0, Method::CFG_NAG),
+        (Family::StableDiffusion, false, false) => (25, 7.5, Method::CFG_NAG),
+    };
+    let alpha = if family == Family::StableDiffusion { 0.375 } else { 0.5 };
+    let mut guidance = GuidanceConfig::nag_default();
+    guidance.method = method;
+    guidance.nag = NagParams {
+        scale: 3.0,
+        tau: 2.5,
+        alpha,
+        norm: Default::default(),
+    };
+    guidance.vsf = VsfParams {
+        scale: 1.2,
+        bias: 0.2,
+        layout: VsfLayout::Paper,
+    };
+    guidance.pag_scale = 3.0;
+    // Not read here (the CFG scale is guidance_scale); kept equal for readers of the config.
+    guidance.true_cfg_scale = guidance_scale.max(1.0);
+    Defaults {
+        steps,
+        guidance_scale,
+        max_sequence_length: CLIP_LEN,
+        height: sample_px,
+        width: sample_px,
+        guidance,
+    }
+}
+
+fn is_trailing(scheduler: &dyn Scheduler) -> bool {
+    // Trailing Euler / DDIM schedules start at T - 1 with an even stride (Lightning, Hyper).
+    let mut probe = scheduler.clone_box();
+    matches!(scheduler.class_name(), "EulerDiscreteScheduler" | "DDIMScheduler")
+        && probe.set_timesteps(4).is_ok()
+        && probe.timesteps() == [999.0, 749.0, 499.0, 249.0]
+}
+
+impl TextToImage for StableDiffusionPipeline {
+    fn defaults(&self) -> Defaults {
+        let px = self.unet.config().sample_size.unwrap_or(64) * self.vae_factor();
+        unet_defaults(
+            self.family,
+            self.scheduler.as_ref(),
+            is_trailing(self.scheduler.as_ref()),
+            px,
+        )
+    }
+
+    fn validate(&self, req: &GenerateRequest) -> Result<()> {
+        self.check(req)
+    }
+
+    fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+        self.denoise(req, on_step)
+    }
+
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_latents(latents)
+    }
+
+    fn take_warnings(&self) -> Vec<String> {
+        std::mem::take(&mut self.warnings.borrow_mut())
+    }
+}
