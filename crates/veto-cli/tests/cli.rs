@@ -5,7 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/flux"))
+    fixtures_of("flux")
+}
+
+fn fixtures_of(family: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(family)
 }
 
 fn veto(args: &[&str]) -> Output {
@@ -28,8 +32,12 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 /// A temp folder holding the fixture's initial latents as `init.safetensors`.
 fn workdir(fixture: &str) -> (tempfile::TempDir, PathBuf) {
+    workdir_of("flux", fixture)
+}
+
+fn workdir_of(family: &str, fixture: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let fx = load(&fixtures().join(fixture));
+    let fx = load(&fixtures_of(family).join(fixture));
     let init = dir.path().join("init.safetensors");
     candle_core::safetensors::save(
         &std::collections::HashMap::from([("latents", fx["init_latents"].clone())]),
@@ -86,6 +94,62 @@ fn generate_nag_end_to_end_matches_reference() {
     let got = load(&saved);
     let d = rel_diff(&got["latents"], &want["final_latents"]);
     assert!(d <= 1e-4, "saved latents differ from the reference by {d:e}");
+}
+
+/// `veto generate` on the tiny SD3.5-Large-like folder with `flags`; the saved latents must
+/// equal the reference pipeline fixture `case`.
+fn sd3_end_to_end(case: &str, flags: &[&str]) {
+    let fixture = format!("pipeline_large_{case}.safetensors");
+    let (dir, init) = workdir_of("sd3", &fixture);
+    let out = dir.path().join("sd3.png");
+    let saved = dir.path().join("final.safetensors");
+    let model = fixtures_of("sd3").join("large");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat wearing glasses",
+        "--negative-prompt",
+        "glasses, blurry",
+        "--steps",
+        "4",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--max-sequence-length",
+        "16",
+        "--init-latents",
+        init.to_str().unwrap(),
+        "--save-latents",
+        saved.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(flags);
+    let o = veto(&args);
+    assert!(o.status.success(), "veto failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(image::open(&out).is_ok(), "a readable PNG");
+    let want = load(&fixtures_of("sd3").join(&fixture));
+    let d = rel_diff(&load(&saved)["latents"], &want["final_latents"]);
+    assert!(d <= 1e-4, "{case}: saved latents differ from the reference by {d:e}");
+}
+
+#[test]
+fn sd3_nag_end_to_end() {
+    sd3_end_to_end(
+        "nag",
+        &["--guidance", "nag", "--nag-scale", "5", "--nag-tau", "2.5", "--nag-alpha", "0.125", "--guidance-scale", "0"],
+    );
+}
+
+#[test]
+fn sd3_vsf_official_end_to_end() {
+    sd3_end_to_end(
+        "vsf_official",
+        &["--guidance", "vsf", "--vsf-scale", "3.5", "--vsf-bias", "0.1", "--vsf-layout", "official", "--guidance-scale", "0"],
+    );
 }
 
 /// Runs `veto generate` on the tiny model with `extra` flags; expects a clean failure whose

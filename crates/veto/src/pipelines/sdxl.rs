@@ -24,7 +24,6 @@
 //! UNet runs in the pipeline dtype.
 
 use std::cell::RefCell;
-use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor, D};
 
