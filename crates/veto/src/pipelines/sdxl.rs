@@ -29,7 +29,9 @@ use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::guidance::vsf::{VsfLayout, VsfParams};
-use crate::guidance::{cfg::cfg, AttentionGuidance, AttentionMethod, GuidanceConfig, GuidancePlan, Method, NagParams};
+use crate::guidance::{
+    cfg::cfg, AttentionGuidance, AttentionMethod, GuidanceConfig, GuidancePlan, Method, NagParams, NagPooled,
+};
 use crate::loading::components::{clip_tokenizer, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
@@ -390,6 +392,9 @@ impl StableDiffusionPipeline {
                 "--guidance-scale {} has no effect: guidance '{m}' has no cfg (the CFG scale is the guidance scale)",
                 req.guidance_scale
             ));
+        }
+        if req.guidance.nag_pooled == NagPooled::Negative && req.guidance.method.attention.is_some() {
+            self.warn("--nag-pooled negative has no effect on UNet models (SD3 only)".to_string());
         }
         if req.negative_prompt.is_some() && !req.guidance.uses_attention_guidance() && Self::cfg_scale(req).is_none() {
             self.warn(format!(
