@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use veto::guidance::vsf::VsfLayout;
 use veto::guidance::{GuidanceConfig, Method, NagNorm, NagPooled};
 use veto::loading::model_source::ModelSource;
-use veto::pipelines::{GenerateRequest, TextToImage};
+use veto::pipelines::{GenerateRequest, SamplerOptions, TextToImage};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
@@ -49,7 +49,7 @@ pub struct GenerateArgs {
     /// Norm of the NAG ratio (paper eq. 8): l1 (the paper) or l2 (the official Flux code).
     #[arg(long, default_value = "l1")]
     pub nag_norm: String,
-    /// Early stopping theta (paper appendix G): guide while t >= (1 - nag_end) * 1000; 1 = every step.
+    /// Early stopping theta (paper appendix G): guide while t >= (1 - nag_end) * 1000 (UNet: the official SDXL rule, floor((1 - nag_end) * 999)); 1 = every step.
     #[arg(long, default_value_t = 1.0)]
     pub nag_end: f64,
     /// NASA scale phi (paper eq. 5: Z = Z+ - phi Z-) [default: 0.5].
@@ -64,12 +64,21 @@ pub struct GenerateArgs {
     /// VSF bias beta (VSF paper: -beta on image -> flipped-negative logits) [default: per model, SD3.5 0.1].
     #[arg(long)]
     pub vsf_bias: Option<f64>,
-    /// VSF token layout: paper (as the paper describes) or official (as the official SD3 pipeline runs).
+    /// VSF token layout (SD3): paper (as the paper describes) or official (as the official SD3 pipeline runs); the UNet family has only paper.
     #[arg(long, default_value = "paper")]
     pub vsf_layout: String,
     /// PAG scale s (perturbed-attention guidance: + s (eps - eps_perturbed)) [default: 3].
     #[arg(long)]
     pub pag_scale: Option<f64>,
+    /// UNet family: self-attention layers PAG perturbs (diffusers pag_applied_layers, e.g. mid,down.1) [default: mid].
+    #[arg(long, value_delimiter = ',')]
+    pub pag_layers: Option<Vec<String>>,
+    /// UNet family: explicit timesteps instead of the scheduler's rule (diffusers timesteps=, e.g. DMD2: 999,749,499,249).
+    #[arg(long, value_delimiter = ',')]
+    pub timesteps: Option<Vec<f64>>,
+    /// UNet family: diffusers' eta (DDIM noise, TCD gamma) [default: 0].
+    #[arg(long)]
+    pub eta: Option<f64>,
     /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).
     #[arg(long, default_value = "positive")]
     pub nag_pooled: String,
@@ -79,10 +88,10 @@ pub struct GenerateArgs {
     /// Denoising steps [default: schnell 4, dev 25].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Image height in pixels, a multiple of 16 [default: 1024].
+    /// Image height in pixels: a multiple of 16 (Flux, SD3) or 8 (UNet family) [default: per model].
     #[arg(long)]
     pub height: Option<usize>,
-    /// Image width in pixels, a multiple of 16 [default: 1024].
+    /// Image width in pixels: a multiple of 16 (Flux, SD3) or 8 (UNet family) [default: per model].
     #[arg(long)]
     pub width: Option<usize>,
     /// T5 tokens [default: schnell 256, dev 512].
@@ -217,6 +226,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
         seed: a.seed,
         init_latents,
+        sampler: SamplerOptions { timesteps: a.timesteps.clone(), eta: a.eta, pag_layers: a.pag_layers.clone() },
     };
     pipe.validate(&req)?;
     generate_with(pipe.as_ref(), &req, &a)

@@ -96,14 +96,14 @@ fn generate_nag_end_to_end_matches_reference() {
     assert!(d <= 1e-4, "saved latents differ from the reference by {d:e}");
 }
 
-/// `veto generate` on the tiny SD3.5-Large-like folder with `flags`; the saved latents must
-/// equal the reference pipeline fixture `case`.
-fn sd3_end_to_end(case: &str, flags: &[&str]) {
-    let fixture = format!("pipeline_large_{case}.safetensors");
-    let (dir, init) = workdir_of("sd3", &fixture);
-    let out = dir.path().join("sd3.png");
+/// `veto generate` on a tiny pipeline folder `family/model` with `flags`; the saved latents
+/// must equal the reference pipeline fixture `pipeline_{model}_{case}`.
+fn end_to_end(family: &str, model: &str, case: &str, flags: &[&str]) {
+    let fixture = format!("pipeline_{model}_{case}.safetensors");
+    let (dir, init) = workdir_of(family, &fixture);
+    let out = dir.path().join("out.png");
     let saved = dir.path().join("final.safetensors");
-    let model = fixtures_of("sd3").join("large");
+    let model = fixtures_of(family).join(model);
     let mut args = vec![
         "generate",
         "--model",
@@ -131,14 +131,16 @@ fn sd3_end_to_end(case: &str, flags: &[&str]) {
     let o = veto(&args);
     assert!(o.status.success(), "veto failed: {}", String::from_utf8_lossy(&o.stderr));
     assert!(image::open(&out).is_ok(), "a readable PNG");
-    let want = load(&fixtures_of("sd3").join(&fixture));
+    let want = load(&fixtures_of(family).join(&fixture));
     let d = rel_diff(&load(&saved)["latents"], &want["final_latents"]);
     assert!(d <= 1e-4, "{case}: saved latents differ from the reference by {d:e}");
 }
 
 #[test]
 fn sd3_nag_end_to_end() {
-    sd3_end_to_end(
+    end_to_end(
+        "sd3",
+        "large",
         "nag",
         &["--guidance", "nag", "--nag-scale", "5", "--nag-tau", "2.5", "--nag-alpha", "0.125", "--guidance-scale", "0"],
     );
@@ -146,10 +148,40 @@ fn sd3_nag_end_to_end() {
 
 #[test]
 fn sd3_vsf_official_end_to_end() {
-    sd3_end_to_end(
+    end_to_end(
+        "sd3",
+        "large",
         "vsf_official",
         &["--guidance", "vsf", "--vsf-scale", "3.5", "--vsf-bias", "0.1", "--vsf-layout", "official", "--guidance-scale", "0"],
     );
+}
+
+#[test]
+fn sdxl_cfg_pag_nag_end_to_end() {
+    end_to_end(
+        "unet",
+        "sdxl",
+        "cfg_pag_nag",
+        &[
+            "--guidance", "cfg+pag+nag", "--guidance-scale", "5", "--pag-scale", "3", "--pag-layers", "mid",
+            "--nag-scale", "3", "--nag-tau", "2.5", "--nag-alpha", "0.5",
+        ],
+    );
+}
+
+#[test]
+fn sd15_cfg_nag_end_to_end() {
+    end_to_end(
+        "unet",
+        "sd15",
+        "cfg_nag",
+        &["--guidance", "cfg+nag", "--guidance-scale", "5", "--nag-scale", "3", "--nag-tau", "2.5", "--nag-alpha", "0.375"],
+    );
+}
+
+#[test]
+fn unet_only_flags_are_rejected_for_flux() {
+    expect_failure(&["--timesteps", "999,499"], "--timesteps not supported for Flux");
 }
 
 /// Runs `veto generate` on the tiny model with `extra` flags; expects a clean failure whose

@@ -53,6 +53,7 @@ fn request(fx: &Fixture) -> GenerateRequest {
         max_sequence_length: fx.m("max_sequence_length").parse().unwrap(),
         seed: 0,
         init_latents: Some(fx.t("init_latents").clone()),
+        sampler: Default::default(),
     }
 }
 

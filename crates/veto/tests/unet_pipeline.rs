@@ -67,6 +67,7 @@ fn request(fx: &Fixture, pipe: &StableDiffusionPipeline) -> GenerateRequest {
         max_sequence_length: 77,
         seed: 0,
         init_latents: Some(fx.t("init_latents").clone()),
+        sampler: Default::default(),
     }
 }
 
@@ -266,6 +267,7 @@ fn base_request(pipe: &StableDiffusionPipeline) -> GenerateRequest {
         max_sequence_length: 77,
         seed: 1,
         init_latents: None,
+        sampler: Default::default(),
     }
 }
 

@@ -111,6 +111,7 @@ impl FluxPipeline {
 
     fn check(&self, req: &GenerateRequest) -> Result<()> {
         req.guidance.validate()?;
+        req.sampler.reject_for("Flux")?;
         let m = req.guidance.method;
         if m.pag || m.attention == Some(AttentionMethod::Vsf) {
             return Err(Error::invalid(format!(

@@ -41,6 +41,41 @@ pub struct GenerateRequest {
     pub seed: u64,
     /// Initial latents `[1, C, H/f, W/f]` instead of seeded noise (unpacked layout).
     pub init_latents: Option<Tensor>,
+    /// Scheduler/PAG options only some families have (an error elsewhere).
+    pub sampler: SamplerOptions,
+}
+
+/// diffusers pipeline arguments that only some families take.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplerOptions {
+    /// Explicit timesteps instead of the scheduler's rule (diffusers `timesteps=`; DMD2's card
+    /// uses 999, 749, 499, 249). Their count overrides the steps. UNet family.
+    pub timesteps: Option<Vec<f64>>,
+    /// diffusers' `eta` (DDIM noise, TCD's gamma). UNet family.
+    pub eta: Option<f64>,
+    /// diffusers' `pag_applied_layers` (default `["mid"]`). UNet family.
+    pub pag_layers: Option<Vec<String>>,
+}
+
+impl SamplerOptions {
+    /// Reject options for a family that has none of them, naming the flags.
+    pub fn reject_for(&self, family: &str) -> Result<()> {
+        let mut given = Vec::new();
+        if self.timesteps.is_some() {
+            given.push("--timesteps");
+        }
+        if self.eta.is_some() {
+            given.push("--eta");
+        }
+        if self.pag_layers.is_some() {
+            given.push("--pag-layers");
+        }
+        if given.is_empty() {
+            Ok(())
+        } else {
+            Err(crate::Error::invalid(format!("{} not supported for {family}", given.join(", "))))
+        }
+    }
 }
 
 /// What a pipeline reports after each step.

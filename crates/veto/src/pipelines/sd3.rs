@@ -253,6 +253,7 @@ impl Sd3Pipeline {
 
     fn check(&self, req: &GenerateRequest) -> Result<()> {
         req.guidance.validate()?;
+        req.sampler.reject_for("SD3")?;
         let m = req.guidance.method;
         if m.pag {
             return Err(Error::invalid(format!(

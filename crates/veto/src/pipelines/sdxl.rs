@@ -430,11 +430,12 @@ impl StableDiffusionPipeline {
         };
 
         let mut scheduler = self.scheduler.clone_box();
-        match self.timesteps_override.borrow().as_deref() {
+        let custom = req.sampler.timesteps.clone().or_else(|| self.timesteps_override.borrow().clone());
+        match custom.as_deref() {
             Some(ts) => scheduler.set_custom_timesteps(ts)?,
             None => scheduler.set_timesteps(req.steps)?,
         }
-        scheduler.set_eta(*self.eta.borrow())?;
+        scheduler.set_eta(req.sampler.eta.unwrap_or(*self.eta.borrow()))?;
 
         let f = self.vae_factor();
         let shape = [1, self.unet.config().in_channels, req.height / f, req.width / f];
@@ -491,7 +492,10 @@ impl StableDiffusionPipeline {
             ),
             Family::StableDiffusion => (None, None),
         };
-        let pag_layers = self.pag_layers.borrow().clone();
+        let pag_layers = match &req.sampler.pag_layers {
+            Some(layers) => self.unet.pag_layers(layers)?,
+            None => self.pag_layers.borrow().clone(),
+        };
         if pag_scale.is_some() && pag_layers.is_empty() {
             return Err(Error::invalid(
                 "PAG needs at least one self-attention layer (pag_applied_layers selects none)",
