@@ -9,6 +9,7 @@ use std::time::Instant;
 use veto::guidance::vsf::VsfParams;
 use veto::guidance::{cfg::cfg, AttentionGuidance, NagNorm, NagParams};
 use veto::models::mmdit::{MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
+use veto::models::unet::{RowGuidance, UNet2DConditionModel, UNetConfig, UNetInputs};
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
@@ -19,6 +20,8 @@ pub enum Family {
     Flux,
     /// SD3.5-Large width: 2432 = 38 heads x 64; none / NAG / VSF / CFG.
     Sd3,
+    /// SDXL UNet width: channels 320/640/1280, head dim 64, 2048-wide text; none / NAG / CFG.
+    Sdxl,
 }
 
 #[derive(Args)]
@@ -38,6 +41,9 @@ pub struct BenchArgs {
     /// SD3 joint blocks; SD3.5-Large has 38 (the last one is context-pre-only).
     #[arg(long, default_value_t = 2)]
     pub sd3_blocks: usize,
+    /// SDXL transformer layers of the three levels; the real model has 1,2,10.
+    #[arg(long, value_delimiter = ',', default_value = "1,1,2")]
+    pub sdxl_depths: Vec<usize>,
     /// T5 tokens (Flux-schnell and SD3 default 256).
     #[arg(long, default_value_t = 256)]
     pub text_len: usize,
@@ -66,19 +72,33 @@ fn config(a: &BenchArgs) -> FluxConfig {
     }
 }
 
-/// Median wall time of `iters` runs of `f`, after one warm-up run, in milliseconds.
-fn time_ms(iters: usize, device: &Device, mut f: impl FnMut() -> Result<Tensor>) -> Result<f64> {
-    f()?;
-    let mut times = Vec::with_capacity(iters);
-    for _ in 0..iters {
-        let start = Instant::now();
-        let out = f()?;
-        device.synchronize()?;
-        drop(out);
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+/// A method under test: one denoising step returning its output.
+type Method<'a> = Box<dyn FnMut() -> Result<Tensor> + 'a>;
+
+/// Median wall time (ms) of each method over `iters` rounds, after one warm-up round. The
+/// methods run interleaved (none, NAG, ..., none, NAG, ...) so that drift of a shared machine
+/// (other processes, thermal state) affects all of them alike and the ratios stay comparable.
+fn time_methods(iters: usize, device: &Device, mut methods: Vec<Method>) -> Result<Vec<f64>> {
+    for m in methods.iter_mut() {
+        m()?;
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    let mut times = vec![Vec::with_capacity(iters); methods.len()];
+    for _ in 0..iters {
+        for (m, t) in methods.iter_mut().zip(times.iter_mut()) {
+            let start = Instant::now();
+            let out = m()?;
+            device.synchronize()?;
+            drop(out);
+            t.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    Ok(times
+        .into_iter()
+        .map(|mut t| {
+            t.sort_by(|a, b| a.total_cmp(b));
+            t[t.len() / 2]
+        })
+        .collect())
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -93,7 +113,82 @@ pub fn run(a: BenchArgs) -> Result<()> {
     match a.family {
         Family::Flux => run_flux(&a, &device, dtype),
         Family::Sd3 => run_sd3(&a, &device, dtype),
+        Family::Sdxl => run_sdxl(&a, &device, dtype),
     }
+}
+
+/// SDXL UNet at the real widths with reduced transformer depth: none / NAG (attn2 of the cond
+/// row over the negative text) / CFG (batched [uncond, cond], as diffusers).
+fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
+    if a.sdxl_depths.len() != 3 || a.sdxl_depths.contains(&0) {
+        bail!("--sdxl-depths takes three positive numbers (the real SDXL: 1,2,10)");
+    }
+    let depths = &a.sdxl_depths;
+    let model_cfg: UNetConfig = serde_json::from_value(serde_json::json!({
+        "in_channels": 4, "out_channels": 4,
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
+        "attention_head_dim": [5, 10, 20], "cross_attention_dim": 2048,
+        "transformer_layers_per_block": [depths[0], depths[1], depths[2]],
+        "use_linear_projection": true, "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+        "norm_num_groups": 32
+    }))?;
+    let varmap = candle_nn::VarMap::new();
+    let model = UNet2DConditionModel::new(&model_cfg, candle_nn::VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let randn = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?) };
+    let context = randn(&[1, 77, 2048])?;
+    let negative = randn(&[1, 77, 2048])?;
+    let text_embeds = randn(&[1, 1280])?;
+    let time_ids = Tensor::new(&[[1024f32, 1024.0, 0.0, 0.0, 1024.0, 1024.0]], device)?.to_dtype(dtype)?;
+    let both_context = Tensor::cat(&[&negative, &context], 0)?;
+    let both_text = Tensor::cat(&[&text_embeds, &text_embeds], 0)?;
+    let both_time = Tensor::cat(&[&time_ids, &time_ids], 0)?;
+    let nag = AttentionGuidance::Nag(NagParams { scale: 3.0, tau: 2.5, alpha: 0.5, norm: NagNorm::L1 });
+    println!(
+        "SDXL UNet, random weights, channels 320/640/1280, transformer depths {:?} (real 1,2,10), {:?} on {:?}",
+        depths, dtype, device
+    );
+    println!("one denoising step, median of {} runs\n", a.iters);
+    println!("{:>6} {:>12} {:>18} {:>18}", "size", "none (ms)", "NAG (ms, ratio)", "CFG (ms, ratio)");
+    for &size in &a.sizes {
+        let x = randn(&[1, 4, size / 8, size / 8])?;
+        let x2 = Tensor::cat(&[&x, &x], 0)?;
+        let call = |sample: &Tensor, ctx: &Tensor, te: &Tensor, ti: &Tensor, guidance: Option<RowGuidance>| {
+            model.forward(&UNetInputs {
+                sample,
+                timestep: 750.0,
+                encoder_hidden_states: ctx,
+                text_embeds: Some(te),
+                time_ids: Some(ti),
+                guidance,
+                perturbation: None,
+            })
+        };
+        let t = time_methods(
+            a.iters,
+            device,
+            vec![
+                Box::new(|| Ok(call(&x, &context, &text_embeds, &time_ids, None)?)),
+                Box::new(|| {
+                    let g = RowGuidance { rows: 0..1, negative: &negative, method: &nag };
+                    Ok(call(&x, &context, &text_embeds, &time_ids, Some(g))?)
+                }),
+                Box::new(|| {
+                    let v = call(&x2, &both_context, &both_text, &both_time, None)?;
+                    Ok(cfg(&v.narrow(0, 1, 1)?, &v.narrow(0, 0, 1)?, 5.0)?)
+                }),
+            ],
+        )?;
+        let (none, nag_ms, cfg_ms) = (t[0], t[1], t[2]);
+        println!(
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
+            size, none, nag_ms, pct(nag_ms, none), cfg_ms, pct(cfg_ms, none)
+        );
+    }
+    println!("\nPaper (NAG Table 4, SDXL, A100, full depth): NAG +22%, CFG +34% per step.");
+    Ok(())
 }
 
 fn pct(x: f64, base: f64) -> f64 {
@@ -138,19 +233,26 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let call = |latents: &Tensor, t: &Tensor, context: &Tensor, pooled: &Tensor, guidance: MmditGuidance| {
             model.forward(&MmditInputs { latents, timestep: t, context, pooled, guidance })
         };
-        let none = time_ms(a.iters, device, || Ok(call(&x, &t, &context, &pooled, MmditGuidance::None)?))?;
-        let nag_ms = time_ms(a.iters, device, || {
-            let g = MmditGuidance::Contrast { guide: &nag, negative: &neg_context, pooled: &pooled };
-            Ok(call(&x, &t, &context, &pooled, g)?)
-        })?;
-        let vsf_ms = time_ms(a.iters, device, || {
-            let g = MmditGuidance::Vsf { params: &vsf, negative: &vsf_negative };
-            Ok(call(&x, &t, &context, &pooled, g)?)
-        })?;
-        let cfg_ms = time_ms(a.iters, device, || {
-            let v = call(&x2, &t2, &both_context, &both_pooled, MmditGuidance::None)?;
-            Ok(cfg(&v.narrow(0, 1, 1)?, &v.narrow(0, 0, 1)?, 4.5)?)
-        })?;
+        let times = time_methods(
+            a.iters,
+            device,
+            vec![
+                Box::new(|| Ok(call(&x, &t, &context, &pooled, MmditGuidance::None)?)),
+                Box::new(|| {
+                    let g = MmditGuidance::Contrast { guide: &nag, negative: &neg_context, pooled: &pooled };
+                    Ok(call(&x, &t, &context, &pooled, g)?)
+                }),
+                Box::new(|| {
+                    let g = MmditGuidance::Vsf { params: &vsf, negative: &vsf_negative };
+                    Ok(call(&x, &t, &context, &pooled, g)?)
+                }),
+                Box::new(|| {
+                    let v = call(&x2, &t2, &both_context, &both_pooled, MmditGuidance::None)?;
+                    Ok(cfg(&v.narrow(0, 1, 1)?, &v.narrow(0, 0, 1)?, 4.5)?)
+                }),
+            ],
+        )?;
+        let (none, nag_ms, vsf_ms, cfg_ms) = (times[0], times[1], times[2], times[3]);
         println!(
             "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
             size, none, nag_ms, pct(nag_ms, none), vsf_ms, pct(vsf_ms, none), cfg_ms, pct(cfg_ms, none)
@@ -199,13 +301,20 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 guide: g,
             })
         };
-        let none = time_ms(a.iters, &device, || Ok(call(&pos, None, None)?))?;
-        let nag_ms = time_ms(a.iters, &device, || Ok(call(&pos, Some(&neg), Some(&nag))?))?;
-        let cfg_ms = time_ms(a.iters, &device, || {
-            let vp = call(&pos, None, None)?;
-            let vn = call(&neg, None, None)?;
-            Ok(cfg(&vp, &vn, 4.0)?)
-        })?;
+        let times = time_methods(
+            a.iters,
+            &device,
+            vec![
+                Box::new(|| Ok(call(&pos, None, None)?)),
+                Box::new(|| Ok(call(&pos, Some(&neg), Some(&nag))?)),
+                Box::new(|| {
+                    let vp = call(&pos, None, None)?;
+                    let vn = call(&neg, None, None)?;
+                    Ok(cfg(&vp, &vn, 4.0)?)
+                }),
+            ],
+        )?;
+        let (none, nag_ms, cfg_ms) = (times[0], times[1], times[2]);
         println!(
             "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
             size,
