@@ -123,7 +123,8 @@ pub struct GuidanceConfig {
     pub nasa_scale: f64,
     /// VSF's alpha, beta and layout.
     pub vsf: VsfParams,
-    /// CFG's scale (`neg + c (pos - neg)`): Flux `true_cfg_scale`, SD3/SDXL `guidance_scale`.
+    /// Flux's CFG scale `true_cfg_scale` (`neg + c (pos - neg)`). SD3 and the UNet family take
+    /// their CFG scale from the pipeline's `guidance_scale` (`GenerateRequest::guidance_scale`), as diffusers.
     pub true_cfg_scale: f64,
     /// PAG's scale (`+ s (eps - eps_perturbed)`).
     pub pag_scale: f64,
@@ -234,7 +235,7 @@ impl GuidanceConfig {
         }
         if self.true_cfg_scale < 1.0 {
             return Err(Error::invalid(format!(
-                "the CFG scale must be >= 1 (1 means off), got {}",
+                "--true-cfg-scale must be >= 1 (1 means off), got {}",
                 self.true_cfg_scale
             )));
         }
