@@ -8,9 +8,9 @@ use clap::Args;
 use std::time::Instant;
 use veto::guidance::vsf::VsfParams;
 use veto::guidance::{cfg::cfg, AttentionGuidance, NagNorm, NagParams};
+use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use veto::models::mmdit::{MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
 use veto::models::unet::{RowGuidance, UNet2DConditionModel, UNetConfig, UNetInputs};
-use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 
@@ -184,7 +184,12 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let (none, nag_ms, cfg_ms) = (t[0], t[1], t[2]);
         println!(
             "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
-            size, none, nag_ms, pct(nag_ms, none), cfg_ms, pct(cfg_ms, none)
+            size,
+            none,
+            nag_ms,
+            pct(nag_ms, none),
+            cfg_ms,
+            pct(cfg_ms, none)
         );
     }
     println!("\nPaper (NAG Table 4, SDXL, A100, full depth): NAG +22%, CFG +34% per step.");
@@ -224,7 +229,10 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         a.sd3_blocks, ctx_len, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!("{:>6} {:>12} {:>18} {:>18} {:>18}", "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)");
+    println!(
+        "{:>6} {:>12} {:>18} {:>18} {:>18}",
+        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
+    );
     for &size in &a.sizes {
         let x = randn(&[1, 16, size / 8, size / 8])?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;
@@ -255,7 +263,14 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let (none, nag_ms, vsf_ms, cfg_ms) = (times[0], times[1], times[2], times[3]);
         println!(
             "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
-            size, none, nag_ms, pct(nag_ms, none), vsf_ms, pct(vsf_ms, none), cfg_ms, pct(cfg_ms, none)
+            size,
+            none,
+            nag_ms,
+            pct(nag_ms, none),
+            vsf_ms,
+            pct(vsf_ms, none),
+            cfg_ms,
+            pct(cfg_ms, none)
         );
     }
     println!("\nPapers: NAG Table 4 (SD3.5-Large, A100, full depth) NAG +43%, CFG +95% per step;");

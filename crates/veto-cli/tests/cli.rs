@@ -13,11 +13,7 @@ fn fixtures_of(family: &str) -> PathBuf {
 }
 
 fn veto(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_veto"))
-        .args(args)
-        .env("HF_HUB_OFFLINE", "1")
-        .output()
-        .expect("run veto")
+    Command::new(env!("CARGO_BIN_EXE_veto")).args(args).env("HF_HUB_OFFLINE", "1").output().expect("run veto")
 }
 
 fn load(path: &Path) -> std::collections::HashMap<String, Tensor> {
@@ -35,11 +31,8 @@ fn workdir_of(family: &str, fixture: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let fx = load(&fixtures_of(family).join(fixture));
     let init = dir.path().join("init.safetensors");
-    candle_core::safetensors::save(
-        &std::collections::HashMap::from([("latents", fx["init_latents"].clone())]),
-        &init,
-    )
-    .unwrap();
+    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", fx["init_latents"].clone())]), &init)
+        .unwrap();
     (dir, init)
 }
 
@@ -110,7 +103,18 @@ fn sd3_vsf_official_end_to_end() {
         "sd3",
         "large",
         "vsf_official",
-        &["--guidance", "vsf", "--vsf-scale", "3.5", "--vsf-bias", "0.1", "--vsf-layout", "official", "--guidance-scale", "0"],
+        &[
+            "--guidance",
+            "vsf",
+            "--vsf-scale",
+            "3.5",
+            "--vsf-bias",
+            "0.1",
+            "--vsf-layout",
+            "official",
+            "--guidance-scale",
+            "0",
+        ],
     );
 }
 
@@ -121,8 +125,20 @@ fn sdxl_cfg_pag_nag_end_to_end() {
         "sdxl",
         "cfg_pag_nag",
         &[
-            "--guidance", "cfg+pag+nag", "--guidance-scale", "5", "--pag-scale", "3", "--pag-layers", "mid",
-            "--nag-scale", "3", "--nag-tau", "2.5", "--nag-alpha", "0.5",
+            "--guidance",
+            "cfg+pag+nag",
+            "--guidance-scale",
+            "5",
+            "--pag-scale",
+            "3",
+            "--pag-layers",
+            "mid",
+            "--nag-scale",
+            "3",
+            "--nag-tau",
+            "2.5",
+            "--nag-alpha",
+            "0.5",
         ],
     );
 }
@@ -133,7 +149,18 @@ fn sd15_cfg_nag_end_to_end() {
         "unet",
         "sd15",
         "cfg_nag",
-        &["--guidance", "cfg+nag", "--guidance-scale", "5", "--nag-scale", "3", "--nag-tau", "2.5", "--nag-alpha", "0.375"],
+        &[
+            "--guidance",
+            "cfg+nag",
+            "--guidance-scale",
+            "5",
+            "--nag-scale",
+            "3",
+            "--nag-tau",
+            "2.5",
+            "--nag-alpha",
+            "0.375",
+        ],
     );
 }
 

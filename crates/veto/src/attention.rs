@@ -66,13 +66,7 @@ pub struct BlockAttention {
     pub lse: Tensor,
 }
 
-pub fn attend_block(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f64,
-    bias: Option<f64>,
-) -> Result<BlockAttention> {
+pub fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<f64>) -> Result<BlockAttention> {
     let k_t = k.t()?.contiguous()?;
     let v = v.contiguous()?;
     over_query_chunks(
@@ -156,13 +150,8 @@ mod tests {
         let k2 = Tensor::randn(0f32, 2.0, (2, 3, 7, 8), &dev).unwrap();
         let v2 = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev).unwrap();
         let scale = 1.0 / (8f64).sqrt();
-        let full = sdpa(
-            &q,
-            &Tensor::cat(&[&k1, &k2], 2).unwrap(),
-            &Tensor::cat(&[&v1, &v2], 2).unwrap(),
-            scale,
-        )
-        .unwrap();
+        let full =
+            sdpa(&q, &Tensor::cat(&[&k1, &k2], 2).unwrap(), &Tensor::cat(&[&v1, &v2], 2).unwrap(), scale).unwrap();
         let b1 = attend_block(&q, &k1, &v1, scale, None).unwrap();
         let b2 = attend_block(&q, &k2, &v2, scale, None).unwrap();
         let merged = merge_blocks(&[&b1, &b2]).unwrap();

@@ -33,11 +33,7 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
     }
     let (w32, h32) = match (u32::try_from(w), u32::try_from(h)) {
         (Ok(w), Ok(h)) => (w, h),
-        _ => {
-            return Err(Error::invalid(format!(
-                "image of {w}x{h} pixels is too large"
-            )))
-        }
+        _ => return Err(Error::invalid(format!("image of {w}x{h} pixels is too large"))),
     };
     // [B, H, W, 3] on the host, f32 like diffusers' `.float().numpy()`.
     let data = images
@@ -55,10 +51,7 @@ pub fn tensor_to_images(images: &Tensor) -> Result<Vec<RgbImage>> {
     let per_image = h * w * 3;
     let mut out = Vec::with_capacity(b);
     for i in 0..b {
-        let pixels: Vec<u8> = data[i * per_image..(i + 1) * per_image]
-            .iter()
-            .map(|&v| to_u8(v))
-            .collect();
+        let pixels: Vec<u8> = data[i * per_image..(i + 1) * per_image].iter().map(|&v| to_u8(v)).collect();
         let img = RgbImage::from_raw(w32, h32, pixels)
             .ok_or_else(|| Error::other("pixel buffer does not match the image size"))?;
         out.push(img);
@@ -89,12 +82,9 @@ pub fn save_png(image: &Tensor, path: &Path) -> Result<()> {
 /// Write an RGB8 image as a PNG atomically: encode into a temporary file next to `path`,
 /// then rename, so an interrupted or failed run never leaves a half-written image.
 pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
-    let file_name = path.file_name().ok_or_else(|| {
-        Error::invalid(format!(
-            "output path {} does not name a file",
-            path.display()
-        ))
-    })?;
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("output path {} does not name a file", path.display())))?;
     let folder = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
@@ -134,11 +124,7 @@ pub fn write_png(img: &RgbImage, path: &Path) -> Result<()> {
 pub fn save_pngs(images: &Tensor, paths: &[PathBuf]) -> Result<()> {
     let imgs = tensor_to_images(images)?;
     if imgs.len() != paths.len() {
-        return Err(Error::invalid(format!(
-            "{} images but {} output paths",
-            imgs.len(),
-            paths.len()
-        )));
+        return Err(Error::invalid(format!("{} images but {} output paths", imgs.len(), paths.len())));
     }
     for (img, p) in imgs.iter().zip(paths) {
         write_png(img, p)?;
@@ -165,13 +151,7 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let t = Tensor::zeros((1, 4, 2, 2), DType::F32, &dev).unwrap();
         assert!(tensor_to_images(&t).is_err());
-        let t = Tensor::new(&[f32::NAN; 12], &dev)
-            .unwrap()
-            .reshape((1, 3, 2, 2))
-            .unwrap();
-        assert!(tensor_to_images(&t)
-            .unwrap_err()
-            .to_string()
-            .contains("NaN"));
+        let t = Tensor::new(&[f32::NAN; 12], &dev).unwrap().reshape((1, 3, 2, 2)).unwrap();
+        assert!(tensor_to_images(&t).unwrap_err().to_string().contains("NaN"));
     }
 }

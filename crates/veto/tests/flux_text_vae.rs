@@ -31,42 +31,17 @@ fn load(name: &str) -> HashMap<String, Tensor> {
 }
 
 fn ids_of(t: &Tensor) -> Vec<u32> {
-    t.flatten_all()
-        .unwrap()
-        .to_vec1::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|i| i as u32)
-        .collect()
+    t.flatten_all().unwrap().to_vec1::<i64>().unwrap().into_iter().map(|i| i as u32).collect()
 }
 
 /// max|a−b| ≤ 1e-4·max(1, max|b|)
 fn assert_close(a: &Tensor, b: &Tensor, what: &str) {
     assert_eq!(a.dims(), b.dims(), "{what}: shape");
-    let a = a
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
+    let a = a.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let b = b.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
     let scale = b.iter().map(|y| y.abs()).fold(1f32, f32::max);
-    assert!(
-        diff <= 1e-4 * scale,
-        "{what}: max abs diff {diff} > 1e-4 * {scale}"
-    );
+    assert!(diff <= 1e-4 * scale, "{what}: max abs diff {diff} > 1e-4 * {scale}");
 }
 
 fn tmp_dir(name: &str) -> PathBuf {
@@ -124,13 +99,9 @@ fn clip_tokenizer_truncates_keeping_eos() {
 
 #[test]
 fn clip_pooled_matches_transformers() {
-    let enc =
-        ClipTextEncoder::load(&schnell().join("text_encoder"), &Device::Cpu, DType::F32).unwrap();
+    let enc = ClipTextEncoder::load(&schnell().join("text_encoder"), &Device::Cpu, DType::F32).unwrap();
     let f = load("text.safetensors");
-    for (ids, pooled) in [
-        ("clip_input_ids", "clip_pooled"),
-        ("neg_clip_input_ids", "neg_clip_pooled"),
-    ] {
+    for (ids, pooled) in [("clip_input_ids", "clip_pooled"), ("neg_clip_input_ids", "neg_clip_pooled")] {
         let out = enc.encode(&f[ids]).unwrap();
         assert_close(&out.pooled, &f[pooled], pooled);
         assert_eq!(out.last_hidden_state.dims(), &[1, 77, 32]);
@@ -138,10 +109,7 @@ fn clip_pooled_matches_transformers() {
         assert!(out.text_embeds.is_none(), "CLIPTextModel has no projection");
     }
     // Batched input gives the same rows as separate calls; u32 ids work like i64.
-    let both = Tensor::cat(&[&f["clip_input_ids"], &f["neg_clip_input_ids"]], 0)
-        .unwrap()
-        .to_dtype(DType::U32)
-        .unwrap();
+    let both = Tensor::cat(&[&f["clip_input_ids"], &f["neg_clip_input_ids"]], 0).unwrap().to_dtype(DType::U32).unwrap();
     let out = enc.encode(&both).unwrap();
     let expected = Tensor::cat(&[&f["clip_pooled"], &f["neg_clip_pooled"]], 0).unwrap();
     assert_close(&out.pooled, &expected, "batched pooled");
@@ -149,8 +117,7 @@ fn clip_pooled_matches_transformers() {
 
 #[test]
 fn clip_encoder_rejects_bad_ids() {
-    let enc =
-        ClipTextEncoder::load(&schnell().join("text_encoder"), &Device::Cpu, DType::F32).unwrap();
+    let enc = ClipTextEncoder::load(&schnell().join("text_encoder"), &Device::Cpu, DType::F32).unwrap();
     // Out of vocabulary.
     let ids = Tensor::new(&[[0u32, 5000]], &Device::Cpu).unwrap();
     assert!(err_string(enc.encode(&ids)).contains("5000"));
@@ -193,14 +160,10 @@ fn t5_tokenizer_truncates_keeping_eos() {
 
 #[test]
 fn t5_hidden_matches_transformers() {
-    let enc =
-        T5TextEncoder::load(&schnell().join("text_encoder_2"), &Device::Cpu, DType::F32).unwrap();
+    let enc = T5TextEncoder::load(&schnell().join("text_encoder_2"), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(enc.hidden_size(), 32);
     let f = load("text.safetensors");
-    for (ids, hidden) in [
-        ("t5_input_ids", "t5_hidden"),
-        ("neg_t5_input_ids", "neg_t5_hidden"),
-    ] {
+    for (ids, hidden) in [("t5_input_ids", "t5_hidden"), ("neg_t5_input_ids", "neg_t5_hidden")] {
         let out = enc.encode(&f[ids]).unwrap();
         assert_close(&out, &f[hidden], hidden);
     }
@@ -215,20 +178,13 @@ fn t5_loads_sharded_weights() {
     let src = schnell().join("text_encoder_2");
     let dir = tmp_dir("t5-sharded");
     std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
-    let weights =
-        candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let weights = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut names: Vec<&String> = weights.keys().collect();
     names.sort();
     let (first, second) = names.split_at(names.len() / 2);
     let mut map = serde_json::Map::new();
-    for (shard, part) in [
-        ("model-00001-of-00002.safetensors", first),
-        ("model-00002-of-00002.safetensors", second),
-    ] {
-        let tensors: HashMap<String, Tensor> = part
-            .iter()
-            .map(|n| ((*n).clone(), weights[*n].clone()))
-            .collect();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        let tensors: HashMap<String, Tensor> = part.iter().map(|n| ((*n).clone(), weights[*n].clone())).collect();
         candle_core::safetensors::save(&tensors, dir.join(shard)).unwrap();
         for n in part {
             map.insert((*n).clone(), serde_json::Value::String(shard.into()));
@@ -240,11 +196,7 @@ fn t5_loads_sharded_weights() {
     assert_eq!(weight_files(&dir, "model").unwrap().len(), 2);
     let enc = T5TextEncoder::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let f = load("text.safetensors");
-    assert_close(
-        &enc.encode(&f["t5_input_ids"]).unwrap(),
-        &f["t5_hidden"],
-        "sharded t5",
-    );
+    assert_close(&enc.encode(&f["t5_input_ids"]).unwrap(), &f["t5_hidden"], "sharded t5");
 
     // A shard named in the index but missing is reported by name.
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
@@ -259,8 +211,7 @@ fn t5_loads_sharded_weights() {
 
 #[test]
 fn vae_decode_matches_diffusers() {
-    let vae: FluxVae =
-        AutoencoderKl::load(&schnell().join("vae"), &Device::Cpu, DType::F32).unwrap();
+    let vae: FluxVae = AutoencoderKl::load(&schnell().join("vae"), &Device::Cpu, DType::F32).unwrap();
     assert_eq!(vae.config().latent_channels, 16);
     assert_eq!(vae.config().downscale_factor(), 8);
     let f = load("vae.safetensors");
@@ -283,24 +234,11 @@ fn png_written_atomically_and_readable() {
     let expected = tensor_to_images(image).unwrap().remove(0);
     assert_eq!(back.as_raw(), expected.as_raw());
     // Spot-check one pixel against the diffusers formula.
-    let v = image
-        .get(0)
-        .unwrap()
-        .get(1)
-        .unwrap()
-        .get(2)
-        .unwrap()
-        .get(3)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let v = image.get(0).unwrap().get(1).unwrap().get(2).unwrap().get(3).unwrap().to_scalar::<f32>().unwrap();
     let want = ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round_ties_even() as u8;
     assert_eq!(back.get_pixel(3, 2)[1], want);
     // Only the PNG is left in the folder (no temporary file).
-    let names: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(names, vec![std::ffi::OsString::from("out.png")]);
 
     // Missing folder: a clear error, nothing written.
@@ -334,42 +272,24 @@ fn missing_folders_and_files_are_named() {
     let d = dir.display().to_string();
     let err = err_string(ClipTextEncoder::load(&dir, &cpu, DType::F32));
     assert!(err.contains("config.json") && err.contains(&d), "{err}");
-    std::fs::copy(
-        schnell().join("text_encoder/config.json"),
-        dir.join("config.json"),
-    )
-    .unwrap();
+    std::fs::copy(schnell().join("text_encoder/config.json"), dir.join("config.json")).unwrap();
     let err = err_string(ClipTextEncoder::load(&dir, &cpu, DType::F32));
-    assert!(
-        err.contains("model.safetensors") && err.contains(&d),
-        "{err}"
-    );
+    assert!(err.contains("model.safetensors") && err.contains(&d), "{err}");
     std::fs::copy(schnell().join("vae/config.json"), dir.join("config.json")).unwrap();
     let err = err_string(AutoencoderKl::load(&dir, &cpu, DType::F32));
-    assert!(
-        err.contains("diffusion_pytorch_model") && err.contains(&d),
-        "{err}"
-    );
+    assert!(err.contains("diffusion_pytorch_model") && err.contains(&d), "{err}");
     // Tokenizer folders without their files.
     let err = err_string(ClipTokenizer::load(&dir));
     assert!(err.contains("vocab.json"), "{err}");
     let err = err_string(T5Tokenizer::load(&dir));
     assert!(err.contains("tokenizer.json"), "{err}");
     // Bad hidden_act is refused with the config named.
-    let cfg = std::fs::read_to_string(schnell().join("text_encoder/config.json"))
-        .unwrap()
-        .replace("quick_gelu", "swish");
+    let cfg =
+        std::fs::read_to_string(schnell().join("text_encoder/config.json")).unwrap().replace("quick_gelu", "swish");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
-    std::fs::copy(
-        schnell().join("text_encoder/model.safetensors"),
-        dir.join("model.safetensors"),
-    )
-    .unwrap();
+    std::fs::copy(schnell().join("text_encoder/model.safetensors"), dir.join("model.safetensors")).unwrap();
     let err = err_string(ClipTextEncoder::load(&dir, &cpu, DType::F32));
-    assert!(
-        err.contains("swish") && err.contains("config.json"),
-        "{err}"
-    );
+    assert!(err.contains("swish") && err.contains("config.json"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

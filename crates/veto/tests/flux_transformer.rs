@@ -34,14 +34,9 @@ fn guide_of(fx: &Fixture) -> Option<AttentionGuidance> {
 fn check(model: &str, case: &str) {
     let fx = Fixture::load("flux", &format!("transformer_{model}_{case}.safetensors"));
     let flux = load_model(model);
-    let positive = TextConditioning {
-        hidden: fx.t("encoder_hidden_states").clone(),
-        pooled: fx.t("pooled").clone(),
-    };
-    let negative = TextConditioning {
-        hidden: fx.t("neg_encoder_hidden_states").clone(),
-        pooled: fx.t("neg_pooled").clone(),
-    };
+    let positive = TextConditioning { hidden: fx.t("encoder_hidden_states").clone(), pooled: fx.t("pooled").clone() };
+    let negative =
+        TextConditioning { hidden: fx.t("neg_encoder_hidden_states").clone(), pooled: fx.t("neg_pooled").clone() };
     let guide = guide_of(&fx);
     let inputs = FluxInputs {
         latents: fx.t("hidden_states"),
@@ -59,8 +54,8 @@ fn check(model: &str, case: &str) {
         let want = fx.get(name).unwrap_or_else(|| panic!("{model}/{case}: fixture lacks {name}"));
         assert_close(&format!("{model}/{case}/{name}"), t, want, 1e-4);
     }
-    let expected_blocks = if guide.is_some() { 3 } else { 2 } * flux.config().num_layers
-        + flux.config().num_single_layers;
+    let expected_blocks =
+        if guide.is_some() { 3 } else { 2 } * flux.config().num_layers + flux.config().num_single_layers;
     assert_eq!(trace.len(), expected_blocks, "{model}/{case}: traced streams");
     assert_close(&format!("{model}/{case}/output"), &out, fx.t("output"), 1e-4);
 }
@@ -102,10 +97,7 @@ fn dev_nasa() {
 fn guidance_without_negative_is_an_error() {
     let fx = Fixture::load("flux", "transformer_schnell_nag_l1.safetensors");
     let flux = load_model("schnell");
-    let positive = TextConditioning {
-        hidden: fx.t("encoder_hidden_states").clone(),
-        pooled: fx.t("pooled").clone(),
-    };
+    let positive = TextConditioning { hidden: fx.t("encoder_hidden_states").clone(), pooled: fx.t("pooled").clone() };
     let guide = guide_of(&fx).unwrap();
     let inputs = FluxInputs {
         latents: fx.t("hidden_states"),

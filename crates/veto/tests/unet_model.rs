@@ -29,9 +29,7 @@ fn guide_of(fx: &Fixture) -> Option<AttentionGuidance> {
             alpha: fx.f("nag_alpha"),
             norm: fx.m("nag_norm").parse().unwrap(),
         })),
-        "nasa" => Some(AttentionGuidance::Nasa {
-            scale: fx.f("nasa_scale"),
-        }),
+        "nasa" => Some(AttentionGuidance::Nasa { scale: fx.f("nasa_scale") }),
         "vsf" => Some(AttentionGuidance::Vsf(VsfParams {
             scale: fx.f("vsf_scale"),
             bias: fx.f("vsf_bias"),
@@ -45,17 +43,11 @@ fn check(model: &str, case: &str) {
     let fx = Fixture::load("unet", &format!("unet_{model}_{case}.safetensors"));
     let unet = load_unet(model);
     let guide = guide_of(&fx);
-    let negative = fx
-        .get("neg_encoder_hidden_states")
-        .or(fx.get("vsf_neg_encoder_hidden_states"));
+    let negative = fx.get("neg_encoder_hidden_states").or(fx.get("vsf_neg_encoder_hidden_states"));
     let applied: Vec<String> = serde_json::from_str(fx.m("pag_applied_layers")).unwrap();
     let pag_layers = unet.pag_layers(&applied).unwrap();
     let want_layers: Vec<String> = serde_json::from_str(fx.m("pag_layers")).unwrap();
-    assert_eq!(
-        pag_layers.names().collect::<Vec<_>>(),
-        want_layers,
-        "{model}: PAG layer selection"
-    );
+    assert_eq!(pag_layers.names().collect::<Vec<_>>(), want_layers, "{model}: PAG layer selection");
     let timestep: Vec<f32> = fx.t("timestep").to_vec1().unwrap();
     let inputs = UNetInputs {
         sample: fx.t("sample"),
@@ -68,19 +60,12 @@ fn check(model: &str, case: &str) {
             negative: negative.expect("guided fixture without a negative context"),
             method,
         }),
-        perturbation: (fx.m("perturbed") == "true").then_some(Perturbation {
-            rows: 0..1,
-            layers: &pag_layers,
-        }),
+        perturbation: (fx.m("perturbed") == "true").then_some(Perturbation { rows: 0..1, layers: &pag_layers }),
     };
     let mut trace = Vec::new();
     let out = unet.forward_traced(&inputs, Some(&mut trace)).unwrap();
     let names: Vec<&str> = trace.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(
-        names,
-        ["down_0", "down_1", "mid", "up_0", "up_1"],
-        "{model}/{case}: traced blocks"
-    );
+    assert_eq!(names, ["down_0", "down_1", "mid", "up_0", "up_1"], "{model}/{case}: traced blocks");
     for (name, t) in &trace {
         assert_close(&format!("{model}/{case}/{name}"), t, fx.t(name), 1e-4);
     }
@@ -148,25 +133,13 @@ fn guided_row_in_a_batch_matches_single_row_calls() {
             encoder_hidden_states: &ctx,
             text_embeds: Some(&two(fx.t("text_embeds"))),
             time_ids: Some(&two(fx.t("time_ids"))),
-            guidance: Some(RowGuidance {
-                rows: 1..2,
-                negative: neg,
-                method: &guide,
-            }),
-            perturbation: Some(Perturbation {
-                rows: 2..3,
-                layers: &pag,
-            }),
+            guidance: Some(RowGuidance { rows: 1..2, negative: neg, method: &guide }),
+            perturbation: Some(Perturbation { rows: 2..3, layers: &pag }),
         })
         .unwrap();
     assert_close("guided row", &batched.narrow(0, 1, 1).unwrap(), fx.t("output"), 1e-4);
     let ptb = Fixture::load("unet", "unet_sdxl_pag.safetensors");
-    assert_close(
-        "perturbed row",
-        &batched.narrow(0, 2, 1).unwrap(),
-        ptb.t("output"),
-        1e-4,
-    );
+    assert_close("perturbed row", &batched.narrow(0, 2, 1).unwrap(), ptb.t("output"), 1e-4);
     let plain_neg = unet
         .forward(&UNetInputs {
             sample,

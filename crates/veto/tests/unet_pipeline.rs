@@ -90,27 +90,14 @@ fn check(model: &str, case: &str) {
     let got_t: Vec<f32> = steps.iter().map(|(t, _)| *t as f32).collect();
     assert_eq!(got_t, want_t, "{model}/{case}: timesteps");
     for (k, (_, x)) in steps.iter().enumerate() {
-        assert_close(
-            &format!("{model}/{case}/step_{k}_latents"),
-            x,
-            fx.t(&format!("step_{k}_latents")),
-            1e-4,
-        );
+        assert_close(&format!("{model}/{case}/step_{k}_latents"), x, fx.t(&format!("step_{k}_latents")), 1e-4);
     }
-    assert_close(
-        &format!("{model}/{case}/final_latents"),
-        &latents,
-        fx.t("final_latents"),
-        1e-4,
-    );
+    assert_close(&format!("{model}/{case}/final_latents"), &latents, fx.t("final_latents"), 1e-4);
     let attention = fx.m("attention") != "none";
     if case == "nag_end" {
         assert_eq!(guided, [true, false, false, false], "{model}/{case}: NAG window");
     } else {
-        assert!(
-            guided.iter().all(|&g| g == attention),
-            "{model}/{case}: guided steps {guided:?}"
-        );
+        assert!(guided.iter().all(|&g| g == attention), "{model}/{case}: guided steps {guided:?}");
     }
     if let Some(image) = fx.get("image") {
         let decoded = pipe.decode(&latents).unwrap();
@@ -119,10 +106,7 @@ fn check(model: &str, case: &str) {
     let warnings = pipe.take_warnings();
     if fx.m("guidance") == "none" {
         // The fixtures pass the negative prompt to every case.
-        assert!(
-            warnings.len() == 1 && warnings[0].contains("negative prompt is unused"),
-            "{warnings:?}"
-        );
+        assert!(warnings.len() == 1 && warnings[0].contains("negative prompt is unused"), "{warnings:?}");
     } else {
         assert!(warnings.is_empty(), "{warnings:?}");
     }
@@ -181,38 +165,14 @@ fn check_text(model: &str) {
     let fx = Fixture::load("unet", &format!("text_{model}.safetensors"));
     let pipe = load(model);
     let pos = pipe.encode_prompt(fx.m("prompt"), true, "prompt").unwrap();
-    let neg = pipe
-        .encode_prompt(fx.m("negative_prompt"), true, "negative prompt")
-        .unwrap();
-    let vsf = pipe
-        .encode_prompt(fx.m("negative_prompt"), false, "negative prompt")
-        .unwrap();
-    assert_close(
-        &format!("{model}/prompt_embeds"),
-        &pos.embeds,
-        fx.t("prompt_embeds"),
-        1e-4,
-    );
-    assert_close(
-        &format!("{model}/neg_prompt_embeds"),
-        &neg.embeds,
-        fx.t("neg_prompt_embeds"),
-        1e-4,
-    );
-    assert_close(
-        &format!("{model}/vsf_neg_prompt_embeds"),
-        &vsf.embeds,
-        fx.t("vsf_neg_prompt_embeds"),
-        1e-4,
-    );
+    let neg = pipe.encode_prompt(fx.m("negative_prompt"), true, "negative prompt").unwrap();
+    let vsf = pipe.encode_prompt(fx.m("negative_prompt"), false, "negative prompt").unwrap();
+    assert_close(&format!("{model}/prompt_embeds"), &pos.embeds, fx.t("prompt_embeds"), 1e-4);
+    assert_close(&format!("{model}/neg_prompt_embeds"), &neg.embeds, fx.t("neg_prompt_embeds"), 1e-4);
+    assert_close(&format!("{model}/vsf_neg_prompt_embeds"), &vsf.embeds, fx.t("vsf_neg_prompt_embeds"), 1e-4);
     match fx.get("text_embeds") {
         Some(want) => {
-            assert_close(
-                &format!("{model}/text_embeds"),
-                pos.pooled.as_ref().unwrap(),
-                want,
-                1e-4,
-            );
+            assert_close(&format!("{model}/text_embeds"), pos.pooled.as_ref().unwrap(), want, 1e-4);
             assert_close(
                 &format!("{model}/neg_text_embeds"),
                 neg.pooled.as_ref().unwrap(),
@@ -235,19 +195,13 @@ fn sdxl_text() {
 
 #[test]
 fn loads_through_the_generic_loader_with_defaults() {
-    let sdxl = veto::pipelines::load(
-        &ModelSource::local(fixtures("unet").join("sdxl")).unwrap(),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
+    let sdxl =
+        veto::pipelines::load(&ModelSource::local(fixtures("unet").join("sdxl")).unwrap(), &Device::Cpu, DType::F32)
+            .unwrap();
     let d = sdxl.defaults();
     assert_eq!((d.steps, d.guidance_scale, d.height, d.width), (25, 5.0, 64, 64));
     assert_eq!(d.guidance.method, Method::CFG_NAG);
-    assert_eq!(
-        (d.guidance.nag.scale, d.guidance.nag.tau, d.guidance.nag.alpha),
-        (3.0, 2.5, 0.5)
-    );
+    assert_eq!((d.guidance.nag.scale, d.guidance.nag.tau, d.guidance.nag.alpha), (3.0, 2.5, 0.5));
     let sd15 = load("sd15");
     assert_eq!(sd15.family(), Family::StableDiffusion);
     let d = sd15.defaults();
@@ -277,10 +231,7 @@ fn height_not_a_multiple_of_8_is_rejected() {
     let mut req = base_request(&pipe);
     req.height = 60;
     let err = pipe.validate(&req).unwrap_err().to_string();
-    assert!(
-        err.contains("--height") && err.contains("multiples of 8") && err.contains("60x64"),
-        "{err}"
-    );
+    assert!(err.contains("--height") && err.contains("multiples of 8") && err.contains("60x64"), "{err}");
     assert!(pipe.generate_latents(&req, &mut |_| {}).is_err());
 }
 
@@ -310,21 +261,15 @@ fn unknown_scheduler_in_the_folder_is_a_clear_error() {
     // A copy of the SD1.5 folder with the real SD1.5 PNDM scheduler config.
     let dir = std::env::temp_dir().join(format!("veto-unet-pndm-{}", std::process::id()));
     copy_dir(&fixtures("unet").join("sd15"), &dir);
-    std::fs::copy(
-        fixtures("unet").join("schedulers/sd15_pndm.json"),
-        dir.join("scheduler/scheduler_config.json"),
-    )
-    .unwrap();
+    std::fs::copy(fixtures("unet").join("schedulers/sd15_pndm.json"), dir.join("scheduler/scheduler_config.json"))
+        .unwrap();
     let source = ModelSource::local(&dir).unwrap();
     let err = match StableDiffusionPipeline::load(&source, &Device::Cpu, DType::F32) {
         Ok(_) => panic!("PNDM loaded"),
         Err(e) => e.to_string(),
     };
     std::fs::remove_dir_all(&dir).ok();
-    assert!(
-        err.contains("PNDMScheduler") && err.contains("DPMSolverMultistepScheduler"),
-        "{err}"
-    );
+    assert!(err.contains("PNDMScheduler") && err.contains("DPMSolverMultistepScheduler"), "{err}");
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

@@ -53,20 +53,10 @@ fn check(name: &str) {
     let timesteps = s.timesteps().to_vec();
     for (k, &t) in timesteps.iter().enumerate() {
         let scaled = s.scale_model_input(&x).unwrap();
-        assert_close(
-            &format!("{name}/step_{k}_scaled_input"),
-            &scaled,
-            fx.t(&format!("step_{k}_scaled_input")),
-            1e-4,
-        );
+        assert_close(&format!("{name}/step_{k}_scaled_input"), &scaled, fx.t(&format!("step_{k}_scaled_input")), 1e-4);
         let out = ((&scaled * 0.1).unwrap() + 0.05 * t / 1000.0).unwrap();
         x = s.step(&out, &x, &mut noise).unwrap();
-        assert_close(
-            &format!("{name}/step_{k}_latents"),
-            &x,
-            fx.t(&format!("step_{k}_latents")),
-            1e-4,
-        );
+        assert_close(&format!("{name}/step_{k}_latents"), &x, fx.t(&format!("step_{k}_latents")), 1e-4);
     }
     assert_eq!(s.step_index(), timesteps.len());
     // One more step is an error, not a panic.
@@ -159,10 +149,7 @@ fn unknown_scheduler_class_is_a_clear_error() {
 
 #[test]
 fn missing_config_names_the_file() {
-    let err = load_scheduler(fixtures("unet").join("schedulers/nope.json"))
-        .err()
-        .unwrap()
-        .to_string();
+    let err = load_scheduler(fixtures("unet").join("schedulers/nope.json")).err().unwrap().to_string();
     assert!(err.contains("nope.json"), "{err}");
 }
 

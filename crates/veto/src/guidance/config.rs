@@ -213,16 +213,10 @@ impl GuidanceConfig {
             return Err(Error::invalid(format!("--nag-tau (tau) must be > 0, got {}", self.nag.tau)));
         }
         if !(0.0..=1.0).contains(&self.nag.alpha) {
-            return Err(Error::invalid(format!(
-                "--nag-alpha (alpha) must be in [0, 1], got {}",
-                self.nag.alpha
-            )));
+            return Err(Error::invalid(format!("--nag-alpha (alpha) must be in [0, 1], got {}", self.nag.alpha)));
         }
         if !(0.0..=1.0).contains(&self.nag_end) {
-            return Err(Error::invalid(format!(
-                "--nag-end (theta) must be in [0, 1], got {}",
-                self.nag_end
-            )));
+            return Err(Error::invalid(format!("--nag-end (theta) must be in [0, 1], got {}", self.nag_end)));
         }
         if self.nasa_scale < 0.0 {
             return Err(Error::invalid(format!("--nasa-scale (phi) must be >= 0, got {}", self.nasa_scale)));

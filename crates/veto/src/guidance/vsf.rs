@@ -94,13 +94,7 @@ pub struct VsfOutput {
 /// MMDiT joint attention under VSF: `img` over `[I, A, N']` and the text rows over their
 /// allowed blocks (module docs), with `neg_len` the length of `N` at the end of `txt`.
 /// The image-over-image block is computed once; nothing image-sized is copied.
-pub fn joint_attention(
-    img: &Heads,
-    txt: &Heads,
-    neg_len: usize,
-    scale: f64,
-    params: &VsfParams,
-) -> Result<VsfOutput> {
+pub fn joint_attention(img: &Heads, txt: &Heads, neg_len: usize, scale: f64, params: &VsfParams) -> Result<VsfOutput> {
     let q_img = img.q.ok_or_else(|| candle_core::Error::Msg("VSF needs the image queries".into()))?;
     let txt_len = txt.k.dim(2)?;
     if neg_len == 0 || neg_len > txt_len {
@@ -133,11 +127,7 @@ pub fn joint_attention(
                 merge_blocks(&[&over_img, &own])
             };
             let n_rows = rows(a_len, neg_len, &k_n, &v_n)?;
-            Some(if a_len > 0 {
-                Tensor::cat(&[&rows(0, a_len, &k_a, &v_a)?, &n_rows], 2)?
-            } else {
-                n_rows
-            })
+            Some(if a_len > 0 { Tensor::cat(&[&rows(0, a_len, &k_a, &v_a)?, &n_rows], 2)? } else { n_rows })
         }
     };
     Ok(VsfOutput { image, text })
@@ -150,13 +140,7 @@ mod tests {
     use candle_core::{DType, Device, D};
 
     /// The dense oracle: one softmax over all keys `[I, T, N']` with an additive `[Q, K]` mask.
-    fn dense(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        mask: &[Vec<f32>],
-        scale: f64,
-    ) -> Tensor {
+    fn dense(q: &Tensor, k: &Tensor, v: &Tensor, mask: &[Vec<f32>], scale: f64) -> Tensor {
         let (qn, kn) = (mask.len(), mask[0].len());
         let flat: Vec<f32> = mask.iter().flatten().copied().collect();
         let m = Tensor::from_vec(flat, (qn, kn), q.device()).unwrap();

@@ -1,6 +1,6 @@
 //! Loading models: diffusers folders, sharded safetensors, the Hugging Face hub cache.
 
-pub mod safetensors_files;
 pub mod components;
 pub mod model_index;
 pub mod model_source;
+pub mod safetensors_files;

@@ -70,23 +70,15 @@ impl ModelIndex {
 
     /// Parses the JSON text; `origin` (a path or description) is used in error messages.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
-        let bad = |reason: String| Error::BadModelFile {
-            path: origin.to_string(),
-            reason,
-        };
-        let value: Value =
-            serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let bad = |reason: String| Error::BadModelFile { path: origin.to_string(), reason };
+        let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(bad("expected a JSON object".to_string()));
         };
         let pipeline_class = match map.get("_class_name") {
             Some(Value::String(s)) => s.clone(),
             Some(_) => return Err(bad("_class_name is not a string".to_string())),
-            None => {
-                return Err(bad(
-                    "missing _class_name (is this a diffusers model folder?)".to_string(),
-                ))
-            }
+            None => return Err(bad("missing _class_name (is this a diffusers model folder?)".to_string())),
         };
         let kind = match pipeline_class.as_str() {
             "FluxPipeline" => PipelineKind::Flux,
@@ -100,10 +92,7 @@ impl ModelIndex {
                 )))
             }
         };
-        let diffusers_version = map
-            .get("_diffusers_version")
-            .and_then(Value::as_str)
-            .map(str::to_string);
+        let diffusers_version = map.get("_diffusers_version").and_then(Value::as_str).map(str::to_string);
 
         let mut components = BTreeMap::new();
         for (name, value) in &map {
@@ -114,34 +103,18 @@ impl ModelIndex {
             // pipeline option and none of ours need one yet.
             let Value::Array(pair) = value else { continue };
             let [library, class_name] = pair.as_slice() else {
-                return Err(bad(format!(
-                    "component {name:?} should be [library, class], got {value}"
-                )));
+                return Err(bad(format!("component {name:?} should be [library, class], got {value}")));
             };
             let as_opt = |v: &Value| -> Result<Option<String>> {
                 match v {
                     Value::Null => Ok(None),
                     Value::String(s) => Ok(Some(s.clone())),
-                    other => Err(bad(format!(
-                        "component {name:?} should be [library, class], got {other} inside"
-                    ))),
+                    other => Err(bad(format!("component {name:?} should be [library, class], got {other} inside"))),
                 }
             };
-            components.insert(
-                name.clone(),
-                Component {
-                    library: as_opt(library)?,
-                    class_name: as_opt(class_name)?,
-                },
-            );
+            components.insert(name.clone(), Component { library: as_opt(library)?, class_name: as_opt(class_name)? });
         }
-        Ok(Self {
-            origin: origin.to_string(),
-            pipeline_class,
-            kind,
-            diffusers_version,
-            components,
-        })
+        Ok(Self { origin: origin.to_string(), pipeline_class, kind, diffusers_version, components })
     }
 
     /// The pipeline class, e.g. `"FluxPipeline"`.
@@ -169,9 +142,7 @@ impl ModelIndex {
 
     /// The class name of a present component, e.g. `"T5EncoderModel"` for `"text_encoder_2"`.
     pub fn component_class(&self, name: &str) -> Option<&str> {
-        self.components
-            .get(name)
-            .and_then(|c| c.class_name.as_deref())
+        self.components.get(name).and_then(|c| c.class_name.as_deref())
     }
 
     /// The class of a component the pipeline cannot run without; errors name the file and,
@@ -180,19 +151,13 @@ impl ModelIndex {
         let Some(class) = self.component_class(name) else {
             return Err(Error::BadModelFile {
                 path: self.origin.clone(),
-                reason: format!(
-                    "{} needs a {name:?} component, none is listed",
-                    self.pipeline_class
-                ),
+                reason: format!("{} needs a {name:?} component, none is listed", self.pipeline_class),
             });
         };
         if !expected.is_empty() && !expected.contains(&class) {
             return Err(Error::BadModelFile {
                 path: self.origin.clone(),
-                reason: format!(
-                    "component {name:?} is a {class}, expected {}",
-                    expected.join(" or ")
-                ),
+                reason: format!("component {name:?} is a {class}, expected {}", expected.join(" or ")),
             });
         }
         Ok(class)
@@ -224,25 +189,15 @@ mod tests {
         assert_eq!(idx.pipeline_class(), "FluxPipeline");
         assert_eq!(idx.kind(), PipelineKind::Flux);
         assert_eq!(idx.diffusers_version(), Some("0.30.0.dev0"));
-        assert_eq!(
-            idx.component_class("transformer"),
-            Some("FluxTransformer2DModel")
-        );
-        assert_eq!(
-            idx.component_class("text_encoder_2"),
-            Some("T5EncoderModel")
-        );
-        assert_eq!(
-            idx.component("vae").unwrap().library.as_deref(),
-            Some("diffusers")
-        );
+        assert_eq!(idx.component_class("transformer"), Some("FluxTransformer2DModel"));
+        assert_eq!(idx.component_class("text_encoder_2"), Some("T5EncoderModel"));
+        assert_eq!(idx.component("vae").unwrap().library.as_deref(), Some("diffusers"));
         let absent = idx.component("image_encoder").unwrap();
         assert!(!absent.is_present());
         assert_eq!(idx.component_class("image_encoder"), None);
         assert_eq!(idx.components().count(), 9);
         assert_eq!(
-            idx.require_component("transformer", &["FluxTransformer2DModel"])
-                .unwrap(),
+            idx.require_component("transformer", &["FluxTransformer2DModel"]).unwrap(),
             "FluxTransformer2DModel"
         );
     }
@@ -250,18 +205,9 @@ mod tests {
     #[test]
     fn require_component_errors() {
         let idx = ModelIndex::from_json(FLUX, "/m/model_index.json").unwrap();
-        let err = idx
-            .require_component("vae", &["AutoencoderTiny"])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("/m/model_index.json") && err.contains("AutoencoderKL"),
-            "{err}"
-        );
-        let err = idx
-            .require_component("image_encoder", &[])
-            .unwrap_err()
-            .to_string();
+        let err = idx.require_component("vae", &["AutoencoderTiny"]).unwrap_err().to_string();
+        assert!(err.contains("/m/model_index.json") && err.contains("AutoencoderKL"), "{err}");
+        let err = idx.require_component("image_encoder", &[]).unwrap_err().to_string();
         assert!(err.contains("image_encoder"), "{err}");
         let err = idx.require_component("unet", &[]).unwrap_err().to_string();
         assert!(err.contains("unet"), "{err}");
@@ -271,9 +217,7 @@ mod tests {
     fn unknown_pipeline_lists_supported() {
         let json = r#"{"_class_name": "KandinskyV22Pipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                        "force_zeros_for_empty_prompt": true}"#;
-        let err = ModelIndex::from_json(json, "x/model_index.json")
-            .unwrap_err()
-            .to_string();
+        let err = ModelIndex::from_json(json, "x/model_index.json").unwrap_err().to_string();
         assert!(err.contains("KandinskyV22Pipeline"), "{err}");
         assert!(err.contains("FluxPipeline"), "{err}");
         assert!(err.contains("x/model_index.json"), "{err}");
@@ -294,22 +238,11 @@ mod tests {
             ("{", "JSON"),
             (r#"{"transformer": ["diffusers", "X"]}"#, "_class_name"),
             (r#"{"_class_name": 3}"#, "_class_name"),
-            (
-                r#"{"_class_name": "FluxPipeline", "vae": ["diffusers"]}"#,
-                "vae",
-            ),
-            (
-                r#"{"_class_name": "FluxPipeline", "vae": ["diffusers", 7]}"#,
-                "vae",
-            ),
+            (r#"{"_class_name": "FluxPipeline", "vae": ["diffusers"]}"#, "vae"),
+            (r#"{"_class_name": "FluxPipeline", "vae": ["diffusers", 7]}"#, "vae"),
         ] {
-            let err = ModelIndex::from_json(json, "idx.json")
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains(needle) && err.contains("idx.json"),
-                "{json}: {err}"
-            );
+            let err = ModelIndex::from_json(json, "idx.json").unwrap_err().to_string();
+            assert!(err.contains(needle) && err.contains("idx.json"), "{json}: {err}");
         }
     }
 

@@ -71,10 +71,7 @@ impl HubOptions {
 
     /// Cache-only options: nothing is ever downloaded.
     pub fn offline(cache_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            offline: true,
-            ..Self::new(cache_dir)
-        }
+        Self { offline: true, ..Self::new(cache_dir) }
     }
 
     /// The options the Python `huggingface_hub` library would use in this environment:
@@ -89,9 +86,7 @@ impl HubOptions {
     /// [`HubOptions::from_env`] with the variables supplied by `var` (for tests).
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Self> {
         let var = |name: &str| var(name).filter(|v| !v.trim().is_empty());
-        let home = var("HOME")
-            .or_else(|| var("USERPROFILE"))
-            .map(PathBuf::from);
+        let home = var("HOME").or_else(|| var("USERPROFILE")).map(PathBuf::from);
         let hf_home = var("HF_HOME").map(PathBuf::from).or_else(|| {
             var("XDG_CACHE_HOME")
                 .map(PathBuf::from)
@@ -104,8 +99,7 @@ impl HubOptions {
             .or_else(|| hf_home.as_ref().map(|h| h.join("hub")))
             .ok_or_else(|| {
                 Error::Hub(
-                    "cannot locate the Hugging Face cache: no home folder; set HF_HOME or HF_HUB_CACHE"
-                        .to_string(),
+                    "cannot locate the Hugging Face cache: no home folder; set HF_HOME or HF_HUB_CACHE".to_string(),
                 )
             })?;
 
@@ -114,26 +108,15 @@ impl HubOptions {
         if let Some(endpoint) = var("HF_ENDPOINT") {
             options.endpoint = endpoint.trim().trim_end_matches('/').to_string();
         }
-        options.token = var("HF_TOKEN")
-            .or_else(|| var("HUGGING_FACE_HUB_TOKEN"))
-            .or_else(|| {
-                let path = var("HF_TOKEN_PATH")
-                    .map(PathBuf::from)
-                    .or_else(|| hf_home.as_ref().map(|h| h.join("token")))?;
-                let token = std::fs::read_to_string(path).ok()?;
-                let token = token.trim();
-                (!token.is_empty()).then(|| token.to_string())
-            });
-        let proxied = [
-            "ALL_PROXY",
-            "all_proxy",
-            "HTTPS_PROXY",
-            "https_proxy",
-            "HTTP_PROXY",
-            "http_proxy",
-        ]
-        .iter()
-        .any(|name| var(name).is_some());
+        options.token = var("HF_TOKEN").or_else(|| var("HUGGING_FACE_HUB_TOKEN")).or_else(|| {
+            let path = var("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| hf_home.as_ref().map(|h| h.join("token")))?;
+            let token = std::fs::read_to_string(path).ok()?;
+            let token = token.trim();
+            (!token.is_empty()).then(|| token.to_string())
+        });
+        let proxied = ["ALL_PROXY", "all_proxy", "HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"]
+            .iter()
+            .any(|name| var(name).is_some());
         if proxied {
             options.connect_timeout = None;
         }
@@ -143,10 +126,7 @@ impl HubOptions {
 
 /// huggingface_hub's notion of a true environment flag.
 fn is_truthy(value: &str) -> bool {
-    matches!(
-        value.trim().to_ascii_uppercase().as_str(),
-        "1" | "ON" | "YES" | "TRUE"
-    )
+    matches!(value.trim().to_ascii_uppercase().as_str(), "1" | "ON" | "YES" | "TRUE")
 }
 
 /// A resolved model: a local folder or a hub repo read through the cache.
@@ -214,16 +194,11 @@ impl ModelSource {
         let index = folder.join(MODEL_INDEX);
         if !index.is_file() {
             return Err(Error::MissingFile {
-                what: format!(
-                    "{} is not a diffusers model folder, missing file",
-                    folder.display()
-                ),
+                what: format!("{} is not a diffusers model folder, missing file", folder.display()),
                 path: index.display().to_string(),
             });
         }
-        Ok(Self {
-            inner: Inner::Local(folder.to_path_buf()),
-        })
+        Ok(Self { inner: Inner::Local(folder.to_path_buf()) })
     }
 
     /// A hub repo read through the cache in `options`. Fetches `model_index.json` right away
@@ -245,16 +220,9 @@ impl ModelSource {
                 .map_err(|e| Error::Hub(format!("cannot set up the Hugging Face client: {e}")))?;
             Some(api)
         };
-        let hub = HubSource {
-            repo_id: repo_id.to_string(),
-            options,
-            api,
-            reachable: OnceLock::new(),
-        };
+        let hub = HubSource { repo_id: repo_id.to_string(), options, api, reachable: OnceLock::new() };
         hub.file(MODEL_INDEX)?;
-        Ok(Self {
-            inner: Inner::Hub(Box::new(hub)),
-        })
+        Ok(Self { inner: Inner::Hub(Box::new(hub)) })
     }
 
     /// The local path of a file, by path relative to the model root (`/`-separated). Local
@@ -360,11 +328,7 @@ enum DownloadError {
 
 impl HubSource {
     fn repo(&self) -> Repo {
-        Repo::with_revision(
-            self.repo_id.clone(),
-            RepoType::Model,
-            self.options.revision.clone(),
-        )
+        Repo::with_revision(self.repo_id.clone(), RepoType::Model, self.options.revision.clone())
     }
 
     fn file(&self, rel: &str) -> Result<PathBuf> {
@@ -393,12 +357,7 @@ impl HubSource {
         // hf-hub reads `refs/<revision>` verbatim, so a ref written with a trailing newline
         // is missed, and a revision given as a commit hash has no ref file at all.
         let revision = &self.options.revision;
-        let ref_file = self
-            .options
-            .cache_dir
-            .join(self.repo().folder_name())
-            .join("refs")
-            .join(revision);
+        let ref_file = self.options.cache_dir.join(self.repo().folder_name()).join("refs").join(revision);
         let commit = match std::fs::read_to_string(ref_file) {
             Ok(text) => text.trim().to_string(),
             Err(_) if is_commit_hash(revision) => revision.clone(),
@@ -418,27 +377,21 @@ impl HubSource {
                 .clone()
                 .map_err(DownloadError::Unreachable)?;
         }
-        let api = self
-            .api
-            .as_ref()
-            .ok_or_else(|| DownloadError::Other("offline".to_string()))?;
-        api.repo(self.repo())
-            .download(rel)
-            .map_err(|e| match http_status(&e) {
-                Some(404) => DownloadError::NotFound,
-                Some(code @ (401 | 403)) => DownloadError::Refused(code),
-                _ => DownloadError::Other(e.to_string()),
-            })
+        let api = self.api.as_ref().ok_or_else(|| DownloadError::Other("offline".to_string()))?;
+        api.repo(self.repo()).download(rel).map_err(|e| match http_status(&e) {
+            Some(404) => DownloadError::NotFound,
+            Some(code @ (401 | 403)) => DownloadError::Refused(code),
+            _ => DownloadError::Other(e.to_string()),
+        })
     }
 
     fn download_error(&self, rel: &str, err: DownloadError) -> Error {
         let repo = &self.repo_id;
         let endpoint = &self.options.endpoint;
         let msg = match err {
-            DownloadError::NotFound => format!(
-                "{repo} has no file {rel} at revision {} (HTTP 404 from {endpoint})",
-                self.options.revision
-            ),
+            DownloadError::NotFound => {
+                format!("{repo} has no file {rel} at revision {} (HTTP 404 from {endpoint})", self.options.revision)
+            }
             DownloadError::Refused(code) => format!(
                 "{endpoint} refused {rel} of {repo} (HTTP {code}): the repo does not exist, or \
                  it is gated or private. Check the id; for a gated model accept its license at \
@@ -484,21 +437,14 @@ fn probe(endpoint: &str, timeout: Duration) -> std::result::Result<(), String> {
     let (tx, rx) = mpsc::channel();
     let lookup_host = host.clone();
     std::thread::spawn(move || {
-        let addrs = (lookup_host.as_str(), port)
-            .to_socket_addrs()
-            .map(|a| a.collect::<Vec<_>>());
+        let addrs = (lookup_host.as_str(), port).to_socket_addrs().map(|a| a.collect::<Vec<_>>());
         let _ = tx.send(addrs);
     });
     let addrs = match rx.recv_timeout(timeout) {
         Ok(Ok(addrs)) if !addrs.is_empty() => addrs,
         Ok(Ok(_)) => return Err(format!("{host} resolves to no address")),
         Ok(Err(e)) => return Err(format!("cannot resolve {host} ({e})")),
-        Err(_) => {
-            return Err(format!(
-                "resolving {host} took more than {}s",
-                timeout.as_secs_f32()
-            ))
-        }
+        Err(_) => return Err(format!("resolving {host} took more than {}s", timeout.as_secs_f32())),
     };
     let mut last = String::from("timed out");
     for addr in addrs {
@@ -524,14 +470,10 @@ fn endpoint_host_port(endpoint: &str) -> std::result::Result<(String, u16), Stri
         return Err(format!("endpoint {endpoint:?} is not an http(s) URL"));
     };
     let authority = rest.split('/').next().unwrap_or_default();
-    let authority = authority
-        .rsplit_once('@')
-        .map_or(authority, |(_, host)| host);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
     let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
-            let port = port
-                .parse()
-                .map_err(|_| format!("bad port in endpoint {endpoint:?}"))?;
+            let port = port.parse().map_err(|_| format!("bad port in endpoint {endpoint:?}"))?;
             (host, port)
         }
         _ => (authority, default_port),
@@ -551,8 +493,7 @@ pub fn is_hub_repo_id(s: &str) -> bool {
     };
     let part_ok = |p: &str| {
         !p.is_empty()
-            && p.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            && p.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
             && !p.starts_with(['-', '.'])
             && !p.ends_with(['-', '.'])
     };
@@ -566,11 +507,8 @@ fn is_commit_hash(s: &str) -> bool {
 /// Paths asked of a model must stay inside it: relative, plain components only.
 fn check_rel(rel: &str) -> Result<&Path> {
     let path = Path::new(rel);
-    let plain = !rel.is_empty()
-        && !rel.contains('\\')
-        && path
-            .components()
-            .all(|c| matches!(c, PathComponent::Normal(_)));
+    let plain =
+        !rel.is_empty() && !rel.contains('\\') && path.components().all(|c| matches!(c, PathComponent::Normal(_)));
     if plain {
         Ok(path)
     } else {
@@ -581,9 +519,7 @@ fn check_rel(rel: &str) -> Result<&Path> {
 }
 
 fn not_found(model: &str) -> Error {
-    Error::InvalidInput(format!(
-        "model not found: {model:?} (not a folder and not a Hugging Face repo id)"
-    ))
+    Error::InvalidInput(format!("model not found: {model:?} (not a folder and not a Hugging Face repo id)"))
 }
 
 #[cfg(test)]
@@ -632,22 +568,11 @@ mod tests {
         let src = ModelSource::resolve_with(model, &offline(empty.path())).unwrap();
         assert_eq!(src.root(), Some(dir.path()));
         assert_eq!(src.repo_id(), None);
-        assert_eq!(
-            src.file("transformer/config.json").unwrap(),
-            dir.path().join("transformer/config.json")
-        );
-        assert_eq!(
-            src.files(&["model_index.json", "transformer/config.json"])
-                .unwrap()
-                .len(),
-            2
-        );
+        assert_eq!(src.file("transformer/config.json").unwrap(), dir.path().join("transformer/config.json"));
+        assert_eq!(src.files(&["model_index.json", "transformer/config.json"]).unwrap().len(), 2);
         assert_eq!(src.try_file("vae/config.json").unwrap(), None);
         let err = src.file("vae/config.json").unwrap_err().to_string();
-        assert!(
-            err.contains(model) && err.contains("vae/config.json"),
-            "{err}"
-        );
+        assert!(err.contains(model) && err.contains("vae/config.json"), "{err}");
         assert_eq!(src.model_index().unwrap().pipeline_class(), "FluxPipeline");
         assert!(src.to_string().contains(model));
     }
@@ -656,14 +581,7 @@ mod tests {
     fn relative_paths_must_stay_inside() {
         let dir = local_model();
         let src = ModelSource::local(dir.path()).unwrap();
-        for rel in [
-            "../x",
-            "/etc/passwd",
-            "",
-            "a/../../b",
-            "./model_index.json",
-            "a\\b",
-        ] {
+        for rel in ["../x", "/etc/passwd", "", "a/../../b", "./model_index.json", "a\\b"] {
             let err = src.file(rel).unwrap_err().to_string();
             assert!(err.contains("relative path"), "{rel}: {err}");
         }
@@ -673,28 +591,14 @@ mod tests {
     fn missing_folder_and_garbage_ids() {
         let empty = tempfile::tempdir().unwrap();
         let missing = empty.path().join("no/such/model");
-        for model in [
-            missing.to_str().unwrap(),
-            "not a model!",
-            "a/b/c",
-            "",
-            "-x/y",
-            "x/y..z",
-        ] {
-            let err = ModelSource::resolve_with(model, &offline(empty.path()))
-                .unwrap_err()
-                .to_string();
+        for model in [missing.to_str().unwrap(), "not a model!", "a/b/c", "", "-x/y", "x/y..z"] {
+            let err = ModelSource::resolve_with(model, &offline(empty.path())).unwrap_err().to_string();
             assert!(err.contains("model not found"), "{model}: {err}");
-            assert!(
-                err.contains("not a folder and not a Hugging Face repo id"),
-                "{err}"
-            );
+            assert!(err.contains("not a folder and not a Hugging Face repo id"), "{err}");
             assert!(err.contains(model), "{err}");
         }
         // The env-reading entry point gives the same answer without looking at the hub.
-        let err = ModelSource::resolve("surely not/a repo")
-            .unwrap_err()
-            .to_string();
+        let err = ModelSource::resolve("surely not/a repo").unwrap_err().to_string();
         assert!(err.contains("model not found"), "{err}");
     }
 
@@ -702,9 +606,8 @@ mod tests {
     fn folder_without_model_index() {
         let dir = tempfile::tempdir().unwrap();
         write(&dir.path().join("transformer/config.json"), "{}");
-        let err = ModelSource::resolve_with(dir.path().to_str().unwrap(), &offline(dir.path()))
-            .unwrap_err()
-            .to_string();
+        let err =
+            ModelSource::resolve_with(dir.path().to_str().unwrap(), &offline(dir.path())).unwrap_err().to_string();
         assert!(err.contains(MODEL_INDEX), "{err}");
         assert!(err.contains(dir.path().to_str().unwrap()), "{err}");
     }
@@ -719,17 +622,10 @@ mod tests {
 
     #[test]
     fn repo_id_syntax() {
-        for ok in [
-            "black-forest-labs/FLUX.1-schnell",
-            "a/b",
-            "A_b/c.d-e",
-            "user123/model_v2",
-        ] {
+        for ok in ["black-forest-labs/FLUX.1-schnell", "a/b", "A_b/c.d-e", "user123/model_v2"] {
             assert!(is_hub_repo_id(ok), "{ok}");
         }
-        for bad in [
-            "gpt2", "a/b/c", "/a", "a/", "a--b/c", "a/b..c", ".a/b", "a/b-", "a b/c", "~/m",
-        ] {
+        for bad in ["gpt2", "a/b/c", "/a", "a/", "a--b/c", "a/b..c", ".a/b", "a/b-", "a b/c", "~/m"] {
             assert!(!is_hub_repo_id(bad), "{bad}");
         }
         assert!(!is_hub_repo_id(&format!("a/{}", "x".repeat(100))));
@@ -739,17 +635,9 @@ mod tests {
     fn offline_empty_cache_fails_fast_and_clearly() {
         let empty = tempfile::tempdir().unwrap();
         let start = Instant::now();
-        let err = ModelSource::resolve_with("acme/flux-mini", &offline(empty.path()))
-            .unwrap_err()
-            .to_string();
+        let err = ModelSource::resolve_with("acme/flux-mini", &offline(empty.path())).unwrap_err().to_string();
         assert!(start.elapsed() < Duration::from_secs(2));
-        for needle in [
-            "acme/flux-mini",
-            MODEL_INDEX,
-            "HF_HUB_OFFLINE",
-            "HF_HOME",
-            "download",
-        ] {
+        for needle in ["acme/flux-mini", MODEL_INDEX, "HF_HUB_OFFLINE", "HF_HOME", "download"] {
             assert!(err.contains(needle), "missing {needle:?} in: {err}");
         }
         assert!(err.contains(empty.path().to_str().unwrap()), "{err}");
@@ -758,25 +646,16 @@ mod tests {
     #[test]
     fn offline_cache_hit() {
         // Ref written exactly like huggingface_hub does, and with a trailing newline.
-        for ref_text in [
-            "0123456789abcdef0123456789abcdef01234567",
-            "0123456789abcdef0123456789abcdef01234567\n",
-        ] {
+        for ref_text in ["0123456789abcdef0123456789abcdef01234567", "0123456789abcdef0123456789abcdef01234567\n"] {
             let (cache, snap) = fake_cache(ref_text);
             let src = ModelSource::resolve_with("acme/flux-mini", &offline(cache.path())).unwrap();
             assert_eq!(src.root(), None);
             assert_eq!(src.repo_id(), Some("acme/flux-mini"));
-            assert_eq!(
-                src.file("transformer/config.json").unwrap(),
-                snap.join("transformer/config.json")
-            );
+            assert_eq!(src.file("transformer/config.json").unwrap(), snap.join("transformer/config.json"));
             assert_eq!(src.model_index().unwrap().pipeline_class(), "FluxPipeline");
             assert_eq!(src.try_file("vae/config.json").unwrap(), None);
             let err = src.file("vae/config.json").unwrap_err().to_string();
-            assert!(
-                err.contains("vae/config.json") && err.contains("acme/flux-mini"),
-                "{err}"
-            );
+            assert!(err.contains("vae/config.json") && err.contains("acme/flux-mini"), "{err}");
         }
     }
 
@@ -798,19 +677,11 @@ mod tests {
         write(&repo.join("refs/main"), "abc");
         write(&repo.join("blobs/e1"), INDEX);
         fs::create_dir_all(repo.join("snapshots/abc")).unwrap();
-        std::os::unix::fs::symlink(
-            "../../blobs/e1",
-            repo.join("snapshots/abc").join(MODEL_INDEX),
-        )
-        .unwrap();
+        std::os::unix::fs::symlink("../../blobs/e1", repo.join("snapshots/abc").join(MODEL_INDEX)).unwrap();
         // A dangling link (blob deleted) counts as missing.
-        std::os::unix::fs::symlink("../../blobs/gone", repo.join("snapshots/abc/extra.json"))
-            .unwrap();
+        std::os::unix::fs::symlink("../../blobs/gone", repo.join("snapshots/abc/extra.json")).unwrap();
         let src = ModelSource::resolve_with("acme/flux-mini", &offline(cache.path())).unwrap();
-        assert_eq!(
-            fs::read_to_string(src.file(MODEL_INDEX).unwrap()).unwrap(),
-            INDEX
-        );
+        assert_eq!(fs::read_to_string(src.file(MODEL_INDEX).unwrap()).unwrap(), INDEX);
         assert!(src.file("extra.json").is_err());
     }
 
@@ -821,10 +692,7 @@ mod tests {
         let mut opts = HubOptions::new(cache.path());
         opts.endpoint = "http://127.0.0.1:1".to_string();
         let src = ModelSource::resolve_with("acme/flux-mini", &opts).unwrap();
-        assert_eq!(
-            src.file("transformer/config.json").unwrap(),
-            snap.join("transformer/config.json")
-        );
+        assert_eq!(src.file("transformer/config.json").unwrap(), snap.join("transformer/config.json"));
     }
 
     #[test]
@@ -836,34 +704,19 @@ mod tests {
             opts.endpoint = endpoint.to_string();
             opts.connect_timeout = Some(Duration::from_millis(500));
             let start = Instant::now();
-            let err = ModelSource::resolve_with("acme/flux-mini", &opts)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                start.elapsed() < Duration::from_secs(5),
-                "{endpoint} took {:?}",
-                start.elapsed()
-            );
-            assert!(
-                err.contains("acme/flux-mini") && err.contains(MODEL_INDEX),
-                "{err}"
-            );
+            let err = ModelSource::resolve_with("acme/flux-mini", &opts).unwrap_err().to_string();
+            assert!(start.elapsed() < Duration::from_secs(5), "{endpoint} took {:?}", start.elapsed());
+            assert!(err.contains("acme/flux-mini") && err.contains(MODEL_INDEX), "{err}");
             // Sandboxes may intercept connections to outside addresses and answer HTTP
             // themselves, so only the loopback case has a guaranteed kind of failure.
             if endpoint.contains("127.0.0.1") {
-                assert!(
-                    err.contains("cannot reach") && err.contains("HF_HUB_OFFLINE"),
-                    "{err}"
-                );
+                assert!(err.contains("cannot reach") && err.contains("HF_HUB_OFFLINE"), "{err}");
             }
         }
     }
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |k| map.get(k).cloned()
     }
 
@@ -876,8 +729,7 @@ mod tests {
         assert_eq!(o.revision, "main");
         assert!(o.connect_timeout.is_some());
 
-        let o = HubOptions::from_vars(vars(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/xdg")]))
-            .unwrap();
+        let o = HubOptions::from_vars(vars(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/xdg")])).unwrap();
         assert_eq!(o.cache_dir, PathBuf::from("/xdg/huggingface/hub"));
 
         let o = HubOptions::from_vars(vars(&[("HOME", "/home/u"), ("HF_HOME", "/hf")])).unwrap();
@@ -898,15 +750,8 @@ mod tests {
         assert_eq!(o.token.as_deref(), Some("hf_abc"));
         assert_eq!(o.connect_timeout, None);
 
-        for (v, want) in [
-            ("true", true),
-            ("YES", true),
-            ("on", true),
-            ("0", false),
-            ("no", false),
-        ] {
-            let o =
-                HubOptions::from_vars(vars(&[("HF_HOME", "/hf"), ("HF_HUB_OFFLINE", v)])).unwrap();
+        for (v, want) in [("true", true), ("YES", true), ("on", true), ("0", false), ("no", false)] {
+            let o = HubOptions::from_vars(vars(&[("HF_HOME", "/hf"), ("HF_HUB_OFFLINE", v)])).unwrap();
             assert_eq!(o.offline, want, "{v}");
         }
 
@@ -924,18 +769,9 @@ mod tests {
 
     #[test]
     fn endpoint_parsing() {
-        assert_eq!(
-            endpoint_host_port("https://huggingface.co").unwrap(),
-            ("huggingface.co".into(), 443)
-        );
-        assert_eq!(
-            endpoint_host_port("http://h:8080/x").unwrap(),
-            ("h".into(), 8080)
-        );
-        assert_eq!(
-            endpoint_host_port("http://[::1]:9").unwrap(),
-            ("::1".into(), 9)
-        );
+        assert_eq!(endpoint_host_port("https://huggingface.co").unwrap(), ("huggingface.co".into(), 443));
+        assert_eq!(endpoint_host_port("http://h:8080/x").unwrap(), ("h".into(), 8080));
+        assert_eq!(endpoint_host_port("http://[::1]:9").unwrap(), ("::1".into(), 9));
         assert!(endpoint_host_port("ftp://h").is_err());
         assert!(endpoint_host_port("https://").is_err());
     }

@@ -17,10 +17,7 @@ use crate::error::{Error, Result};
 /// folder when neither exists, and the shard when one listed in the index is missing.
 pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
-        return Err(Error::MissingFile {
-            what: "model folder not found".into(),
-            path: dir.display().to_string(),
-        });
+        return Err(Error::MissingFile { what: "model folder not found".into(), path: dir.display().to_string() });
     }
     let single = dir.join(format!("{stem}.safetensors"));
     if single.is_file() {
@@ -33,28 +30,17 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
             path: dir.display().to_string(),
         });
     }
-    let bad = |reason: String| Error::BadModelFile {
-        path: index.display().to_string(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadModelFile { path: index.display().to_string(), reason };
     let text = std::fs::read_to_string(&index).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let map =
+        json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object".into()))?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| bad(format!("weight_map entry for {tensor} is not a file name")))?;
+        let file = file.as_str().ok_or_else(|| bad(format!("weight_map entry for {tensor} is not a file name")))?;
         // Shard names are plain file names; refuse anything that would leave the folder.
         let p = Path::new(file);
-        if p.is_absolute()
-            || p.components()
-                .any(|c| matches!(c, std::path::Component::ParentDir))
-        {
+        if p.is_absolute() || p.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
             return Err(bad(format!("shard path {file:?} leaves the model folder")));
         }
         shards.insert(file.to_string());
@@ -79,19 +65,13 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
 /// Read and parse a JSON config file; errors name the file and what is wrong with it.
 pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => Error::MissingFile {
-            what: format!("{what} not found"),
-            path: path.display().to_string(),
-        },
-        _ => Error::BadModelFile {
-            path: path.display().to_string(),
-            reason: format!("cannot read {what}: {e}"),
-        },
+        std::io::ErrorKind::NotFound => {
+            Error::MissingFile { what: format!("{what} not found"), path: path.display().to_string() }
+        }
+        _ => Error::BadModelFile { path: path.display().to_string(), reason: format!("cannot read {what}: {e}") },
     })?;
-    serde_json::from_str(&text).map_err(|e| Error::BadModelFile {
-        path: path.display().to_string(),
-        reason: format!("invalid {what}: {e}"),
-    })
+    serde_json::from_str(&text)
+        .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: format!("invalid {what}: {e}") })
 }
 
 /// Memory-map `files` into a `VarBuilder` converting every tensor to `dtype` on `device`.
@@ -104,10 +84,7 @@ pub fn var_builder(
     // nobody truncating them while the model is alive.
     unsafe { candle_nn::VarBuilder::from_mmaped_safetensors(files, dtype, device) }.map_err(|e| {
         let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
-        Error::BadModelFile {
-            path: names.join(", "),
-            reason: format!("cannot read safetensors: {e}"),
-        }
+        Error::BadModelFile { path: names.join(", "), reason: format!("cannot read safetensors: {e}") }
     })
 }
 
@@ -127,10 +104,7 @@ mod tests {
         let d = tmpdir("single");
         std::fs::write(d.join("model.safetensors"), b"x").unwrap();
         std::fs::write(d.join("model.safetensors.index.json"), b"{}").unwrap();
-        assert_eq!(
-            weight_files(&d, "model").unwrap(),
-            vec![d.join("model.safetensors")]
-        );
+        assert_eq!(weight_files(&d, "model").unwrap(), vec![d.join("model.safetensors")]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -144,23 +118,15 @@ mod tests {
         assert!(err.contains("m-2.safetensors"), "{err}");
         std::fs::write(d.join("m-2.safetensors"), b"x").unwrap();
         let files = weight_files(&d, "model").unwrap();
-        assert_eq!(
-            files,
-            vec![d.join("m-1.safetensors"), d.join("m-2.safetensors")]
-        );
+        assert_eq!(files, vec![d.join("m-1.safetensors"), d.join("m-2.safetensors")]);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
     fn missing_folder_and_files() {
         let d = tmpdir("missing");
-        let err = weight_files(&d, "diffusion_pytorch_model")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(&d.display().to_string()) && err.contains("diffusion_pytorch_model"),
-            "{err}"
-        );
+        let err = weight_files(&d, "diffusion_pytorch_model").unwrap_err().to_string();
+        assert!(err.contains(&d.display().to_string()) && err.contains("diffusion_pytorch_model"), "{err}");
         let gone = d.join("nope");
         let err = weight_files(&gone, "model").unwrap_err().to_string();
         assert!(err.contains(&gone.display().to_string()), "{err}");

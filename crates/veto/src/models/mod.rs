@@ -1,6 +1,6 @@
 //! Models: denoisers (Flux), VAEs.
 
-pub mod vae;
 pub mod flux;
 pub mod mmdit;
 pub mod unet;
+pub mod vae;

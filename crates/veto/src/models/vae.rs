@@ -75,48 +75,30 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// Reject configs that candle's AutoEncoderKL would build differently from diffusers.
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |reason: String| Error::BadModelFile {
-            path: path.display().to_string(),
-            reason,
-        };
+        let bad = |reason: String| Error::BadModelFile { path: path.display().to_string(), reason };
         if self.block_out_channels.is_empty() {
             return Err(bad("block_out_channels is empty".into()));
         }
         if self.norm_num_groups == 0 {
             return Err(bad("norm_num_groups is 0".into()));
         }
-        if let Some(c) = self
-            .block_out_channels
-            .iter()
-            .find(|&&c| c == 0 || c % self.norm_num_groups != 0)
-        {
+        if let Some(c) = self.block_out_channels.iter().find(|&&c| c == 0 || c % self.norm_num_groups != 0) {
             return Err(bad(format!(
                 "block_out_channels entry {c} is not a positive multiple of norm_num_groups {}",
                 self.norm_num_groups
             )));
         }
         if self.in_channels == 0 || self.out_channels == 0 || self.latent_channels == 0 {
-            return Err(bad(
-                "in_channels, out_channels and latent_channels must be positive".into(),
-            ));
+            return Err(bad("in_channels, out_channels and latent_channels must be positive".into()));
         }
         if self.act_fn != "silu" {
-            return Err(bad(format!(
-                "unsupported act_fn {:?} (only \"silu\")",
-                self.act_fn
-            )));
+            return Err(bad(format!("unsupported act_fn {:?} (only \"silu\")", self.act_fn)));
         }
         if !self.mid_block_add_attention {
-            return Err(bad(
-                "mid_block_add_attention = false is not supported".into()
-            ));
+            return Err(bad("mid_block_add_attention = false is not supported".into()));
         }
         for (key, types, want) in [
-            (
-                "down_block_types",
-                &self.down_block_types,
-                "DownEncoderBlock2D",
-            ),
+            ("down_block_types", &self.down_block_types, "DownEncoderBlock2D"),
             ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
         ] {
             if let Some(types) = types {
@@ -128,17 +110,12 @@ impl VaeConfig {
                     )));
                 }
                 if let Some(t) = types.iter().find(|t| t.as_str() != want) {
-                    return Err(bad(format!(
-                        "unsupported {key} entry {t:?} (only {want:?})"
-                    )));
+                    return Err(bad(format!("unsupported {key} entry {t:?} (only {want:?})")));
                 }
             }
         }
         if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
-            return Err(bad(format!(
-                "scaling_factor {} is not a usable number",
-                self.scaling_factor
-            )));
+            return Err(bad(format!("scaling_factor {} is not a usable number", self.scaling_factor)));
         }
         Ok(())
     }
@@ -179,10 +156,7 @@ impl AutoencoderKl {
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let dtype = if device.is_cpu() { DType::F32 } else { dtype };
         if !dir.is_dir() {
-            return Err(Error::MissingFile {
-                what: "VAE folder not found".into(),
-                path: dir.display().to_string(),
-            });
+            return Err(Error::MissingFile { what: "VAE folder not found".into(), path: dir.display().to_string() });
         }
         let config_path = dir.join("config.json");
         let config: VaeConfig = read_json(&config_path, "VAE config")?;
@@ -197,18 +171,13 @@ impl AutoencoderKl {
             use_quant_conv: config.use_quant_conv,
             use_post_quant_conv: config.use_post_quant_conv,
         };
-        let model = AutoEncoderKL::new(vb, config.in_channels, config.out_channels, candle_config)
-            .map_err(|e| Error::BadModelFile {
+        let model = AutoEncoderKL::new(vb, config.in_channels, config.out_channels, candle_config).map_err(|e| {
+            Error::BadModelFile {
                 path: dir.display().to_string(),
                 reason: format!("VAE weights do not match config.json: {e}"),
-            })?;
-        Ok(Self {
-            model,
-            config,
-            device: device.clone(),
-            dtype,
-            dir: dir.to_path_buf(),
-        })
+            }
+        })?;
+        Ok(Self { model, config, device: device.clone(), dtype, dir: dir.to_path_buf() })
     }
 
     /// Decode denoiser-space latents `[B, latent_channels, h, w]` to pixels
@@ -216,10 +185,7 @@ impl AutoencoderKl {
     /// Applies `latents / scaling_factor + shift_factor` first, as diffusers does.
     pub fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = latents.dims4().map_err(|_| {
-            Error::invalid(format!(
-                "VAE latents must be [batch, channels, height, width], got {:?}",
-                latents.dims()
-            ))
+            Error::invalid(format!("VAE latents must be [batch, channels, height, width], got {:?}", latents.dims()))
         })?;
         if c != self.config.latent_channels {
             return Err(Error::invalid(format!(
@@ -230,10 +196,7 @@ impl AutoencoderKl {
             )));
         }
         if b == 0 || h == 0 || w == 0 {
-            return Err(Error::invalid(format!(
-                "empty VAE latents {:?}",
-                latents.dims()
-            )));
+            return Err(Error::invalid(format!("empty VAE latents {:?}", latents.dims())));
         }
         let shift = self.config.shift_factor.unwrap_or(0.0);
         let z = latents
@@ -274,18 +237,9 @@ mod tests {
 
     #[test]
     fn rejects_bad_configs() {
-        let c: VaeConfig =
-            serde_json::from_str(r#"{"block_out_channels":[30],"norm_num_groups":32}"#).unwrap();
-        assert!(c
-            .validate(Path::new("cfg.json"))
-            .unwrap_err()
-            .to_string()
-            .contains("cfg.json"));
+        let c: VaeConfig = serde_json::from_str(r#"{"block_out_channels":[30],"norm_num_groups":32}"#).unwrap();
+        assert!(c.validate(Path::new("cfg.json")).unwrap_err().to_string().contains("cfg.json"));
         let c: VaeConfig = serde_json::from_str(r#"{"act_fn":"relu"}"#).unwrap();
-        assert!(c
-            .validate(Path::new("cfg.json"))
-            .unwrap_err()
-            .to_string()
-            .contains("act_fn"));
+        assert!(c.validate(Path::new("cfg.json")).unwrap_err().to_string().contains("act_fn"));
     }
 }

@@ -4,8 +4,8 @@
 
 use crate::error::{Error, Result};
 use crate::guidance::{cfg::cfg, AttentionMethod, GuidanceConfig, GuidancePlan};
-use crate::loading::model_source::ModelSource;
 use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
+use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::var_builder;
 use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use crate::models::vae::AutoencoderKl;
@@ -81,7 +81,6 @@ impl FluxPipeline {
     pub fn transformer(&self) -> &FluxTransformer {
         &self.transformer
     }
-
 
     fn warn(&self, msg: String) {
         self.warnings.borrow_mut().push(msg);
@@ -218,7 +217,6 @@ impl FluxPipeline {
         }
         Ok(latents::unpack(&x, lh, lw)?)
     }
-
 }
 
 /// FLUX.1 defaults: the official NAG README (s = 5, tau = 2.5, alpha = 0.25; schnell 4 steps

@@ -118,12 +118,11 @@ impl Sd3Pipeline {
         let tdir = weights_dir(source, "transformer", "diffusion_pytorch_model")?;
         let config = MmditConfig::from_file(&tdir.join("config.json"))?;
         let files = weight_files(&tdir, "diffusion_pytorch_model")?;
-        let transformer = MmditTransformer::new(&config, var_builder(&files, dtype, device)?).map_err(|e| {
-            Error::BadModelFile {
+        let transformer =
+            MmditTransformer::new(&config, var_builder(&files, dtype, device)?).map_err(|e| Error::BadModelFile {
                 path: tdir.display().to_string(),
                 reason: format!("transformer weights do not match config.json: {e}"),
-            }
-        })?;
+            })?;
 
         let vae = AutoencoderKl::load(&weights_dir(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
         if vae.config().latent_channels != config.in_channels {
@@ -572,7 +571,10 @@ mod tests {
 
     #[test]
     fn defaults_per_model() {
-        let large: MmditConfig = serde_json::from_str(r#"{"qk_norm": "rms_norm", "num_attention_heads": 38, "caption_projection_dim": 2432}"#).unwrap();
+        let large: MmditConfig = serde_json::from_str(
+            r#"{"qk_norm": "rms_norm", "num_attention_heads": 38, "caption_projection_dim": 2432}"#,
+        )
+        .unwrap();
         let medium35: MmditConfig = serde_json::from_str(r#"{"qk_norm": "rms_norm", "dual_attention_layers": [0, 1], "num_attention_heads": 24, "caption_projection_dim": 1536}"#).unwrap();
         let medium3: MmditConfig = serde_json::from_str("{}").unwrap();
         let d = sd3_defaults(&large, true);

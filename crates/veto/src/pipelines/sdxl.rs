@@ -153,10 +153,7 @@ impl StableDiffusionPipeline {
         if text_width != config.context_dim() {
             return Err(Error::BadModelFile {
                 path: source.describe("unet"),
-                reason: format!(
-                    "cross_attention_dim is {}, the text encoders give {text_width}",
-                    config.context_dim()
-                ),
+                reason: format!("cross_attention_dim is {}, the text encoders give {text_width}", config.context_dim()),
             });
         }
         match (family, config.has_text_time()) {
@@ -188,11 +185,8 @@ impl StableDiffusionPipeline {
 
         let vdir = weights_dir(source, "vae", "diffusion_pytorch_model")?;
         let latent_stats: VaeLatentStats = read_json(&vdir.join("config.json"), "VAE config")?;
-        let vae_dtype = if dtype == DType::F16 && latent_stats.force_upcast.unwrap_or(true) {
-            DType::F32
-        } else {
-            dtype
-        };
+        let vae_dtype =
+            if dtype == DType::F16 && latent_stats.force_upcast.unwrap_or(true) { DType::F32 } else { dtype };
         let vae = AutoencoderKl::load(&vdir, device, vae_dtype)?;
         if vae.config().latent_channels != config.in_channels {
             return Err(Error::BadModelFile {
@@ -204,27 +198,18 @@ impl StableDiffusionPipeline {
                 ),
             });
         }
-        for (key, v) in [
-            ("latents_mean", &latent_stats.latents_mean),
-            ("latents_std", &latent_stats.latents_std),
-        ] {
+        for (key, v) in [("latents_mean", &latent_stats.latents_mean), ("latents_std", &latent_stats.latents_std)] {
             if let Some(v) = v {
                 if v.len() != config.in_channels {
                     return Err(Error::BadModelFile {
                         path: vdir.join("config.json").display().to_string(),
-                        reason: format!(
-                            "{key} has {} entries for {} latent channels",
-                            v.len(),
-                            config.in_channels
-                        ),
+                        reason: format!("{key} has {} entries for {} latent channels", v.len(), config.in_channels),
                     });
                 }
             }
         }
         let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
-        let pag_layers = unet
-            .pag_layers(&DEFAULT_PAG_LAYERS.map(String::from))
-            .unwrap_or_default();
+        let pag_layers = unet.pag_layers(&DEFAULT_PAG_LAYERS.map(String::from)).unwrap_or_default();
         Ok(Self {
             family,
             clip,
@@ -303,10 +288,7 @@ impl StableDiffusionPipeline {
         };
         let first = encode(&self.clip)?;
         match &self.clip_2 {
-            None => Ok(SdText {
-                embeds: first.last_hidden_state.to_dtype(self.dtype)?,
-                pooled: None,
-            }),
+            None => Ok(SdText { embeds: first.last_hidden_state.to_dtype(self.dtype)?, pooled: None }),
             Some(clip_2) => {
                 let second = encode(clip_2)?;
                 let pooled = second.text_embeds.ok_or_else(|| Error::BadModelFile {
@@ -316,16 +298,11 @@ impl StableDiffusionPipeline {
                 let embeds = Tensor::cat(
                     &[
                         &first.penultimate_hidden_state,
-                        &second
-                            .penultimate_hidden_state
-                            .to_dtype(first.penultimate_hidden_state.dtype())?,
+                        &second.penultimate_hidden_state.to_dtype(first.penultimate_hidden_state.dtype())?,
                     ],
                     D::Minus1,
                 )?;
-                Ok(SdText {
-                    embeds: embeds.to_dtype(self.dtype)?,
-                    pooled: Some(pooled.to_dtype(self.dtype)?),
-                })
+                Ok(SdText { embeds: embeds.to_dtype(self.dtype)?, pooled: Some(pooled.to_dtype(self.dtype)?) })
             }
         }
     }
@@ -359,10 +336,7 @@ impl StableDiffusionPipeline {
             return Err(Error::invalid("--steps must be at least 1"));
         }
         if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
-            return Err(Error::invalid(format!(
-                "--guidance-scale must be >= 0, got {}",
-                req.guidance_scale
-            )));
+            return Err(Error::invalid(format!("--guidance-scale must be >= 0, got {}", req.guidance_scale)));
         }
         if let Some(init) = &req.init_latents {
             let want = [1, self.unet.config().in_channels, req.height / f, req.width / f];
@@ -397,9 +371,7 @@ impl StableDiffusionPipeline {
             self.warn("--nag-pooled negative has no effect on UNet models (SD3 only)".to_string());
         }
         if req.negative_prompt.is_some() && !req.guidance.uses_attention_guidance() && Self::cfg_scale(req).is_none() {
-            self.warn(format!(
-                "the negative prompt is unused: guidance '{m}' does not use one"
-            ));
+            self.warn(format!("the negative prompt is unused: guidance '{m}' does not use one"));
         }
     }
 
@@ -423,11 +395,7 @@ impl StableDiffusionPipeline {
         let g = &req.guidance;
         let cfg_scale = Self::cfg_scale(req);
         let pag_scale = g.uses_pag().then_some(g.pag_scale);
-        let attention = if g.uses_attention_guidance() {
-            g.method.attention
-        } else {
-            None
-        };
+        let attention = if g.uses_attention_guidance() { g.method.attention } else { None };
 
         let mut scheduler = self.scheduler.clone_box();
         let custom = req.sampler.timesteps.clone().or_else(|| self.timesteps_override.borrow().clone());
@@ -486,10 +454,7 @@ impl StableDiffusionPipeline {
         let rows = contexts.len();
         let context = Tensor::cat(&contexts, 0)?;
         let (text_embeds, time_ids) = match self.family {
-            Family::StableDiffusionXl => (
-                Some(Tensor::cat(&pooled, 0)?),
-                Some(self.time_ids(req)?.repeat((rows, 1))?),
-            ),
+            Family::StableDiffusionXl => (Some(Tensor::cat(&pooled, 0)?), Some(self.time_ids(req)?.repeat((rows, 1))?)),
             Family::StableDiffusion => (None, None),
         };
         let pag_layers = match &req.sampler.pag_layers {
@@ -509,11 +474,8 @@ impl StableDiffusionPipeline {
         for (i, &t) in timesteps.iter().enumerate() {
             // Once off, attention guidance stays off (official: processors are restored).
             guidance_on = guidance_on && Self::guidance_active(g, scheduler.as_ref(), i);
-            let method: Option<AttentionGuidance> = if guidance_on {
-                plan_attention(g, scheduler.num_train_timesteps() as f64)
-            } else {
-                None
-            };
+            let method: Option<AttentionGuidance> =
+                if guidance_on { plan_attention(g, scheduler.num_train_timesteps() as f64) } else { None };
             let scaled = scheduler.scale_model_input(&x)?;
             let input = scaled.to_dtype(self.dtype)?.repeat((rows, 1, 1, 1))?;
             let out = self.unet.forward(&UNetInputs {
@@ -523,17 +485,12 @@ impl StableDiffusionPipeline {
                 text_embeds: text_embeds.as_ref(),
                 time_ids: time_ids.as_ref(),
                 guidance: match (&method, &guide_context) {
-                    (Some(m), Some(neg)) => Some(RowGuidance {
-                        rows: cond_row..cond_row + 1,
-                        negative: neg,
-                        method: m,
-                    }),
+                    (Some(m), Some(neg)) => {
+                        Some(RowGuidance { rows: cond_row..cond_row + 1, negative: neg, method: m })
+                    }
                     _ => None,
                 },
-                perturbation: pag_scale.map(|_| Perturbation {
-                    rows: cond_row + 1..cond_row + 2,
-                    layers: &pag_layers,
-                }),
+                perturbation: pag_scale.map(|_| Perturbation { rows: cond_row + 1..cond_row + 2, layers: &pag_layers }),
             })?;
             let out = out.to_dtype(DType::F32)?;
             let cond = out.narrow(0, cond_row, 1)?;
@@ -546,13 +503,7 @@ impl StableDiffusionPipeline {
                 eps = (eps + ((&cond - perturbed)? * s)?)?;
             }
             x = scheduler.step(&eps, &x, &mut noise)?;
-            on_step(StepEvent {
-                index: i,
-                total,
-                timestep: t,
-                attention_guided: method.is_some(),
-                latents: &x,
-            });
+            on_step(StepEvent { index: i, total, timestep: t, attention_guided: method.is_some(), latents: &x });
         }
         Ok(x)
     }
@@ -563,20 +514,14 @@ impl StableDiffusionPipeline {
         let (Some(mean), Some(std)) = (&self.latent_stats.latents_mean, &self.latent_stats.latents_std) else {
             return self.vae.decode_latents(latents);
         };
-        let scaling = self
-            .latent_stats
-            .scaling_factor
-            .unwrap_or(self.vae.config().scaling_factor);
+        let scaling = self.latent_stats.scaling_factor.unwrap_or(self.vae.config().scaling_factor);
         let c = mean.len();
         let to = |v: Vec<f32>| Tensor::from_vec(v, (1, c, 1, 1), latents.device());
         let std_t = to(std.iter().map(|&s| s as f32).collect())?;
         let shift = to(mean.iter().map(|&m| (m * scaling) as f32).collect())?;
         // AutoencoderKl divides by the scaling factor: pre-multiply so that the result is
         // `z std / scaling + mean`.
-        let z = latents
-            .to_dtype(DType::F32)?
-            .broadcast_mul(&std_t)?
-            .broadcast_add(&shift)?;
+        let z = latents.to_dtype(DType::F32)?.broadcast_mul(&std_t)?.broadcast_add(&shift)?;
         self.vae.decode_latents(&z)
     }
 }
@@ -612,28 +557,12 @@ pub fn unet_defaults(family: Family, scheduler: &dyn Scheduler, trailing: bool, 
     let alpha = if family == Family::StableDiffusion { 0.375 } else { 0.5 };
     let mut guidance = GuidanceConfig::nag_default();
     guidance.method = method;
-    guidance.nag = NagParams {
-        scale: 3.0,
-        tau: 2.5,
-        alpha,
-        norm: Default::default(),
-    };
-    guidance.vsf = VsfParams {
-        scale: 1.2,
-        bias: 0.2,
-        layout: VsfLayout::Paper,
-    };
+    guidance.nag = NagParams { scale: 3.0, tau: 2.5, alpha, norm: Default::default() };
+    guidance.vsf = VsfParams { scale: 1.2, bias: 0.2, layout: VsfLayout::Paper };
     guidance.pag_scale = 3.0;
     // Not read here (the CFG scale is guidance_scale); kept equal for readers of the config.
     guidance.true_cfg_scale = guidance_scale.max(1.0);
-    Defaults {
-        steps,
-        guidance_scale,
-        max_sequence_length: CLIP_LEN,
-        height: sample_px,
-        width: sample_px,
-        guidance,
-    }
+    Defaults { steps, guidance_scale, max_sequence_length: CLIP_LEN, height: sample_px, width: sample_px, guidance }
 }
 
 fn is_trailing(scheduler: &dyn Scheduler) -> bool {
@@ -647,12 +576,7 @@ fn is_trailing(scheduler: &dyn Scheduler) -> bool {
 impl TextToImage for StableDiffusionPipeline {
     fn defaults(&self) -> Defaults {
         let px = self.unet.config().sample_size.unwrap_or(64) * self.vae_factor();
-        unet_defaults(
-            self.family,
-            self.scheduler.as_ref(),
-            is_trailing(self.scheduler.as_ref()),
-            px,
-        )
+        unet_defaults(self.family, self.scheduler.as_ref(), is_trailing(self.scheduler.as_ref()), px)
     }
 
     fn validate(&self, req: &GenerateRequest) -> Result<()> {

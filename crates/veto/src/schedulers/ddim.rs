@@ -76,19 +76,8 @@ impl DdimScheduler {
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         }
         .alphas_cumprod(false)?;
-        let final_alpha_cumprod = if config.set_alpha_to_one {
-            1.0
-        } else {
-            alphas_cumprod[0]
-        };
-        Ok(Self {
-            config,
-            alphas_cumprod,
-            final_alpha_cumprod,
-            timesteps: Vec::new(),
-            step_index: 0,
-            eta: 0.0,
-        })
+        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        Ok(Self { config, alphas_cumprod, final_alpha_cumprod, timesteps: Vec::new(), step_index: 0, eta: 0.0 })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {
@@ -157,11 +146,8 @@ impl Scheduler for DdimScheduler {
         // diffusers steps back by T // n whatever the spacing.
         let prev_t = t - (self.config.num_train_timesteps / n) as i64;
         let alpha_t = self.alphas_cumprod[t as usize] as f32;
-        let alpha_prev = if prev_t >= 0 {
-            self.alphas_cumprod[prev_t as usize]
-        } else {
-            self.final_alpha_cumprod
-        } as f32;
+        let alpha_prev =
+            if prev_t >= 0 { self.alphas_cumprod[prev_t as usize] } else { self.final_alpha_cumprod } as f32;
         let mut x0 = predict_x0(self.config.prediction_type, alpha_t as f64, model_output, sample)?;
         let eps = predict_eps(self.config.prediction_type, alpha_t as f64, model_output, sample, &x0)?;
         if self.config.clip_sample {

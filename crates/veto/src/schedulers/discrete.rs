@@ -74,15 +74,7 @@ pub fn linspace_f32(start: f32, end: f32, n: usize) -> Vec<f32> {
     }
     let step = (end - start) / (n - 1) as f32;
     let half = n / 2;
-    (0..n)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (n - i - 1) as f32
-            }
-        })
-        .collect()
+    (0..n).map(|i| if i < half { start + step * i as f32 } else { end - step * (n - i - 1) as f32 }).collect()
 }
 
 /// numpy's `linspace(start, stop, n)` in f64 (endpoint included).
@@ -94,9 +86,7 @@ pub fn linspace_f64(start: f64, stop: f64, n: usize) -> Vec<f64> {
         return vec![start];
     }
     let step = (stop - start) / (n - 1) as f64;
-    (0..n)
-        .map(|i| if i == n - 1 { stop } else { start + i as f64 * step })
-        .collect()
+    (0..n).map(|i| if i == n - 1 { stop } else { start + i as f64 * step }).collect()
 }
 
 /// diffusers' `betas_for_alpha_bar` with the cosine transform (Nichol & Dhariwal).
@@ -146,10 +136,7 @@ impl BetaConfig {
         }
         let betas = if let Some(trained) = &self.trained_betas {
             if trained.len() != n {
-                return Err(bad(format!(
-                    "trained_betas has {} entries, num_train_timesteps is {n}",
-                    trained.len()
-                )));
+                return Err(bad(format!("trained_betas has {} entries, num_train_timesteps is {n}", trained.len())));
             }
             trained.iter().map(|&b| b as f32).collect()
         } else {
@@ -167,11 +154,7 @@ impl BetaConfig {
         if betas.iter().any(|b| !(0.0..1.0).contains(b)) {
             return Err(bad("betas must lie in [0, 1)".to_string()));
         }
-        Ok(if self.rescale_betas_zero_snr {
-            rescale_zero_terminal_snr(&betas)
-        } else {
-            betas
-        })
+        Ok(if self.rescale_betas_zero_snr { rescale_zero_terminal_snr(&betas) } else { betas })
     }
 
     /// `alphas_cumprod[t]` for every training timestep (f32 values as f64). With zero-SNR
@@ -253,18 +236,12 @@ pub fn sigma_to_t(sigma: f64, log_sigmas: &[f64]) -> f64 {
 /// Karras et al. (2022) noise levels from `sigma_max` down to `sigma_min` (numpy, f64).
 pub fn karras_sigmas(sigma_min: f64, sigma_max: f64, n: usize, rho: f64) -> Vec<f64> {
     let (min_inv, max_inv) = (sigma_min.powf(1.0 / rho), sigma_max.powf(1.0 / rho));
-    linspace_f64(0.0, 1.0, n)
-        .into_iter()
-        .map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho))
-        .collect()
+    linspace_f64(0.0, 1.0, n).into_iter().map(|r| (max_inv + r * (min_inv - max_inv)).powf(rho)).collect()
 }
 
 /// Exponentially spaced noise levels from `sigma_max` down to `sigma_min` (numpy, f64).
 pub fn exponential_sigmas(sigma_min: f64, sigma_max: f64, n: usize) -> Vec<f64> {
-    linspace_f64(sigma_max.ln(), sigma_min.ln(), n)
-        .into_iter()
-        .map(f64::exp)
-        .collect()
+    linspace_f64(sigma_max.ln(), sigma_min.ln(), n).into_iter().map(f64::exp).collect()
 }
 
 /// `n` timesteps out of `num_train` by `spacing` (descending), as diffusers' Euler/DDIM do:
@@ -283,10 +260,7 @@ pub fn spaced_timesteps(spacing: TimestepSpacing, num_train: usize, n: usize, st
         }
         TimestepSpacing::Trailing => {
             let ratio = num_train as f64 / n as f64;
-            arange_desc(num_train as f64, ratio)
-                .into_iter()
-                .map(|t| round_half_even(t) - 1.0)
-                .collect()
+            arange_desc(num_train as f64, ratio).into_iter().map(|t| round_half_even(t) - 1.0).collect()
         }
     }
 }
@@ -315,10 +289,7 @@ pub fn f32r(x: f64) -> f64 {
 /// A config problem, attributed to `scheduler_config.json` (callers with the real path
 /// replace it).
 pub fn bad(reason: impl Into<String>) -> Error {
-    Error::BadModelFile {
-        path: "scheduler_config.json".to_string(),
-        reason: reason.into(),
-    }
+    Error::BadModelFile { path: "scheduler_config.json".to_string(), reason: reason.into() }
 }
 
 /// Reject `thresholding: true` and similar switches we do not implement, naming the key.
@@ -333,14 +304,10 @@ pub fn reject_if(flag: bool, key: &str, class: &str) -> Result<()> {
 /// Check `num_inference_steps` against the training timesteps.
 pub fn check_steps(steps: usize, num_train: usize, class: &str) -> Result<()> {
     if steps == 0 {
-        return Err(Error::invalid(format!(
-            "{class}: the number of steps must be at least 1"
-        )));
+        return Err(Error::invalid(format!("{class}: the number of steps must be at least 1")));
     }
     if steps > num_train {
-        return Err(Error::invalid(format!(
-            "{class}: {steps} steps exceed the {num_train} training timesteps"
-        )));
+        return Err(Error::invalid(format!("{class}: {steps} steps exceed the {num_train} training timesteps")));
     }
     Ok(())
 }
@@ -353,14 +320,10 @@ pub fn check_custom_timesteps(ts: &[f64], num_train: usize, class: &str) -> Resu
     let mut out = Vec::with_capacity(ts.len());
     for (i, &t) in ts.iter().enumerate() {
         if t.fract() != 0.0 || t < 0.0 || t >= num_train as f64 {
-            return Err(Error::invalid(format!(
-                "{class}: custom timestep {t} is not an integer in 0..{num_train}"
-            )));
+            return Err(Error::invalid(format!("{class}: custom timestep {t} is not an integer in 0..{num_train}")));
         }
         if i > 0 && t >= ts[i - 1] {
-            return Err(Error::invalid(format!(
-                "{class}: custom timesteps must be in descending order, got {ts:?}"
-            )));
+            return Err(Error::invalid(format!("{class}: custom timesteps must be in descending order, got {ts:?}")));
         }
         out.push(t as usize);
     }
@@ -403,23 +366,11 @@ mod tests {
 
     #[test]
     fn spacings() {
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 0),
-            vec![999.0, 749.0, 499.0, 249.0]
-        );
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Leading, 1000, 4, 1),
-            vec![751.0, 501.0, 251.0, 1.0]
-        );
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0),
-            vec![999.0, 666.0, 333.0, 0.0]
-        );
+        assert_eq!(spaced_timesteps(TimestepSpacing::Trailing, 1000, 4, 0), vec![999.0, 749.0, 499.0, 249.0]);
+        assert_eq!(spaced_timesteps(TimestepSpacing::Leading, 1000, 4, 1), vec![751.0, 501.0, 251.0, 1.0]);
+        assert_eq!(spaced_timesteps(TimestepSpacing::Linspace, 1000, 4, 0), vec![999.0, 666.0, 333.0, 0.0]);
         // trailing with a non-integer ratio: np.arange(1000, 0, -1000/3).round() - 1
-        assert_eq!(
-            spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0),
-            vec![999.0, 666.0, 332.0]
-        );
+        assert_eq!(spaced_timesteps(TimestepSpacing::Trailing, 1000, 3, 0), vec![999.0, 666.0, 332.0]);
     }
 
     #[test]

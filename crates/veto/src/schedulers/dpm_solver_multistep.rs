@@ -157,17 +157,11 @@ impl Multistep {
     }
 
     fn is_data_prediction(&self) -> bool {
-        matches!(
-            self.algorithm,
-            Algorithm::DpmSolverPlusPlus | Algorithm::SdeDpmSolverPlusPlus
-        )
+        matches!(self.algorithm, Algorithm::DpmSolverPlusPlus | Algorithm::SdeDpmSolverPlusPlus)
     }
 
     fn is_sde(&self) -> bool {
-        matches!(
-            self.algorithm,
-            Algorithm::SdeDpmSolverPlusPlus | Algorithm::SdeDpmSolver
-        )
+        matches!(self.algorithm, Algorithm::SdeDpmSolverPlusPlus | Algorithm::SdeDpmSolver)
     }
 
     /// One step at `index` of `n`, with the converted model output `converted`.
@@ -188,11 +182,7 @@ impl Multistep {
         if self.outputs.len() > self.order {
             self.outputs.remove(0);
         }
-        let z = if self.is_sde() {
-            Some(noise.sample(sample.dims(), sample.device())?)
-        } else {
-            None
-        };
+        let z = if self.is_sde() { Some(noise.sample(sample.dims(), sample.device())?) } else { None };
         let sample = lincomb(&[(1.0, sample)])?;
         let prev = if self.order == 1 || self.lower_order_nums < 1 || lower_final {
             self.first_order(&sample, index, levels, z.as_ref())?
@@ -248,26 +238,18 @@ impl Multistep {
         let em = (-h).exp() - 1.0;
         let ep = h.exp() - 1.0;
         match (self.algorithm, self.solver_type) {
-            (Algorithm::DpmSolverPlusPlus, SolverType::Midpoint) => lincomb(&[
-                (f(t.sigma / s0.sigma), x),
-                (f(-(t.alpha * em)), &d0),
-                (f(-0.5 * (t.alpha * em)), &d1),
-            ]),
-            (Algorithm::DpmSolverPlusPlus, SolverType::Heun) => lincomb(&[
-                (f(t.sigma / s0.sigma), x),
-                (f(-(t.alpha * em)), &d0),
-                (f(t.alpha * (em / h + 1.0)), &d1),
-            ]),
-            (Algorithm::DpmSolver, SolverType::Midpoint) => lincomb(&[
-                (f(t.alpha / s0.alpha), x),
-                (f(-(t.sigma * ep)), &d0),
-                (f(-0.5 * (t.sigma * ep)), &d1),
-            ]),
-            (Algorithm::DpmSolver, SolverType::Heun) => lincomb(&[
-                (f(t.alpha / s0.alpha), x),
-                (f(-(t.sigma * ep)), &d0),
-                (f(-(t.sigma * (ep / h - 1.0))), &d1),
-            ]),
+            (Algorithm::DpmSolverPlusPlus, SolverType::Midpoint) => {
+                lincomb(&[(f(t.sigma / s0.sigma), x), (f(-(t.alpha * em)), &d0), (f(-0.5 * (t.alpha * em)), &d1)])
+            }
+            (Algorithm::DpmSolverPlusPlus, SolverType::Heun) => {
+                lincomb(&[(f(t.sigma / s0.sigma), x), (f(-(t.alpha * em)), &d0), (f(t.alpha * (em / h + 1.0)), &d1)])
+            }
+            (Algorithm::DpmSolver, SolverType::Midpoint) => {
+                lincomb(&[(f(t.alpha / s0.alpha), x), (f(-(t.sigma * ep)), &d0), (f(-0.5 * (t.sigma * ep)), &d1)])
+            }
+            (Algorithm::DpmSolver, SolverType::Heun) => {
+                lincomb(&[(f(t.alpha / s0.alpha), x), (f(-(t.sigma * ep)), &d0), (f(-(t.sigma * (ep / h - 1.0))), &d1)])
+            }
             (Algorithm::SdeDpmSolverPlusPlus, st) => {
                 let e2 = 1.0 - (-2.0 * h).exp();
                 let c1 = match st {
@@ -360,11 +342,7 @@ pub struct DpmSolverMultistepScheduler {
 impl DpmSolverMultistepScheduler {
     pub fn new(config: DpmSolverMultistepConfig) -> Result<Self> {
         reject_if(config.thresholding, "thresholding", CLASS)?;
-        reject_if(
-            config.use_exponential_sigmas.unwrap_or(false),
-            "use_exponential_sigmas",
-            CLASS,
-        )?;
+        reject_if(config.use_exponential_sigmas.unwrap_or(false), "use_exponential_sigmas", CLASS)?;
         reject_if(config.use_beta_sigmas.unwrap_or(false), "use_beta_sigmas", CLASS)?;
         reject_if(config.use_lu_lambdas.unwrap_or(false), "use_lu_lambdas", CLASS)?;
         reject_if(config.use_flow_sigmas.unwrap_or(false), "use_flow_sigmas", CLASS)?;
@@ -373,21 +351,12 @@ impl DpmSolverMultistepScheduler {
             "variance_type (learned)",
             CLASS,
         )?;
-        reject_if(
-            config.algorithm_type == Algorithm::SdeDpmSolver,
-            "algorithm_type sde-dpmsolver",
-            CLASS,
-        )?;
+        reject_if(config.algorithm_type == Algorithm::SdeDpmSolver, "algorithm_type sde-dpmsolver", CLASS)?;
         if !(1..=3).contains(&config.solver_order) {
-            return Err(bad(format!(
-                "{CLASS}: solver_order must be 1, 2 or 3, got {}",
-                config.solver_order
-            )));
+            return Err(bad(format!("{CLASS}: solver_order must be 1, 2 or 3, got {}", config.solver_order)));
         }
         if config.algorithm_type == Algorithm::SdeDpmSolverPlusPlus && config.solver_order == 3 {
-            return Err(bad(format!(
-                "{CLASS}: sde-dpmsolver++ with solver_order 3 is not supported"
-            )));
+            return Err(bad(format!("{CLASS}: sde-dpmsolver++ with solver_order 3 is not supported")));
         }
         if config.algorithm_type == Algorithm::DpmSolver && config.final_sigmas_type == FinalSigmas::Zero {
             return Err(bad(format!(
@@ -444,10 +413,7 @@ impl DpmSolverMultistepScheduler {
     fn level(&self, k: usize) -> Level {
         let s = self.sigmas[k] as f32;
         let alpha = 1.0 / (s * s + 1.0).sqrt();
-        Level {
-            alpha,
-            sigma: s * alpha,
-        }
+        Level { alpha, sigma: s * alpha }
     }
 
     fn finish(&mut self, timesteps: Vec<f64>, mut sigmas: Vec<f64>) {
@@ -493,10 +459,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
             }
             TimestepSpacing::Trailing => {
                 let ratio = c.num_train_timesteps as f64 / steps as f64;
-                super::discrete::arange_desc(last as f64, ratio)
-                    .into_iter()
-                    .map(|t| round_half_even(t) - 1.0)
-                    .collect()
+                super::discrete::arange_desc(last as f64, ratio).into_iter().map(|t| round_half_even(t) - 1.0).collect()
             }
         };
         let sigmas: Vec<f64> = if c.use_karras_sigmas.unwrap_or(false) {
@@ -516,10 +479,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
                 .collect();
             sig
         } else {
-            timesteps
-                .iter()
-                .map(|&t| super::discrete::interp_index(t, &self.train_sigmas))
-                .collect()
+            timesteps.iter().map(|&t| super::discrete::interp_index(t, &self.train_sigmas)).collect()
         };
         // diffusers casts the timesteps to int64 (truncating Karras' fractional ones for the
         // cosine schedule).
@@ -529,15 +489,10 @@ impl Scheduler for DpmSolverMultistepScheduler {
 
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
         if self.config.use_karras_sigmas.unwrap_or(false) {
-            return Err(Error::invalid(format!(
-                "{CLASS}: custom timesteps do not combine with Karras sigmas"
-            )));
+            return Err(Error::invalid(format!("{CLASS}: custom timesteps do not combine with Karras sigmas")));
         }
         super::discrete::check_custom_timesteps(timesteps, self.config.num_train_timesteps, CLASS)?;
-        let sigmas = timesteps
-            .iter()
-            .map(|&t| super::discrete::interp_index(t, &self.train_sigmas))
-            .collect();
+        let sigmas = timesteps.iter().map(|&t| super::discrete::interp_index(t, &self.train_sigmas)).collect();
         self.finish(timesteps.to_vec(), sigmas);
         Ok(())
     }
@@ -562,9 +517,7 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let n = self.timesteps.len();
         let i = self.step_index;
         check_step_inputs(CLASS, model_output, sample, i, n)?;
-        let converted = self
-            .solver
-            .convert(self.config.prediction_type, self.level(i), model_output, sample)?;
+        let converted = self.solver.convert(self.config.prediction_type, self.level(i), model_output, sample)?;
         let table: Vec<Level> = (0..=n).map(|k| self.level(k)).collect();
         let prev = self.solver.step(converted, sample, i, n, &|k| table[k], noise)?;
         self.step_index += 1;

@@ -47,9 +47,7 @@ impl Edm {
             )));
         }
         if self.prediction == PredictionType::Sample {
-            return Err(bad(format!(
-                "{class}: prediction_type \"sample\" is not supported (epsilon, v_prediction)"
-            )));
+            return Err(bad(format!("{class}: prediction_type \"sample\" is not supported (epsilon, v_prediction)")));
         }
         Ok(())
     }
@@ -62,10 +60,7 @@ impl Edm {
                 let (min_inv, max_inv) = (self.sigma_min.powf(1.0 / self.rho), self.sigma_max.powf(1.0 / self.rho));
                 if f32_ramp {
                     let (lo, hi, rho) = (min_inv as f32, max_inv as f32, self.rho as f32);
-                    linspace_f32(0.0, 1.0, n)
-                        .into_iter()
-                        .map(|r| f64::from((hi + r * (lo - hi)).powf(rho)))
-                        .collect()
+                    linspace_f32(0.0, 1.0, n).into_iter().map(|r| f64::from((hi + r * (lo - hi)).powf(rho))).collect()
                 } else {
                     linspace_f64(0.0, 1.0, n)
                         .into_iter()
@@ -127,9 +122,7 @@ impl Edm {
 
 fn check_steps(steps: usize, class: &str) -> Result<()> {
     if steps == 0 {
-        return Err(Error::invalid(format!(
-            "{class}: the number of steps must be at least 1"
-        )));
+        return Err(Error::invalid(format!("{class}: the number of steps must be at least 1")));
     }
     Ok(())
 }
@@ -190,13 +183,7 @@ impl EdmEulerScheduler {
             num_train: config.num_train_timesteps,
         };
         edm.check(EULER)?;
-        Ok(Self {
-            config,
-            edm,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            step_index: 0,
-        })
+        Ok(Self { config, edm, timesteps: Vec::new(), sigmas: Vec::new(), step_index: 0 })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {
@@ -335,24 +322,14 @@ pub struct EdmDpmSolverMultistepScheduler {
 impl EdmDpmSolverMultistepScheduler {
     pub fn new(config: EdmDpmSolverMultistepConfig) -> Result<Self> {
         reject_if(config.thresholding, "thresholding", DPM)?;
-        if !matches!(
-            config.algorithm_type,
-            Algorithm::DpmSolverPlusPlus | Algorithm::SdeDpmSolverPlusPlus
-        ) {
-            return Err(bad(format!(
-                "{DPM}: algorithm_type must be dpmsolver++ or sde-dpmsolver++"
-            )));
+        if !matches!(config.algorithm_type, Algorithm::DpmSolverPlusPlus | Algorithm::SdeDpmSolverPlusPlus) {
+            return Err(bad(format!("{DPM}: algorithm_type must be dpmsolver++ or sde-dpmsolver++")));
         }
         if !(1..=3).contains(&config.solver_order) {
-            return Err(bad(format!(
-                "{DPM}: solver_order must be 1, 2 or 3, got {}",
-                config.solver_order
-            )));
+            return Err(bad(format!("{DPM}: solver_order must be 1, 2 or 3, got {}", config.solver_order)));
         }
         if config.algorithm_type == Algorithm::SdeDpmSolverPlusPlus && config.solver_order == 3 {
-            return Err(bad(format!(
-                "{DPM}: sde-dpmsolver++ with solver_order 3 is not supported"
-            )));
+            return Err(bad(format!("{DPM}: sde-dpmsolver++ with solver_order 3 is not supported")));
         }
         let edm = Edm {
             sigma_min: config.sigma_min,
@@ -372,14 +349,7 @@ impl EdmDpmSolverMultistepScheduler {
             config.euler_at_final,
             config.final_sigmas_type == FinalSigmas::Zero,
         );
-        Ok(Self {
-            config,
-            edm,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            step_index: 0,
-            solver,
-        })
+        Ok(Self { config, edm, timesteps: Vec::new(), sigmas: Vec::new(), step_index: 0, solver })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {
@@ -440,18 +410,9 @@ impl Scheduler for EdmDpmSolverMultistepScheduler {
         let n = self.timesteps.len();
         let i = self.step_index;
         check_step_inputs(DPM, model_output, sample, i, n)?;
-        let x0 = self
-            .edm
-            .denoised(&lincomb(&[(1.0, sample)])?, model_output, self.sigmas[i])?;
+        let x0 = self.edm.denoised(&lincomb(&[(1.0, sample)])?, model_output, self.sigmas[i])?;
         // Inputs are preconditioned before the model: alpha = 1, sigma = sigma.
-        let table: Vec<Level> = self
-            .sigmas
-            .iter()
-            .map(|&s| Level {
-                alpha: 1.0,
-                sigma: s as f32,
-            })
-            .collect();
+        let table: Vec<Level> = self.sigmas.iter().map(|&s| Level { alpha: 1.0, sigma: s as f32 }).collect();
         let prev = self.solver.step(x0, sample, i, n, &|k| table[k], noise)?;
         self.step_index += 1;
         Ok(prev.to_dtype(model_output.dtype())?)

@@ -98,9 +98,7 @@ impl EulerDiscreteScheduler {
         let exponential = config.use_exponential_sigmas.unwrap_or(false);
         reject_if(config.use_beta_sigmas.unwrap_or(false), "use_beta_sigmas", CLASS)?;
         if karras && exponential {
-            return Err(bad(format!(
-                "{CLASS}: use_karras_sigmas and use_exponential_sigmas are exclusive"
-            )));
+            return Err(bad(format!("{CLASS}: use_karras_sigmas and use_exponential_sigmas are exclusive")));
         }
         let betas = BetaConfig {
             num_train_timesteps: config.num_train_timesteps,
@@ -111,13 +109,7 @@ impl EulerDiscreteScheduler {
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         };
         let train_sigmas = train_sigmas(&betas.alphas_cumprod(true)?);
-        Ok(Self {
-            config,
-            train_sigmas,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            step_index: 0,
-        })
+        Ok(Self { config, train_sigmas, timesteps: Vec::new(), sigmas: Vec::new(), step_index: 0 })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {
@@ -153,10 +145,8 @@ impl Scheduler for EulerDiscreteScheduler {
         let c = &self.config;
         let n_train = c.num_train_timesteps;
         check_steps(steps, n_train, CLASS)?;
-        let timesteps: Vec<f64> = spaced_timesteps(c.timestep_spacing, n_train, steps, c.steps_offset)
-            .into_iter()
-            .map(f32r)
-            .collect();
+        let timesteps: Vec<f64> =
+            spaced_timesteps(c.timestep_spacing, n_train, steps, c.steps_offset).into_iter().map(f32r).collect();
         let log_sigmas: Vec<f64> = super::discrete::log_sigmas(&self.train_sigmas);
         let mut sigmas: Vec<f64> = match c.interpolation_type {
             Interpolation::Linear => timesteps.iter().map(|&t| interp_index(t, &self.train_sigmas)).collect(),
@@ -166,10 +156,7 @@ impl Scheduler for EulerDiscreteScheduler {
                 // not at the final sigma appended below); so do we.
                 let hi = (self.train_sigmas[n_train - 1] as f32).ln();
                 let lo = (self.train_sigmas[0] as f32).ln();
-                super::discrete::linspace_f32(hi, lo, steps + 1)
-                    .into_iter()
-                    .map(|l| f64::from(l.exp()))
-                    .collect()
+                super::discrete::linspace_f32(hi, lo, steps + 1).into_iter().map(|l| f64::from(l.exp())).collect()
             }
         };
         let mut timesteps = timesteps;
@@ -178,11 +165,7 @@ impl Scheduler for EulerDiscreteScheduler {
         if karras || exponential {
             let lo = c.sigma_min.unwrap_or(sigmas[sigmas.len() - 1]);
             let hi = c.sigma_max.unwrap_or(sigmas[0]);
-            sigmas = if karras {
-                karras_sigmas(lo, hi, steps, 7.0)
-            } else {
-                exponential_sigmas(lo, hi, steps)
-            };
+            sigmas = if karras { karras_sigmas(lo, hi, steps, 7.0) } else { exponential_sigmas(lo, hi, steps) };
             timesteps = sigmas.iter().map(|&s| f32r(sigma_to_t(s, &log_sigmas))).collect();
         }
         let last = match c.final_sigmas_type {
@@ -192,10 +175,7 @@ impl Scheduler for EulerDiscreteScheduler {
         sigmas.push(last);
         let sigmas: Vec<f64> = sigmas.into_iter().map(f32r).collect();
         if self.continuous() {
-            timesteps = sigmas[..steps]
-                .iter()
-                .map(|&s| f32r(0.25 * (s as f32).ln() as f64))
-                .collect();
+            timesteps = sigmas[..steps].iter().map(|&s| f32r(0.25 * (s as f32).ln() as f64)).collect();
         }
         self.timesteps = timesteps;
         self.sigmas = sigmas;
@@ -210,15 +190,10 @@ impl Scheduler for EulerDiscreteScheduler {
             )));
         }
         if self.continuous() {
-            return Err(Error::invalid(format!(
-                "{CLASS}: custom timesteps do not combine with continuous timesteps"
-            )));
+            return Err(Error::invalid(format!("{CLASS}: custom timesteps do not combine with continuous timesteps")));
         }
         super::discrete::check_custom_timesteps(timesteps, self.config.num_train_timesteps, CLASS)?;
-        let mut sigmas: Vec<f64> = timesteps
-            .iter()
-            .map(|&t| f32r(interp_index(t, &self.train_sigmas)))
-            .collect();
+        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| f32r(interp_index(t, &self.train_sigmas))).collect();
         sigmas.push(match self.config.final_sigmas_type {
             FinalSigmas::Zero => 0.0,
             FinalSigmas::SigmaMin => self.train_sigmas[0],
@@ -332,10 +307,8 @@ mod tests {
 
     #[test]
     fn rejects_beta_sigmas() {
-        let err = EulerDiscreteScheduler::from_value(serde_json::json!({"use_beta_sigmas": true}))
-            .err()
-            .unwrap()
-            .to_string();
+        let err =
+            EulerDiscreteScheduler::from_value(serde_json::json!({"use_beta_sigmas": true})).err().unwrap().to_string();
         assert!(err.contains("use_beta_sigmas"), "{err}");
     }
 }

@@ -71,11 +71,7 @@ enum Shift {
     /// `shift * s / (1 + (shift - 1) * s)`.
     Static(f64),
     /// Resolution dependent: `mu` interpolated between the base and max shift by sequence length.
-    Dynamic {
-        kind: TimeShift,
-        base_shift: f64,
-        max_shift: f64,
-    },
+    Dynamic { kind: TimeShift, base_shift: f64, max_shift: f64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -114,18 +110,14 @@ impl FlowMatchEulerScheduler {
         })?;
         Self::from_json(&text).map_err(|e| match e {
             // Re-attribute config problems to the file they came from.
-            Error::BadModelFile { reason, .. } => Error::BadModelFile {
-                path: path.display().to_string(),
-                reason,
-            },
+            Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
             other => other,
         })
     }
 
     /// Parses and validates the JSON text of a scheduler config.
     pub fn from_json(json: &str) -> Result<Self> {
-        let value: serde_json::Value =
-            serde_json::from_str(json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let config = match serde_json::from_value::<FlowMatchEulerConfig>(value.clone()) {
             Ok(config) => config,
             Err(e) => {
@@ -133,9 +125,7 @@ impl FlowMatchEulerScheduler {
                 // key alone (all fields are optional, so only the bad one fails).
                 let culprit = value.as_object().and_then(|map| {
                     map.iter().map(|(k, v)| (k, v.clone())).find(|(k, v)| {
-                        let single = serde_json::Value::Object(
-                            [((*k).clone(), v.clone())].into_iter().collect(),
-                        );
+                        let single = serde_json::Value::Object([((*k).clone(), v.clone())].into_iter().collect());
                         serde_json::from_value::<FlowMatchEulerConfig>(single).is_err()
                     })
                 });
@@ -153,16 +143,8 @@ impl FlowMatchEulerScheduler {
     pub fn new(config: FlowMatchEulerConfig) -> Result<Self> {
         match config.class_name.as_deref() {
             Some(CLASS_NAME) => {}
-            Some(other) => {
-                return Err(bad(format!(
-                    "_class_name is {other:?}, expected {CLASS_NAME:?}"
-                )))
-            }
-            None => {
-                return Err(bad(format!(
-                    "missing _class_name (expected {CLASS_NAME:?})"
-                )))
-            }
+            Some(other) => return Err(bad(format!("_class_name is {other:?}, expected {CLASS_NAME:?}"))),
+            None => return Err(bad(format!("missing _class_name (expected {CLASS_NAME:?})"))),
         }
         if config.num_train_timesteps == 0 {
             return Err(bad("num_train_timesteps must be positive"));
@@ -174,9 +156,7 @@ impl FlowMatchEulerScheduler {
             (config.stochastic_sampling, "stochastic_sampling"),
         ] {
             if flag {
-                return Err(bad(format!(
-                    "{name}=true is not supported by this scheduler"
-                )));
+                return Err(bad(format!("{name}=true is not supported by this scheduler")));
             }
         }
         let kind = match config.time_shift_type.as_str() {
@@ -199,15 +179,9 @@ impl FlowMatchEulerScheduler {
                 return Err(bad("use_dynamic_shifting needs base_shift and max_shift"));
             };
             if config.base_image_seq_len == config.max_image_seq_len {
-                return Err(bad(
-                    "base_image_seq_len and max_image_seq_len must differ for dynamic shifting",
-                ));
+                return Err(bad("base_image_seq_len and max_image_seq_len must differ for dynamic shifting"));
             }
-            Shift::Dynamic {
-                kind,
-                base_shift,
-                max_shift,
-            }
+            Shift::Dynamic { kind, base_shift, max_shift }
         } else {
             if !config.shift.is_finite() || config.shift <= 0.0 {
                 return Err(bad(format!("shift must be positive, got {}", config.shift)));
@@ -227,11 +201,7 @@ impl FlowMatchEulerScheduler {
     pub fn mu(&self, image_seq_len: usize) -> Option<f64> {
         match self.shift {
             Shift::Static(_) => None,
-            Shift::Dynamic {
-                base_shift,
-                max_shift,
-                ..
-            } => Some(calculate_shift(
+            Shift::Dynamic { base_shift, max_shift, .. } => Some(calculate_shift(
                 image_seq_len,
                 self.config.base_image_seq_len,
                 self.config.max_image_seq_len,
@@ -246,16 +216,11 @@ impl FlowMatchEulerScheduler {
     /// shifting.
     pub fn timesteps_for(&self, steps: usize, image_seq_len: usize) -> Result<Schedule> {
         if steps == 0 {
-            return Err(Error::invalid(
-                "the number of inference steps must be at least 1",
-            ));
+            return Err(Error::invalid("the number of inference steps must be at least 1"));
         }
         // FluxPipeline: np.linspace(1.0, 1 / n, n) in float64, then cast to float32 by
         // set_timesteps.
-        let base: Vec<f32> = linspace(1.0, 1.0 / steps as f64, steps)
-            .into_iter()
-            .map(|s| s as f32)
-            .collect();
+        let base: Vec<f32> = linspace(1.0, 1.0 / steps as f64, steps).into_iter().map(|s| s as f32).collect();
 
         let mut sigmas: Vec<f32> = match self.shift {
             Shift::Static(shift) => {
@@ -271,9 +236,7 @@ impl FlowMatchEulerScheduler {
                     TimeShift::Exponential => mu.exp() as f32,
                     TimeShift::Linear => mu as f32,
                 };
-                base.iter()
-                    .map(|&s| num / (num + (1.0 / s - 1.0)))
-                    .collect()
+                base.iter().map(|&s| num / (num + (1.0 / s - 1.0))).collect()
             }
         };
 
@@ -298,12 +261,7 @@ impl FlowMatchEulerScheduler {
             0.0
         };
         let timesteps = sigmas.iter().map(|&s| (s * n_train) as f64).collect();
-        let sigmas = sigmas
-            .iter()
-            .copied()
-            .chain(std::iter::once(terminal))
-            .map(f64::from)
-            .collect();
+        let sigmas = sigmas.iter().copied().chain(std::iter::once(terminal)).map(f64::from).collect();
         Ok(Schedule { sigmas, timesteps })
     }
 
@@ -313,13 +271,7 @@ impl FlowMatchEulerScheduler {
     /// takes the model output's dtype (torch does not promote a tensor by a 0-d one, so for
     /// bf16 both `dt` and the product are rounded to bf16); the sum is done in float32 (the
     /// sample is upcast) and the result is cast back to the model output's dtype.
-    pub fn step(
-        &self,
-        model_output: &Tensor,
-        sigma: f64,
-        sigma_next: f64,
-        sample: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn step(&self, model_output: &Tensor, sigma: f64, sigma_next: f64, sample: &Tensor) -> Result<Tensor> {
         if model_output.shape() != sample.shape() {
             return Err(Error::invalid(format!(
                 "scheduler step: model output shape {:?} differs from sample shape {:?}",
@@ -328,9 +280,7 @@ impl FlowMatchEulerScheduler {
             )));
         }
         if !sigma.is_finite() || !sigma_next.is_finite() {
-            return Err(Error::invalid(format!(
-                "scheduler step: sigmas must be finite, got {sigma} -> {sigma_next}"
-            )));
+            return Err(Error::invalid(format!("scheduler step: sigmas must be finite, got {sigma} -> {sigma_next}")));
         }
         let out_dtype = model_output.dtype();
         if !out_dtype.is_float() {
@@ -339,9 +289,7 @@ impl FlowMatchEulerScheduler {
             )));
         }
         let dt = sigma_next as f32 - sigma as f32;
-        let update = model_output
-            .affine(f64::from(dt), 0.0)?
-            .to_dtype(DType::F32)?;
+        let update = model_output.affine(f64::from(dt), 0.0)?.to_dtype(DType::F32)?;
         let next = (sample.to_dtype(DType::F32)? + update)?;
         Ok(next.to_dtype(out_dtype)?)
     }
@@ -367,22 +315,11 @@ fn linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
         return vec![start];
     }
     let step = (stop - start) / (n - 1) as f64;
-    (0..n)
-        .map(|i| {
-            if i == n - 1 {
-                stop
-            } else {
-                i as f64 * step + start
-            }
-        })
-        .collect()
+    (0..n).map(|i| if i == n - 1 { stop } else { i as f64 * step + start }).collect()
 }
 
 fn bad(reason: impl Into<String>) -> Error {
-    Error::BadModelFile {
-        path: "scheduler_config.json".to_string(),
-        reason: reason.into(),
-    }
+    Error::BadModelFile { path: "scheduler_config.json".to_string(), reason: reason.into() }
 }
 
 #[cfg(test)]
@@ -429,11 +366,7 @@ mod tests {
         for (i, &t) in sch.timesteps.iter().enumerate() {
             let x = 1.0 - 0.25 * i as f64;
             let want = 3.0 * x / (1.0 + 2.0 * x);
-            assert!(
-                close(sch.sigmas[i], want, 1e-6),
-                "{i}: {} vs {want}",
-                sch.sigmas[i]
-            );
+            assert!(close(sch.sigmas[i], want, 1e-6), "{i}: {} vs {want}", sch.sigmas[i]);
             assert!(close(t, want * 1000.0, 1e-3));
         }
     }
@@ -477,19 +410,9 @@ mod tests {
         assert_eq!(sch.timesteps[27], DIFFUSERS_DEV_1024_28_TIMESTEP_LAST);
     }
 
-    const DIFFUSERS_DEV_4096_4_TIMESTEPS: [f64; 4] = [
-        1000.0,
-        904.53076171875,
-        759.5109252929688,
-        512.8441162109375,
-    ];
-    const DIFFUSERS_DEV_4096_4_SIGMAS: [f64; 5] = [
-        1.0,
-        0.9045307636260986,
-        0.7595109343528748,
-        0.5128441452980042,
-        0.0,
-    ];
+    const DIFFUSERS_DEV_4096_4_TIMESTEPS: [f64; 4] = [1000.0, 904.53076171875, 759.5109252929688, 512.8441162109375];
+    const DIFFUSERS_DEV_4096_4_SIGMAS: [f64; 5] =
+        [1.0, 0.9045307636260986, 0.7595109343528748, 0.5128441452980042, 0.0];
     const DIFFUSERS_DEV_1024_28_TIMESTEPS_HEAD: [f64; 4] =
         [1000.0, 980.6559448242188, 960.643798828125, 939.92822265625];
     const DIFFUSERS_DEV_1024_28_TIMESTEP_LAST: f64 = 65.01959991455078;
@@ -516,13 +439,7 @@ mod tests {
         let s = FlowMatchEulerScheduler::from_json(&json).unwrap();
         assert_eq!(
             s.timesteps_for(4, 0).unwrap().sigmas,
-            vec![
-                1.0,
-                0.7000000476837158,
-                0.40000003576278687,
-                0.10000002384185791,
-                0.0
-            ]
+            vec![1.0, 0.7000000476837158, 0.40000003576278687, 0.10000002384185791, 0.0]
         );
     }
 
@@ -562,10 +479,7 @@ mod tests {
 
     #[test]
     fn linear_time_shift() {
-        let json = DEV.replace(
-            "\"shift\": 3.0",
-            "\"shift\": 3.0, \"time_shift_type\": \"linear\"",
-        );
+        let json = DEV.replace("\"shift\": 3.0", "\"shift\": 3.0, \"time_shift_type\": \"linear\"");
         let s = FlowMatchEulerScheduler::from_json(&json).unwrap();
         let sch = s.timesteps_for(4, 4096).unwrap();
         let x: f64 = 0.75;
@@ -579,10 +493,7 @@ mod tests {
                 "something_new": [1, 2]}"#,
         )
         .unwrap();
-        let want = FlowMatchEulerConfig {
-            class_name: Some(CLASS_NAME.to_string()),
-            ..Default::default()
-        };
+        let want = FlowMatchEulerConfig { class_name: Some(CLASS_NAME.to_string()), ..Default::default() };
         assert_eq!(s.config(), &want);
     }
 
@@ -590,18 +501,9 @@ mod tests {
     fn rejects_bad_configs() {
         let cases = [
             (r#"{"shift": 1.0}"#, "_class_name"),
-            (
-                r#"{"_class_name": "EulerDiscreteScheduler"}"#,
-                "EulerDiscreteScheduler",
-            ),
-            (
-                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": true}"#,
-                "use_karras_sigmas",
-            ),
-            (
-                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_beta_sigmas": true}"#,
-                "use_beta_sigmas",
-            ),
+            (r#"{"_class_name": "EulerDiscreteScheduler"}"#, "EulerDiscreteScheduler"),
+            (r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_karras_sigmas": true}"#, "use_karras_sigmas"),
+            (r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_beta_sigmas": true}"#, "use_beta_sigmas"),
             (
                 r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_exponential_sigmas": true}"#,
                 "use_exponential_sigmas",
@@ -610,25 +512,17 @@ mod tests {
                 r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "stochastic_sampling": true}"#,
                 "stochastic_sampling",
             ),
-            (
-                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "time_shift_type": "cubic"}"#,
-                "cubic",
-            ),
+            (r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "time_shift_type": "cubic"}"#, "cubic"),
             (
                 r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": true, "base_shift": null}"#,
                 "base_shift",
             ),
-            (
-                r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}"#,
-                "shift",
-            ),
+            (r#"{"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": "x"}"#, "shift"),
             ("not json", "not valid JSON"),
             ("[1]", "expected"),
         ];
         for (json, needle) in cases {
-            let err = FlowMatchEulerScheduler::from_json(json)
-                .unwrap_err()
-                .to_string();
+            let err = FlowMatchEulerScheduler::from_json(json).unwrap_err().to_string();
             assert!(err.contains(needle), "{json}: {err}");
             assert!(err.contains("scheduler_config.json"), "{json}: {err}");
         }
@@ -639,19 +533,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("veto-sched-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let missing = dir.join("nope.json");
-        let err = FlowMatchEulerScheduler::from_config_file(&missing)
-            .unwrap_err()
-            .to_string();
+        let err = FlowMatchEulerScheduler::from_config_file(&missing).unwrap_err().to_string();
         assert!(err.contains("nope.json"), "{err}");
         let bad_file = dir.join("bad_scheduler_config.json");
         std::fs::write(&bad_file, r#"{"_class_name": "DDIMScheduler"}"#).unwrap();
-        let err = FlowMatchEulerScheduler::from_config_file(&bad_file)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("bad_scheduler_config.json") && err.contains("DDIMScheduler"),
-            "{err}"
-        );
+        let err = FlowMatchEulerScheduler::from_config_file(&bad_file).unwrap_err().to_string();
+        assert!(err.contains("bad_scheduler_config.json") && err.contains("DDIMScheduler"), "{err}");
         let good = dir.join("scheduler_config.json");
         std::fs::write(&good, DEV).unwrap();
         assert!(FlowMatchEulerScheduler::from_config_file(&good).is_ok());
@@ -678,14 +565,8 @@ mod tests {
         // result cast back to bf16.
         let s = FlowMatchEulerScheduler::from_json(SCHNELL).unwrap();
         let dev = Device::Cpu;
-        let x = Tensor::new(&[1.0f32, 0.3], &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
-        let v = Tensor::new(&[1.0f32, 3.0], &dev)
-            .unwrap()
-            .to_dtype(DType::BF16)
-            .unwrap();
+        let x = Tensor::new(&[1.0f32, 0.3], &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let v = Tensor::new(&[1.0f32, 3.0], &dev).unwrap().to_dtype(DType::BF16).unwrap();
         let (sigma, sigma_next) = (1.0, 0.7);
         let y = s.step(&v, sigma, sigma_next, &x).unwrap();
         assert_eq!(y.dtype(), DType::BF16);

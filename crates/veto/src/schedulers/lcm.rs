@@ -66,9 +66,7 @@ pub(crate) fn consistency_timesteps(
     class: &str,
 ) -> Result<Vec<usize>> {
     if steps == 0 {
-        return Err(Error::invalid(format!(
-            "{class}: the number of steps must be at least 1"
-        )));
+        return Err(Error::invalid(format!("{class}: the number of steps must be at least 1")));
     }
     if original == 0 || original > num_train {
         return Err(super::discrete::bad(format!(
@@ -112,12 +110,7 @@ impl LcmScheduler {
         }
         .alphas_cumprod(false)?;
         // `set_alpha_to_one` is never used: LCM's previous timestep is never negative.
-        Ok(Self {
-            config,
-            alphas_cumprod,
-            timesteps: Vec::new(),
-            step_index: 0,
-        })
+        Ok(Self { config, alphas_cumprod, timesteps: Vec::new(), step_index: 0 })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {
@@ -184,12 +177,8 @@ impl Scheduler for LcmScheduler {
     }
 
     fn set_timesteps(&mut self, steps: usize) -> Result<()> {
-        let ts = consistency_timesteps(
-            self.config.num_train_timesteps,
-            self.config.original_inference_steps,
-            steps,
-            CLASS,
-        )?;
+        let ts =
+            consistency_timesteps(self.config.num_train_timesteps, self.config.original_inference_steps, steps, CLASS)?;
         self.timesteps = ts.into_iter().map(|t| t as f64).collect();
         self.step_index = 0;
         Ok(())

@@ -50,9 +50,7 @@ pub struct FixedNoise {
 
 impl FixedNoise {
     pub fn new(tensors: impl IntoIterator<Item = Tensor>) -> Self {
-        Self {
-            queue: tensors.into_iter().collect(),
-        }
+        Self { queue: tensors.into_iter().collect() }
     }
 }
 
@@ -63,10 +61,7 @@ impl NoiseSource for FixedNoise {
             .pop_front()
             .ok_or_else(|| Error::invalid("the scheduler asked for more noise tensors than were given"))?;
         if t.dims() != shape {
-            return Err(Error::invalid(format!(
-                "given noise has shape {:?}, the scheduler needs {shape:?}",
-                t.dims()
-            )));
+            return Err(Error::invalid(format!("given noise has shape {:?}, the scheduler needs {shape:?}", t.dims())));
         }
         Ok(t.to_device(device)?)
     }
@@ -95,10 +90,7 @@ pub trait Scheduler: Send {
     /// Schedulers without that option in diffusers return an error.
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
         let _ = timesteps;
-        Err(Error::invalid(format!(
-            "{} does not take custom timesteps",
-            self.class_name()
-        )))
+        Err(Error::invalid(format!("{} does not take custom timesteps", self.class_name())))
     }
     /// The `eta` step argument of DDIM and TCD (diffusers pipelines pass it to every scheduler
     /// whose `step` takes one, and default it to 0.0); other schedulers ignore it.
@@ -156,10 +148,7 @@ pub fn load_scheduler(path: impl AsRef<Path>) -> Result<Box<dyn Scheduler>> {
         path: path.display().to_string(),
     })?;
     scheduler_from_json(&text).map_err(|e| match e {
-        Error::BadModelFile { reason, .. } => Error::BadModelFile {
-            path: path.display().to_string(),
-            reason,
-        },
+        Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
         other => other,
     })
 }
@@ -177,9 +166,9 @@ pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
         "LCMScheduler" => Box::new(super::lcm::LcmScheduler::from_value(json)?),
         "DDIMScheduler" => Box::new(super::ddim::DdimScheduler::from_value(json)?),
         "TCDScheduler" => Box::new(super::tcd::TcdScheduler::from_value(json)?),
-        "DPMSolverMultistepScheduler" => Box::new(
-            super::dpm_solver_multistep::DpmSolverMultistepScheduler::from_value(json)?,
-        ),
+        "DPMSolverMultistepScheduler" => {
+            Box::new(super::dpm_solver_multistep::DpmSolverMultistepScheduler::from_value(json)?)
+        }
         "EDMEulerScheduler" => Box::new(super::edm::EdmEulerScheduler::from_value(json)?),
         "EDMDPMSolverMultistepScheduler" => Box::new(super::edm::EdmDpmSolverMultistepScheduler::from_value(json)?),
         other => {
@@ -214,10 +203,7 @@ pub(crate) fn quote_non_finite(text: &str) -> String {
         }
         if c == '"' {
             in_string = true;
-        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"]
-            .into_iter()
-            .find(|t| rest.starts_with(t))
-        {
+        } else if let Some(token) = ["-Infinity", "Infinity", "NaN"].into_iter().find(|t| rest.starts_with(t)) {
             out.push('"');
             out.push_str(token);
             out.push('"');
@@ -309,14 +295,8 @@ mod tests {
 
     #[test]
     fn unknown_class_names_the_supported_ones() {
-        let err = scheduler_from_json(r#"{"_class_name": "PNDMScheduler"}"#)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("PNDMScheduler") && err.contains("EulerDiscreteScheduler"),
-            "{err}"
-        );
+        let err = scheduler_from_json(r#"{"_class_name": "PNDMScheduler"}"#).err().unwrap().to_string();
+        assert!(err.contains("PNDMScheduler") && err.contains("EulerDiscreteScheduler"), "{err}");
         let err = scheduler_from_json(r#"{"beta_start": 0.1}"#).err().unwrap().to_string();
         assert!(err.contains("_class_name"), "{err}");
     }
@@ -329,10 +309,7 @@ mod tests {
         let x: Vec<f32> = a.sample(&[8], &dev).unwrap().to_vec1().unwrap();
         assert_eq!(x, b.sample(&[8], &dev).unwrap().to_vec1::<f32>().unwrap());
         assert_ne!(x, a.sample(&[8], &dev).unwrap().to_vec1::<f32>().unwrap());
-        let init: Vec<f32> = crate::pipelines::noise::gaussian(&[8], 3, &dev)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let init: Vec<f32> = crate::pipelines::noise::gaussian(&[8], 3, &dev).unwrap().to_vec1().unwrap();
         assert_ne!(x, init);
     }
 }

@@ -83,13 +83,7 @@ impl TcdScheduler {
             rescale_betas_zero_snr: config.rescale_betas_zero_snr,
         }
         .alphas_cumprod(false)?;
-        Ok(Self {
-            config,
-            alphas_cumprod,
-            timesteps: Vec::new(),
-            step_index: 0,
-            eta: TCD_DEFAULT_ETA,
-        })
+        Ok(Self { config, alphas_cumprod, timesteps: Vec::new(), step_index: 0, eta: TCD_DEFAULT_ETA })
     }
 
     pub fn from_value(json: serde_json::Value) -> Result<Self> {
@@ -117,12 +111,8 @@ impl Scheduler for TcdScheduler {
     }
 
     fn set_timesteps(&mut self, steps: usize) -> Result<()> {
-        let ts = consistency_timesteps(
-            self.config.num_train_timesteps,
-            self.config.original_inference_steps,
-            steps,
-            CLASS,
-        )?;
+        let ts =
+            consistency_timesteps(self.config.num_train_timesteps, self.config.original_inference_steps, steps, CLASS)?;
         self.timesteps = ts.into_iter().map(|t| t as f64).collect();
         self.step_index = 0;
         Ok(())
@@ -137,9 +127,7 @@ impl Scheduler for TcdScheduler {
 
     fn set_eta(&mut self, eta: f64) -> Result<()> {
         if !(0.0..=1.0).contains(&eta) {
-            return Err(Error::invalid(format!(
-                "{CLASS}: eta (gamma) must be in [0, 1], got {eta}"
-            )));
+            return Err(Error::invalid(format!("{CLASS}: eta (gamma) must be in [0, 1], got {eta}")));
         }
         self.eta = eta;
         Ok(())
@@ -177,10 +165,7 @@ impl Scheduler for TcdScheduler {
         let prev = if self.eta > 0.0 && !last {
             let z = noise.sample(model_output.dims(), model_output.device())?;
             let ratio = alpha_prev as f32 / a_s;
-            lincomb(&[
-                (f64::from(ratio.sqrt()), &noised),
-                (f64::from((1.0 - ratio).sqrt()), &z),
-            ])?
+            lincomb(&[(f64::from(ratio.sqrt()), &noised), (f64::from((1.0 - ratio).sqrt()), &z)])?
         } else {
             noised
         };

@@ -54,9 +54,8 @@ impl ClipTokenizer {
                 path: dir.display().to_string(),
             });
         }
-        let special = |key: &str, default: &str| {
-            super::configured_special_token(dir, key).unwrap_or_else(|| default.to_string())
-        };
+        let special =
+            |key: &str, default: &str| super::configured_special_token(dir, key).unwrap_or_else(|| default.to_string());
         let bos = special("bos_token", "<|startoftext|>");
         let eos = special("eos_token", "<|endoftext|>");
         let unk = special("unk_token", "<|endoftext|>");
@@ -71,15 +70,11 @@ impl ClipTokenizer {
             (tok, json_path)
         } else {
             let vocab_path = dir.join("vocab.json");
-            (
-                build_from_vocab_merges(dir, &bos, &eos, &unk, &pad)?,
-                vocab_path,
-            )
+            (build_from_vocab_merges(dir, &bos, &eos, &unk, &pad)?, vocab_path)
         };
         // We truncate and pad ourselves, per call (see `encode_fixed_length`).
         tok.with_padding(None);
-        tok.with_truncation(None)
-            .map_err(|e| Error::other(e.to_string()))?;
+        tok.with_truncation(None).map_err(|e| Error::other(e.to_string()))?;
 
         let id = |t: &str| {
             tok.token_to_id(t).ok_or_else(|| Error::BadModelFile {
@@ -89,14 +84,7 @@ impl ClipTokenizer {
         };
         let (bos_id, eos_id, pad_id) = (id(&bos)?, id(&eos)?, id(&pad)?);
         let model_max_length = super::configured_model_max_length(dir).unwrap_or(CLIP_MAX_LENGTH);
-        Ok(Self {
-            tok,
-            pad_id,
-            bos_id,
-            eos_id,
-            model_max_length,
-            path,
-        })
+        Ok(Self { tok, pad_id, bos_id, eos_id, model_max_length, path })
     }
 
     /// Ids of `text` as `[BOS, tokens…, EOS, PAD…]`, exactly `max_len` long; too-long prompts
@@ -132,20 +120,13 @@ impl ClipTokenizer {
 /// Build a `tokenizers::Tokenizer` that behaves like transformers' `CLIPTokenizer` built from
 /// vocab.json + merges.txt (v5; identical to v4's fast tokenizer, and to v4's slow one for
 /// ordinary text).
-fn build_from_vocab_merges(
-    dir: &Path,
-    bos: &str,
-    eos: &str,
-    unk: &str,
-    pad: &str,
-) -> Result<Tokenizer> {
+fn build_from_vocab_merges(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &str) -> Result<Tokenizer> {
     let vocab_path = dir.join("vocab.json");
     let merges_path = dir.join("merges.txt");
     for p in [&vocab_path, &merges_path] {
         if !p.is_file() {
             return Err(Error::MissingFile {
-                what: "CLIP tokenizer file not found (need tokenizer.json, or vocab.json and merges.txt)"
-                    .into(),
+                what: "CLIP tokenizer file not found (need tokenizer.json, or vocab.json and merges.txt)".into(),
                 path: p.display().to_string(),
             });
         }
@@ -175,20 +156,13 @@ fn build_from_vocab_merges(
     }
 
     let vocab: Vocab = vocab.into_iter().collect();
-    let bad = |reason: String| Error::BadModelFile {
-        path: merges_path.display().to_string(),
-        reason,
-    };
+    let bad = |reason: String| Error::BadModelFile { path: merges_path.display().to_string(), reason };
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
         .unk_token(unk.to_string())
         .end_of_word_suffix("</w>".to_string())
         .build()
-        .map_err(|e| {
-            bad(format!(
-                "vocab.json and merges.txt do not fit together: {e}"
-            ))
-        })?;
+        .map_err(|e| bad(format!("vocab.json and merges.txt do not fit together: {e}")))?;
 
     let mut tok = Tokenizer::new(bpe);
     let regex_err = |e: tokenizers::Error| Error::other(format!("building CLIP tokenizer: {e}"));
@@ -196,22 +170,13 @@ fn build_from_vocab_merges(
     // lowercase. The regex split then drops the whitespace.
     let normalizer = Sequence::new(vec![
         NFC.into(),
-        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
-            .map_err(regex_err)?
-            .into(),
+        Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(regex_err)?.into(),
         Lowercase.into(),
     ]);
     tok.with_normalizer(Some(normalizer)).map_err(regex_err)?;
-    let split = Split::new(
-        SplitPattern::Regex(CLIP_PATTERN.into()),
-        SplitDelimiterBehavior::Removed,
-        true,
-    )
-    .map_err(regex_err)?;
-    tok.with_pre_tokenizer(Some(PreSequence::new(vec![
-        split.into(),
-        ByteLevel::new(false, false, false).into(),
-    ])));
+    let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
+        .map_err(regex_err)?;
+    tok.with_pre_tokenizer(Some(PreSequence::new(vec![split.into(), ByteLevel::new(false, false, false).into()])));
     tok.with_decoder(Some(ByteLevel::new(false, false, false)));
     let bos_id = vocab_id(&tok, bos, &vocab_path)?;
     let eos_id = vocab_id(&tok, eos, &vocab_path)?;
@@ -228,8 +193,7 @@ fn build_from_vocab_merges(
             specials.push(AddedToken::from(t, true));
         }
     }
-    let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) =
-        specials.into_iter().partition(|t| t.special);
+    let (special, plain): (Vec<AddedToken>, Vec<AddedToken>) = specials.into_iter().partition(|t| t.special);
     tok.add_special_tokens(special).map_err(regex_err)?;
     tok.add_tokens(plain).map_err(regex_err)?;
     Ok(tok)
@@ -251,8 +215,7 @@ fn configured_added_tokens(dir: &Path) -> Vec<AddedToken> {
         .filter_map(|(id, v)| {
             let id: u64 = id.parse().ok()?;
             let content = v.get("content")?.as_str()?;
-            let flag =
-                |k: &str, default: bool| v.get(k).and_then(|b| b.as_bool()).unwrap_or(default);
+            let flag = |k: &str, default: bool| v.get(k).and_then(|b| b.as_bool()).unwrap_or(default);
             let special = flag("special", true);
             let tok = AddedToken::from(content, special)
                 .single_word(flag("single_word", false))
@@ -370,34 +333,21 @@ impl EncoderLayer {
 
     /// Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). `mask` is the additive causal
     /// mask `[L, L]` in f32.
-    fn forward(
-        &self,
-        xs: &Tensor,
-        mask: &Tensor,
-        heads: usize,
-        act: Activation,
-    ) -> candle_core::Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask: &Tensor, heads: usize, act: Activation) -> candle_core::Result<Tensor> {
         let (b, l, h) = xs.dims3()?;
         let hd = h / heads;
         let dtype = xs.dtype();
         let x = self.layer_norm1.forward(xs)?;
         // Scores and softmax in f32: CLIP's pooled output is sensitive to bf16 softmax error.
         let split = |t: Tensor| -> candle_core::Result<Tensor> {
-            t.reshape((b, l, heads, hd))?
-                .transpose(1, 2)?
-                .contiguous()?
-                .to_dtype(DType::F32)
+            t.reshape((b, l, heads, hd))?.transpose(1, 2)?.contiguous()?.to_dtype(DType::F32)
         };
         let q = (split(self.q_proj.forward(&x)?)? * (hd as f64).powf(-0.5))?;
         let k = split(self.k_proj.forward(&x)?)?;
         let v = split(self.v_proj.forward(&x)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let attn = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((b, l, h))?
-            .to_dtype(dtype)?;
+        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?.to_dtype(dtype)?;
         let xs = (xs + self.out_proj.forward(&attn)?)?;
         let x = self.layer_norm2.forward(&xs)?;
         let x = self.fc2.forward(&act.apply(&self.fc1.forward(&x)?)?)?;
@@ -453,17 +403,12 @@ impl ClipTextEncoder {
         if let Some(text) = json.get("text_config").filter(|t| t.is_object()) {
             json = text.clone();
         }
-        let config: ClipTextConfig =
-            serde_json::from_value(json).map_err(|e| Error::BadModelFile {
-                path: config_path.display().to_string(),
-                reason: format!("invalid CLIP text config: {e}"),
-            })?;
+        let config: ClipTextConfig = serde_json::from_value(json).map_err(|e| Error::BadModelFile {
+            path: config_path.display().to_string(),
+            reason: format!("invalid CLIP text config: {e}"),
+        })?;
         let activation = Activation::parse(&config.hidden_act, &config_path)?;
-        if config.num_attention_heads == 0
-            || !config
-                .hidden_size
-                .is_multiple_of(config.num_attention_heads)
-        {
+        if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(Error::BadModelFile {
                 path: config_path.display().to_string(),
                 reason: format!(
@@ -488,8 +433,7 @@ impl ClipTextEncoder {
         } else {
             return Err(Error::BadModelFile {
                 path: dir.display().to_string(),
-                reason: "no CLIP text weights (text_model.embeddings.token_embedding.weight) in the safetensors"
-                    .into(),
+                reason: "no CLIP text weights (text_model.embeddings.token_embedding.weight) in the safetensors".into(),
             });
         };
         let weights_err = |e: candle_core::Error| Error::BadModelFile {
@@ -498,25 +442,19 @@ impl ClipTextEncoder {
         };
         let h = config.hidden_size;
         let emb = vb.pp("embeddings");
-        let token_embedding = candle_nn::embedding(config.vocab_size, h, emb.pp("token_embedding"))
-            .map_err(weights_err)?;
-        let position_embedding = emb
-            .pp("position_embedding")
-            .get((config.max_position_embeddings, h), "weight")
-            .map_err(weights_err)?;
+        let token_embedding =
+            candle_nn::embedding(config.vocab_size, h, emb.pp("token_embedding")).map_err(weights_err)?;
+        let position_embedding =
+            emb.pp("position_embedding").get((config.max_position_embeddings, h), "weight").map_err(weights_err)?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::load(vb.pp(format!("encoder.layers.{i}")), &config))
             .collect::<candle_core::Result<Vec<_>>>()
             .map_err(weights_err)?;
         let final_layer_norm =
-            candle_nn::layer_norm(h, config.layer_norm_eps, vb.pp("final_layer_norm"))
-                .map_err(weights_err)?;
+            candle_nn::layer_norm(h, config.layer_norm_eps, vb.pp("final_layer_norm")).map_err(weights_err)?;
         let text_projection = if root.contains_tensor("text_projection.weight") {
             let proj = config.projection_dim.unwrap_or(h);
-            Some(
-                candle_nn::linear_no_bias(h, proj, root.pp("text_projection"))
-                    .map_err(weights_err)?,
-            )
+            Some(candle_nn::linear_no_bias(h, proj, root.pp("text_projection")).map_err(weights_err)?)
         } else {
             None
         };
@@ -557,8 +495,7 @@ impl ClipTextEncoder {
                     let max = r.iter().copied().max().unwrap_or(0);
                     r.iter().position(|&t| t == max)
                 } else {
-                    r.iter()
-                        .position(|&t| i64::from(t) == self.config.eos_token_id)
+                    r.iter().position(|&t| i64::from(t) == self.config.eos_token_id)
                 };
                 pos.unwrap_or(0) as u32
             })
@@ -583,25 +520,14 @@ impl ClipTextEncoder {
         let last_hidden_state = self.final_layer_norm.forward(&xs)?;
 
         let h = self.config.hidden_size;
-        let index: Vec<u32> = pool_at
-            .iter()
-            .enumerate()
-            .map(|(bi, &p)| bi as u32 * l as u32 + p)
-            .collect();
+        let index: Vec<u32> = pool_at.iter().enumerate().map(|(bi, &p)| bi as u32 * l as u32 + p).collect();
         let index = Tensor::new(index.as_slice(), &self.device)?;
-        let pooled = last_hidden_state
-            .reshape((b * l, h))?
-            .index_select(&index, 0)?;
+        let pooled = last_hidden_state.reshape((b * l, h))?.index_select(&index, 0)?;
         let text_embeds = match &self.text_projection {
             Some(p) => Some(p.forward(&pooled)?),
             None => None,
         };
-        Ok(ClipTextOutput {
-            last_hidden_state,
-            penultimate_hidden_state,
-            pooled,
-            text_embeds,
-        })
+        Ok(ClipTextOutput { last_hidden_state, penultimate_hidden_state, pooled, text_embeds })
     }
 
     /// Convenience: encode one list of ids as a batch of one.
@@ -626,8 +552,7 @@ impl ClipTextEncoder {
 
 /// Additive causal mask `[L, L]`: 0 on and below the diagonal, -inf above.
 fn causal_mask(l: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let data: Vec<f32> = (0..l)
-        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let data: Vec<f32> =
+        (0..l).flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(data, (l, l), device)
 }

@@ -35,25 +35,20 @@ pub(crate) fn encode_fixed_length(
     pad_id: u32,
     source: &Path,
 ) -> Result<TokenizedText> {
-    let n_special = tok
-        .get_post_processor()
-        .map_or(0, |p| p.added_tokens(false));
+    let n_special = tok.get_post_processor().map_or(0, |p| p.added_tokens(false));
     if max_len <= n_special {
         return Err(Error::invalid(format!(
             "max length {max_len} leaves no room for text next to the {n_special} special tokens of {}",
             source.display()
         )));
     }
-    let fail =
-        |e: tokenizers::Error| Error::other(format!("tokenizing with {}: {e}", source.display()));
+    let fail = |e: tokenizers::Error| Error::other(format!("tokenizing with {}: {e}", source.display()));
     let mut enc = tok.encode(text, false).map_err(fail)?;
     let budget = max_len - n_special;
     let truncated = enc.len() > budget;
     let removed_text = if truncated {
         let removed = &enc.get_ids()[budget..];
-        tok.decode(removed, true)
-            .ok()
-            .map(|s| s.replace("</w>", " ").trim().to_string())
+        tok.decode(removed, true).ok().map(|s| s.replace("</w>", " ").trim().to_string())
     } else {
         None
     };
@@ -64,20 +59,12 @@ pub(crate) fn encode_fixed_length(
         // Only a post-processor that adds more tokens than it declares gets here.
         return Err(Error::BadModelFile {
             path: source.display().to_string(),
-            reason: format!(
-                "post-processor produced {} tokens, more than the {max_len} allowed",
-                ids.len()
-            ),
+            reason: format!("post-processor produced {} tokens, more than the {max_len} allowed", ids.len()),
         });
     }
     let len = ids.len();
     ids.resize(max_len, pad_id);
-    Ok(TokenizedText {
-        ids,
-        len,
-        truncated,
-        removed_text,
-    })
+    Ok(TokenizedText { ids, len, truncated, removed_text })
 }
 
 /// A special token from `special_tokens_map.json` / `tokenizer_config.json`: either a plain
@@ -132,27 +119,17 @@ pub(crate) fn check_ids(ids: &[Vec<u32>], vocab_size: usize, model: &Path) -> Re
 
 /// Token ids as a `[B, L]` matrix on the host; accepts any integer tensor.
 pub(crate) fn ids_to_host(input_ids: &candle_core::Tensor) -> Result<Vec<Vec<u32>>> {
-    let (b, l) = input_ids.dims2().map_err(|_| {
-        Error::invalid(format!(
-            "token ids must be [batch, length], got {:?}",
-            input_ids.dims()
-        ))
-    })?;
+    let (b, l) = input_ids
+        .dims2()
+        .map_err(|_| Error::invalid(format!("token ids must be [batch, length], got {:?}", input_ids.dims())))?;
     if b == 0 || l == 0 {
-        return Err(Error::invalid(format!(
-            "token ids must be non-empty, got [{b}, {l}]"
-        )));
+        return Err(Error::invalid(format!("token ids must be non-empty, got [{b}, {l}]")));
     }
-    let rows = input_ids
-        .to_dtype(candle_core::DType::I64)?
-        .to_vec2::<i64>()?;
+    let rows = input_ids.to_dtype(candle_core::DType::I64)?.to_vec2::<i64>()?;
     rows.into_iter()
         .map(|r| {
             r.into_iter()
-                .map(|i| {
-                    u32::try_from(i)
-                        .map_err(|_| Error::invalid(format!("negative or huge token id {i}")))
-                })
+                .map(|i| u32::try_from(i).map_err(|_| Error::invalid(format!("negative or huge token id {i}"))))
                 .collect()
         })
         .collect()

@@ -33,11 +33,7 @@ impl T5Tokenizer {
                 } else {
                     "T5 tokenizer folder not found".into()
                 },
-                path: if dir.is_dir() {
-                    path.display().to_string()
-                } else {
-                    dir.display().to_string()
-                },
+                path: if dir.is_dir() { path.display().to_string() } else { dir.display().to_string() },
             });
         }
         let mut tok = Tokenizer::from_file(&path).map_err(|e| Error::BadModelFile {
@@ -46,10 +42,8 @@ impl T5Tokenizer {
         })?;
         // We truncate and pad ourselves (see `encode_fixed_length`), per call.
         tok.with_padding(None);
-        tok.with_truncation(None)
-            .map_err(|e| Error::other(e.to_string()))?;
-        let pad =
-            super::configured_special_token(dir, "pad_token").unwrap_or_else(|| "<pad>".into());
+        tok.with_truncation(None).map_err(|e| Error::other(e.to_string()))?;
+        let pad = super::configured_special_token(dir, "pad_token").unwrap_or_else(|| "<pad>".into());
         let pad_id = tok.token_to_id(&pad).ok_or_else(|| Error::BadModelFile {
             path: path.display().to_string(),
             reason: format!("pad token {pad:?} is not in the vocabulary"),
@@ -116,13 +110,7 @@ impl T5TextEncoder {
             path: dir.display().to_string(),
             reason: format!("T5 weights do not match config.json: {e}"),
         })?;
-        Ok(Self {
-            model: Mutex::new(model),
-            config,
-            device: device.clone(),
-            dtype,
-            dir: dir.to_path_buf(),
-        })
+        Ok(Self { model: Mutex::new(model), config, device: device.clone(), dtype, dir: dir.to_path_buf() })
     }
 
     /// Last hidden state `[B, L, d_model]` (after the final layer norm) for `[B, L]` token
@@ -133,10 +121,7 @@ impl T5TextEncoder {
         let (b, l) = (rows.len(), rows[0].len());
         let flat: Vec<u32> = rows.into_iter().flatten().collect();
         let ids = Tensor::from_vec(flat, (b, l), &self.device)?;
-        let mut model = self
-            .model
-            .lock()
-            .map_err(|_| Error::other("T5 encoder lock poisoned"))?;
+        let mut model = self.model.lock().map_err(|_| Error::other("T5 encoder lock poisoned"))?;
         Ok(model.forward(&ids)?)
     }
 

@@ -27,9 +27,7 @@ fn layer_norm(x: &Tensor) -> Result<Tensor> {
 
 /// `norm(x) * (1 + scale) + shift`, with `scale`/`shift` `[B, dim]`.
 fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    layer_norm(x)?
-        .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)
+    layer_norm(x)?.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
 /// `SiLU -> Linear(dim, n*dim)`, chunked into `n` vectors `[B, dim]` (AdaLayerNormZero & co).

@@ -47,11 +47,8 @@ pub struct TimeTextEmbed {
 
 impl TimeTextEmbed {
     pub fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
-        let guidance_embedder = if guidance {
-            Some(MlpEmbedder::new(256, dim, vb.pp("guidance_embedder"))?)
-        } else {
-            None
-        };
+        let guidance_embedder =
+            if guidance { Some(MlpEmbedder::new(256, dim, vb.pp("guidance_embedder"))?) } else { None };
         Ok(Self {
             timestep_embedder: MlpEmbedder::new(256, dim, vb.pp("timestep_embedder"))?,
             guidance_embedder,

@@ -6,20 +6,14 @@ use candle_core::{Device, Result, Tensor};
 /// `[B, C, h, w]` -> `[B, (h/2)(w/2), C*4]`, channel-major within each 2x2 patch (diffusers order).
 pub fn pack(latents: &Tensor) -> Result<Tensor> {
     let (b, c, h, w) = latents.dims4()?;
-    latents
-        .reshape((b, c, h / 2, 2, w / 2, 2))?
-        .permute((0, 2, 4, 1, 3, 5))?
-        .reshape((b, (h / 2) * (w / 2), c * 4))
+    latents.reshape((b, c, h / 2, 2, w / 2, 2))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, (h / 2) * (w / 2), c * 4))
 }
 
 /// Inverse of [`pack`] for latent height `h` and width `w` (in latent pixels).
 pub fn unpack(packed: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let (b, _, c4) = packed.dims3()?;
     let c = c4 / 4;
-    packed
-        .reshape((b, h / 2, w / 2, c, 2, 2))?
-        .permute((0, 3, 1, 4, 2, 5))?
-        .reshape((b, c, h, w))
+    packed.reshape((b, h / 2, w / 2, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))
 }
 
 /// `[(h/2)(w/2), 3]` ids `(0, row, col)` of the packed tokens, row-major.

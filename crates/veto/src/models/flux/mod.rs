@@ -76,10 +76,8 @@ impl FluxConfig {
             what: format!("cannot read Flux transformer config ({e})"),
             path: path.display().to_string(),
         })?;
-        let cfg: FluxConfig = serde_json::from_str(&text).map_err(|e| Error::BadModelFile {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let cfg: FluxConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: e.to_string() })?;
         cfg.check().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
         Ok(cfg)
     }
@@ -202,11 +200,7 @@ impl FluxTransformer {
     }
 
     /// As [`forward`](Self::forward), recording the streams after every block when `trace` is given.
-    pub fn forward_traced(
-        &self,
-        inputs: &FluxInputs,
-        mut trace: Option<&mut Trace>,
-    ) -> candle_core::Result<Tensor> {
+    pub fn forward_traced(&self, inputs: &FluxInputs, mut trace: Option<&mut Trace>) -> candle_core::Result<Tensor> {
         if self.time_text_embed.has_guidance() && inputs.guidance.is_none() {
             candle_core::bail!("this Flux model embeds guidance: a guidance scale is required");
         }
@@ -262,10 +256,9 @@ impl FluxTransformer {
         // Single blocks: [text ; image] per half; under guidance the halves stack on the batch.
         let pos_seq = Tensor::cat(&[&txt.pos, &img], 1)?;
         let (mut x, temb_single) = match (&txt.neg, &temb_neg) {
-            (Some(neg), Some(tn)) => (
-                Tensor::cat(&[&pos_seq, &Tensor::cat(&[neg, &img], 1)?], 0)?,
-                Tensor::cat(&[&temb_pos, tn], 0)?,
-            ),
+            (Some(neg), Some(tn)) => {
+                (Tensor::cat(&[&pos_seq, &Tensor::cat(&[neg, &img], 1)?], 0)?, Tensor::cat(&[&temb_pos, tn], 0)?)
+            }
             _ => (pos_seq, temb_pos.clone()),
         };
         for (i, block) in self.single_blocks.iter().enumerate() {

@@ -164,7 +164,10 @@ pub enum BlockGuide<'a> {
     /// NAG / NASA with the negative stream (module docs).
     Contrast(&'a AttentionGuidance),
     /// VSF: the last `neg_len` tokens of the text stream are the negative prompt.
-    Vsf { params: &'a VsfParams, neg_len: usize },
+    Vsf {
+        params: &'a VsfParams,
+        neg_len: usize,
+    },
 }
 
 /// A block's streams: image `[B, N, D]`, text `[B, T, D]` (absent after the last block), and
@@ -231,11 +234,7 @@ impl JointBlock {
                 &attn,
             )?,
             to_out: candle_nn::linear(dim, dim, attn.pp("to_out.0"))?,
-            to_add_out: if context_pre_only {
-                None
-            } else {
-                Some(candle_nn::linear(dim, dim, attn.pp("to_add_out"))?)
-            },
+            to_add_out: if context_pre_only { None } else { Some(candle_nn::linear(dim, dim, attn.pp("to_add_out"))?) },
             attn2,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
             ff_context: if context_pre_only { None } else { Some(FeedForward::new(dim, vb.pp("ff_context"))?) },
@@ -275,10 +274,7 @@ impl JointBlock {
 
     /// Attention of the queries `q` over the keys and values of `blocks`, merged.
     fn rows_over(q: &Tensor, blocks: &[&Heads], scale: f64) -> Result<Tensor> {
-        let parts = blocks
-            .iter()
-            .map(|h| attend_block(q, &h.k, &h.v, scale, None))
-            .collect::<Result<Vec<_>>>()?;
+        let parts = blocks.iter().map(|h| attend_block(q, &h.k, &h.v, scale, None)).collect::<Result<Vec<_>>>()?;
         merge_blocks(&parts.iter().collect::<Vec<_>>())
     }
 
@@ -341,18 +337,13 @@ impl JointBlock {
                 let nm = self.text_modulation(neg, temb_neg)?;
                 let neg_h = self.txt.heads(&nm.normed, heads)?;
                 let guided_img = img_h.rows(first, bn)?;
-                let img_img_g = BlockAttention {
-                    out: img_img.out.narrow(0, first, bn)?,
-                    lse: img_img.lse.narrow(0, first, bn)?,
-                };
+                let img_img_g =
+                    BlockAttention { out: img_img.out.narrow(0, first, bn)?, lse: img_img.lse.narrow(0, first, bn)? };
                 let img_neg = attend_block(guided_img.q()?, &neg_h.k, &neg_h.v, scale, None)?;
                 let z_neg = merge_heads(&merge_blocks(&[&img_img_g, &img_neg])?)?;
                 let z_guided = g.combine(&z_pos.narrow(0, first, bn)?, &z_neg)?;
-                let z_img = if first == 0 {
-                    z_guided
-                } else {
-                    Tensor::cat(&[&z_pos.narrow(0, 0, first)?, &z_guided], 0)?
-                };
+                let z_img =
+                    if first == 0 { z_guided } else { Tensor::cat(&[&z_pos.narrow(0, 0, first)?, &z_guided], 0)? };
 
                 let txt_attn = match &txt_h.q {
                     Some(qt) => Some(merge_heads(&Self::rows_over(qt, &[&img_h, &txt_h], scale)?)?),

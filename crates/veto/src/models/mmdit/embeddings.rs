@@ -14,9 +14,7 @@ pub fn sincos_table(dim: usize, max_size: usize, base_size: usize, device: &Devi
         candle_core::bail!("the position table needs a width divisible by 4, got {dim}");
     }
     let quarter = dim / 4;
-    let omega: Vec<f64> = (0..quarter)
-        .map(|i| 1.0 / 10000f64.powf(i as f64 / (dim / 4) as f64))
-        .collect();
+    let omega: Vec<f64> = (0..quarter).map(|i| 1.0 / 10000f64.powf(i as f64 / (dim / 4) as f64)).collect();
     let step = (max_size as f64 / base_size as f64) as f32;
     let pos = |i: usize| ((i as f32) / step) as f64;
     let mut data = Vec::with_capacity(max_size * max_size * dim);
@@ -75,20 +73,14 @@ impl PatchEmbed {
                 self.max_size
             );
         }
-        let patches = latents
-            .reshape((b, c, gh, p, gw, p))?
-            .permute((0, 2, 4, 1, 3, 5))?
-            .reshape((b, gh * gw, c * p * p))?;
+        let patches =
+            latents.reshape((b, c, gh, p, gw, p))?.permute((0, 2, 4, 1, 3, 5))?.reshape((b, gh * gw, c * p * p))?;
         let tokens = self.proj.forward(&patches)?;
         let top = (self.max_size - gh) / 2;
         let left = (self.max_size - gw) / 2;
         let dim = self.table.dim(2)?;
-        let pos = self
-            .table
-            .narrow(0, top, gh)?
-            .narrow(1, left, gw)?
-            .reshape((1, gh * gw, dim))?
-            .to_dtype(tokens.dtype())?;
+        let pos =
+            self.table.narrow(0, top, gh)?.narrow(1, left, gw)?.reshape((1, gh * gw, dim))?.to_dtype(tokens.dtype())?;
         tokens.broadcast_add(&pos)
     }
 }
@@ -98,9 +90,7 @@ pub fn unpatchify(x: &Tensor, h: usize, w: usize, patch: usize) -> Result<Tensor
     let (b, _, ppc) = x.dims3()?;
     let c = ppc / (patch * patch);
     let (gh, gw) = (h / patch, w / patch);
-    x.reshape((b, gh, gw, patch, patch, c))?
-        .permute((0, 5, 1, 3, 2, 4))?
-        .reshape((b, c, h, w))
+    x.reshape((b, gh, gw, patch, patch, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, h, w))
 }
 
 #[cfg(test)]
@@ -126,13 +116,8 @@ mod tests {
     fn unpatchify_inverts_patch_order() {
         // One channel, 4x4, patch 2: token t holds its patch row-major.
         let x = Tensor::arange(0f32, 16.0, &Device::Cpu).unwrap().reshape((1, 1, 4, 4)).unwrap();
-        let patches = x
-            .reshape((1, 1, 2, 2, 2, 2))
-            .unwrap()
-            .permute((0, 2, 4, 3, 5, 1))
-            .unwrap()
-            .reshape((1, 4, 4))
-            .unwrap();
+        let patches =
+            x.reshape((1, 1, 2, 2, 2, 2)).unwrap().permute((0, 2, 4, 3, 5, 1)).unwrap().reshape((1, 4, 4)).unwrap();
         let back = unpatchify(&patches, 4, 4, 2).unwrap();
         let d: f32 = (back - &x).unwrap().abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
         assert_eq!(d, 0.0);

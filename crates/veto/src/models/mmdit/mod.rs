@@ -85,10 +85,8 @@ impl MmditConfig {
             what: format!("cannot read SD3 transformer config ({e})"),
             path: path.display().to_string(),
         })?;
-        let cfg: MmditConfig = serde_json::from_str(&text).map_err(|e| Error::BadModelFile {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let cfg: MmditConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: e.to_string() })?;
         cfg.check().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
         Ok(cfg)
     }
@@ -138,10 +136,17 @@ pub enum MmditGuidance<'a> {
     /// with the *last* `Bn` rows of the batch (with batched CFG `[uncond, cond]`: the cond
     /// row); `pooled` `[Bn, pooled_dim]` conditions its modulation (the positive pooled vector
     /// in the official diffusers pipeline, the negative one in the official ComfyUI node).
-    Contrast { guide: &'a AttentionGuidance, negative: &'a Tensor, pooled: &'a Tensor },
+    Contrast {
+        guide: &'a AttentionGuidance,
+        negative: &'a Tensor,
+        pooled: &'a Tensor,
+    },
     /// VSF: `negative` `[B, Ln, joint_dim]` is the unpadded negative prompt; the model runs the
     /// text stream of `params.layout` ([`vsf::text_stream`]) with the positive pooled vector.
-    Vsf { params: &'a VsfParams, negative: &'a Tensor },
+    Vsf {
+        params: &'a VsfParams,
+        negative: &'a Tensor,
+    },
 }
 
 /// Inputs of one transformer call.

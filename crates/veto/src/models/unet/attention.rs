@@ -89,13 +89,8 @@ impl Attention {
     fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         if self.upcast && q.dtype() != DType::F32 {
             let dtype = q.dtype();
-            sdpa(
-                &q.to_dtype(DType::F32)?,
-                &k.to_dtype(DType::F32)?,
-                &v.to_dtype(DType::F32)?,
-                self.scale,
-            )?
-            .to_dtype(dtype)
+            sdpa(&q.to_dtype(DType::F32)?, &k.to_dtype(DType::F32)?, &v.to_dtype(DType::F32)?, self.scale)?
+                .to_dtype(dtype)
         } else {
             sdpa(q, k, v, self.scale)
         }
@@ -155,13 +150,7 @@ impl Attention {
             AttentionGuidance::Vsf(p) => {
                 // One softmax over [K+ ; K-] with values [V+ ; -alpha V-] and bias -beta on the
                 // negative logits (VSF eq. 6), as two merged key blocks.
-                let pos = attend_block(
-                    &qg,
-                    &k.narrow(0, start, len)?,
-                    &v.narrow(0, start, len)?,
-                    self.scale,
-                    None,
-                )?;
+                let pos = attend_block(&qg, &k.narrow(0, start, len)?, &v.narrow(0, start, len)?, self.scale, None)?;
                 let neg = attend_block(&qg, &kn, &(vn * -p.scale)?, self.scale, Some(-p.bias))?;
                 merge_heads(&merge_blocks(&[&pos, &neg])?)?
             }
@@ -236,14 +225,8 @@ pub struct TransformerBlock {
 
 impl TransformerBlock {
     fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
-        let x = (self
-            .attn1
-            .forward_self(&self.norm1.forward(x)?, ctx.perturbation.as_ref())?
-            + x)?;
-        let x = (self
-            .attn2
-            .forward_cross(&self.norm2.forward(&x)?, ctx.context, ctx.guidance.as_ref())?
-            + &x)?;
+        let x = (self.attn1.forward_self(&self.norm1.forward(x)?, ctx.perturbation.as_ref())? + x)?;
+        let x = (self.attn2.forward_cross(&self.norm2.forward(&x)?, ctx.context, ctx.guidance.as_ref())? + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
     }
 

@@ -10,17 +10,7 @@ use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use super::attention::{BlockContext, SpatialTransformer, TransformerSpec};
 
 fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    candle_nn::conv2d(
-        cin,
-        cout,
-        3,
-        Conv2dConfig {
-            padding: 1,
-            stride,
-            ..Default::default()
-        },
-        vb,
-    )
+    candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, stride, ..Default::default() }, vb)
 }
 
 /// `ResnetBlock2D` with the default time-embedding norm: GroupNorm, SiLU, conv, `+ temb`,
@@ -48,13 +38,7 @@ pub struct ResnetSpec {
 impl ResnetBlock {
     pub fn new(cin: usize, cout: usize, spec: ResnetSpec, vb: VarBuilder) -> Result<Self> {
         let shortcut = if cin != cout {
-            Some(candle_nn::conv2d(
-                cin,
-                cout,
-                1,
-                Default::default(),
-                vb.pp("conv_shortcut"),
-            )?)
+            Some(candle_nn::conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))?)
         } else {
             None
         };
@@ -158,21 +142,15 @@ impl DownBlock {
                 )?;
                 let attention = if spec.cross_attention {
                     let aname = format!("{name}.attentions.{j}");
-                    Some(SpatialTransformer::new(
-                        &spec.transformer(cout, j, aname),
-                        vb.pp(format!("attentions.{j}")),
-                    )?)
+                    Some(SpatialTransformer::new(&spec.transformer(cout, j, aname), vb.pp(format!("attentions.{j}")))?)
                 } else {
                     None
                 };
                 Ok(Layer { resnet, attention })
             })
             .collect::<Result<Vec<_>>>()?;
-        let downsample = if add_downsample {
-            Some(conv3x3(cout, cout, 2, vb.pp("downsamplers.0.conv"))?)
-        } else {
-            None
-        };
+        let downsample =
+            if add_downsample { Some(conv3x3(cout, cout, 2, vb.pp("downsamplers.0.conv"))?) } else { None };
         Ok(Self { layers, downsample })
     }
 
@@ -257,21 +235,14 @@ impl UpBlock {
                 let resnet = ResnetBlock::new(cin, cout, spec.resnet, vb.pp(format!("resnets.{j}")))?;
                 let attention = if spec.cross_attention {
                     let aname = format!("{name}.attentions.{j}");
-                    Some(SpatialTransformer::new(
-                        &spec.transformer(cout, j, aname),
-                        vb.pp(format!("attentions.{j}")),
-                    )?)
+                    Some(SpatialTransformer::new(&spec.transformer(cout, j, aname), vb.pp(format!("attentions.{j}")))?)
                 } else {
                     None
                 };
                 Ok(Layer { resnet, attention })
             })
             .collect::<Result<Vec<_>>>()?;
-        let upsample = if add_upsample {
-            Some(conv3x3(cout, cout, 1, vb.pp("upsamplers.0.conv"))?)
-        } else {
-            None
-        };
+        let upsample = if add_upsample { Some(conv3x3(cout, cout, 1, vb.pp("upsamplers.0.conv"))?) } else { None };
         Ok(Self { layers, upsample })
     }
 
@@ -291,9 +262,8 @@ impl UpBlock {
     ) -> Result<Tensor> {
         let mut x = x.clone();
         for layer in &self.layers {
-            let skip = skips
-                .pop()
-                .ok_or_else(|| candle_core::Error::Msg("UNet: ran out of skip connections".into()))?;
+            let skip =
+                skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet: ran out of skip connections".into()))?;
             x = Tensor::cat(&[&x, &skip], 1)?;
             x = layer.forward(&x, temb, ctx)?;
         }

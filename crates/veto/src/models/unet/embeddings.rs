@@ -28,15 +28,9 @@ pub fn sinusoidal(
         let v = v as f32;
         let args: Vec<f32> = freqs.iter().map(|f| v * f).collect();
         let (first, second): (Vec<f32>, Vec<f32>) = if flip_sin_to_cos {
-            (
-                args.iter().map(|a| a.cos()).collect(),
-                args.iter().map(|a| a.sin()).collect(),
-            )
+            (args.iter().map(|a| a.cos()).collect(), args.iter().map(|a| a.sin()).collect())
         } else {
-            (
-                args.iter().map(|a| a.sin()).collect(),
-                args.iter().map(|a| a.cos()).collect(),
-            )
+            (args.iter().map(|a| a.sin()).collect(), args.iter().map(|a| a.cos()).collect())
         };
         data.extend(first);
         data.extend(second);
@@ -74,24 +68,15 @@ mod tests {
 
     #[test]
     fn zero_time_is_cos_one_sin_zero() {
-        let e = sinusoidal(&[0.0], 6, true, 0.0, &Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let e = sinusoidal(&[0.0], 6, true, 0.0, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(e[0], vec![1.0, 1.0, 1.0, 0.0, 0.0, 0.0]);
-        let e = sinusoidal(&[0.0], 5, false, 1.0, &Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let e = sinusoidal(&[0.0], 5, false, 1.0, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert_eq!(e[0], vec![0.0, 0.0, 1.0, 1.0, 0.0]);
     }
 
     #[test]
     fn first_frequency_is_one() {
-        let e = sinusoidal(&[2.0], 4, false, 0.0, &Device::Cpu)
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
+        let e = sinusoidal(&[2.0], 4, false, 0.0, &Device::Cpu).unwrap().to_vec2::<f32>().unwrap();
         assert!((e[0][0] - 2f32.sin()).abs() < 1e-7);
         // second frequency: exp(-ln(1e4) / 2) = 0.01
         assert!((e[0][1] - 0.02f32.sin()).abs() < 1e-7);

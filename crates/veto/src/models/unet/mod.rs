@@ -60,27 +60,13 @@ fn d_true() -> bool {
     true
 }
 fn d_down() -> Vec<String> {
-    [
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "CrossAttnDownBlock2D",
-        "DownBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn d_mid() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
 }
 fn d_up() -> Vec<String> {
-    [
-        "UpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-        "CrossAttnUpBlock2D",
-    ]
-    .map(String::from)
-    .to_vec()
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
 }
 fn d_block_out() -> Vec<usize> {
     vec![320, 640, 1280, 1280]
@@ -235,14 +221,9 @@ impl UNetConfig {
             what: format!("cannot read UNet config ({e})"),
             path: path.display().to_string(),
         })?;
-        let cfg: UNetConfig = serde_json::from_str(&text).map_err(|e| Error::BadModelFile {
-            path: path.display().to_string(),
-            reason: e.to_string(),
-        })?;
-        cfg.resolve().map_err(|reason| Error::BadModelFile {
-            path: path.display().to_string(),
-            reason,
-        })?;
+        let cfg: UNetConfig = serde_json::from_str(&text)
+            .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: e.to_string() })?;
+        cfg.resolve().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
         Ok(cfg)
     }
 
@@ -255,9 +236,7 @@ impl UNetConfig {
     /// - 6 addition_time_embed_dim`), when `text_time` is used.
     pub fn pooled_text_dim(&self) -> Option<usize> {
         let time = self.addition_time_embed_dim?;
-        self.projection_class_embeddings_input_dim?
-            .checked_sub(6 * time)
-            .filter(|_| self.has_text_time())
+        self.projection_class_embeddings_input_dim?.checked_sub(6 * time).filter(|_| self.has_text_time())
     }
 
     /// The cross-attention width of the first block (all blocks share it in practice).
@@ -289,17 +268,13 @@ impl UNetConfig {
         }
         for t in &self.up_block_types {
             if !matches!(t.as_str(), "CrossAttnUpBlock2D" | "UpBlock2D") {
-                return Err(format!(
-                    "unsupported up block type {t:?} (supported: CrossAttnUpBlock2D, UpBlock2D)"
-                ));
+                return Err(format!("unsupported up block type {t:?} (supported: CrossAttnUpBlock2D, UpBlock2D)"));
             }
         }
         match self.mid_block_type.as_deref() {
             None | Some("UNetMidBlock2DCrossAttn") => {}
             Some(t) => {
-                return Err(format!(
-                    "unsupported mid_block_type {t:?} (supported: UNetMidBlock2DCrossAttn, null)"
-                ))
+                return Err(format!("unsupported mid_block_type {t:?} (supported: UNetMidBlock2DCrossAttn, null)"))
             }
         }
         let unsupported = |cond: bool, what: &str| {
@@ -309,42 +284,24 @@ impl UNetConfig {
                 Ok(())
             }
         };
-        unsupported(
-            self.num_attention_heads.is_some(),
-            "num_attention_heads (diffusers rejects it too)",
-        )?;
+        unsupported(self.num_attention_heads.is_some(), "num_attention_heads (diffusers rejects it too)")?;
         unsupported(self.dual_cross_attention, "dual_cross_attention")?;
         unsupported(
             matches!(&self.only_cross_attention, Some(PerBlock::One(true)))
                 || matches!(&self.only_cross_attention, Some(PerBlock::Each(v)) if v.iter().any(|&b| b)),
             "only_cross_attention",
         )?;
-        unsupported(
-            self.class_embed_type.is_some() || self.num_class_embeds.is_some(),
-            "class embeddings",
-        )?;
+        unsupported(self.class_embed_type.is_some() || self.num_class_embeds.is_some(), "class embeddings")?;
         unsupported(self.encoder_hid_dim.is_some(), "encoder_hid_dim")?;
-        unsupported(
-            self.time_cond_proj_dim.is_some(),
-            "time_cond_proj_dim (guidance-embedding LCM UNets)",
-        )?;
-        unsupported(
-            self.resnet_time_scale_shift != "default",
-            "resnet_time_scale_shift other than \"default\"",
-        )?;
+        unsupported(self.time_cond_proj_dim.is_some(), "time_cond_proj_dim (guidance-embedding LCM UNets)")?;
+        unsupported(self.resnet_time_scale_shift != "default", "resnet_time_scale_shift other than \"default\"")?;
         unsupported(self.resnet_skip_time_act, "resnet_skip_time_act")?;
-        unsupported(
-            self.time_embedding_type != "positional",
-            "time_embedding_type other than \"positional\"",
-        )?;
+        unsupported(self.time_embedding_type != "positional", "time_embedding_type other than \"positional\"")?;
         unsupported(self.time_embedding_dim.is_some(), "time_embedding_dim")?;
         unsupported(self.time_embedding_act_fn.is_some(), "time_embedding_act_fn")?;
         unsupported(self.timestep_post_act.is_some(), "timestep_post_act")?;
         unsupported(self.act_fn != "silu", "act_fn other than \"silu\"")?;
-        unsupported(
-            self.attention_type != "default",
-            "attention_type other than \"default\"",
-        )?;
+        unsupported(self.attention_type != "default", "attention_type other than \"default\"")?;
         unsupported(self.cross_attention_norm.is_some(), "cross_attention_norm")?;
         unsupported(self.downsample_padding != 1, "downsample_padding other than 1")?;
         if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
@@ -360,9 +317,7 @@ impl UNetConfig {
         let text_time = match self.addition_embed_type.as_deref() {
             None => None,
             Some("text_time") => {
-                let t = self
-                    .addition_time_embed_dim
-                    .ok_or("text_time needs addition_time_embed_dim")?;
+                let t = self.addition_time_embed_dim.ok_or("text_time needs addition_time_embed_dim")?;
                 let p = self
                     .projection_class_embeddings_input_dim
                     .ok_or("text_time needs projection_class_embeddings_input_dim")?;
@@ -374,9 +329,7 @@ impl UNetConfig {
                 Some((t, p))
             }
             Some(other) => {
-                return Err(format!(
-                    "unsupported addition_embed_type {other:?} (supported: text_time, null)"
-                ))
+                return Err(format!("unsupported addition_embed_type {other:?} (supported: text_time, null)"))
             }
         };
         let layers = self.layers_per_block.expand(n, "layers_per_block")?;
@@ -386,10 +339,7 @@ impl UNetConfig {
             LayerDepths::One(d) => vec![PerBlock::One(*d); n],
             LayerDepths::Each(v) if v.len() == n => v.clone(),
             LayerDepths::Each(v) => {
-                return Err(format!(
-                    "transformer_layers_per_block has {} entries for {n} blocks",
-                    v.len()
-                ))
+                return Err(format!("transformer_layers_per_block has {} entries for {n} blocks", v.len()))
             }
         };
         let down_depths = per_block
@@ -406,10 +356,7 @@ impl UNetConfig {
         let reversed: Vec<PerBlock<usize>> = match &self.reverse_transformer_layers_per_block {
             Some(r) if r.len() == n => r.clone(),
             Some(r) => {
-                return Err(format!(
-                    "reverse_transformer_layers_per_block has {} entries for {n} blocks",
-                    r.len()
-                ))
+                return Err(format!("reverse_transformer_layers_per_block has {} entries for {n} blocks", r.len()))
             }
             None => per_block.iter().rev().cloned().collect(),
         };
@@ -418,16 +365,7 @@ impl UNetConfig {
             .enumerate()
             .map(|(i, d)| d.expand(layers[n - 1 - i] + 1, "transformer_layers_per_block (up blocks)"))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        Ok(Resolved {
-            layers,
-            heads,
-            cross,
-            down_depths,
-            up_depths,
-            mid_depths,
-            groups,
-            text_time,
-        })
+        Ok(Resolved { layers, heads, cross, down_depths, up_depths, mid_depths, groups, text_time })
     }
 }
 
@@ -484,10 +422,7 @@ pub struct UNet2DConditionModel {
 impl UNet2DConditionModel {
     /// Build from a config and weights whose names are diffusers' (`down_blocks.0.resnets.0...`).
     pub fn new(config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
-        let r = config.resolve().map_err(|reason| Error::BadModelFile {
-            path: "unet/config.json".into(),
-            reason,
-        })?;
+        let r = config.resolve().map_err(|reason| Error::BadModelFile { path: "unet/config.json".into(), reason })?;
         Ok(Self::build(config, &r, vb)?)
     }
 
@@ -495,10 +430,7 @@ impl UNet2DConditionModel {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb_dim = ch[0] * 4;
-        let pad = |k: usize| Conv2dConfig {
-            padding: (k - 1) / 2,
-            ..Default::default()
-        };
+        let pad = |k: usize| Conv2dConfig { padding: (k - 1) / 2, ..Default::default() };
         let conv_in = candle_nn::conv2d(
             config.in_channels,
             ch[0],
@@ -648,14 +580,10 @@ impl UNet2DConditionModel {
     /// As [`forward`](Self::forward), recording each block's output (all rows) when `trace` is given.
     pub fn forward_traced(&self, inputs: &UNetInputs, mut trace: Option<&mut Trace>) -> Result<Tensor> {
         let x = inputs.sample;
-        let (b, c, _, _) = x
-            .dims4()
-            .map_err(|_| Error::invalid(format!("UNet sample must be [B, C, H, W], got {:?}", x.dims())))?;
+        let (b, c, _, _) =
+            x.dims4().map_err(|_| Error::invalid(format!("UNet sample must be [B, C, H, W], got {:?}", x.dims())))?;
         if c != self.config.in_channels {
-            return Err(Error::invalid(format!(
-                "UNet expects {} input channels, got {c}",
-                self.config.in_channels
-            )));
+            return Err(Error::invalid(format!("UNet expects {} input channels, got {c}", self.config.in_channels)));
         }
         let ctx_dims = inputs.encoder_hidden_states.dims();
         if ctx_dims.len() != 3 || ctx_dims[0] != b || ctx_dims[2] != self.context_dim() {
@@ -676,10 +604,7 @@ impl UNet2DConditionModel {
         }
         if let Some(p) = &inputs.perturbation {
             if p.rows.end > b {
-                return Err(Error::invalid(format!(
-                    "perturbed rows {:?} exceed the batch of {b}",
-                    p.rows
-                )));
+                return Err(Error::invalid(format!("perturbed rows {:?} exceed the batch of {b}", p.rows)));
             }
         }
         let dtype = x.dtype();
@@ -697,9 +622,7 @@ impl UNet2DConditionModel {
         let mut temb = self.time_embedding.forward(&t_feat)?;
         if let (Some(add), Some((time_dim, proj))) = (&self.add_embedding, self.text_time) {
             let (Some(text), Some(ids)) = (inputs.text_embeds, inputs.time_ids) else {
-                return Err(Error::invalid(
-                    "this UNet (addition_embed_type text_time) needs text_embeds and time_ids",
-                ));
+                return Err(Error::invalid("this UNet (addition_embed_type text_time) needs text_embeds and time_ids"));
             };
             let pooled = proj - 6 * time_dim;
             if text.dims() != [b, pooled] || ids.dims() != [b, 6] {
@@ -710,14 +633,8 @@ impl UNet2DConditionModel {
                 )));
             }
             let ids: Vec<f64> = ids.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?;
-            let time = sinusoidal(
-                &ids,
-                time_dim,
-                self.config.flip_sin_to_cos,
-                self.config.freq_shift,
-                device,
-            )?
-            .reshape((b, 6 * time_dim))?;
+            let time = sinusoidal(&ids, time_dim, self.config.flip_sin_to_cos, self.config.freq_shift, device)?
+                .reshape((b, 6 * time_dim))?;
             let add_in = Tensor::cat(&[&text.to_dtype(DType::F32)?, &time], 1)?.to_dtype(dtype)?;
             temb = (temb + add.forward(&add_in)?)?;
         }
@@ -733,11 +650,7 @@ impl UNet2DConditionModel {
             }
         };
 
-        let x = if self.config.center_input_sample {
-            ((x * 2.0)? - 1.0)?
-        } else {
-            x.clone()
-        };
+        let x = if self.config.center_input_sample { ((x * 2.0)? - 1.0)? } else { x.clone() };
         let mut x = self.conv_in.forward(&x)?;
         let mut skips = vec![x.clone()];
         for (i, block) in self.down_blocks.iter().enumerate() {
