@@ -1,33 +1,77 @@
-//! The library's error type: every failure names what went wrong and where.
+//! The library's error type: every failure names what went wrong and where. Errors name
+//! request parameters as diffusers and the official code name them (`nag_tau`, `height`), never
+//! as a front end spells them; the `veto` CLI maps them to its flags.
 
+/// Everything that can go wrong in veto.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A user-supplied value is out of range or malformed (flag, shape, size).
+    /// A request parameter is out of range or malformed; `name` is its diffusers / official
+    /// name (`nag_tau`, `height`, `init_latents`, ...).
+    #[error("{name}: {reason}")]
+    InvalidParameter {
+        /// The parameter's name.
+        name: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A guidance method the model family does not have.
+    #[error("guidance '{method}' is not available for {family} (supported: {supported})")]
+    UnsupportedMethod {
+        /// The method as `--guidance` / [`crate::Method`]'s `Display` spells it.
+        method: String,
+        /// The family's name.
+        family: &'static str,
+        /// The methods it has.
+        supported: String,
+    },
+    /// Any other malformed input (a tensor of the wrong shape, an inconsistent combination).
     #[error("invalid input: {0}")]
     InvalidInput(String),
     /// A file or folder the model needs is missing or unreadable.
     #[error("{what}: {path}")]
-    MissingFile { what: String, path: String },
+    MissingFile {
+        /// What was looked for.
+        what: String,
+        /// Where.
+        path: String,
+    },
     /// A config or weights file exists but cannot be understood.
     #[error("bad model file {path}: {reason}")]
-    BadModelFile { path: String, reason: String },
+    BadModelFile {
+        /// The file or folder.
+        path: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Resolving a hub id failed (offline, no cache, unknown repo).
     #[error("{0}")]
     Hub(String),
+    /// A tensor operation failed.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// Reading or writing a file failed.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// Anything else.
     #[error("{0}")]
     Other(String),
 }
 
+/// `Result` with veto's [`Error`].
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
+    /// An [`Error::InvalidInput`].
     pub fn invalid(msg: impl Into<String>) -> Self {
         Error::InvalidInput(msg.into())
     }
+
+    /// An [`Error::InvalidParameter`] naming the parameter.
+    pub fn parameter(name: &'static str, reason: impl Into<String>) -> Self {
+        Error::InvalidParameter { name, reason: reason.into() }
+    }
+
+    /// An [`Error::Other`].
     pub fn other(msg: impl Into<String>) -> Self {
         Error::Other(msg.into())
     }

@@ -1,17 +1,46 @@
 //! veto: negative prompts that work on few-step diffusion models.
 //!
-//! Guidance methods (NAG, NASA, CFG) live in [`guidance`] as pure tensor math; models in
-//! [`models`] own their weights and data flow and ask a [`guidance::GuidancePlan`] what to do
-//! in each attention layer. [`pipelines`] turn text into images.
+//! Guidance methods (NAG, NASA, VSF, CFG, PAG) live in [`guidance`] as pure tensor math; models
+//! own their weights and data flow and call [`guidance::guided_attention`] in every guided
+//! attention layer with the step's [`GuidancePlan`]. The [`families`] registry says which
+//! diffusers pipelines load as which family; a [`Pipeline`] turns text into images:
+//!
+//! ```no_run
+//! use veto::{DType, Device, GenerateRequest, Pipeline};
+//!
+//! # fn main() -> veto::Result<()> {
+//! let pipe = Pipeline::from_pretrained("black-forest-labs/FLUX.1-schnell", &Device::Cpu, DType::F32)?;
+//! let out = pipe.generate(&GenerateRequest::new("Portrait of AI researcher.").negative("Glasses.").seed(0))?;
+//! for warning in &out.warnings {
+//!     eprintln!("warning: {warning}");
+//! }
+//! veto::save_png(&out.image, "out.png".as_ref())?;
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
 
-pub mod attention;
 pub mod error;
+pub mod families;
 pub mod guidance;
 pub mod image_io;
+
+#[doc(hidden)]
+pub mod attention;
+#[doc(hidden)]
 pub mod loading;
+#[doc(hidden)]
 pub mod models;
+#[doc(hidden)]
 pub mod pipelines;
+#[doc(hidden)]
 pub mod schedulers;
+#[doc(hidden)]
 pub mod text;
 
+pub use candle_core::{DType, Device, Tensor};
 pub use error::{Error, Result};
+pub use families::{Family, FAMILIES};
+pub use guidance::{GuidanceConfig, GuidancePlan, Method, NagNorm, NagParams, NagPooled, VsfLayout, VsfParams};
+pub use image_io::save_png;
+pub use loading::model_source::ModelSource;
+pub use pipelines::{Defaults, GenerateRequest, Generation, Pipeline, ResolvedRequest, SamplerOptions, StepEvent};

@@ -2,10 +2,12 @@
 //! ([`GuidancePlan`], the step window already resolved). Models receive the plan by reference;
 //! for NAG/NASA they hand attention outputs to [`AttentionGuidance::combine`].
 
+use super::cfg::cfg;
 use super::nag::{nag, NagParams};
 use super::nasa::nasa;
+use super::pag::pag;
 use super::vsf::VsfParams;
-use super::window;
+use super::window::StepWindow;
 use crate::error::{Error, Result};
 use candle_core::Tensor;
 
@@ -51,13 +53,17 @@ impl std::str::FromStr for Method {
             return Ok(Method::NONE);
         }
         let mut m = Method::NONE;
+        let twice = |part: &str| Error::invalid(format!("guidance '{s}': {part} given twice"));
         for part in lower.split('+') {
-            let attention = match part.trim() {
-                "cfg" if !m.cfg => {
+            let part = part.trim();
+            let attention = match part {
+                "cfg" if m.cfg => return Err(twice(part)),
+                "pag" if m.pag => return Err(twice(part)),
+                "cfg" => {
                     m.cfg = true;
                     continue;
                 }
-                "pag" if !m.pag => {
+                "pag" => {
                     m.pag = true;
                     continue;
                 }
@@ -66,12 +72,15 @@ impl std::str::FromStr for Method {
                 "vsf" => AttentionMethod::Vsf,
                 _ => return Err(unknown()),
             };
-            if let Some(prev) = m.attention {
-                return Err(Error::invalid(format!(
-                    "guidance '{s}' combines two attention methods ({prev:?} and {attention:?}); use one"
-                )));
+            match m.attention {
+                Some(prev) if prev == attention => return Err(twice(part)),
+                Some(prev) => {
+                    return Err(Error::invalid(format!(
+                        "guidance '{s}' combines two attention methods ({prev:?} and {attention:?}); use one"
+                    )))
+                }
+                None => m.attention = Some(attention),
             }
-            m.attention = Some(attention);
         }
         Ok(m)
     }
@@ -130,29 +139,64 @@ pub struct GuidanceConfig {
     pub pag_scale: f64,
 }
 
-/// The attention-space operation a model applies at this step.
+/// How the attention outputs of the same queries over the positive and the negative context
+/// are combined (NAG, NASA).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub enum AttentionGuidance {
+pub enum Contrast {
     Nag(NagParams),
     Nasa { scale: f64 },
-    Vsf(VsfParams),
 }
 
-impl AttentionGuidance {
-    /// Merge the positive and negative attention outputs of the same queries (NAG, NASA).
-    /// VSF is no such merge: models implement it in the attention itself.
+impl Contrast {
+    /// Merge `Z+` and `Z-` (heads merged, `[..., d]`).
     pub fn combine(&self, z_pos: &Tensor, z_neg: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            AttentionGuidance::Nag(p) => nag(z_pos, z_neg, p),
-            AttentionGuidance::Nasa { scale } => nasa(z_pos, z_neg, *scale),
-            AttentionGuidance::Vsf(_) => {
-                candle_core::bail!("VSF is applied inside attention, not by merging two outputs")
-            }
+            Contrast::Nag(p) => nag(z_pos, z_neg, p),
+            Contrast::Nasa { scale } => nasa(z_pos, z_neg, *scale),
         }
     }
 }
 
-/// What applies at one denoising step.
+/// The attention-space operation a model applies at this step: a contrast of two attention
+/// outputs (NAG, NASA), or VSF, which changes the attention itself (flipped negative values).
+/// The two cannot be combined, so they are different variants.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AttentionGuidance {
+    Contrast(Contrast),
+    Vsf(VsfParams),
+}
+
+impl AttentionGuidance {
+    /// NAG with these parameters.
+    pub fn nag(params: NagParams) -> Self {
+        AttentionGuidance::Contrast(Contrast::Nag(params))
+    }
+
+    /// NASA with scale phi.
+    pub fn nasa(scale: f64) -> Self {
+        AttentionGuidance::Contrast(Contrast::Nasa { scale })
+    }
+
+    /// The contrast, when this is NAG or NASA.
+    pub fn contrast(&self) -> Option<&Contrast> {
+        match self {
+            AttentionGuidance::Contrast(c) => Some(c),
+            AttentionGuidance::Vsf(_) => None,
+        }
+    }
+}
+
+/// Where a model family takes its CFG scale from, as its diffusers pipeline does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CfgScaleSource {
+    /// `true_cfg_scale` (Flux: a separate scale; `guidance_scale` is the embedded guidance).
+    TrueCfgScale,
+    /// The pipeline's `guidance_scale` (SD3, the UNet family).
+    GuidanceScale,
+}
+
+/// What applies at one denoising step: resolved once per step by a [`GuidancePlanner`] and
+/// passed down by reference.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct GuidancePlan {
     /// Attention guidance for this step's (positive) model pass; `None` outside the window.
@@ -161,12 +205,95 @@ pub struct GuidancePlan {
     pub cfg_scale: Option<f64>,
     /// PAG scale when a perturbed pass runs at this step.
     pub pag_scale: Option<f64>,
+    /// Whether the step window of attention guidance is open at this step.
+    pub window_open: bool,
 }
 
 impl GuidancePlan {
     /// A plan that guides nothing: one plain positive pass.
     pub fn none() -> Self {
         Self::default()
+    }
+
+    /// The step's noise prediction from the model outputs of its passes: CFG over the
+    /// negative (uncond) pass, then PAG over the perturbed pass, as diffusers' PAG pipelines
+    /// (`uncond + g (cond - uncond) + s (cond - perturbed)`). A pass the plan does not run
+    /// must be `None`.
+    pub fn combine_outputs(
+        &self,
+        cond: &Tensor,
+        uncond: Option<&Tensor>,
+        perturbed: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let mut out = match (self.cfg_scale, uncond) {
+            (Some(scale), Some(u)) => cfg(cond, u, scale)?,
+            (None, None) => cond.clone(),
+            (Some(_), None) => candle_core::bail!("CFG runs at this step but no negative pass was given"),
+            (None, Some(_)) => candle_core::bail!("a negative pass was given but CFG does not run"),
+        };
+        match (self.pag_scale, perturbed) {
+            (Some(scale), Some(p)) => out = pag(&out, cond, p, scale)?,
+            (None, None) => {}
+            (Some(_), None) => candle_core::bail!("PAG runs at this step but no perturbed pass was given"),
+            (None, Some(_)) => candle_core::bail!("a perturbed pass was given but PAG does not run"),
+        }
+        Ok(out)
+    }
+}
+
+/// Turns a [`GuidanceConfig`] into one [`GuidancePlan`] per step, with the family's window
+/// rule and CFG scale. Once the window closes it stays closed (the official pipelines restore
+/// the plain attention processors for good).
+#[derive(Debug, Clone)]
+pub struct GuidancePlanner {
+    attention: Option<AttentionGuidance>,
+    cfg_scale: Option<f64>,
+    pag_scale: Option<f64>,
+    window: StepWindow,
+    nag_end: f64,
+    num_train_timesteps: f64,
+    open: bool,
+}
+
+impl GuidancePlanner {
+    /// `guidance_scale` is the request's (used when the family's CFG scale is the guidance scale).
+    pub fn new(
+        config: &GuidanceConfig,
+        cfg_source: CfgScaleSource,
+        guidance_scale: f64,
+        window: StepWindow,
+        num_train_timesteps: f64,
+    ) -> Self {
+        GuidancePlanner {
+            attention: config.attention(),
+            cfg_scale: config.cfg_scale(cfg_source, guidance_scale),
+            pag_scale: config.uses_pag().then_some(config.pag_scale),
+            window,
+            nag_end: config.nag_end,
+            num_train_timesteps,
+            open: true,
+        }
+    }
+
+    /// The plan of the next step, whose timestep on the 0..=`num_train_timesteps` scale is `t`.
+    pub fn step(&mut self, t: f64) -> GuidancePlan {
+        self.open = self.open && self.window.is_open(t, self.nag_end, self.num_train_timesteps);
+        GuidancePlan {
+            attention: if self.open { self.attention } else { None },
+            cfg_scale: self.cfg_scale,
+            pag_scale: self.pag_scale,
+            window_open: self.open,
+        }
+    }
+
+    /// The CFG scale of every step (`None`: no negative pass).
+    pub fn cfg_scale(&self) -> Option<f64> {
+        self.cfg_scale
+    }
+
+    /// The PAG scale of every step (`None`: no perturbed pass).
+    pub fn pag_scale(&self) -> Option<f64> {
+        self.pag_scale
     }
 }
 
@@ -185,57 +312,40 @@ impl GuidanceConfig {
         }
     }
 
-    /// Reject out-of-range values with a message naming the flag.
+    /// Reject out-of-range values with an error naming the parameter (`nag_tau`, ...).
     pub fn validate(&self) -> Result<()> {
-        let finite = |name: &str, v: f64| {
+        let finite = |name: &'static str, v: f64| {
             if v.is_finite() {
                 Ok(())
             } else {
-                Err(Error::invalid(format!("{name} must be a finite number, got {v}")))
+                Err(Error::parameter(name, format!("must be a finite number, got {v}")))
             }
         };
-        finite("--nag-scale", self.nag.scale)?;
-        finite("--nag-tau", self.nag.tau)?;
-        finite("--nag-alpha", self.nag.alpha)?;
-        finite("--nag-end", self.nag_end)?;
-        finite("--nasa-scale", self.nasa_scale)?;
-        finite("--vsf-scale", self.vsf.scale)?;
-        finite("--vsf-bias", self.vsf.bias)?;
-        finite("--true-cfg-scale", self.true_cfg_scale)?;
-        finite("--pag-scale", self.pag_scale)?;
-        if self.nag.scale < 1.0 {
-            return Err(Error::invalid(format!(
-                "--nag-scale must be >= 1 (s = phi + 1; 1 means off), got {}",
-                self.nag.scale
-            )));
-        }
-        if self.nag.tau <= 0.0 {
-            return Err(Error::invalid(format!("--nag-tau (tau) must be > 0, got {}", self.nag.tau)));
-        }
-        if !(0.0..=1.0).contains(&self.nag.alpha) {
-            return Err(Error::invalid(format!("--nag-alpha (alpha) must be in [0, 1], got {}", self.nag.alpha)));
-        }
-        if !(0.0..=1.0).contains(&self.nag_end) {
-            return Err(Error::invalid(format!("--nag-end (theta) must be in [0, 1], got {}", self.nag_end)));
-        }
-        if self.nasa_scale < 0.0 {
-            return Err(Error::invalid(format!("--nasa-scale (phi) must be >= 0, got {}", self.nasa_scale)));
-        }
-        if self.vsf.scale < 0.0 {
-            return Err(Error::invalid(format!("--vsf-scale (alpha) must be >= 0, got {}", self.vsf.scale)));
-        }
-        if self.vsf.bias < 0.0 {
-            return Err(Error::invalid(format!("--vsf-bias (beta) must be >= 0, got {}", self.vsf.bias)));
-        }
-        if self.true_cfg_scale < 1.0 {
-            return Err(Error::invalid(format!(
-                "--true-cfg-scale must be >= 1 (1 means off), got {}",
-                self.true_cfg_scale
-            )));
-        }
-        if self.pag_scale < 0.0 {
-            return Err(Error::invalid(format!("--pag-scale must be >= 0, got {}", self.pag_scale)));
-        }
+        finite("nag_scale", self.nag.scale)?;
+        finite("nag_tau", self.nag.tau)?;
+        finite("nag_alpha", self.nag.alpha)?;
+        finite("nag_end", self.nag_end)?;
+        finite("nasa_scale", self.nasa_scale)?;
+        finite("vsf_scale", self.vsf.scale)?;
+        finite("vsf_bias", self.vsf.bias)?;
+        finite("true_cfg_scale", self.true_cfg_scale)?;
+        finite("pag_scale", self.pag_scale)?;
+        let check = |ok: bool, name: &'static str, rule: &str, v: f64| {
+            if ok {
+                Ok(())
+            } else {
+                Err(Error::parameter(name, format!("{rule}, got {v}")))
+            }
+        };
+        check(self.nag.scale >= 1.0, "nag_scale", "must be >= 1 (s = phi + 1; 1 means off)", self.nag.scale)?;
+        check(self.nag.tau > 0.0, "nag_tau", "(tau) must be > 0", self.nag.tau)?;
+        check((0.0..=1.0).contains(&self.nag.alpha), "nag_alpha", "(alpha) must be in [0, 1]", self.nag.alpha)?;
+        check((0.0..=1.0).contains(&self.nag_end), "nag_end", "(theta) must be in [0, 1]", self.nag_end)?;
+        check(self.nasa_scale >= 0.0, "nasa_scale", "(phi) must be >= 0", self.nasa_scale)?;
+        check(self.vsf.scale >= 0.0, "vsf_scale", "(alpha) must be >= 0", self.vsf.scale)?;
+        check(self.vsf.bias >= 0.0, "vsf_bias", "(beta) must be >= 0", self.vsf.bias)?;
+        check(self.true_cfg_scale >= 1.0, "true_cfg_scale", "must be >= 1 (1 means off)", self.true_cfg_scale)?;
+        check(self.pag_scale >= 0.0, "pag_scale", "must be >= 0", self.pag_scale)?;
         Ok(())
     }
 
@@ -248,31 +358,46 @@ impl GuidanceConfig {
         }
     }
 
-    /// Whether a separate negative model pass runs (CFG).
-    pub fn uses_cfg(&self) -> bool {
-        self.method.cfg && self.true_cfg_scale > 1.0
+    /// The attention guidance of the run's steps inside the window (`None`: none; NAG at
+    /// scale 1 is off).
+    pub fn attention(&self) -> Option<AttentionGuidance> {
+        match self.method.attention {
+            _ if !self.uses_attention_guidance() => None,
+            Some(AttentionMethod::Nag) => Some(AttentionGuidance::nag(self.nag)),
+            Some(AttentionMethod::Nasa) => Some(AttentionGuidance::nasa(self.nasa_scale)),
+            Some(AttentionMethod::Vsf) => Some(AttentionGuidance::Vsf(self.vsf)),
+            None => None,
+        }
+    }
+
+    /// The CFG scale when a negative pass runs: the method has `cfg` and the family's scale
+    /// is above 1 (diffusers' rule; 1 means off).
+    pub fn cfg_scale(&self, source: CfgScaleSource, guidance_scale: f64) -> Option<f64> {
+        let scale = match source {
+            CfgScaleSource::TrueCfgScale => self.true_cfg_scale,
+            CfgScaleSource::GuidanceScale => guidance_scale,
+        };
+        (self.method.cfg && scale > 1.0).then_some(scale)
+    }
+
+    /// Whether the negative prompt conditions anything (attention guidance or CFG).
+    pub fn uses_negative(&self, source: CfgScaleSource, guidance_scale: f64) -> bool {
+        self.uses_attention_guidance() || self.cfg_scale(source, guidance_scale).is_some()
+    }
+
+    /// Whether NAG or NASA runs (the negative prompt as a context of its own).
+    pub fn uses_contrast(&self) -> bool {
+        self.attention().is_some_and(|a| a.contrast().is_some())
+    }
+
+    /// Whether VSF runs (the negative prompt unpadded, inside the positive attention).
+    pub fn uses_vsf(&self) -> bool {
+        matches!(self.attention(), Some(AttentionGuidance::Vsf(_)))
     }
 
     /// Whether a perturbed-attention pass runs (PAG).
     pub fn uses_pag(&self) -> bool {
         self.method.pag && self.pag_scale > 0.0
-    }
-
-    /// The plan at timestep `t` (0..=`num_train_timesteps` scale).
-    pub fn plan_at(&self, t: f64, num_train_timesteps: f64) -> GuidancePlan {
-        let in_window = window::is_active(t, self.nag_end, num_train_timesteps);
-        let attention = match self.method.attention {
-            _ if !in_window || !self.uses_attention_guidance() => None,
-            Some(AttentionMethod::Nag) => Some(AttentionGuidance::Nag(self.nag)),
-            Some(AttentionMethod::Nasa) => Some(AttentionGuidance::Nasa { scale: self.nasa_scale }),
-            Some(AttentionMethod::Vsf) => Some(AttentionGuidance::Vsf(self.vsf)),
-            None => None,
-        };
-        GuidancePlan {
-            attention,
-            cfg_scale: self.uses_cfg().then_some(self.true_cfg_scale),
-            pag_scale: self.uses_pag().then_some(self.pag_scale),
-        }
     }
 }
 
@@ -298,16 +423,16 @@ mod tests {
     fn validation_names_the_flag() {
         let mut c = GuidanceConfig::nag_default();
         c.nag.tau = 0.0;
-        assert!(c.validate().unwrap_err().to_string().contains("--nag-tau"));
+        assert!(c.validate().unwrap_err().to_string().contains("nag_tau"));
         let mut c = GuidanceConfig::nag_default();
         c.nag.alpha = 1.5;
-        assert!(c.validate().unwrap_err().to_string().contains("--nag-alpha"));
+        assert!(c.validate().unwrap_err().to_string().contains("nag_alpha"));
         let mut c = GuidanceConfig::nag_default();
         c.nag_end = -0.1;
-        assert!(c.validate().unwrap_err().to_string().contains("--nag-end"));
+        assert!(c.validate().unwrap_err().to_string().contains("nag_end"));
         let mut c = GuidanceConfig::nag_default();
         c.vsf.bias = -1.0;
-        assert!(c.validate().unwrap_err().to_string().contains("--vsf-bias"));
+        assert!(c.validate().unwrap_err().to_string().contains("vsf_bias"));
         let mut c = GuidanceConfig::nag_default();
         c.nag.scale = f64::NAN;
         assert!(c.validate().is_err());
@@ -315,27 +440,82 @@ mod tests {
     }
 
     #[test]
+    fn a_method_given_twice_is_named() {
+        let e = "cfg+cfg".parse::<Method>().unwrap_err().to_string();
+        assert!(e.contains("cfg given twice"), "{e}");
+        let e = "nag+cfg+nag".parse::<Method>().unwrap_err().to_string();
+        assert!(e.contains("nag given twice"), "{e}");
+    }
+
+    fn planner(c: &GuidanceConfig, window: StepWindow) -> GuidancePlanner {
+        GuidancePlanner::new(c, CfgScaleSource::TrueCfgScale, 0.0, window, 1000.0)
+    }
+
+    #[test]
     fn plan_respects_window_and_method() {
         let mut c = GuidanceConfig::nag_default();
         c.nag_end = 0.5;
-        assert!(matches!(c.plan_at(750.0, 1000.0).attention, Some(AttentionGuidance::Nag(_))));
-        assert_eq!(c.plan_at(250.0, 1000.0).attention, None);
-        assert_eq!(c.plan_at(750.0, 1000.0).cfg_scale, None);
+        let mut p = planner(&c, StepWindow::Threshold);
+        let early = p.step(750.0);
+        assert!(matches!(early.attention, Some(AttentionGuidance::Contrast(Contrast::Nag(_)))));
+        assert!(early.window_open);
+        assert_eq!(early.cfg_scale, None);
+        let late = p.step(250.0);
+        assert_eq!(late.attention, None);
+        assert!(!late.window_open);
 
         c.method = Method::CFG_NAG;
-        let late = c.plan_at(250.0, 1000.0);
+        let mut p = planner(&c, StepWindow::Threshold);
+        let late = p.step(250.0);
         assert_eq!(late.attention, None);
         assert_eq!(late.cfg_scale, Some(4.0));
 
         c.method = Method::CFG;
-        assert_eq!(c.plan_at(1000.0, 1000.0).attention, None);
+        assert_eq!(planner(&c, StepWindow::Threshold).step(1000.0).attention, None);
 
         c.method = Method::VSF;
-        assert!(matches!(c.plan_at(1000.0, 1000.0).attention, Some(AttentionGuidance::Vsf(_))));
+        assert!(matches!(planner(&c, StepWindow::Threshold).step(1000.0).attention, Some(AttentionGuidance::Vsf(_))));
 
         // nag_scale 1 means NAG off.
         c.method = Method::NAG;
         c.nag.scale = 1.0;
-        assert_eq!(c.plan_at(1000.0, 1000.0), GuidancePlan::none());
+        let plan = planner(&c, StepWindow::Threshold).step(1000.0);
+        assert_eq!(plan, GuidancePlan { window_open: true, ..GuidancePlan::none() });
+    }
+
+    #[test]
+    fn a_closed_window_stays_closed() {
+        let mut c = GuidanceConfig::nag_default();
+        c.nag_end = 0.5;
+        let mut p = planner(&c, StepWindow::FlooredSticky);
+        assert!(p.step(999.0).attention.is_some());
+        assert!(p.step(300.0).attention.is_none());
+        // A later, larger timestep (custom timesteps) does not reopen it.
+        assert!(p.step(900.0).attention.is_none());
+    }
+
+    #[test]
+    fn cfg_scale_comes_from_the_family_source() {
+        let mut c = GuidanceConfig::nag_default();
+        c.method = Method::CFG_NAG;
+        c.true_cfg_scale = 4.0;
+        assert_eq!(c.cfg_scale(CfgScaleSource::TrueCfgScale, 7.0), Some(4.0));
+        assert_eq!(c.cfg_scale(CfgScaleSource::GuidanceScale, 7.0), Some(7.0));
+        assert_eq!(c.cfg_scale(CfgScaleSource::GuidanceScale, 1.0), None);
+        c.method = Method::NAG;
+        assert_eq!(c.cfg_scale(CfgScaleSource::GuidanceScale, 7.0), None);
+    }
+
+    #[test]
+    fn outputs_combine_as_diffusers_pag_pipelines() {
+        use candle_core::Device;
+        let t = |v: f32| Tensor::new(&[v], &Device::Cpu).unwrap();
+        let plan = GuidancePlan { cfg_scale: Some(3.0), pag_scale: Some(2.0), ..GuidancePlan::none() };
+        // uncond 1, cond 2, perturbed 0.5: 1 + 3 (2 - 1) + 2 (2 - 0.5) = 7
+        let out = plan.combine_outputs(&t(2.0), Some(&t(1.0)), Some(&t(0.5))).unwrap();
+        assert_eq!(out.to_vec1::<f32>().unwrap(), vec![7.0]);
+        assert!(plan.combine_outputs(&t(2.0), None, Some(&t(0.5))).is_err());
+        let plain = GuidancePlan::none().combine_outputs(&t(2.0), None, None).unwrap();
+        assert_eq!(plain.to_vec1::<f32>().unwrap(), vec![2.0]);
     }
 }

@@ -3,17 +3,29 @@
 //!
 //! - [`nag`]: Normalized Attention Guidance (NAG paper, eq. 7-10).
 //! - [`nasa`]: Negative-Away Steer Attention (NAG paper, eq. 5).
+//! - [`vsf`]: Value Sign Flip (the flipped negative key/value block, VSF paper).
 //! - [`cfg`]: classifier-free guidance with a negative prompt, in output space.
-//! - [`vsf`]: Value Sign Flip parameters (applied inside attention by the models).
+//! - [`pag`]: perturbed-attention guidance, in output space.
 //! - [`window`]: which steps attention guidance runs at (early stopping, NAG appendix G).
-//! - [`config`]: what the user asked for, validated once, and the per-step [`GuidancePlan`].
+//! - [`config`]: what the user asked for ([`GuidanceConfig`], validated once) and what applies
+//!   at one step ([`GuidancePlan`], from a [`GuidancePlanner`]).
+//! - [`guided_attention`](mod@guided_attention): the one attention routine every model calls
+//!   with its queries and its positive, negative and shared key/value blocks.
 
 pub mod cfg;
 pub mod config;
+pub mod guided_attention;
 pub mod nag;
 pub mod nasa;
+pub mod pag;
 pub mod vsf;
 pub mod window;
 
-pub use config::{AttentionGuidance, AttentionMethod, GuidanceConfig, GuidancePlan, Method, NagPooled};
+pub use config::{
+    AttentionGuidance, AttentionMethod, CfgScaleSource, Contrast, GuidanceConfig, GuidancePlan, GuidancePlanner,
+    Method, NagPooled,
+};
+pub use guided_attention::{guided_attention, GuidedAttention, KeyValues, NegativeContext, NegativeKeyValues};
 pub use nag::{NagNorm, NagParams};
+pub use vsf::{VsfLayout, VsfParams};
+pub use window::StepWindow;

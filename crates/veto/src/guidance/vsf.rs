@@ -1,8 +1,9 @@
 //! Value Sign Flip (VSF paper, sections 3.1-3.4). VSF is not a merge of two attention outputs:
 //! it changes the attention itself (the negative prompt's keys with its values times -alpha,
-//! visible to image queries only, logits biased by -beta). For MMDiT joint attention this module
-//! computes it per key block and merges the blocks by log-sum-exp ([`crate::attention`]), so no
-//! dense `L x L` mask is ever built ([`joint_attention`]).
+//! visible to image queries only, logits biased by -beta). It is computed per key block and the
+//! blocks are merged by log-sum-exp ([`crate::attention`]), so no dense `L x L` mask is ever
+//! built: the image rows through [`super::guided_attention`] with the [`flipped_block`], the
+//! MMDiT's text rows through [`text_rows`].
 //!
 //! Both layouts reduce to the same block structure. The text stream is `[A, N]` with `N` the
 //! last `neg_len` tokens (the negative prompt, unpadded):
@@ -15,7 +16,7 @@
 //! `[P, Na, Nb]`, so `A = [P, Na]`: the image also sees the *unflipped* `Na`; `P` and `Na` see
 //! `I, P, Na`; `Nb` sees `I, Nb`; the flipped copy is `Nb'`.
 
-use crate::attention::{attend_block, merge_blocks};
+use crate::attention::{attend_block, merge_blocks, BlockAttention};
 use candle_core::{Result, Tensor};
 
 /// Which token layout VSF uses (MMDiT).
@@ -69,7 +70,7 @@ impl Default for VsfParams {
 
 /// The text stream VSF runs with: `[P, N]` (paper) or `[P, N, N]` (official), `[B, S, D]` each,
 /// concatenated on the sequence axis. The flipped copy is not part of the stream: it exists
-/// only as a key/value block inside [`joint_attention`].
+/// only as a key/value block ([`flipped_block`]).
 pub fn text_stream(positive: &Tensor, negative: &Tensor, layout: VsfLayout) -> Result<Tensor> {
     match layout {
         VsfLayout::Paper => Tensor::cat(&[positive, negative], 1),
@@ -77,66 +78,47 @@ pub fn text_stream(positive: &Tensor, negative: &Tensor, layout: VsfLayout) -> R
     }
 }
 
-/// Query (optional), key and value heads of one token group, `[B, H, S, d]`.
+/// The flipped copy of the negative block, kept mergeable: the queries over the negative keys
+/// with values `-alpha V` and every logit biased by `-beta` (after the `scale`).
+pub fn flipped_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, params: &VsfParams) -> Result<BlockAttention> {
+    attend_block(q, k, &(v * -params.scale)?, scale, Some(-params.bias))
+}
+
+/// Key and value heads of one token group, `[B, H, S, d]`.
 pub struct Heads<'a> {
-    pub q: Option<&'a Tensor>,
     pub k: &'a Tensor,
     pub v: &'a Tensor,
 }
 
-/// Outputs of [`joint_attention`], heads still split: `[B, H, N_img, d]` and, when text
-/// queries were given, `[B, H, S_txt, d]`.
-pub struct VsfOutput {
-    pub image: Tensor,
-    pub text: Option<Tensor>,
-}
-
-/// MMDiT joint attention under VSF: `img` over `[I, A, N']` and the text rows over their
-/// allowed blocks (module docs), with `neg_len` the length of `N` at the end of `txt`.
-/// The image-over-image block is computed once; nothing image-sized is copied.
-pub fn joint_attention(img: &Heads, txt: &Heads, neg_len: usize, scale: f64, params: &VsfParams) -> Result<VsfOutput> {
-    let q_img = img.q.ok_or_else(|| candle_core::Error::Msg("VSF needs the image queries".into()))?;
+/// MMDiT joint attention under VSF, text rows: the queries `q_txt` of the stream `[A, N]`
+/// (`N` its last `neg_len` tokens) over their allowed blocks (module docs): `A` over `[I, A]`,
+/// `N` over `[I, N]`; the image block is computed once. The image rows are
+/// [`super::guided_attention`] over `[I, A, N']`. Heads still split, `[B, H, S_txt, d]`.
+pub fn text_rows(q_txt: &Tensor, img: &Heads, txt: &Heads, neg_len: usize, scale: f64) -> Result<Tensor> {
     let txt_len = txt.k.dim(2)?;
     if neg_len == 0 || neg_len > txt_len {
         candle_core::bail!("VSF: negative length {neg_len} does not fit a text stream of {txt_len} tokens");
     }
     let a_len = txt_len - neg_len;
-    let (k_a, v_a) = (txt.k.narrow(2, 0, a_len)?, txt.v.narrow(2, 0, a_len)?);
-    let (k_n, v_n) = (txt.k.narrow(2, a_len, neg_len)?, txt.v.narrow(2, a_len, neg_len)?);
-
-    let img_img = attend_block(q_img, img.k, img.v, scale, None)?;
-    let flipped = attend_block(q_img, &k_n, &(&v_n * -params.scale)?, scale, Some(-params.bias))?;
-    let image = if a_len > 0 {
-        let img_a = attend_block(q_img, &k_a, &v_a, scale, None)?;
-        merge_blocks(&[&img_img, &img_a, &flipped])?
-    } else {
-        merge_blocks(&[&img_img, &flipped])?
+    let txt_img = attend_block(q_txt, img.k, img.v, scale, None)?;
+    let rows = |start: usize, len: usize| -> Result<Tensor> {
+        let (k, v) = (txt.k.narrow(2, start, len)?, txt.v.narrow(2, start, len)?);
+        let own = attend_block(&q_txt.narrow(2, start, len)?, &k, &v, scale, None)?;
+        let over_img =
+            BlockAttention { out: txt_img.out.narrow(2, start, len)?, lse: txt_img.lse.narrow(2, start, len)? };
+        merge_blocks(&[&over_img, &own])
     };
-
-    let text = match txt.q {
-        None => None,
-        Some(q_txt) => {
-            // Text rows over the image once, then each group over its own text block.
-            let txt_img = attend_block(q_txt, img.k, img.v, scale, None)?;
-            let rows = |start: usize, len: usize, k: &Tensor, v: &Tensor| -> Result<Tensor> {
-                let own = attend_block(&q_txt.narrow(2, start, len)?, k, v, scale, None)?;
-                let over_img = crate::attention::BlockAttention {
-                    out: txt_img.out.narrow(2, start, len)?,
-                    lse: txt_img.lse.narrow(2, start, len)?,
-                };
-                merge_blocks(&[&over_img, &own])
-            };
-            let n_rows = rows(a_len, neg_len, &k_n, &v_n)?;
-            Some(if a_len > 0 { Tensor::cat(&[&rows(0, a_len, &k_a, &v_a)?, &n_rows], 2)? } else { n_rows })
-        }
-    };
-    Ok(VsfOutput { image, text })
+    let n_rows = rows(a_len, neg_len)?;
+    if a_len == 0 {
+        return Ok(n_rows);
+    }
+    Tensor::cat(&[&rows(0, a_len)?, &n_rows], 2)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attention::sdpa;
+    use crate::attention::{merge_heads, sdpa};
     use candle_core::{DType, Device, D};
 
     /// The dense oracle: one softmax over all keys `[I, T, N']` with an additive `[Q, K]` mask.
@@ -224,6 +206,36 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
     }
 
+    /// Image rows (heads merged) and, given text queries, text rows (heads split) of the MMDiT
+    /// joint attention under VSF, as the model computes them.
+    fn joint(
+        qi: &Tensor,
+        img: &Heads,
+        q_txt: Option<&Tensor>,
+        txt: &Heads,
+        neg_len: usize,
+        scale: f64,
+        params: &VsfParams,
+    ) -> (Tensor, Option<Tensor>) {
+        use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
+        let a_len = txt.k.dim(2).unwrap() - neg_len;
+        let part = |t: &Tensor, start: usize, len: usize| t.narrow(2, start, len).unwrap();
+        let (ka, va) = (part(txt.k, 0, a_len), part(txt.v, 0, a_len));
+        let (kn, vn) = (part(txt.k, a_len, neg_len), part(txt.v, a_len, neg_len));
+        let image = guided_attention(
+            &GuidedAttention {
+                q: qi,
+                shared: Some(KeyValues { k: img.k, v: img.v }),
+                positive: KeyValues { k: &ka, v: &va },
+                negative: Some(NegativeKeyValues { kv: KeyValues { k: &kn, v: &vn }, rows: 0..qi.dim(0).unwrap() }),
+                scale,
+            },
+            Some(&AttentionGuidance::Vsf(*params)),
+        )
+        .unwrap();
+        (image, q_txt.map(|q| text_rows(q, img, txt, neg_len, scale).unwrap()))
+    }
+
     fn check_layout(layout: VsfLayout) {
         let (b, h, d, n, lp, ln) = (2, 2, 8, 5, 4, 3);
         let params = VsfParams { scale: 3.5, bias: 0.7, layout };
@@ -239,14 +251,8 @@ mod tests {
             }
         };
         let (qt, kt, vt) = (stream(&qp, &qn), stream(&kp, &kn), stream(&vp, &vn));
-        let got = joint_attention(
-            &Heads { q: Some(&qi), k: &ki, v: &vi },
-            &Heads { q: Some(&qt), k: &kt, v: &vt },
-            ln,
-            scale,
-            &params,
-        )
-        .unwrap();
+        let (got_img, got_txt) =
+            joint(&qi, &Heads { k: &ki, v: &vi }, Some(&qt), &Heads { k: &kt, v: &vt }, ln, scale, &params);
 
         let q_all = Tensor::cat(&[&qi, &qt], 2).unwrap();
         let k_all = Tensor::cat(&[&ki, &kt, &kn], 2).unwrap();
@@ -256,22 +262,10 @@ mod tests {
             VsfLayout::Official => official_mask(n, lp, ln, params.bias as f32),
         };
         let want = dense(&q_all, &k_all, &v_all, &mask, scale);
-        let want_img = want.narrow(2, 0, n).unwrap();
+        let want_img = merge_heads(&want.narrow(2, 0, n).unwrap()).unwrap();
         let want_txt = want.narrow(2, n, qt.dim(2).unwrap()).unwrap();
-        assert!(max_diff(&got.image, &want_img) < 1e-5, "{layout:?} image rows");
-        assert!(max_diff(got.text.as_ref().unwrap(), &want_txt) < 1e-5, "{layout:?} text rows");
-
-        // Without text queries (a context_pre_only block) the image rows are unchanged.
-        let img_only = joint_attention(
-            &Heads { q: Some(&qi), k: &ki, v: &vi },
-            &Heads { q: None, k: &kt, v: &vt },
-            ln,
-            scale,
-            &params,
-        )
-        .unwrap();
-        assert!(img_only.text.is_none());
-        assert!(max_diff(&img_only.image, &want_img) < 1e-5);
+        assert!(max_diff(&got_img, &want_img) < 1e-5, "{layout:?} image rows");
+        assert!(max_diff(got_txt.as_ref().unwrap(), &want_txt) < 1e-5, "{layout:?} text rows");
     }
 
     #[test]
@@ -291,19 +285,13 @@ mod tests {
         let (qi, ki, vi) = (randn((b, h, n, d), 11), randn((b, h, n, d), 12), randn((b, h, n, d), 13));
         let (kt, vt) = (randn((b, h, lp + ln, d), 14), randn((b, h, lp + ln, d), 15));
         let params = VsfParams { scale: 0.0, bias: 1e4, layout: VsfLayout::Paper };
-        let got = joint_attention(
-            &Heads { q: Some(&qi), k: &ki, v: &vi },
-            &Heads { q: None, k: &kt, v: &vt },
-            ln,
-            0.5,
-            &params,
-        )
-        .unwrap();
+        let (got, text) = joint(&qi, &Heads { k: &ki, v: &vi }, None, &Heads { k: &kt, v: &vt }, ln, 0.5, &params);
+        assert!(text.is_none());
         let k = Tensor::cat(&[&ki, &kt.narrow(2, 0, lp).unwrap()], 2).unwrap();
         let v = Tensor::cat(&[&vi, &vt.narrow(2, 0, lp).unwrap()], 2).unwrap();
-        let want = sdpa(&qi, &k, &v, 0.5).unwrap();
-        assert!(max_diff(&got.image, &want) < 1e-5);
-        assert_eq!(got.image.dtype(), DType::F32);
+        let want = merge_heads(&sdpa(&qi, &k, &v, 0.5).unwrap()).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5);
+        assert_eq!(got.dtype(), DType::F32);
     }
 
     #[test]

@@ -3,14 +3,15 @@
 //! unpacked latents -> VAE -> image.
 
 use crate::error::{Error, Result};
-use crate::guidance::{cfg::cfg, AttentionMethod, GuidanceConfig, GuidancePlan};
+use crate::families::FLUX;
+use crate::guidance::{GuidanceConfig, GuidancePlanner, NegativeContext};
 use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::var_builder;
 use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
-use crate::pipelines::{Defaults, GenerateRequest, StepEvent, TextToImage};
+use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::FlowMatchEulerScheduler;
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
@@ -31,7 +32,6 @@ pub struct FluxPipeline {
     scheduler: FlowMatchEulerScheduler,
     device: Device,
     dtype: DType,
-    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 impl FluxPipeline {
@@ -74,7 +74,6 @@ impl FluxPipeline {
             scheduler,
             device: device.clone(),
             dtype,
-            warnings: Default::default(),
         })
     }
 
@@ -82,16 +81,17 @@ impl FluxPipeline {
         &self.transformer
     }
 
-    fn warn(&self, msg: String) {
-        self.warnings.borrow_mut().push(msg);
-    }
-
     /// CLIP pooled vector (77 tokens) and T5 states (`max_sequence_length` tokens), as
     /// diffusers' `FluxPipeline.encode_prompt`.
-    pub fn encode_prompt(&self, text: &str, max_sequence_length: usize) -> Result<TextConditioning> {
+    pub fn encode_prompt(
+        &self,
+        text: &str,
+        max_sequence_length: usize,
+        warnings: &mut Warnings,
+    ) -> Result<TextConditioning> {
         let clip_ids = self.clip_tokenizer.tokenize(text, CLIP_LEN)?;
         if clip_ids.truncated {
-            self.warn(format!(
+            warnings.push(format!(
                 "the prompt is longer than CLIP's {CLIP_LEN} tokens; CLIP ignores: {}",
                 clip_ids.removed_text.clone().unwrap_or_default()
             ));
@@ -99,7 +99,7 @@ impl FluxPipeline {
         let pooled = self.clip.encode_ids(&clip_ids.ids)?.pooled.to_dtype(self.dtype)?;
         let t5_ids = self.t5_tokenizer.tokenize(text, max_sequence_length)?;
         if t5_ids.truncated {
-            self.warn(format!(
+            warnings.push(format!(
                 "the prompt is longer than max_sequence_length {max_sequence_length}; T5 ignores: {}",
                 t5_ids.removed_text.clone().unwrap_or_default()
             ));
@@ -108,55 +108,30 @@ impl FluxPipeline {
         Ok(TextConditioning { hidden, pooled })
     }
 
-    fn check(&self, req: &GenerateRequest) -> Result<()> {
-        req.guidance.validate()?;
-        req.sampler.reject_for("Flux")?;
-        let m = req.guidance.method;
-        if m.pag || m.attention == Some(AttentionMethod::Vsf) {
-            return Err(Error::invalid(format!(
-                "guidance '{m}' is not available for Flux (supported: nag, nasa, cfg, cfg+nag, cfg+nasa, none)"
-            )));
-        }
-        let mult = VAE_SCALE * 2;
-        if req.height == 0 || req.width == 0 || req.height % mult != 0 || req.width % mult != 0 {
-            return Err(Error::invalid(format!(
-                "--height and --width must each be a positive multiple of {mult} for Flux, got {}x{}",
-                req.height, req.width
-            )));
-        }
-        if req.steps == 0 {
-            return Err(Error::invalid("--steps must be at least 1"));
-        }
+    fn check(&self, req: &ResolvedRequest) -> Result<()> {
+        req.check_size(VAE_SCALE * 2)?;
+        req.check_steps()?;
         if req.max_sequence_length == 0 || req.max_sequence_length > 512 {
-            return Err(Error::invalid(format!(
-                "--max-sequence-length must be in 1..=512, got {}",
-                req.max_sequence_length
-            )));
+            return Err(Error::parameter(
+                "max_sequence_length",
+                format!("must be in 1..=512, got {}", req.max_sequence_length),
+            ));
         }
-        if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
-            return Err(Error::invalid(format!("--guidance-scale must be >= 0, got {}", req.guidance_scale)));
-        }
-        if let Some(init) = &req.init_latents {
-            let want = [1, self.transformer.config().latent_channels(), req.height / VAE_SCALE, req.width / VAE_SCALE];
-            if init.dims() != want {
-                return Err(Error::invalid(format!(
-                    "init latents have shape {:?}, expected {:?} ([B, C, H/8, W/8] for {}x{})",
-                    init.dims(),
-                    want,
-                    req.height,
-                    req.width
-                )));
-            }
-        }
-        Ok(())
+        let want = [1, self.transformer.config().latent_channels(), req.height / VAE_SCALE, req.width / VAE_SCALE];
+        req.check_init_latents(&want, VAE_SCALE)
     }
 
-    fn denoise(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+    fn denoise(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Tensor> {
         self.check(req)?;
         let model_cfg = self.transformer.config();
         if !model_cfg.guidance_embeds && req.guidance_scale != 0.0 {
-            self.warn(format!(
-                "this model has no guidance embedding; --guidance-scale {} is ignored",
+            warnings.push(format!(
+                "this model has no guidance embedding; guidance_scale {} is ignored",
                 req.guidance_scale
             ));
         }
@@ -168,13 +143,16 @@ impl FluxPipeline {
         };
         let mut x = latents::pack(&init.to_dtype(self.dtype)?)?;
 
-        let positive = self.encode_prompt(&req.prompt, req.max_sequence_length)?;
+        let positive = self.encode_prompt(&req.prompt, req.max_sequence_length, warnings)?;
         let g = &req.guidance;
-        let negative = if g.uses_attention_guidance() || g.uses_cfg() {
-            Some(self.encode_prompt(req.negative_prompt.as_deref().unwrap_or(""), req.max_sequence_length)?)
+        let negative = if g.uses_negative(FLUX.cfg_scale, req.guidance_scale) {
+            let text = req.negative_prompt.as_deref().unwrap_or("");
+            Some(self.encode_prompt(text, req.max_sequence_length, warnings)?)
         } else {
             None
         };
+        let n_train = self.scheduler.config().num_train_timesteps as f64;
+        let mut planner = GuidancePlanner::new(g, FLUX.cfg_scale, req.guidance_scale, FLUX.window, n_train);
         let img_ids = latents::image_ids(lh, lw, &self.device)?;
         let txt_ids = latents::text_ids(positive.hidden.dim(1)?, &self.device)?;
         let schedule = self.scheduler.timesteps_for(req.steps, img_ids.dim(0)?)?;
@@ -185,10 +163,10 @@ impl FluxPipeline {
         };
         let total = schedule.timesteps.len();
         for (i, &t) in schedule.timesteps.iter().enumerate() {
-            let plan: GuidancePlan = g.plan_at(t, self.scheduler.config().num_train_timesteps as f64);
+            let plan = planner.step(t);
             // diffusers feeds `t / 1000` in the latents' dtype; the model scales it back.
             let timestep = (Tensor::new(&[t as f32], &self.device)? / 1000.0)?.to_dtype(self.dtype)?;
-            let call = |text: &TextConditioning, neg: Option<&TextConditioning>, guided: bool| {
+            let call = |text: &TextConditioning, negative: Option<&NegativeContext>| {
                 self.transformer.forward(&FluxInputs {
                     latents: &x,
                     img_ids: &img_ids,
@@ -196,15 +174,21 @@ impl FluxPipeline {
                     timestep: &timestep,
                     guidance: guidance.as_ref(),
                     positive: text,
-                    negative: neg,
-                    guide: if guided { plan.attention.as_ref() } else { None },
+                    negative,
                 })
             };
-            let mut v = call(&positive, negative.as_ref(), plan.attention.is_some())?;
-            if let (Some(scale), Some(neg)) = (plan.cfg_scale, negative.as_ref()) {
-                let v_neg = call(neg, None, false)?;
-                v = cfg(&v, &v_neg, scale)?;
-            }
+            let guided = match (&plan.attention, &negative) {
+                (Some(method), Some(neg)) => {
+                    Some(NegativeContext { method, states: &neg.hidden, pooled: Some(&neg.pooled), rows: 0..1 })
+                }
+                _ => None,
+            };
+            let v = call(&positive, guided.as_ref())?;
+            let v_neg = match (plan.cfg_scale, &negative) {
+                (Some(_), Some(neg)) => Some(call(neg, None)?),
+                _ => None,
+            };
+            let v = plan.combine_outputs(&v, v_neg.as_ref(), None)?;
             x = self.scheduler.step(&v, schedule.sigmas[i], schedule.sigmas[i + 1], &x)?;
             let unpacked = latents::unpack(&x, lh, lw)?;
             on_step(StepEvent {
@@ -235,19 +219,20 @@ impl TextToImage for FluxPipeline {
         flux_defaults(self.transformer.config())
     }
 
-    fn validate(&self, req: &GenerateRequest) -> Result<()> {
+    fn validate(&self, req: &ResolvedRequest) -> Result<()> {
         self.check(req)
     }
 
-    fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
-        self.denoise(req, on_step)
+    fn generate_latents(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Tensor> {
+        self.denoise(req, on_step, warnings)
     }
 
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.vae.decode_latents(latents)
-    }
-
-    fn take_warnings(&self) -> Vec<String> {
-        std::mem::take(&mut self.warnings.borrow_mut())
     }
 }

@@ -1,87 +1,26 @@
-//! Pipelines: text -> latents -> image, one readable module per model family, all behind
-//! the [`TextToImage`] trait so the CLI (and library users) drive them the same way.
+//! Pipelines: text -> latents -> image, one readable module per model family, all behind the
+//! [`TextToImage`] trait; [`Pipeline`] is what a library user holds.
 
 pub mod flux;
 pub mod noise;
+pub mod request;
 pub mod sd3;
 pub mod sdxl;
 
+pub use request::{Defaults, GenerateRequest, ResolvedRequest, SamplerOption, SamplerOptions};
+
 use crate::error::Result;
-use crate::guidance::GuidanceConfig;
-use candle_core::Tensor;
-
-/// Per-model defaults (official NAG README / diffusers model cards).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Defaults {
-    pub steps: usize,
-    /// The pipeline's `guidance_scale` (Flux-dev: embedded guidance; SD3/SDXL: the CFG scale).
-    pub guidance_scale: f64,
-    pub max_sequence_length: usize,
-    pub height: usize,
-    pub width: usize,
-    /// The guidance parameters this model family is tuned for (NAG paper Table 5, VSF paper).
-    pub guidance: GuidanceConfig,
-}
-
-/// One generation request, model-independent.
-#[derive(Debug, Clone)]
-pub struct GenerateRequest {
-    pub prompt: String,
-    /// Used by NAG/NASA/VSF (attention) and CFG (second pass); `None` means the empty prompt,
-    /// as the official pipelines do.
-    pub negative_prompt: Option<String>,
-    pub guidance: GuidanceConfig,
-    pub steps: usize,
-    pub height: usize,
-    pub width: usize,
-    /// The pipeline's `guidance_scale` as diffusers means it for this model.
-    pub guidance_scale: f64,
-    /// T5 tokens (models with a T5 encoder).
-    pub max_sequence_length: usize,
-    pub seed: u64,
-    /// Initial latents `[1, C, H/f, W/f]` instead of seeded noise (unpacked layout).
-    pub init_latents: Option<Tensor>,
-    /// Scheduler/PAG options only some families have (an error elsewhere).
-    pub sampler: SamplerOptions,
-}
-
-/// diffusers pipeline arguments that only some families take.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct SamplerOptions {
-    /// Explicit timesteps instead of the scheduler's rule (diffusers `timesteps=`; DMD2's card
-    /// uses 999, 749, 499, 249). Their count overrides the steps. UNet family.
-    pub timesteps: Option<Vec<f64>>,
-    /// diffusers' `eta` (DDIM noise, TCD's gamma). UNet family.
-    pub eta: Option<f64>,
-    /// diffusers' `pag_applied_layers` (default `["mid"]`). UNet family.
-    pub pag_layers: Option<Vec<String>>,
-}
-
-impl SamplerOptions {
-    /// Reject options for a family that has none of them, naming the flags.
-    pub fn reject_for(&self, family: &str) -> Result<()> {
-        let mut given = Vec::new();
-        if self.timesteps.is_some() {
-            given.push("--timesteps");
-        }
-        if self.eta.is_some() {
-            given.push("--eta");
-        }
-        if self.pag_layers.is_some() {
-            given.push("--pag-layers");
-        }
-        if given.is_empty() {
-            Ok(())
-        } else {
-            Err(crate::Error::invalid(format!("{} not supported for {family}", given.join(", "))))
-        }
-    }
-}
+use crate::families::{self, Family};
+use crate::loading::model_source::ModelSource;
+use candle_core::{DType, Device, Tensor};
 
 /// What a pipeline reports after each step.
 pub struct StepEvent<'a> {
+    /// 0-based step index.
     pub index: usize,
+    /// Number of steps.
     pub total: usize,
+    /// The step's timestep as the model receives it.
     pub timestep: f64,
     /// Whether attention guidance ran at this step.
     pub attention_guided: bool,
@@ -89,40 +28,129 @@ pub struct StepEvent<'a> {
     pub latents: &'a Tensor,
 }
 
-/// A text-to-image pipeline.
-pub trait TextToImage {
-    /// Defaults of the loaded model.
-    fn defaults(&self) -> Defaults;
-    /// Check a request before any work is done.
-    fn validate(&self, req: &GenerateRequest) -> Result<()>;
-    /// Denoise to the final latents (unpacked, before VAE decode).
-    fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor>;
-    /// Decode latents to an image tensor `[1, 3, H, W]` in about [-1, 1].
-    fn decode(&self, latents: &Tensor) -> Result<Tensor>;
-    /// Warnings collected so far (truncated prompts, ignored flags), drained.
-    fn take_warnings(&self) -> Vec<String>;
+/// Warnings of one generation (truncated prompts, parameters without effect), each once.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Warnings(Vec<String>);
+
+impl Warnings {
+    /// Add `msg` unless it was already said.
+    pub fn push(&mut self, msg: impl Into<String>) {
+        let msg = msg.into();
+        if !self.0.contains(&msg) {
+            self.0.push(msg);
+        }
+    }
+
+    /// The warnings, in order.
+    pub fn into_vec(self) -> Vec<String> {
+        self.0
+    }
 }
 
-/// Load the pipeline a diffusers folder declares in `model_index.json` (`_class_name`).
-pub fn load(
-    source: &crate::loading::model_source::ModelSource,
-    device: &candle_core::Device,
-    dtype: candle_core::DType,
-) -> Result<Box<dyn TextToImage>> {
-    let index = source.file("model_index.json")?;
-    let json: serde_json::Value = crate::loading::safetensors_files::read_json(&index, "model_index.json")?;
-    let class = json.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
-    match class {
-        "FluxPipeline" => Ok(Box::new(flux::FluxPipeline::load(source, device, dtype)?)),
-        "StableDiffusion3Pipeline" => Ok(Box::new(sd3::Sd3Pipeline::load(source, device, dtype)?)),
-        "StableDiffusionPipeline" | "StableDiffusionXLPipeline" => {
-            Ok(Box::new(sdxl::StableDiffusionPipeline::load(source, device, dtype)?))
-        }
-        other => Err(crate::Error::BadModelFile {
-            path: index.display().to_string(),
-            reason: format!(
-                "pipeline '{other}' is not supported (supported: FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)"
-            ),
-        }),
+/// One model family's pipeline, as the registry loads it. Library users hold a [`Pipeline`].
+pub trait TextToImage: Send + Sync {
+    /// Defaults of the loaded model.
+    fn defaults(&self) -> Defaults;
+    /// Check a resolved request against the model before any work is done.
+    fn validate(&self, req: &ResolvedRequest) -> Result<()>;
+    /// Denoise to the final latents (unpacked, before VAE decode), collecting warnings.
+    fn generate_latents(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Tensor>;
+    /// Decode latents to an image tensor `[1, 3, H, W]` in about [-1, 1].
+    fn decode(&self, latents: &Tensor) -> Result<Tensor>;
+}
+
+/// What one generation produced.
+pub struct Generation {
+    /// Final latents `[1, C, H/f, W/f]`, before VAE decode.
+    pub latents: Tensor,
+    /// The decoded image `[1, 3, H, W]`, values in about [-1, 1] ([`crate::image_io::save_png`]).
+    pub image: Tensor,
+    /// Warnings (truncated prompts, parameters without effect).
+    pub warnings: Vec<String>,
+    /// The request as it ran, defaults filled in.
+    pub request: ResolvedRequest,
+}
+
+/// A loaded model of any supported family.
+///
+/// ```no_run
+/// # fn main() -> veto::Result<()> {
+/// let pipe = veto::Pipeline::from_pretrained("black-forest-labs/FLUX.1-schnell", &veto::Device::Cpu, veto::DType::F32)?;
+/// let out = pipe.generate(&veto::GenerateRequest::new("Portrait of AI researcher.").negative("Glasses."))?;
+/// veto::save_png(&out.image, "out.png".as_ref())?;
+/// # Ok(()) }
+/// ```
+pub struct Pipeline {
+    family: &'static Family,
+    inner: Box<dyn TextToImage>,
+    defaults: Defaults,
+}
+
+impl Pipeline {
+    /// Load a model from a Hugging Face hub id (through the local hub cache) or a diffusers
+    /// folder; its `model_index.json` names the pipeline class, the registry the family.
+    pub fn from_pretrained(model: &str, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load(&ModelSource::resolve(model)?, device, dtype)
+    }
+
+    /// As [`from_pretrained`](Self::from_pretrained), from a resolved source.
+    pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        let family = families::detect(source)?;
+        let inner = (family.load)(source, device, dtype)?;
+        let defaults = inner.defaults();
+        Ok(Pipeline { family, inner, defaults })
+    }
+
+    /// The model family.
+    pub fn family(&self) -> &'static Family {
+        self.family
+    }
+
+    /// The loaded model's defaults (steps, size, guidance parameters).
+    pub fn defaults(&self) -> &Defaults {
+        &self.defaults
+    }
+
+    /// The request with the model's defaults filled in, checked against the family and the
+    /// model before any work is done.
+    pub fn resolve(&self, req: &GenerateRequest) -> Result<ResolvedRequest> {
+        let resolved = req.resolve(&self.defaults)?;
+        self.family.check(&resolved)?;
+        self.inner.validate(&resolved)?;
+        Ok(resolved)
+    }
+
+    /// Generate: latents, decoded image and warnings.
+    pub fn generate(&self, req: &GenerateRequest) -> Result<Generation> {
+        self.generate_with(req, &mut |_| {})
+    }
+
+    /// As [`generate`](Self::generate), calling `on_step` after every denoising step.
+    pub fn generate_with(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Generation> {
+        let (latents, warnings, request) = self.generate_latents(req, on_step)?;
+        let image = self.decode(&latents)?;
+        Ok(Generation { latents, image, warnings, request })
+    }
+
+    /// Denoise only: the final latents, the warnings and the resolved request.
+    pub fn generate_latents(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+    ) -> Result<(Tensor, Vec<String>, ResolvedRequest)> {
+        let resolved = self.resolve(req)?;
+        let mut warnings = Warnings::default();
+        let latents = self.inner.generate_latents(&resolved, on_step, &mut warnings)?;
+        Ok((latents, warnings.into_vec(), resolved))
+    }
+
+    /// Decode latents `[1, C, H/f, W/f]` to an image tensor `[1, 3, H, W]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.inner.decode(latents)
     }
 }

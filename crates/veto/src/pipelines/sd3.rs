@@ -21,14 +21,17 @@
 //! (phi = 4, i.e. nag_scale 5, tau 2.5, alpha 0.125); VSF: alpha 3.5, beta 0.1, paper layout.
 
 use crate::error::{Error, Result};
-use crate::guidance::{cfg::cfg, AttentionGuidance, AttentionMethod, GuidanceConfig, Method, NagParams, NagPooled};
+use crate::families::SD3;
+use crate::guidance::{
+    AttentionGuidance, GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext,
+};
 use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
-use crate::models::mmdit::{MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
+use crate::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
-use crate::pipelines::{Defaults, GenerateRequest, StepEvent, TextToImage};
+use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::{FlowMatchEulerConfig, FlowMatchEulerScheduler};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
@@ -70,7 +73,6 @@ pub struct Sd3Pipeline {
     turbo: bool,
     device: Device,
     dtype: DType,
-    warnings: std::cell::RefCell<Vec<String>>,
 }
 
 /// The Turbo rule of the module docs: "turbo" in the repo id or in the path of the model's
@@ -153,7 +155,6 @@ impl Sd3Pipeline {
             turbo: is_turbo(source, &index_path),
             device: device.clone(),
             dtype,
-            warnings: Default::default(),
         };
         pipe.check_widths()?;
         Ok(pipe)
@@ -197,16 +198,9 @@ impl Sd3Pipeline {
         self.turbo
     }
 
-    fn warn(&self, msg: String) {
-        let mut w = self.warnings.borrow_mut();
-        if !w.contains(&msg) {
-            w.push(msg);
-        }
-    }
-
-    fn warn_truncated(&self, what: &str, encoder: &str, limit: usize, t: &TokenizedText) {
+    fn warn_truncated(warnings: &mut Warnings, what: &str, encoder: &str, limit: usize, t: &TokenizedText) {
         if t.truncated {
-            self.warn(format!(
+            warnings.push(format!(
                 "the {what} is longer than {encoder}'s {limit} tokens and was truncated; ignored: \"{}\"",
                 t.removed_text.clone().unwrap_or_default()
             ));
@@ -217,12 +211,19 @@ impl Sd3Pipeline {
     /// and T5 to `max_sequence_length` (diffusers); unpadded: CLIP `[BOS, tokens, EOS]` and T5
     /// `[tokens, </s>]` at their natural lengths (the official VSF pipeline's negative prompt,
     /// VSF paper 3.4). `what` names the prompt in truncation warnings.
-    pub fn encode_prompt(&self, text: &str, max_sequence_length: usize, padded: bool, what: &str) -> Result<Sd3Text> {
+    pub fn encode_prompt(
+        &self,
+        text: &str,
+        max_sequence_length: usize,
+        padded: bool,
+        what: &str,
+        warnings: &mut Warnings,
+    ) -> Result<Sd3Text> {
         let mut states = Vec::new();
         let mut pooled = Vec::new();
         for clip in [&self.clip_l, &self.clip_g] {
             let t = clip.tokenizer.tokenize(text, CLIP_LEN)?;
-            self.warn_truncated(what, "CLIP", CLIP_LEN, &t);
+            Self::warn_truncated(warnings, what, "CLIP", CLIP_LEN, &t);
             let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
             let out = clip.encoder.encode_ids(ids)?;
             states.push(out.penultimate_hidden_state);
@@ -236,7 +237,7 @@ impl Sd3Pipeline {
         let t5 = match &self.t5 {
             Some(t5) => {
                 let t = t5.tokenizer.tokenize(text, max_sequence_length)?;
-                self.warn_truncated(what, "T5 (max_sequence_length)", max_sequence_length, &t);
+                Self::warn_truncated(warnings, what, "T5 (max_sequence_length)", max_sequence_length, &t);
                 let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
                 t5.encoder.encode_ids(ids)?
             }
@@ -250,85 +251,60 @@ impl Sd3Pipeline {
         })
     }
 
-    fn check(&self, req: &GenerateRequest) -> Result<()> {
-        req.guidance.validate()?;
-        req.sampler.reject_for("SD3")?;
-        let m = req.guidance.method;
-        if m.pag {
-            return Err(Error::invalid(format!(
-                "guidance '{m}' is not available for SD3 (supported: none, nag, nasa, vsf, cfg, cfg+nag, cfg+nasa, cfg+vsf)"
-            )));
-        }
+    fn check(&self, req: &ResolvedRequest) -> Result<()> {
         let cfg = self.transformer.config();
-        let mult = self.vae.config().downscale_factor() * cfg.patch_size;
-        if req.height == 0 || req.width == 0 || !req.height.is_multiple_of(mult) || !req.width.is_multiple_of(mult) {
-            return Err(Error::invalid(format!(
-                "--height and --width must be positive multiples of {mult} for SD3, got {}x{}",
-                req.height, req.width
-            )));
-        }
+        let f = self.vae.config().downscale_factor();
+        let mult = f * cfg.patch_size;
+        req.check_size(mult)?;
         let max_px = cfg.pos_embed_max_size * mult;
-        if req.height > max_px || req.width > max_px {
-            return Err(Error::invalid(format!(
-                "--height and --width must be at most {max_px} for this model (pos_embed_max_size {}), got {}x{}",
-                cfg.pos_embed_max_size, req.height, req.width
-            )));
-        }
-        if req.steps == 0 {
-            return Err(Error::invalid("--steps must be at least 1"));
-        }
-        if req.max_sequence_length == 0 || req.max_sequence_length > MAX_T5_LEN {
-            return Err(Error::invalid(format!(
-                "--max-sequence-length must be in 1..={MAX_T5_LEN}, got {}",
-                req.max_sequence_length
-            )));
-        }
-        if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
-            return Err(Error::invalid(format!("--guidance-scale must be >= 0, got {}", req.guidance_scale)));
-        }
-        if let Some(init) = &req.init_latents {
-            let f = self.vae.config().downscale_factor();
-            let want = [1, cfg.in_channels, req.height / f, req.width / f];
-            if init.dims() != want {
-                return Err(Error::invalid(format!(
-                    "init latents have shape {:?}, expected {:?} ([1, C, H/{f}, W/{f}] for {}x{})",
-                    init.dims(),
-                    want,
-                    req.height,
-                    req.width
-                )));
+        for (name, v) in [("height", req.height), ("width", req.width)] {
+            if v > max_px {
+                return Err(Error::parameter(
+                    name,
+                    format!(
+                        "height and width must be at most {max_px} for this model (pos_embed_max_size {}), got {}x{}",
+                        cfg.pos_embed_max_size, req.height, req.width
+                    ),
+                ));
             }
         }
-        Ok(())
+        req.check_steps()?;
+        if req.max_sequence_length == 0 || req.max_sequence_length > MAX_T5_LEN {
+            return Err(Error::parameter(
+                "max_sequence_length",
+                format!("must be in 1..={MAX_T5_LEN}, got {}", req.max_sequence_length),
+            ));
+        }
+        req.check_init_latents(&[1, cfg.in_channels, req.height / f, req.width / f], f)
     }
 
-    /// The CFG scale of a request (module docs): `Some(guidance_scale)` when CFG runs.
-    pub fn cfg_scale(req: &GenerateRequest) -> Option<f64> {
-        (req.guidance.method.cfg && req.guidance_scale > 1.0).then_some(req.guidance_scale)
-    }
-
-    fn warn_unused(&self, req: &GenerateRequest) {
+    fn warn_unused(req: &ResolvedRequest, warnings: &mut Warnings) {
         let m = req.guidance.method;
         if m.cfg && req.guidance_scale <= 1.0 {
-            self.warn(format!(
-                "guidance '{m}' asks for CFG but --guidance-scale is {} (CFG runs only above 1, as in diffusers)",
+            warnings.push(format!(
+                "guidance '{m}' asks for CFG but guidance_scale is {} (CFG runs only above 1, as in diffusers)",
                 req.guidance_scale
             ));
         }
         if !m.cfg && req.guidance_scale > 1.0 {
-            self.warn(format!(
-                "--guidance-scale {} has no effect: guidance '{m}' has no cfg (SD3's CFG scale is the guidance scale)",
+            warnings.push(format!(
+                "guidance_scale {} has no effect: guidance '{m}' has no cfg (SD3's CFG scale is the guidance scale)",
                 req.guidance_scale
             ));
         }
-        if req.negative_prompt.is_some() && !req.guidance.uses_attention_guidance() && Self::cfg_scale(req).is_none() {
-            self.warn(format!("the negative prompt is unused: guidance '{m}' does not use one"));
+        if req.negative_prompt.is_some() && !req.guidance.uses_negative(SD3.cfg_scale, req.guidance_scale) {
+            warnings.push(format!("the negative prompt is unused: guidance '{m}' does not use one"));
         }
     }
 
-    fn denoise(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+    fn denoise(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Tensor> {
         self.check(req)?;
-        self.warn_unused(req);
+        Self::warn_unused(req, warnings);
         let model_cfg = self.transformer.config();
         let f = self.vae.config().downscale_factor();
         let (lh, lw) = (req.height / f, req.width / f);
@@ -339,19 +315,19 @@ impl Sd3Pipeline {
         let mut x = init.to_dtype(self.dtype)?;
 
         let g = &req.guidance;
-        let cfg_scale = Self::cfg_scale(req);
-        let attention = if g.uses_attention_guidance() { g.method.attention } else { None };
+        let n_train = self.scheduler.config().num_train_timesteps as f32;
+        let mut planner = GuidancePlanner::new(g, SD3.cfg_scale, req.guidance_scale, SD3.window, n_train as f64);
+        let cfg_scale = planner.cfg_scale();
         let msl = req.max_sequence_length;
         let neg_text = req.negative_prompt.as_deref().unwrap_or("");
-        let positive = self.encode_prompt(&req.prompt, msl, true, "prompt")?;
-        let contrast = matches!(attention, Some(AttentionMethod::Nag | AttentionMethod::Nasa));
-        let negative = if cfg_scale.is_some() || contrast {
-            Some(self.encode_prompt(neg_text, msl, true, "negative prompt")?)
+        let positive = self.encode_prompt(&req.prompt, msl, true, "prompt", warnings)?;
+        let negative = if cfg_scale.is_some() || g.uses_contrast() {
+            Some(self.encode_prompt(neg_text, msl, true, "negative prompt", warnings)?)
         } else {
             None
         };
-        let vsf_negative = if attention == Some(AttentionMethod::Vsf) {
-            Some(self.encode_prompt(neg_text, msl, false, "negative prompt")?)
+        let vsf_negative = if g.uses_vsf() {
+            Some(self.encode_prompt(neg_text, msl, false, "negative prompt", warnings)?)
         } else {
             None
         };
@@ -371,14 +347,12 @@ impl Sd3Pipeline {
 
         let image_seq_len = (lh / model_cfg.patch_size) * (lw / model_cfg.patch_size);
         let sigmas = sd3_sigmas(self.scheduler.config(), self.scheduler.mu(image_seq_len), req.steps)?;
-        let n_train = self.scheduler.config().num_train_timesteps as f32;
         let total = req.steps;
         for i in 0..total {
             // diffusers: timesteps = sigmas * num_train_timesteps in f32, passed to the model as is.
             let t = sigmas[i] as f32 * n_train;
-            let plan = g.plan_at(t as f64, n_train as f64);
-            let guide = plan.attention;
-            let call = |latents: &Tensor, text: &Sd3Text, guidance: MmditGuidance| -> Result<Tensor> {
+            let plan = planner.step(t as f64);
+            let call = |latents: &Tensor, text: &Sd3Text, negative: Option<&NegativeContext>| -> Result<Tensor> {
                 let b = latents.dim(0)?;
                 let timestep = Tensor::from_vec(vec![t; b], b, &self.device)?;
                 self.transformer.forward(&MmditInputs {
@@ -386,39 +360,50 @@ impl Sd3Pipeline {
                     timestep: &timestep,
                     context: &text.embeds,
                     pooled: &text.pooled,
-                    guidance,
+                    guidance: negative,
                 })
             };
             let missing = |what: &str| Error::other(format!("internal: the {what} was not encoded"));
-            let guidance = match &guide {
-                None => MmditGuidance::None,
-                Some(AttentionGuidance::Vsf(params)) => MmditGuidance::Vsf {
-                    params,
-                    negative: &vsf_negative.as_ref().ok_or_else(|| missing("VSF negative prompt"))?.embeds,
-                },
-                Some(other) => MmditGuidance::Contrast {
-                    guide: other,
-                    negative: &negative.as_ref().ok_or_else(|| missing("negative prompt"))?.embeds,
-                    pooled: nag_pooled,
-                },
+            // The cond row is the last of the batch: [cond], or [uncond, cond] with batched CFG.
+            let batched_cfg = cfg_scale.is_some() && !matches!(plan.attention, Some(AttentionGuidance::Vsf(_)));
+            let cond_row = usize::from(batched_cfg);
+            let guided = match &plan.attention {
+                None => None,
+                Some(method @ AttentionGuidance::Vsf(_)) => Some(NegativeContext {
+                    method,
+                    states: &vsf_negative.as_ref().ok_or_else(|| missing("VSF negative prompt"))?.embeds,
+                    pooled: None,
+                    rows: 0..1,
+                }),
+                Some(method) => Some(NegativeContext {
+                    method,
+                    states: &negative.as_ref().ok_or_else(|| missing("negative prompt"))?.embeds,
+                    pooled: Some(nag_pooled),
+                    rows: cond_row..cond_row + 1,
+                }),
             };
-            let v = match cfg_scale {
-                None => call(&x, &positive, guidance)?,
-                Some(scale) => {
-                    let (v_cond, v_uncond) = if let MmditGuidance::Vsf { .. } = guidance {
-                        // VSF lengthens the cond row's context: the uncond pass runs on its own.
-                        let neg = negative.as_ref().ok_or_else(|| missing("negative prompt"))?;
-                        (call(&x, &positive, guidance)?, call(&x, neg, MmditGuidance::None)?)
-                    } else {
-                        let both = batched.as_ref().ok_or_else(|| missing("CFG batch"))?;
-                        let v = call(&Tensor::cat(&[&x, &x], 0)?, both, guidance)?;
-                        (v.narrow(0, 1, 1)?, v.narrow(0, 0, 1)?)
-                    };
-                    cfg(&v_cond, &v_uncond, scale)?
+            let (v_cond, v_uncond) = match cfg_scale {
+                None => (call(&x, &positive, guided.as_ref())?, None),
+                // VSF lengthens the cond row's context: the uncond pass runs on its own.
+                Some(_) if !batched_cfg => {
+                    let neg = negative.as_ref().ok_or_else(|| missing("negative prompt"))?;
+                    (call(&x, &positive, guided.as_ref())?, Some(call(&x, neg, None)?))
+                }
+                Some(_) => {
+                    let both = batched.as_ref().ok_or_else(|| missing("CFG batch"))?;
+                    let v = call(&Tensor::cat(&[&x, &x], 0)?, both, guided.as_ref())?;
+                    (v.narrow(0, 1, 1)?, Some(v.narrow(0, 0, 1)?))
                 }
             };
+            let v = plan.combine_outputs(&v_cond, v_uncond.as_ref(), None)?;
             x = self.scheduler.step(&v, sigmas[i], sigmas[i + 1], &x)?;
-            on_step(StepEvent { index: i, total, timestep: t as f64, attention_guided: guide.is_some(), latents: &x });
+            on_step(StepEvent {
+                index: i,
+                total,
+                timestep: t as f64,
+                attention_guided: plan.attention.is_some(),
+                latents: &x,
+            });
         }
         Ok(x)
     }
@@ -507,20 +492,21 @@ impl TextToImage for Sd3Pipeline {
         d
     }
 
-    fn validate(&self, req: &GenerateRequest) -> Result<()> {
+    fn validate(&self, req: &ResolvedRequest) -> Result<()> {
         self.check(req)
     }
 
-    fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
-        self.denoise(req, on_step)
+    fn generate_latents(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Tensor> {
+        self.denoise(req, on_step, warnings)
     }
 
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.vae.decode_latents(latents)
-    }
-
-    fn take_warnings(&self) -> Vec<String> {
-        std::mem::take(&mut self.warnings.borrow_mut())
     }
 }
 

@@ -23,22 +23,19 @@
 //! Latents stay f32 between steps (the scheduler's arithmetic is f32 as in diffusers); the
 //! UNet runs in the pipeline dtype.
 
-use std::cell::RefCell;
-
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
 use crate::guidance::vsf::{VsfLayout, VsfParams};
-use crate::guidance::{
-    cfg::cfg, AttentionGuidance, AttentionMethod, GuidanceConfig, GuidancePlan, Method, NagParams, NagPooled,
-};
+use crate::families::UNET;
+use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext};
 use crate::loading::components::{clip_tokenizer, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
-use crate::models::unet::{PagLayers, Perturbation, RowGuidance, UNet2DConditionModel, UNetConfig, UNetInputs};
+use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
-use crate::pipelines::{Defaults, GenerateRequest, StepEvent, TextToImage};
+use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::{load_scheduler, Scheduler, SeededNoise};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
@@ -97,12 +94,10 @@ pub struct StableDiffusionPipeline {
     latent_stats: VaeLatentStats,
     scheduler: Box<dyn Scheduler>,
     force_zeros_for_empty_prompt: bool,
-    pag_layers: RefCell<PagLayers>,
-    timesteps_override: RefCell<Option<Vec<f64>>>,
-    eta: RefCell<f64>,
+    /// diffusers' default `pag_applied_layers`, resolved against this UNet.
+    default_pag_layers: PagLayers,
     device: Device,
     dtype: DType,
-    warnings: RefCell<Vec<String>>,
 }
 
 fn load_clip(source: &ModelSource, tokenizer: &str, encoder: &str, device: &Device, dtype: DType) -> Result<Clip> {
@@ -219,12 +214,9 @@ impl StableDiffusionPipeline {
             latent_stats,
             scheduler,
             force_zeros_for_empty_prompt,
-            pag_layers: RefCell::new(pag_layers),
-            timesteps_override: RefCell::new(None),
-            eta: RefCell::new(0.0),
+            default_pag_layers: pag_layers,
             device: device.clone(),
             dtype,
-            warnings: Default::default(),
         })
     }
 
@@ -241,36 +233,9 @@ impl StableDiffusionPipeline {
         self.scheduler.as_ref()
     }
 
-    /// diffusers' `pag_applied_layers` (see [`UNet2DConditionModel::pag_layers`]).
-    pub fn set_pag_layers(&self, layers: &[String]) -> Result<()> {
-        *self.pag_layers.borrow_mut() = self.unet.pag_layers(layers)?;
-        Ok(())
-    }
-
-    /// Explicit timesteps instead of the scheduler's rule, as diffusers' `timesteps=` argument
-    /// (DMD2's card: `[999, 749, 499, 249]` with LCM). Their count overrides the steps.
-    pub fn set_timesteps(&self, timesteps: Option<Vec<f64>>) {
-        *self.timesteps_override.borrow_mut() = timesteps;
-    }
-
-    /// diffusers' `eta` pipeline argument (DDIM, TCD's gamma); 0 by default as in diffusers.
-    pub fn set_eta(&self, eta: f64) -> Result<()> {
-        let mut probe = self.scheduler.clone_box();
-        probe.set_eta(eta)?;
-        *self.eta.borrow_mut() = eta;
-        Ok(())
-    }
-
-    fn warn(&self, msg: String) {
-        let mut w = self.warnings.borrow_mut();
-        if !w.contains(&msg) {
-            w.push(msg);
-        }
-    }
-
-    fn warn_truncated(&self, what: &str, t: &TokenizedText) {
+    fn warn_truncated(warnings: &mut Warnings, what: &str, t: &TokenizedText) {
         if t.truncated {
-            self.warn(format!(
+            warnings.push(format!(
                 "the {what} is longer than CLIP's {CLIP_LEN} tokens and was truncated; ignored: \"{}\"",
                 t.removed_text.clone().unwrap_or_default()
             ));
@@ -279,10 +244,10 @@ impl StableDiffusionPipeline {
 
     /// diffusers' `encode_prompt` for one prompt. `padded`: 77 tokens (diffusers); unpadded:
     /// `[BOS, tokens, EOS]` only (VSF's negative prompt). `what` names it in warnings.
-    pub fn encode_prompt(&self, text: &str, padded: bool, what: &str) -> Result<SdText> {
-        let encode = |clip: &Clip| -> Result<_> {
+    pub fn encode_prompt(&self, text: &str, padded: bool, what: &str, warnings: &mut Warnings) -> Result<SdText> {
+        let mut encode = |clip: &Clip| -> Result<_> {
             let t = clip.tokenizer.tokenize(text, CLIP_LEN)?;
-            self.warn_truncated(what, &t);
+            Self::warn_truncated(warnings, what, &t);
             let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
             clip.encoder.encode_ids(ids)
         };
@@ -307,103 +272,76 @@ impl StableDiffusionPipeline {
         }
     }
 
-    /// The CFG scale of a request: `Some(guidance_scale)` when CFG runs (method has cfg and
-    /// `guidance_scale > 1`, diffusers' rule).
-    pub fn cfg_scale(req: &GenerateRequest) -> Option<f64> {
-        (req.guidance.method.cfg && req.guidance_scale > 1.0).then_some(req.guidance_scale)
-    }
-
     fn vae_factor(&self) -> usize {
         self.vae.config().downscale_factor()
     }
 
-    fn check(&self, req: &GenerateRequest) -> Result<()> {
-        req.guidance.validate()?;
-        let g = &req.guidance;
-        if g.method.attention == Some(AttentionMethod::Vsf) && g.vsf.layout == VsfLayout::Official {
-            return Err(Error::invalid(
-                "--vsf-layout official is the MMDiT (SD3) token layout; the UNet family's cross-attention uses the paper's (eq. 6)",
-            ));
-        }
+    fn check(&self, req: &ResolvedRequest) -> Result<()> {
         let f = self.vae_factor();
-        if req.height == 0 || req.width == 0 || !req.height.is_multiple_of(f) || !req.width.is_multiple_of(f) {
-            return Err(Error::invalid(format!(
-                "--height and --width must be positive multiples of {f} for this model, got {}x{}",
-                req.height, req.width
-            )));
+        req.check_size(f)?;
+        req.check_steps()?;
+        // The scheduler decides which eta it takes and which timesteps it accepts.
+        let mut probe = self.scheduler.clone_box();
+        if let Some(eta) = req.sampler.eta {
+            probe.set_eta(eta)?;
         }
-        if req.steps == 0 && self.timesteps_override.borrow().is_none() {
-            return Err(Error::invalid("--steps must be at least 1"));
+        if let Some(ts) = &req.sampler.timesteps {
+            probe.set_custom_timesteps(ts)?;
         }
-        if !req.guidance_scale.is_finite() || req.guidance_scale < 0.0 {
-            return Err(Error::invalid(format!("--guidance-scale must be >= 0, got {}", req.guidance_scale)));
+        if let Some(layers) = &req.sampler.pag_layers {
+            self.unet.pag_layers(layers)?;
         }
-        if let Some(init) = &req.init_latents {
-            let want = [1, self.unet.config().in_channels, req.height / f, req.width / f];
-            if init.dims() != want {
-                return Err(Error::invalid(format!(
-                    "init latents have shape {:?}, expected {:?} ([1, C, H/{f}, W/{f}] for {}x{})",
-                    init.dims(),
-                    want,
-                    req.height,
-                    req.width
-                )));
-            }
-        }
-        Ok(())
+        req.check_init_latents(&[1, self.unet.config().in_channels, req.height / f, req.width / f], f)
     }
 
-    fn warn_unused(&self, req: &GenerateRequest) {
+    fn warn_unused(req: &ResolvedRequest, warnings: &mut Warnings) {
         let m = req.guidance.method;
         if m.cfg && req.guidance_scale <= 1.0 {
-            self.warn(format!(
-                "guidance '{m}' asks for CFG but --guidance-scale is {} (CFG runs only above 1, as in diffusers)",
+            warnings.push(format!(
+                "guidance '{m}' asks for CFG but guidance_scale is {} (CFG runs only above 1, as in diffusers)",
                 req.guidance_scale
             ));
         }
         if !m.cfg && req.guidance_scale > 1.0 {
-            self.warn(format!(
-                "--guidance-scale {} has no effect: guidance '{m}' has no cfg (the CFG scale is the guidance scale)",
+            warnings.push(format!(
+                "guidance_scale {} has no effect: guidance '{m}' has no cfg (the CFG scale is the guidance scale)",
                 req.guidance_scale
             ));
         }
         if req.guidance.nag_pooled == NagPooled::Negative && req.guidance.method.attention.is_some() {
-            self.warn("--nag-pooled negative has no effect on UNet models (SD3 only)".to_string());
+            warnings.push("nag_pooled negative has no effect on UNet models (SD3 only)");
         }
-        if req.negative_prompt.is_some() && !req.guidance.uses_attention_guidance() && Self::cfg_scale(req).is_none() {
-            self.warn(format!("the negative prompt is unused: guidance '{m}' does not use one"));
+        if req.negative_prompt.is_some() && !req.guidance.uses_negative(UNET.cfg_scale, req.guidance_scale) {
+            warnings.push(format!("the negative prompt is unused: guidance '{m}' does not use one"));
         }
     }
 
     /// SDXL's `add_time_ids`: original size, crop top-left (0, 0), target size, all (H, W).
-    fn time_ids(&self, req: &GenerateRequest) -> Result<Tensor> {
+    fn time_ids(&self, req: &ResolvedRequest) -> Result<Tensor> {
         let (h, w) = (req.height as f32, req.width as f32);
         Ok(Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &self.device)?.to_dtype(self.dtype)?)
     }
 
-    /// Whether attention guidance runs at step `i`: the official SDXL NAG rule
-    /// `!(t < floor((1 - nag_end) * 999))`.
-    fn guidance_active(g: &GuidanceConfig, scheduler: &dyn Scheduler, i: usize) -> bool {
-        let t = scheduler.window_time(i);
-        let last = scheduler.num_train_timesteps() as f64 - 1.0;
-        t >= ((1.0 - g.nag_end) * last).floor()
-    }
-
-    fn denoise(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
+    fn denoise(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Tensor> {
         self.check(req)?;
-        self.warn_unused(req);
+        Self::warn_unused(req, warnings);
         let g = &req.guidance;
-        let cfg_scale = Self::cfg_scale(req);
-        let pag_scale = g.uses_pag().then_some(g.pag_scale);
-        let attention = if g.uses_attention_guidance() { g.method.attention } else { None };
 
         let mut scheduler = self.scheduler.clone_box();
-        let custom = req.sampler.timesteps.clone().or_else(|| self.timesteps_override.borrow().clone());
-        match custom.as_deref() {
+        match req.sampler.timesteps.as_deref() {
             Some(ts) => scheduler.set_custom_timesteps(ts)?,
             None => scheduler.set_timesteps(req.steps)?,
         }
-        scheduler.set_eta(req.sampler.eta.unwrap_or(*self.eta.borrow()))?;
+        scheduler.set_eta(req.sampler.eta.unwrap_or(0.0))?;
+        let n_train = scheduler.num_train_timesteps() as f64;
+        let mut planner = GuidancePlanner::new(g, UNET.cfg_scale, req.guidance_scale, UNET.window, n_train);
+        let cfg_scale = planner.cfg_scale();
+        let pag_scale = planner.pag_scale();
 
         let f = self.vae_factor();
         let shape = [1, self.unet.config().in_channels, req.height / f, req.width / f];
@@ -415,13 +353,12 @@ impl StableDiffusionPipeline {
 
         // Text.
         let neg_text = req.negative_prompt.as_deref().unwrap_or("");
-        let positive = self.encode_prompt(&req.prompt, true, "prompt")?;
-        let encoded_negative =
-            if cfg_scale.is_some() || matches!(attention, Some(AttentionMethod::Nag | AttentionMethod::Nasa)) {
-                Some(self.encode_prompt(neg_text, true, "negative prompt")?)
-            } else {
-                None
-            };
+        let positive = self.encode_prompt(&req.prompt, true, "prompt", warnings)?;
+        let encoded_negative = if cfg_scale.is_some() || g.uses_contrast() {
+            Some(self.encode_prompt(neg_text, true, "negative prompt", warnings)?)
+        } else {
+            None
+        };
         // CFG's uncond: SDXL zeroes it when no negative prompt is given.
         let uncond = match (&encoded_negative, cfg_scale) {
             (Some(n), Some(_)) if req.negative_prompt.is_none() && self.force_zeros_for_empty_prompt => Some(SdText {
@@ -431,10 +368,12 @@ impl StableDiffusionPipeline {
             (Some(n), Some(_)) => Some(n.clone()),
             _ => None,
         };
-        let guide_context = match attention {
-            Some(AttentionMethod::Nag | AttentionMethod::Nasa) => encoded_negative.as_ref().map(|n| n.embeds.clone()),
-            Some(AttentionMethod::Vsf) => Some(self.encode_prompt(neg_text, false, "negative prompt")?.embeds),
-            None => None,
+        let guide_context = if g.uses_contrast() {
+            encoded_negative.as_ref().map(|n| n.embeds.clone())
+        } else if g.uses_vsf() {
+            Some(self.encode_prompt(neg_text, false, "negative prompt", warnings)?.embeds)
+        } else {
+            None
         };
 
         // Rows: [uncond?, cond, perturbed?].
@@ -459,7 +398,7 @@ impl StableDiffusionPipeline {
         };
         let pag_layers = match &req.sampler.pag_layers {
             Some(layers) => self.unet.pag_layers(layers)?,
-            None => self.pag_layers.borrow().clone(),
+            None => self.default_pag_layers.clone(),
         };
         if pag_scale.is_some() && pag_layers.is_empty() {
             return Err(Error::invalid(
@@ -470,40 +409,32 @@ impl StableDiffusionPipeline {
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
         let mut noise = SeededNoise::new(req.seed);
-        let mut guidance_on = true;
         for (i, &t) in timesteps.iter().enumerate() {
-            // Once off, attention guidance stays off (official: processors are restored).
-            guidance_on = guidance_on && Self::guidance_active(g, scheduler.as_ref(), i);
-            let method: Option<AttentionGuidance> =
-                if guidance_on { plan_attention(g, scheduler.num_train_timesteps() as f64) } else { None };
+            let plan = planner.step(scheduler.window_time(i));
             let scaled = scheduler.scale_model_input(&x)?;
             let input = scaled.to_dtype(self.dtype)?.repeat((rows, 1, 1, 1))?;
+            let guided = match (&plan.attention, &guide_context) {
+                (Some(method), Some(states)) => {
+                    Some(NegativeContext { method, states, pooled: None, rows: cond_row..cond_row + 1 })
+                }
+                _ => None,
+            };
             let out = self.unet.forward(&UNetInputs {
                 sample: &input,
                 timestep: t,
                 encoder_hidden_states: &context,
                 text_embeds: text_embeds.as_ref(),
                 time_ids: time_ids.as_ref(),
-                guidance: match (&method, &guide_context) {
-                    (Some(m), Some(neg)) => {
-                        Some(RowGuidance { rows: cond_row..cond_row + 1, negative: neg, method: m })
-                    }
-                    _ => None,
-                },
+                guidance: guided.as_ref(),
                 perturbation: pag_scale.map(|_| Perturbation { rows: cond_row + 1..cond_row + 2, layers: &pag_layers }),
             })?;
             let out = out.to_dtype(DType::F32)?;
             let cond = out.narrow(0, cond_row, 1)?;
-            let mut eps = match cfg_scale {
-                Some(s) => cfg(&cond, &out.narrow(0, 0, 1)?, s)?,
-                None => cond.clone(),
-            };
-            if let Some(s) = pag_scale {
-                let perturbed = out.narrow(0, cond_row + 1, 1)?;
-                eps = (eps + ((&cond - perturbed)? * s)?)?;
-            }
+            let uncond = cfg_scale.map(|_| out.narrow(0, 0, 1)).transpose()?;
+            let perturbed = pag_scale.map(|_| out.narrow(0, cond_row + 1, 1)).transpose()?;
+            let eps = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
             x = scheduler.step(&eps, &x, &mut noise)?;
-            on_step(StepEvent { index: i, total, timestep: t, attention_guided: method.is_some(), latents: &x });
+            on_step(StepEvent { index: i, total, timestep: t, attention_guided: plan.attention.is_some(), latents: &x });
         }
         Ok(x)
     }
@@ -524,13 +455,6 @@ impl StableDiffusionPipeline {
         let z = latents.to_dtype(DType::F32)?.broadcast_mul(&std_t)?.broadcast_add(&shift)?;
         self.vae.decode_latents(&z)
     }
-}
-
-/// The attention-space operation of a run, at a step where it is active (the SDXL window
-/// rule is applied by the caller; the top of the training range is inside any window).
-fn plan_attention(g: &GuidanceConfig, num_train_timesteps: f64) -> Option<AttentionGuidance> {
-    let plan: GuidancePlan = g.plan_at(num_train_timesteps, num_train_timesteps);
-    plan.attention
 }
 
 /// Defaults of a UNet-family model, from its scheduler and UNet:
@@ -579,19 +503,20 @@ impl TextToImage for StableDiffusionPipeline {
         unet_defaults(self.family, self.scheduler.as_ref(), is_trailing(self.scheduler.as_ref()), px)
     }
 
-    fn validate(&self, req: &GenerateRequest) -> Result<()> {
+    fn validate(&self, req: &ResolvedRequest) -> Result<()> {
         self.check(req)
     }
 
-    fn generate_latents(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Tensor> {
-        self.denoise(req, on_step)
+    fn generate_latents(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Tensor> {
+        self.denoise(req, on_step, warnings)
     }
 
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.decode_latents(latents)
-    }
-
-    fn take_warnings(&self) -> Vec<String> {
-        std::mem::take(&mut self.warnings.borrow_mut())
     }
 }

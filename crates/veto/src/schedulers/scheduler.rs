@@ -78,7 +78,7 @@ impl NoiseSource for NoNoise {
 }
 
 /// A UNet-family sampler (diffusers semantics, one instance per generation: it keeps state).
-pub trait Scheduler: Send {
+pub trait Scheduler: Send + Sync {
     /// diffusers' class name (`EulerDiscreteScheduler`, ...).
     fn class_name(&self) -> &'static str;
     fn prediction_type(&self) -> PredictionType;

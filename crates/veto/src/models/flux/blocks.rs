@@ -4,14 +4,14 @@
 //! - double blocks: the image stream exists once and is modulated by the positive `temb`; the
 //!   positive and negative text streams each have their own modulation. Image queries attend to
 //!   `[text+ ; image]` and `[text- ; image]`; the image-over-image block is computed once and
-//!   merged with each text block by log-sum-exp ([`crate::attention`]). The image rows become
-//!   `guide(Z+, Z-)`; each text stream keeps its own attention output.
+//!   merged with each text block by log-sum-exp ([`crate::guidance::guided_attention`]), which
+//!   also combines `Z+` and `Z-` of the image rows; each text stream keeps its own output.
 //! - single blocks: two halves `[text+ ; image]` and `[text- ; image']`, stacked on the batch,
 //!   each with its own modulation, MLP and residual; in attention the image rows of both halves
-//!   are replaced by `guide(Z+, Z-)`.
+//!   are replaced by `contrast(Z+, Z-)`.
 
-use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa};
-use crate::guidance::AttentionGuidance;
+use crate::attention::{merge_heads, sdpa};
+use crate::guidance::{guided_attention, AttentionGuidance, Contrast, GuidedAttention, KeyValues, NegativeKeyValues};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Linear, RmsNorm, VarBuilder};
 
@@ -165,7 +165,7 @@ impl DoubleBlock {
     }
 
     /// `rope_txt` covers the text rows, `rope_img` the image rows (both streams share text
-    /// positions). `guide` is this step's attention guidance; it needs `txt.neg` and `temb.neg`.
+    /// positions). `method` is this step's attention guidance; it needs `txt.neg` and `temb.neg`.
     pub fn forward(
         &self,
         img: &Tensor,
@@ -173,7 +173,7 @@ impl DoubleBlock {
         temb: &Temb,
         rope_txt: &Rope,
         rope_img: &Rope,
-        guide: Option<&AttentionGuidance>,
+        method: Option<&AttentionGuidance>,
     ) -> Result<(Tensor, TextStreams)> {
         let scale = 1.0 / ((img.dim(D::Minus1)? / self.heads) as f64).sqrt();
         let mi = self.norm1.chunks(temb.pos)?;
@@ -181,25 +181,36 @@ impl DoubleBlock {
 
         let mp = self.norm1_context.chunks(temb.pos)?;
         let pos_h = self.txt_qkv.heads(&modulate(&txt.pos, &mp[0], &mp[1])?, self.heads, rope_txt)?;
-
-        // Image rows: image-over-image once, merged with each text block.
-        let img_block = attend_block(&img_h.q, &img_h.k, &img_h.v, scale, None)?;
-        let pos_block = attend_block(&img_h.q, &pos_h.k, &pos_h.v, scale, None)?;
-        let z_pos = merge_heads(&merge_blocks(&[&pos_block, &img_block])?)?;
         let pos_txt_attn = self.text_rows(&pos_h, &img_h, scale)?;
 
-        let (img_attn, neg_out) = match (guide, &txt.neg, temb.neg) {
-            (Some(g), Some(neg), Some(temb_neg)) => {
+        // The negative text stream, with its own modulation, under guidance.
+        let neg = match (method, &txt.neg, temb.neg) {
+            (Some(_), Some(neg), Some(temb_neg)) => {
                 let mn = self.norm1_context.chunks(temb_neg)?;
                 let neg_h = self.txt_qkv.heads(&modulate(neg, &mn[0], &mn[1])?, self.heads, rope_txt)?;
-                let neg_block = attend_block(&img_h.q, &neg_h.k, &neg_h.v, scale, None)?;
-                let z_neg = merge_heads(&merge_blocks(&[&neg_block, &img_block])?)?;
-                let neg_txt_attn = self.text_rows(&neg_h, &img_h, scale)?;
-                let neg_out = self.text_update(neg, &neg_txt_attn, &mn)?;
-                (g.combine(&z_pos, &z_neg)?, Some(neg_out))
+                Some((neg, mn, neg_h))
             }
             (Some(_), _, _) => candle_core::bail!("attention guidance needs the negative text stream"),
-            _ => (z_pos, None),
+            _ => None,
+        };
+        // Image rows: over [image ; text+] and [image ; text-], image-over-image once.
+        let batch = img.dim(0)?;
+        let img_attn = guided_attention(
+            &GuidedAttention {
+                q: &img_h.q,
+                shared: Some(KeyValues { k: &img_h.k, v: &img_h.v }),
+                positive: KeyValues { k: &pos_h.k, v: &pos_h.v },
+                negative: neg.as_ref().map(|(_, _, h)| NegativeKeyValues {
+                    kv: KeyValues { k: &h.k, v: &h.v },
+                    rows: 0..batch,
+                }),
+                scale,
+            },
+            method,
+        )?;
+        let neg_out = match &neg {
+            Some((neg, mn, neg_h)) => Some(self.text_update(neg, &self.text_rows(neg_h, &img_h, scale)?, mn)?),
+            None => None,
         };
 
         let img = (img + self.to_out.forward(&img_attn)?.broadcast_mul(&mi[2].unsqueeze(1)?)?)?;
@@ -238,7 +249,7 @@ impl SingleBlock {
         temb: &Tensor,
         text_len: usize,
         rope: &Rope,
-        guide: Option<&AttentionGuidance>,
+        contrast: Option<&Contrast>,
     ) -> Result<Tensor> {
         let scale = 1.0 / ((x.dim(D::Minus1)? / self.heads) as f64).sqrt();
         let m = self.norm.chunks(temb)?;
@@ -246,13 +257,13 @@ impl SingleBlock {
         let mlp = self.proj_mlp.forward(&h)?.gelu()?;
         let heads = self.qkv.heads(&h, self.heads, rope)?;
         let mut attn = merge_heads(&sdpa(&heads.q, &heads.k, &heads.v, scale)?)?;
-        if let Some(g) = guide {
+        if let Some(c) = contrast {
             let b = x.dim(0)? / 2;
             let seq = x.dim(1)?;
             let image_len = seq - text_len;
             let z_pos = attn.narrow(0, 0, b)?.narrow(1, text_len, image_len)?;
             let z_neg = attn.narrow(0, b, b)?.narrow(1, text_len, image_len)?;
-            let guided = g.combine(&z_pos, &z_neg)?;
+            let guided = c.combine(&z_pos, &z_neg)?;
             let both = Tensor::cat(&[&guided, &guided], 0)?;
             attn = Tensor::cat(&[&attn.narrow(1, 0, text_len)?, &both], 1)?;
         }

@@ -7,7 +7,7 @@ pub mod embeddings;
 pub mod latents;
 
 use crate::error::{Error, Result};
-use crate::guidance::AttentionGuidance;
+use crate::guidance::NegativeContext;
 use blocks::{DoubleBlock, SingleBlock, Temb, TextStreams};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
@@ -132,9 +132,9 @@ pub struct FluxInputs<'a> {
     /// Embedded guidance (guidance-distilled models), unscaled, `[B]`.
     pub guidance: Option<&'a Tensor>,
     pub positive: &'a TextConditioning,
-    /// Needed when `guide` is set.
-    pub negative: Option<&'a TextConditioning>,
-    pub guide: Option<&'a AttentionGuidance>,
+    /// The negative prompt (T5 states and pooled CLIP vector) and this step's attention
+    /// method (NAG or NASA), guiding every row of the batch.
+    pub negative: Option<&'a NegativeContext<'a>>,
 }
 
 /// Named intermediate tensors, for parity tests and debugging.
@@ -204,11 +204,20 @@ impl FluxTransformer {
         if self.time_text_embed.has_guidance() && inputs.guidance.is_none() {
             candle_core::bail!("this Flux model embeds guidance: a guidance scale is required");
         }
-        let guide = inputs.guide;
-        let negative = match (guide, inputs.negative) {
-            (Some(_), Some(n)) => Some(n),
-            (Some(_), None) => candle_core::bail!("attention guidance needs a negative prompt"),
-            (None, _) => None,
+        let b = inputs.latents.dim(0)?;
+        let (method, contrast, negative) = match inputs.negative {
+            None => (None, None, None),
+            Some(n) => {
+                n.check_rows(b)?;
+                if n.rows != (0..b) {
+                    candle_core::bail!("Flux guides every row of the batch, got rows {:?} of {b}", n.rows);
+                }
+                let Some(contrast) = n.method.contrast() else {
+                    candle_core::bail!("Flux supports NAG and NASA, not VSF");
+                };
+                let pooled = n.pooled.ok_or_else(|| candle_core::Error::Msg("Flux NAG needs the negative pooled vector".into()))?;
+                (Some(n.method), Some(contrast), Some((n.states, pooled)))
+            }
         };
         let dtype = inputs.latents.dtype();
         let rope = Rope::new(
@@ -223,12 +232,12 @@ impl FluxTransformer {
         let rope_img = rope.narrow(text_len, image_len)?;
 
         let temb_pos = self.temb(inputs, &inputs.positive.pooled)?;
-        let temb_neg = negative.map(|n| self.temb(inputs, &n.pooled)).transpose()?;
+        let temb_neg = negative.map(|(_, pooled)| self.temb(inputs, pooled)).transpose()?;
 
         let mut img = self.x_embedder.forward(inputs.latents)?;
         let mut txt = TextStreams {
             pos: self.context_embedder.forward(&inputs.positive.hidden)?,
-            neg: negative.map(|n| self.context_embedder.forward(&n.hidden)).transpose()?,
+            neg: negative.map(|(states, _)| self.context_embedder.forward(states)).transpose()?,
         };
         if let Some(n) = &txt.neg {
             if n.dims() != txt.pos.dims() {
@@ -241,7 +250,7 @@ impl FluxTransformer {
         }
         let temb = Temb { pos: &temb_pos, neg: temb_neg.as_ref() };
         for (i, block) in self.double_blocks.iter().enumerate() {
-            let (next_img, next_txt) = block.forward(&img, &txt, &temb, &rope_txt, &rope_img, guide)?;
+            let (next_img, next_txt) = block.forward(&img, &txt, &temb, &rope_txt, &rope_img, method)?;
             img = next_img;
             txt = next_txt;
             if let Some(tr) = trace.as_deref_mut() {
@@ -262,13 +271,12 @@ impl FluxTransformer {
             _ => (pos_seq, temb_pos.clone()),
         };
         for (i, block) in self.single_blocks.iter().enumerate() {
-            x = block.forward(&x, &temb_single, text_len, &rope, guide)?;
+            x = block.forward(&x, &temb_single, text_len, &rope, contrast)?;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push((format!("single_{i}"), x.clone()));
             }
         }
 
-        let b = inputs.latents.dim(0)?;
         let img = x.narrow(0, 0, b)?.narrow(1, text_len, image_len)?;
         let m = self.norm_out.chunks(&temb_pos)?; // AdaLayerNormContinuous: scale, then shift
         let (scale, shift) = (&m[0], &m[1]);

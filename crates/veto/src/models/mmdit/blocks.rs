@@ -4,19 +4,22 @@
 //! Data flow per guidance (the official NAG / VSF SD3 code's semantics):
 //! - none: image and text tokens attend jointly (one softmax over `[I, T]`).
 //! - NAG / NASA ([`BlockGuide::Contrast`]): the negative text is a stream of its own through
-//!   every block, with its own modulation; it pairs with the *last* `Bn` rows of the image batch
+//!   every block, with its own modulation; it pairs with the guided rows of the image batch
 //!   (with batched CFG `[uncond, cond]`, the cond row: as the official processor does). Those
-//!   image rows attend to `[I, T+]` and `[I, T-]`; the image-over-image block is computed once
-//!   and merged with each text block by log-sum-exp; the image rows become `guide(Z+, Z-)`.
+//!   image rows attend to `[I, T+]` and `[I, T-]` through
+//!   [`crate::guidance::guided_attention`] (image-over-image once, merged by log-sum-exp).
 //!   The image stream exists once; the negative stream's own rows attend to `[I, T-]`.
 //! - VSF ([`BlockGuide::Vsf`]): one text stream `[A, N]` whose last `neg_len` tokens are the
-//!   negative prompt; attention per [`crate::guidance::vsf::joint_attention`].
+//!   negative prompt; the image rows see `[I, A, N']` through the same routine, the text rows
+//!   their own blocks ([`crate::guidance::vsf::text_rows`]).
 //! - MMDiT-X blocks (SD3.5-Medium) also run `attn2`, image-only self-attention, unguided.
 //! - The last block is `context_pre_only`: its text streams only give keys and values.
 
-use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, BlockAttention};
-use crate::guidance::vsf::{self, VsfParams};
-use crate::guidance::AttentionGuidance;
+use std::ops::Range;
+
+use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa};
+use crate::guidance::vsf;
+use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Linear, RmsNorm, VarBuilder};
 
@@ -96,7 +99,7 @@ pub struct Heads {
 
 impl Heads {
     fn as_vsf(&self) -> vsf::Heads<'_> {
-        vsf::Heads { q: self.q.as_ref(), k: &self.k, v: &self.v }
+        vsf::Heads { k: &self.k, v: &self.v }
     }
 
     fn q(&self) -> Result<&Tensor> {
@@ -158,16 +161,13 @@ impl Projections {
 }
 
 /// What the joint attention of a block does at this step.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub enum BlockGuide<'a> {
     None,
-    /// NAG / NASA with the negative stream (module docs).
-    Contrast(&'a AttentionGuidance),
+    /// NAG / NASA with the negative stream, guiding the image rows `rows` (module docs).
+    Contrast { method: &'a AttentionGuidance, rows: Range<usize> },
     /// VSF: the last `neg_len` tokens of the text stream are the negative prompt.
-    Vsf {
-        params: &'a VsfParams,
-        neg_len: usize,
-    },
+    Vsf { method: &'a AttentionGuidance, neg_len: usize },
 }
 
 /// A block's streams: image `[B, N, D]`, text `[B, T, D]` (absent after the last block), and
@@ -287,7 +287,7 @@ impl JointBlock {
         neg: Option<&Tensor>,
         temb: &Tensor,
         temb_neg: Option<&Tensor>,
-        guide: BlockGuide,
+        guide: &BlockGuide,
     ) -> Result<Streams> {
         let heads = self.heads;
         let scale = 1.0 / ((img.dim(D::Minus1)? / heads) as f64).sqrt();
@@ -298,6 +298,7 @@ impl JointBlock {
         let txt_h = self.txt.heads(&tm.normed, heads)?;
         let n_img = img.dim(1)?;
 
+        let img_kv = KeyValues { k: &img_h.k, v: &img_h.v };
         let (z_img, txt_attn, neg_out) = match guide {
             BlockGuide::None => {
                 // Plain joint attention: one softmax over [I, T] for every query.
@@ -315,42 +316,63 @@ impl JointBlock {
                 };
                 (z_img, txt_attn, None)
             }
-            BlockGuide::Vsf { params, neg_len } => {
-                let out = vsf::joint_attention(&img_h.as_vsf(), &txt_h.as_vsf(), neg_len, scale, params)?;
-                (merge_heads(&out.image)?, out.text.map(|t| merge_heads(&t)).transpose()?, None)
+            BlockGuide::Vsf { method, neg_len } => {
+                let txt_len = txt_h.k.dim(2)?;
+                if *neg_len == 0 || *neg_len > txt_len {
+                    candle_core::bail!("VSF: negative length {neg_len} does not fit a text stream of {txt_len} tokens");
+                }
+                let a_len = txt_len - neg_len;
+                let part = |t: &Tensor, start: usize, len: usize| t.narrow(2, start, len);
+                let (k_a, v_a) = (part(&txt_h.k, 0, a_len)?, part(&txt_h.v, 0, a_len)?);
+                let (k_n, v_n) = (part(&txt_h.k, a_len, *neg_len)?, part(&txt_h.v, a_len, *neg_len)?);
+                let z_img = guided_attention(
+                    &GuidedAttention {
+                        q: img_h.q()?,
+                        shared: Some(img_kv),
+                        positive: KeyValues { k: &k_a, v: &v_a },
+                        negative: Some(NegativeKeyValues { kv: KeyValues { k: &k_n, v: &v_n }, rows: 0..img.dim(0)? }),
+                        scale,
+                    },
+                    Some(method),
+                )?;
+                let txt_attn = match &txt_h.q {
+                    Some(qt) => {
+                        let (img_heads, txt_heads) = (img_h.as_vsf(), txt_h.as_vsf());
+                        Some(merge_heads(&vsf::text_rows(qt, &img_heads, &txt_heads, *neg_len, scale)?)?)
+                    }
+                    None => None,
+                };
+                (z_img, txt_attn, None)
             }
-            BlockGuide::Contrast(g) => {
+            BlockGuide::Contrast { method, rows } => {
                 let (Some(neg), Some(temb_neg)) = (neg, temb_neg) else {
                     candle_core::bail!("NAG/NASA needs the negative text stream and its conditioning");
                 };
-                let b = img.dim(0)?;
-                let bn = neg.dim(0)?;
-                if bn > b {
-                    candle_core::bail!("{bn} negative rows for {b} image rows");
-                }
-                let first = b - bn; // image rows before the guided ones (CFG's uncond row)
-                let q_img = img_h.q()?;
-                let img_img = attend_block(q_img, &img_h.k, &img_h.v, scale, None)?;
-                let img_pos = attend_block(q_img, &txt_h.k, &txt_h.v, scale, None)?;
-                let z_pos = merge_heads(&merge_blocks(&[&img_img, &img_pos])?)?;
-
                 let nm = self.text_modulation(neg, temb_neg)?;
                 let neg_h = self.txt.heads(&nm.normed, heads)?;
-                let guided_img = img_h.rows(first, bn)?;
-                let img_img_g =
-                    BlockAttention { out: img_img.out.narrow(0, first, bn)?, lse: img_img.lse.narrow(0, first, bn)? };
-                let img_neg = attend_block(guided_img.q()?, &neg_h.k, &neg_h.v, scale, None)?;
-                let z_neg = merge_heads(&merge_blocks(&[&img_img_g, &img_neg])?)?;
-                let z_guided = g.combine(&z_pos.narrow(0, first, bn)?, &z_neg)?;
-                let z_img =
-                    if first == 0 { z_guided } else { Tensor::cat(&[&z_pos.narrow(0, 0, first)?, &z_guided], 0)? };
-
+                let z_img = guided_attention(
+                    &GuidedAttention {
+                        q: img_h.q()?,
+                        shared: Some(img_kv),
+                        positive: KeyValues { k: &txt_h.k, v: &txt_h.v },
+                        negative: Some(NegativeKeyValues {
+                            kv: KeyValues { k: &neg_h.k, v: &neg_h.v },
+                            rows: rows.clone(),
+                        }),
+                        scale,
+                    },
+                    Some(method),
+                )?;
                 let txt_attn = match &txt_h.q {
                     Some(qt) => Some(merge_heads(&Self::rows_over(qt, &[&img_h, &txt_h], scale)?)?),
                     None => None,
                 };
+                // The negative stream's own rows attend to [I, T-] of their image rows.
                 let neg_attn = match &neg_h.q {
-                    Some(qn) => Some(merge_heads(&Self::rows_over(qn, &[&guided_img, &neg_h], scale)?)?),
+                    Some(qn) => {
+                        let guided_img = img_h.rows(rows.start, rows.len())?;
+                        Some(merge_heads(&Self::rows_over(qn, &[&guided_img, &neg_h], scale)?)?)
+                    }
                     None => None,
                 };
                 (z_img, txt_attn, self.text_update(neg, neg_attn, &nm)?)

@@ -7,8 +7,8 @@ pub mod blocks;
 pub mod embeddings;
 
 use crate::error::{Error, Result};
-use crate::guidance::vsf::{self, VsfParams};
-use crate::guidance::AttentionGuidance;
+use crate::guidance::vsf;
+use crate::guidance::{AttentionGuidance, NegativeContext};
 use crate::models::flux::embeddings::TimeTextEmbed;
 use blocks::{BlockGuide, JointBlock};
 use candle_core::{DType, Module, Tensor, D};
@@ -128,27 +128,6 @@ impl MmditConfig {
     }
 }
 
-/// The negative-prompt guidance of one transformer call.
-#[derive(Clone, Copy)]
-pub enum MmditGuidance<'a> {
-    None,
-    /// NAG or NASA. `negative` `[Bn, Tn, joint_dim]` is a text stream of its own that pairs
-    /// with the *last* `Bn` rows of the batch (with batched CFG `[uncond, cond]`: the cond
-    /// row); `pooled` `[Bn, pooled_dim]` conditions its modulation (the positive pooled vector
-    /// in the official diffusers pipeline, the negative one in the official ComfyUI node).
-    Contrast {
-        guide: &'a AttentionGuidance,
-        negative: &'a Tensor,
-        pooled: &'a Tensor,
-    },
-    /// VSF: `negative` `[B, Ln, joint_dim]` is the unpadded negative prompt; the model runs the
-    /// text stream of `params.layout` ([`vsf::text_stream`]) with the positive pooled vector.
-    Vsf {
-        params: &'a VsfParams,
-        negative: &'a Tensor,
-    },
-}
-
 /// Inputs of one transformer call.
 pub struct MmditInputs<'a> {
     /// `[B, C, h, w]` latents.
@@ -158,7 +137,14 @@ pub struct MmditInputs<'a> {
     /// Text states `[B, T, joint_dim]` and pooled vector `[B, pooled_dim]` of each row.
     pub context: &'a Tensor,
     pub pooled: &'a Tensor,
-    pub guidance: MmditGuidance<'a>,
+    /// The negative prompt and this step's attention method.
+    /// - NAG / NASA: `states` `[Bn, Tn, joint_dim]` is a text stream of its own that guides the
+    ///   image rows `rows` (with batched CFG `[uncond, cond]`: the cond row); `pooled`
+    ///   `[Bn, pooled_dim]` conditions its modulation (the positive pooled vector in the
+    ///   official diffusers pipeline, the negative one in the official ComfyUI node).
+    /// - VSF: `states` `[B, Ln, joint_dim]` is the unpadded negative prompt, every row guided;
+    ///   the model runs the text stream of the layout ([`vsf::text_stream`]).
+    pub guidance: Option<&'a NegativeContext<'a>>,
 }
 
 /// Named intermediate tensors, for parity tests and debugging.
@@ -251,31 +237,33 @@ impl MmditTransformer {
         let mut img = self.pos_embed.forward(inputs.latents)?;
 
         let (context, block_guide, mut neg, temb_neg) = match inputs.guidance {
-            MmditGuidance::None => (inputs.context.clone(), BlockGuide::None, None, None),
-            MmditGuidance::Contrast { guide, negative, pooled } => {
-                let bn = negative.dim(0)?;
-                if bn > b || pooled.dim(0)? != bn {
-                    candle_core::bail!(
-                        "negative text has batch {bn} and its pooled vector {}, for {b} image rows",
-                        pooled.dim(0)?
-                    );
+            None => (inputs.context.clone(), BlockGuide::None, None, None),
+            Some(n) => {
+                n.check_rows(b)?;
+                match n.method {
+                    AttentionGuidance::Contrast(_) => {
+                        let pooled = n.pooled.ok_or_else(|| {
+                            candle_core::Error::Msg("NAG/NASA needs the pooled vector of the negative stream".into())
+                        })?;
+                        let t_neg = inputs.timestep.narrow(0, n.rows.start, n.rows.len())?;
+                        let neg = self.context_embedder.forward(n.states)?;
+                        let guide = BlockGuide::Contrast { method: n.method, rows: n.rows.clone() };
+                        (inputs.context.clone(), guide, Some(neg), Some(temb_of(&t_neg, pooled)?))
+                    }
+                    AttentionGuidance::Vsf(params) => {
+                        if n.rows != (0..b) {
+                            candle_core::bail!("VSF guides every row of the batch, got rows {:?} of {b}", n.rows);
+                        }
+                        let stream = vsf::text_stream(inputs.context, n.states, params.layout)?;
+                        (stream, BlockGuide::Vsf { method: n.method, neg_len: n.states.dim(1)? }, None, None)
+                    }
                 }
-                let t_neg = inputs.timestep.narrow(0, b - bn, bn)?;
-                let neg = self.context_embedder.forward(negative)?;
-                (inputs.context.clone(), BlockGuide::Contrast(guide), Some(neg), Some(temb_of(&t_neg, pooled)?))
-            }
-            MmditGuidance::Vsf { params, negative } => {
-                if negative.dim(0)? != b {
-                    candle_core::bail!("VSF negative text has batch {}, the latents {b}", negative.dim(0)?);
-                }
-                let stream = vsf::text_stream(inputs.context, negative, params.layout)?;
-                (stream, BlockGuide::Vsf { params, neg_len: negative.dim(1)? }, None, None)
             }
         };
 
         let mut txt = self.context_embedder.forward(&context)?;
         for (i, block) in self.blocks.iter().enumerate() {
-            let out = block.forward(&img, &txt, neg.as_ref(), &temb, temb_neg.as_ref(), block_guide)?;
+            let out = block.forward(&img, &txt, neg.as_ref(), &temb, temb_neg.as_ref(), &block_guide)?;
             img = out.img;
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push((format!("block_{i}_img"), img.clone()));

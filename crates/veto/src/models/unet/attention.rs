@@ -4,10 +4,9 @@
 //! - `attn1` (self-attention): on the PAG rows of the selected layers the attention map is the
 //!   identity, so the output is `to_out(to_v(x))` (diffusers' `PAGIdentitySelfAttnProcessor`).
 //! - `attn2` (cross-attention): on the guided rows the same image queries also attend the
-//!   negative text. NAG/NASA merge `Z+` and `Z-` (heads merged, before `to_out`) through
-//!   [`AttentionGuidance::combine`]; VSF attends one softmax over the positive keys and the
-//!   negative keys with values `-alpha V-` and logits `- beta`, computed as two key blocks merged
-//!   by log-sum-exp ([`crate::attention::merge_blocks`]), never as a dense concatenation.
+//!   negative text, through [`crate::guidance::guided_attention`]: NAG/NASA combine `Z+` and
+//!   `Z-` (heads merged, before `to_out`); VSF attends one softmax over the positive keys and
+//!   the flipped negative block, merged by log-sum-exp, never as a dense concatenation.
 //!
 //! The image side is never tiled: every row of the batch runs the trunk once.
 
@@ -16,18 +15,8 @@ use std::ops::Range;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
 
-use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, split_heads};
-use crate::guidance::AttentionGuidance;
-
-/// Attention guidance on some rows of the batch (the conditional row).
-#[derive(Clone)]
-pub struct RowGuidance<'a> {
-    /// Rows of the batch the guidance applies to.
-    pub rows: Range<usize>,
-    /// The negative context of those rows, `[rows.len(), T-, cross_dim]`.
-    pub negative: &'a Tensor,
-    pub method: &'a AttentionGuidance,
-}
+use crate::attention::{merge_heads, sdpa, split_heads};
+use crate::guidance::{guided_attention, GuidedAttention, KeyValues, NegativeContext, NegativeKeyValues};
 
 /// PAG: rows whose selected self-attention layers become identity.
 #[derive(Clone)]
@@ -41,7 +30,7 @@ pub struct Perturbation<'a> {
 pub struct BlockContext<'a> {
     /// `[B, T, cross_dim]`, one context per row.
     pub context: &'a Tensor,
-    pub guidance: Option<RowGuidance<'a>>,
+    pub guidance: Option<&'a NegativeContext<'a>>,
     pub perturbation: Option<Perturbation<'a>>,
 }
 
@@ -126,66 +115,36 @@ impl Attention {
         self.to_out.forward(&Tensor::cat(&parts, 0)?)
     }
 
-    /// Cross-attention over `context`, guided on `guidance.rows` by the negative context.
-    pub fn forward_cross(&self, x: &Tensor, context: &Tensor, guidance: Option<&RowGuidance>) -> Result<Tensor> {
-        let q = split_heads(&self.to_q.forward(x)?, self.heads)?;
-        let k = split_heads(&self.to_k.forward(context)?, self.heads)?;
-        let v = split_heads(&self.to_v.forward(context)?, self.heads)?;
-        let Some(g) = guidance.filter(|g| !g.rows.is_empty()) else {
-            return self.to_out.forward(&merge_heads(&self.attend(&q, &k, &v)?)?);
-        };
-        let (start, len) = (g.rows.start, g.rows.len());
-        if g.negative.dim(0)? != len {
-            candle_core::bail!(
-                "{}: negative context has batch {}, the guided rows are {:?}",
-                self.name,
-                g.negative.dim(0)?,
-                g.rows
-            );
-        }
-        let qg = q.narrow(0, start, len)?;
-        let kn = split_heads(&self.to_k.forward(g.negative)?, self.heads)?;
-        let vn = split_heads(&self.to_v.forward(g.negative)?, self.heads)?;
-        let guided = match g.method {
-            AttentionGuidance::Vsf(p) => {
-                // One softmax over [K+ ; K-] with values [V+ ; -alpha V-] and bias -beta on the
-                // negative logits (VSF eq. 6), as two merged key blocks.
-                let pos = attend_block(&qg, &k.narrow(0, start, len)?, &v.narrow(0, start, len)?, self.scale, None)?;
-                let neg = attend_block(&qg, &kn, &(vn * -p.scale)?, self.scale, Some(-p.bias))?;
-                merge_heads(&merge_blocks(&[&pos, &neg])?)?
-            }
-            other => {
-                let z_pos = merge_heads(&self.attend(&qg, &k.narrow(0, start, len)?, &v.narrow(0, start, len)?)?)?;
-                let z_neg = merge_heads(&self.attend(&qg, &kn, &vn)?)?;
-                other.combine(&z_pos, &z_neg)?
+    /// Cross-attention over `context`, guided on `guidance.rows` by the negative context
+    /// (the other rows attend the positive context only).
+    pub fn forward_cross(&self, x: &Tensor, context: &Tensor, guidance: Option<&NegativeContext>) -> Result<Tensor> {
+        let heads = |lin: &Linear, t: &Tensor| -> Result<Tensor> {
+            let h = split_heads(&lin.forward(t)?, self.heads)?;
+            // upcast_attention: the attention itself in f32.
+            if self.upcast {
+                h.to_dtype(DType::F32)
+            } else {
+                Ok(h)
             }
         };
-        let b = x.dim(0)?;
-        let z = if len == b {
-            guided
-        } else {
-            // The other rows attend the positive context only.
-            let mut parts = Vec::with_capacity(3);
-            if start > 0 {
-                parts.push(merge_heads(&self.attend(
-                    &q.narrow(0, 0, start)?,
-                    &k.narrow(0, 0, start)?,
-                    &v.narrow(0, 0, start)?,
-                )?)?);
-            }
-            parts.push(guided);
-            let end = start + len;
-            if end < b {
-                let n = b - end;
-                parts.push(merge_heads(&self.attend(
-                    &q.narrow(0, end, n)?,
-                    &k.narrow(0, end, n)?,
-                    &v.narrow(0, end, n)?,
-                )?)?);
-            }
-            Tensor::cat(&parts, 0)?
+        let (q, k, v) = (heads(&self.to_q, x)?, heads(&self.to_k, context)?, heads(&self.to_v, context)?);
+        let negative = match guidance {
+            Some(g) => Some((heads(&self.to_k, g.states)?, heads(&self.to_v, g.states)?, g.rows.clone())),
+            None => None,
         };
-        self.to_out.forward(&z)
+        let z = guided_attention(
+            &GuidedAttention {
+                q: &q,
+                shared: None,
+                positive: KeyValues { k: &k, v: &v },
+                negative: negative
+                    .as_ref()
+                    .map(|(k, v, rows)| NegativeKeyValues { kv: KeyValues { k, v }, rows: rows.clone() }),
+                scale: self.scale,
+            },
+            guidance.map(|g| g.method),
+        )?;
+        self.to_out.forward(&z.to_dtype(x.dtype())?)
     }
 }
 
@@ -226,7 +185,7 @@ pub struct TransformerBlock {
 impl TransformerBlock {
     fn forward(&self, x: &Tensor, ctx: &BlockContext) -> Result<Tensor> {
         let x = (self.attn1.forward_self(&self.norm1.forward(x)?, ctx.perturbation.as_ref())? + x)?;
-        let x = (self.attn2.forward_cross(&self.norm2.forward(&x)?, ctx.context, ctx.guidance.as_ref())? + &x)?;
+        let x = (self.attn2.forward_cross(&self.norm2.forward(&x)?, ctx.context, ctx.guidance)? + &x)?;
         self.ff.forward(&self.norm3.forward(&x)?)? + &x
     }
 

@@ -4,8 +4,8 @@
 //!
 //! The batch holds the rows a pipeline needs at once (`[cond]`, `[uncond, cond]`,
 //! `[uncond, cond, perturbed]`, ...) and the trunk runs once over them. Guidance is described
-//! per row: [`RowGuidance`] says which rows' cross-attention also sees the negative text and
-//! how they combine; [`Perturbation`] which rows' selected self-attention layers are identity.
+//! per row: a [`NegativeContext`] says which rows' cross-attention also sees the negative text
+//! and how they combine; [`Perturbation`] which rows' selected self-attention layers are identity.
 
 pub mod attention;
 pub mod blocks;
@@ -18,7 +18,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
-pub use attention::{BlockContext, Perturbation, RowGuidance};
+pub use attention::{BlockContext, Perturbation};
+pub use crate::guidance::NegativeContext;
 use blocks::{BlockSpec, DownBlock, MidBlock, ResnetSpec, UpBlock};
 use embeddings::{sinusoidal, TimestepEmbedding};
 
@@ -399,7 +400,8 @@ pub struct UNetInputs<'a> {
     /// SDXL: pooled text `[B, P]` and micro-conditioning `[B, 6]`.
     pub text_embeds: Option<&'a Tensor>,
     pub time_ids: Option<&'a Tensor>,
-    pub guidance: Option<RowGuidance<'a>>,
+    /// The negative prompt (`states` `[rows.len(), T-, cross_dim]`) and this step's method.
+    pub guidance: Option<&'a NegativeContext<'a>>,
     pub perturbation: Option<Perturbation<'a>>,
 }
 
@@ -592,12 +594,12 @@ impl UNet2DConditionModel {
                 self.context_dim()
             )));
         }
-        if let Some(g) = &inputs.guidance {
-            if g.rows.end > b || g.negative.rank() != 3 || g.negative.dim(2)? != self.context_dim() {
+        if let Some(g) = inputs.guidance {
+            if g.states.rank() != 3 || g.states.dim(2)? != self.context_dim() || g.check_rows(b).is_err() {
                 return Err(Error::invalid(format!(
                     "guided rows {:?} / negative context {:?} do not fit a batch of {b} with context width {}",
                     g.rows,
-                    g.negative.dims(),
+                    g.states.dims(),
                     self.context_dim()
                 )));
             }
@@ -641,7 +643,7 @@ impl UNet2DConditionModel {
 
         let ctx = BlockContext {
             context: inputs.encoder_hidden_states,
-            guidance: inputs.guidance.clone(),
+            guidance: inputs.guidance,
             perturbation: inputs.perturbation.clone(),
         };
         let mut record = |name: String, t: &Tensor| {

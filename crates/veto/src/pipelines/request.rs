@@ -1,0 +1,323 @@
+//! A generation request as a user writes it ([`GenerateRequest`], unset fields take the
+//! model's defaults) and as a pipeline runs it ([`ResolvedRequest`]).
+
+use crate::error::{Error, Result};
+use crate::guidance::{GuidanceConfig, Method};
+use candle_core::Tensor;
+
+/// Per-model defaults (official NAG README / diffusers model cards).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    /// Denoising steps.
+    pub steps: usize,
+    /// The pipeline's `guidance_scale` (Flux-dev: embedded guidance; SD3/SDXL: the CFG scale).
+    pub guidance_scale: f64,
+    /// T5 tokens (models with a T5 encoder; CLIP's 77 elsewhere).
+    pub max_sequence_length: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Image width in pixels.
+    pub width: usize,
+    /// The guidance this model is tuned for (NAG paper Table 5, VSF paper); its method is the
+    /// one used with a negative prompt.
+    pub guidance: GuidanceConfig,
+}
+
+impl Defaults {
+    /// The default method: the model's with a negative prompt; without one, its attention
+    /// part is dropped (there is nothing to contrast) and CFG, if any, runs on the empty prompt.
+    pub fn method_for(&self, has_negative_prompt: bool) -> Method {
+        if has_negative_prompt {
+            self.guidance.method
+        } else {
+            Method { attention: None, ..self.guidance.method }
+        }
+    }
+}
+
+/// diffusers pipeline arguments that only some families take (see
+/// [`crate::families::Family::sampler_options`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SamplerOptions {
+    /// Explicit timesteps instead of the scheduler's rule (diffusers `timesteps=`; DMD2's card
+    /// uses 999, 749, 499, 249). Their count overrides the steps.
+    pub timesteps: Option<Vec<f64>>,
+    /// diffusers' `eta` (DDIM noise, TCD's gamma).
+    pub eta: Option<f64>,
+    /// diffusers' `pag_applied_layers` (default `["mid"]`).
+    pub pag_layers: Option<Vec<String>>,
+}
+
+/// One option of [`SamplerOptions`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SamplerOption {
+    /// `timesteps`
+    Timesteps,
+    /// `eta`
+    Eta,
+    /// `pag_applied_layers`
+    PagLayers,
+}
+
+impl SamplerOption {
+    /// The parameter's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            SamplerOption::Timesteps => "timesteps",
+            SamplerOption::Eta => "eta",
+            SamplerOption::PagLayers => "pag_layers",
+        }
+    }
+}
+
+impl SamplerOptions {
+    /// The options that are set.
+    pub fn given(&self) -> Vec<SamplerOption> {
+        let mut given = Vec::new();
+        if self.timesteps.is_some() {
+            given.push(SamplerOption::Timesteps);
+        }
+        if self.eta.is_some() {
+            given.push(SamplerOption::Eta);
+        }
+        if self.pag_layers.is_some() {
+            given.push(SamplerOption::PagLayers);
+        }
+        given
+    }
+}
+
+/// What to generate. Build it with [`GenerateRequest::new`] and the builder methods; every
+/// field left unset takes the loaded model's default ([`Defaults`]).
+#[derive(Debug, Clone, Default)]
+pub struct GenerateRequest {
+    /// What the image should show.
+    pub prompt: String,
+    /// What it should not show; `None` is the empty prompt, as the official pipelines.
+    pub negative_prompt: Option<String>,
+    /// The guidance parameters (and method); default: the model's ([`Defaults::guidance`]).
+    pub guidance: Option<GuidanceConfig>,
+    /// Overrides the method of `guidance`; default: [`Defaults::method_for`].
+    pub method: Option<Method>,
+    /// Denoising steps.
+    pub steps: Option<usize>,
+    /// Image height in pixels.
+    pub height: Option<usize>,
+    /// Image width in pixels.
+    pub width: Option<usize>,
+    /// The pipeline's `guidance_scale` as diffusers means it for this model.
+    pub guidance_scale: Option<f64>,
+    /// T5 tokens (models with a T5 encoder).
+    pub max_sequence_length: Option<usize>,
+    /// Seed of the initial noise (and of stochastic samplers).
+    pub seed: u64,
+    /// Initial latents `[1, C, H/f, W/f]` instead of seeded noise (unpacked layout).
+    pub init_latents: Option<Tensor>,
+    /// Options only some families take.
+    pub sampler: SamplerOptions,
+}
+
+impl GenerateRequest {
+    /// A request for `prompt` with the model's defaults.
+    pub fn new(prompt: impl Into<String>) -> Self {
+        GenerateRequest { prompt: prompt.into(), ..Default::default() }
+    }
+
+    /// The negative prompt.
+    pub fn negative(mut self, negative_prompt: impl Into<String>) -> Self {
+        self.negative_prompt = Some(negative_prompt.into());
+        self
+    }
+
+    /// All guidance parameters, method included.
+    pub fn guidance(mut self, guidance: GuidanceConfig) -> Self {
+        self.guidance = Some(guidance);
+        self
+    }
+
+    /// The guidance method (`"cfg+nag".parse()?`), keeping the other parameters.
+    pub fn method(mut self, method: Method) -> Self {
+        self.method = Some(method);
+        self
+    }
+
+    /// Denoising steps.
+    pub fn steps(mut self, steps: usize) -> Self {
+        self.steps = Some(steps);
+        self
+    }
+
+    /// Image size in pixels.
+    pub fn size(mut self, height: usize, width: usize) -> Self {
+        self.height = Some(height);
+        self.width = Some(width);
+        self
+    }
+
+    /// The pipeline's `guidance_scale`.
+    pub fn guidance_scale(mut self, scale: f64) -> Self {
+        self.guidance_scale = Some(scale);
+        self
+    }
+
+    /// T5 tokens.
+    pub fn max_sequence_length(mut self, tokens: usize) -> Self {
+        self.max_sequence_length = Some(tokens);
+        self
+    }
+
+    /// The noise seed.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = seed;
+        self
+    }
+
+    /// Start from these latents instead of seeded noise.
+    pub fn init_latents(mut self, latents: Tensor) -> Self {
+        self.init_latents = Some(latents);
+        self
+    }
+
+    /// Family-specific sampler options.
+    pub fn sampler(mut self, sampler: SamplerOptions) -> Self {
+        self.sampler = sampler;
+        self
+    }
+
+    /// Fill unset fields from `defaults` and validate the guidance parameters.
+    pub fn resolve(&self, defaults: &Defaults) -> Result<ResolvedRequest> {
+        let mut guidance = self.guidance.clone().unwrap_or_else(|| defaults.guidance.clone());
+        guidance.method = match (self.method, &self.guidance) {
+            (Some(m), _) => m,
+            (None, Some(g)) => g.method,
+            (None, None) => defaults.method_for(self.negative_prompt.is_some()),
+        };
+        guidance.validate()?;
+        let guidance_scale = self.guidance_scale.unwrap_or(defaults.guidance_scale);
+        if !guidance_scale.is_finite() || guidance_scale < 0.0 {
+            return Err(Error::parameter("guidance_scale", format!("must be >= 0, got {guidance_scale}")));
+        }
+        Ok(ResolvedRequest {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            guidance,
+            steps: self.steps.unwrap_or(defaults.steps),
+            height: self.height.unwrap_or(defaults.height),
+            width: self.width.unwrap_or(defaults.width),
+            guidance_scale,
+            max_sequence_length: self.max_sequence_length.unwrap_or(defaults.max_sequence_length),
+            seed: self.seed,
+            init_latents: self.init_latents.clone(),
+            sampler: self.sampler.clone(),
+        })
+    }
+}
+
+/// A request with every value decided, as a pipeline runs it.
+#[derive(Debug, Clone)]
+pub struct ResolvedRequest {
+    /// What the image should show.
+    pub prompt: String,
+    /// What it should not show (`None`: the empty prompt).
+    pub negative_prompt: Option<String>,
+    /// Method and parameters, validated.
+    pub guidance: GuidanceConfig,
+    /// Denoising steps.
+    pub steps: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// Image width in pixels.
+    pub width: usize,
+    /// The pipeline's `guidance_scale`.
+    pub guidance_scale: f64,
+    /// T5 tokens.
+    pub max_sequence_length: usize,
+    /// Noise seed.
+    pub seed: u64,
+    /// Initial latents `[1, C, H/f, W/f]`.
+    pub init_latents: Option<Tensor>,
+    /// Family-specific sampler options.
+    pub sampler: SamplerOptions,
+}
+
+impl ResolvedRequest {
+    /// Check that height and width are positive multiples of `multiple` (the pixels one latent
+    /// token covers), naming the parameter that is not.
+    pub fn check_size(&self, multiple: usize) -> Result<()> {
+        for (name, v) in [("height", self.height), ("width", self.width)] {
+            if v == 0 || !v.is_multiple_of(multiple) {
+                return Err(Error::parameter(
+                    name,
+                    format!(
+                        "height and width must be positive multiples of {multiple} for this model, got {}x{}",
+                        self.height, self.width
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the step count (`allow_zero`: explicit timesteps give the count instead).
+    pub fn check_steps(&self) -> Result<()> {
+        if self.steps == 0 && self.sampler.timesteps.is_none() {
+            return Err(Error::parameter("steps", "must be at least 1"));
+        }
+        Ok(())
+    }
+
+    /// Check `init_latents` against the shape the model expects.
+    pub fn check_init_latents(&self, want: &[usize], factor: usize) -> Result<()> {
+        if let Some(init) = &self.init_latents {
+            if init.dims() != want {
+                return Err(Error::parameter(
+                    "init_latents",
+                    format!(
+                        "init latents have shape {:?}, expected {want:?} ([1, C, H/{factor}, W/{factor}] for {}x{})",
+                        init.dims(),
+                        self.height,
+                        self.width
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Defaults {
+        let mut guidance = GuidanceConfig::nag_default();
+        guidance.method = Method::CFG_NAG;
+        Defaults { steps: 4, guidance_scale: 3.5, max_sequence_length: 256, height: 1024, width: 512, guidance }
+    }
+
+    #[test]
+    fn unset_fields_take_the_model_defaults() {
+        let r = GenerateRequest::new("a cat").resolve(&defaults()).unwrap();
+        assert_eq!((r.steps, r.height, r.width, r.guidance_scale), (4, 1024, 512, 3.5));
+        // No negative prompt: the attention part of the default method is dropped.
+        assert_eq!(r.guidance.method, Method::CFG);
+        let r = GenerateRequest::new("a cat").negative("a dog").size(64, 32).steps(2).resolve(&defaults()).unwrap();
+        assert_eq!(r.guidance.method, Method::CFG_NAG);
+        assert_eq!((r.steps, r.height, r.width), (2, 64, 32));
+        let r = GenerateRequest::new("a cat").method(Method::NAG).resolve(&defaults()).unwrap();
+        assert_eq!(r.guidance.method, Method::NAG);
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let mut g = GuidanceConfig::nag_default();
+        g.nag.tau = -1.0;
+        let e = GenerateRequest::new("x").guidance(g).resolve(&defaults()).unwrap_err();
+        assert!(matches!(e, Error::InvalidParameter { name: "nag_tau", .. }), "{e}");
+        let r = GenerateRequest::new("x").size(72, 64).resolve(&defaults()).unwrap();
+        let e = r.check_size(16).unwrap_err();
+        assert!(matches!(e, Error::InvalidParameter { name: "height", .. }), "{e}");
+        let e = GenerateRequest::new("x").guidance_scale(f64::NAN).resolve(&defaults()).unwrap_err();
+        assert!(matches!(e, Error::InvalidParameter { name: "guidance_scale", .. }), "{e}");
+    }
+}
