@@ -1,34 +1,24 @@
-//! `veto bench`: per-step cost of guidance on a random-weight Flux at the real width
-//! (3072 = 24 heads x 128) and reduced depth. One run measures the no-guidance baseline and
-//! each method under identical conditions, so the ratios are comparable.
+//! `veto bench`: per-step cost of guidance on a random-weight model of a registered family at
+//! the real width and reduced depth. One run measures the no-guidance baseline and each method
+//! under identical conditions, so the ratios are comparable.
 
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use std::time::Instant;
-use veto::guidance::vsf::VsfParams;
-use veto::guidance::{cfg::cfg, AttentionGuidance, NagNorm, NagParams};
+use veto::guidance::{AttentionGuidance, GuidancePlan, NagNorm, NagParams, NegativeContext, VsfParams};
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
-use veto::models::mmdit::{MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
-use veto::models::unet::{RowGuidance, UNet2DConditionModel, UNetConfig, UNetInputs};
+use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
+use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum Family {
-    /// FLUX.1 width: 3072 = 24 heads x 128; none / NAG / CFG.
-    Flux,
-    /// SD3.5-Large width: 2432 = 38 heads x 64; none / NAG / VSF / CFG.
-    Sd3,
-    /// SDXL UNet width: channels 320/640/1280, head dim 64, 2048-wide text; none / NAG / CFG.
-    Sdxl,
-}
-
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Which transformer family to time.
-    #[arg(long, value_enum, default_value = "flux")]
-    pub family: Family,
+    /// Which model family to time: flux (FLUX.1 width 3072: none / NAG / CFG), sd3 (SD3.5-Large
+    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG).
+    #[arg(long, default_value = "flux")]
+    pub family: String,
     /// Image sizes (square, pixels) to time.
     #[arg(long, value_delimiter = ',', default_value = "256,512")]
     pub sizes: Vec<usize>,
@@ -108,12 +98,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if let Some(s) = a.sizes.iter().find(|&&s| s == 0 || s % 16 != 0) {
         bail!("--sizes: {s} is not a positive multiple of 16");
     }
+    let names = || veto::FAMILIES.iter().map(|f| f.name).collect::<Vec<_>>().join(", ");
+    let family = veto::families::named(&a.family)
+        .ok_or_else(|| anyhow::anyhow!("--family: unknown family '{}' (families: {})", a.family, names()))?;
     let device = device(a.device)?;
     let dtype: DType = dtype(a.dtype);
-    match a.family {
-        Family::Flux => run_flux(&a, &device, dtype),
-        Family::Sd3 => run_sd3(&a, &device, dtype),
-        Family::Sdxl => run_sdxl(&a, &device, dtype),
+    match family.name {
+        "flux" => run_flux(&a, &device, dtype),
+        "sd3" => run_sd3(&a, &device, dtype),
+        "unet" => run_sdxl(&a, &device, dtype),
+        other => bail!("--family: no benchmark for {other} yet"),
     }
 }
 
@@ -145,7 +139,8 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
     let both_context = Tensor::cat(&[&negative, &context], 0)?;
     let both_text = Tensor::cat(&[&text_embeds, &text_embeds], 0)?;
     let both_time = Tensor::cat(&[&time_ids, &time_ids], 0)?;
-    let nag = AttentionGuidance::Nag(NagParams { scale: 3.0, tau: 2.5, alpha: 0.5, norm: NagNorm::L1 });
+    let nag = AttentionGuidance::nag(NagParams { scale: 3.0, tau: 2.5, alpha: 0.5, norm: NagNorm::L1 });
+    let cfg = GuidancePlan { cfg_scale: Some(5.0), ..GuidancePlan::none() };
     println!(
         "SDXL UNet, random weights, channels 320/640/1280, transformer depths {:?} (real 1,2,10), {:?} on {:?}",
         depths, dtype, device
@@ -155,7 +150,7 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
     for &size in &a.sizes {
         let x = randn(&[1, 4, size / 8, size / 8])?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;
-        let call = |sample: &Tensor, ctx: &Tensor, te: &Tensor, ti: &Tensor, guidance: Option<RowGuidance>| {
+        let call = |sample: &Tensor, ctx: &Tensor, te: &Tensor, ti: &Tensor, guidance: Option<&NegativeContext>| {
             model.forward(&UNetInputs {
                 sample,
                 timestep: 750.0,
@@ -172,12 +167,12 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             vec![
                 Box::new(|| Ok(call(&x, &context, &text_embeds, &time_ids, None)?)),
                 Box::new(|| {
-                    let g = RowGuidance { rows: 0..1, negative: &negative, method: &nag };
-                    Ok(call(&x, &context, &text_embeds, &time_ids, Some(g))?)
+                    let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &context, &text_embeds, &time_ids, Some(&g))?)
                 }),
                 Box::new(|| {
                     let v = call(&x2, &both_context, &both_text, &both_time, None)?;
-                    Ok(cfg(&v.narrow(0, 1, 1)?, &v.narrow(0, 0, 1)?, 5.0)?)
+                    Ok(cfg.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
             ],
         )?;
@@ -222,8 +217,9 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
     let pooled = randn(&[1, 2048])?;
     let both_context = Tensor::cat(&[&neg_context, &context], 0)?;
     let both_pooled = Tensor::cat(&[&pooled, &pooled], 0)?;
-    let nag = AttentionGuidance::Nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.125, norm: NagNorm::L1 });
-    let vsf = VsfParams::default();
+    let nag = AttentionGuidance::nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.125, norm: NagNorm::L1 });
+    let vsf = AttentionGuidance::Vsf(VsfParams::default());
+    let cfg = GuidancePlan { cfg_scale: Some(4.5), ..GuidancePlan::none() };
     println!(
         "SD3.5-Large MMDiT, random weights, width 2432 (38 heads x 64), {} blocks, {} context tokens, {:?} on {:?}",
         a.sd3_blocks, ctx_len, dtype, device
@@ -238,25 +234,25 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let x2 = Tensor::cat(&[&x, &x], 0)?;
         let t = Tensor::new(&[750f32], device)?.to_dtype(dtype)?;
         let t2 = Tensor::new(&[750f32, 750.0], device)?.to_dtype(dtype)?;
-        let call = |latents: &Tensor, t: &Tensor, context: &Tensor, pooled: &Tensor, guidance: MmditGuidance| {
+        let call = |latents: &Tensor, t: &Tensor, context: &Tensor, pooled: &Tensor, guidance: Option<&NegativeContext>| {
             model.forward(&MmditInputs { latents, timestep: t, context, pooled, guidance })
         };
         let times = time_methods(
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &t, &context, &pooled, MmditGuidance::None)?)),
+                Box::new(|| Ok(call(&x, &t, &context, &pooled, None)?)),
                 Box::new(|| {
-                    let g = MmditGuidance::Contrast { guide: &nag, negative: &neg_context, pooled: &pooled };
-                    Ok(call(&x, &t, &context, &pooled, g)?)
+                    let g = NegativeContext { method: &nag, states: &neg_context, pooled: Some(&pooled), rows: 0..1 };
+                    Ok(call(&x, &t, &context, &pooled, Some(&g))?)
                 }),
                 Box::new(|| {
-                    let g = MmditGuidance::Vsf { params: &vsf, negative: &vsf_negative };
-                    Ok(call(&x, &t, &context, &pooled, g)?)
+                    let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &t, &context, &pooled, Some(&g))?)
                 }),
                 Box::new(|| {
-                    let v = call(&x2, &t2, &both_context, &both_pooled, MmditGuidance::None)?;
-                    Ok(cfg(&v.narrow(0, 1, 1)?, &v.narrow(0, 0, 1)?, 4.5)?)
+                    let v = call(&x2, &t2, &both_context, &both_pooled, None)?;
+                    Ok(cfg.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
             ],
         )?;
@@ -291,7 +287,9 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         })
     };
     let (pos, neg) = (text(0.0)?, text(0.1)?);
-    let nag = AttentionGuidance::Nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.25, norm: NagNorm::L1 });
+    let nag = AttentionGuidance::nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.25, norm: NagNorm::L1 });
+    let nag_context = NegativeContext { method: &nag, states: &neg.hidden, pooled: Some(&neg.pooled), rows: 0..1 };
+    let cfg = GuidancePlan { cfg_scale: Some(4.0), ..GuidancePlan::none() };
     println!(
         "Flux transformer, random weights, width 3072 (24 heads x 128), {} double + {} single blocks, {} text tokens, {:?} on {:?}",
         a.double_blocks, a.single_blocks, a.text_len, dtype, device
@@ -304,7 +302,7 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let img_ids = latents::image_ids(lh, lw, &device)?;
         let txt_ids = latents::text_ids(a.text_len, &device)?;
         let t = Tensor::new(&[0.75f32], &device)?.to_dtype(dtype)?;
-        let call = |p: &TextConditioning, n: Option<&TextConditioning>, g: Option<&AttentionGuidance>| {
+        let call = |p: &TextConditioning, negative: Option<&NegativeContext>| {
             model.forward(&FluxInputs {
                 latents: &x,
                 img_ids: &img_ids,
@@ -312,20 +310,19 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 timestep: &t,
                 guidance: None,
                 positive: p,
-                negative: n,
-                guide: g,
+                negative,
             })
         };
         let times = time_methods(
             a.iters,
             &device,
             vec![
-                Box::new(|| Ok(call(&pos, None, None)?)),
-                Box::new(|| Ok(call(&pos, Some(&neg), Some(&nag))?)),
+                Box::new(|| Ok(call(&pos, None)?)),
+                Box::new(|| Ok(call(&pos, Some(&nag_context))?)),
                 Box::new(|| {
-                    let vp = call(&pos, None, None)?;
-                    let vn = call(&neg, None, None)?;
-                    Ok(cfg(&vp, &vn, 4.0)?)
+                    let vp = call(&pos, None)?;
+                    let vn = call(&neg, None)?;
+                    Ok(cfg.combine_outputs(&vp, Some(&vn), None)?)
                 }),
             ],
         )?;

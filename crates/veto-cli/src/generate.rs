@@ -5,10 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use veto::guidance::vsf::VsfLayout;
-use veto::guidance::{GuidanceConfig, Method, NagNorm, NagPooled};
-use veto::loading::model_source::ModelSource;
-use veto::pipelines::{GenerateRequest, SamplerOptions, TextToImage};
+use veto::guidance::{GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
+use veto::{Defaults, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
@@ -135,34 +133,61 @@ pub fn dtype(arg: DtypeArg) -> DType {
     }
 }
 
+/// The CLI flag of a library parameter name (`nag_tau` -> `--nag-tau`).
+pub fn flag_of(name: &str) -> String {
+    format!("--{}", name.replace('_', "-"))
+}
+
+/// A library error in the CLI's words: parameters are named by their flags.
+pub fn flag_error(e: veto::Error) -> anyhow::Error {
+    match e {
+        veto::Error::InvalidParameter { name, reason } => anyhow::anyhow!("{}: {reason}", flag_of(name)),
+        other => other.into(),
+    }
+}
+
 /// The guidance request: the flags over the model's defaults.
-fn guidance_config(a: &GenerateArgs, defaults: &GuidanceConfig) -> Result<GuidanceConfig> {
+fn guidance_config(a: &GenerateArgs, defaults: &Defaults) -> Result<GuidanceConfig> {
+    let d = &defaults.guidance;
     // Without --guidance: the model's default method; its attention part needs a negative prompt.
     let method = match &a.guidance {
-        Some(g) => g.parse::<Method>()?,
-        None if a.negative_prompt.is_some() => defaults.method,
-        None => Method { attention: None, ..defaults.method },
+        Some(g) => g.parse::<Method>().map_err(flag_error)?,
+        None => defaults.method_for(a.negative_prompt.is_some()),
     };
-    let mut cfg = defaults.clone();
+    let mut cfg = d.clone();
     cfg.method = method;
-    cfg.nag.scale = a.nag_scale.unwrap_or(defaults.nag.scale);
-    cfg.nag.tau = a.nag_tau.unwrap_or(defaults.nag.tau);
-    cfg.nag.alpha = a.nag_alpha.unwrap_or(defaults.nag.alpha);
+    cfg.nag.scale = a.nag_scale.unwrap_or(d.nag.scale);
+    cfg.nag.tau = a.nag_tau.unwrap_or(d.nag.tau);
+    cfg.nag.alpha = a.nag_alpha.unwrap_or(d.nag.alpha);
     cfg.nag.norm = a.nag_norm.parse::<NagNorm>().map_err(anyhow::Error::msg).context("--nag-norm")?;
     cfg.nag_end = a.nag_end;
-    cfg.nasa_scale = a.nasa_scale.unwrap_or(defaults.nasa_scale);
+    cfg.nasa_scale = a.nasa_scale.unwrap_or(d.nasa_scale);
     cfg.true_cfg_scale = a.true_cfg_scale;
-    cfg.vsf.scale = a.vsf_scale.unwrap_or(defaults.vsf.scale);
-    cfg.vsf.bias = a.vsf_bias.unwrap_or(defaults.vsf.bias);
+    cfg.vsf.scale = a.vsf_scale.unwrap_or(d.vsf.scale);
+    cfg.vsf.bias = a.vsf_bias.unwrap_or(d.vsf.bias);
     cfg.vsf.layout = a.vsf_layout.parse::<VsfLayout>().map_err(anyhow::Error::msg).context("--vsf-layout")?;
-    cfg.pag_scale = a.pag_scale.unwrap_or(defaults.pag_scale);
+    cfg.pag_scale = a.pag_scale.unwrap_or(d.pag_scale);
     cfg.nag_pooled = match a.nag_pooled.to_ascii_lowercase().as_str() {
         "positive" => NagPooled::Positive,
         "negative" => NagPooled::Negative,
         other => bail!("--nag-pooled: unknown value '{other}' (expected positive or negative)"),
     };
-    cfg.validate()?;
+    cfg.validate().map_err(flag_error)?;
     Ok(cfg)
+}
+
+/// The request the flags describe, over the model's defaults.
+fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) -> Result<GenerateRequest> {
+    let mut req = GenerateRequest::new(a.prompt.clone()).guidance(guidance_config(a, defaults)?).seed(a.seed);
+    req.negative_prompt = a.negative_prompt.clone();
+    req.steps = a.steps;
+    req.height = a.height;
+    req.width = a.width;
+    req.guidance_scale = a.guidance_scale;
+    req.max_sequence_length = a.max_sequence_length;
+    req.init_latents = init_latents;
+    req.sampler = SamplerOptions { timesteps: a.timesteps.clone(), eta: a.eta, pag_layers: a.pag_layers.clone() };
+    Ok(req)
 }
 
 fn load_init_latents(path: &Path) -> Result<Tensor> {
@@ -198,7 +223,15 @@ fn check_output_folder(flag: &str, path: &Path) -> Result<()> {
 
 pub fn run(a: GenerateArgs) -> Result<()> {
     // Everything that can be checked without the model is checked first.
-    guidance_config(&a, &GuidanceConfig::nag_default())?;
+    let generic = Defaults {
+        steps: 1,
+        guidance_scale: 0.0,
+        max_sequence_length: 1,
+        height: 16,
+        width: 16,
+        guidance: GuidanceConfig::nag_default(),
+    };
+    guidance_config(&a, &generic)?;
     for (flag, v) in [("--height", a.height), ("--width", a.width)] {
         if v == Some(0) {
             bail!("{flag} must be positive");
@@ -213,45 +246,30 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let source = ModelSource::resolve(&a.model)?;
 
     eprintln!("loading {} ...", a.model);
-    let pipe = veto::pipelines::load(&source, &device, dtype(a.dtype))?;
-    let d = pipe.defaults();
-    let req = GenerateRequest {
-        prompt: a.prompt.clone(),
-        negative_prompt: a.negative_prompt.clone(),
-        guidance: guidance_config(&a, &d.guidance)?,
-        steps: a.steps.unwrap_or(d.steps),
-        height: a.height.unwrap_or(d.height),
-        width: a.width.unwrap_or(d.width),
-        guidance_scale: a.guidance_scale.unwrap_or(d.guidance_scale),
-        max_sequence_length: a.max_sequence_length.unwrap_or(d.max_sequence_length),
-        seed: a.seed,
-        init_latents,
-        sampler: SamplerOptions { timesteps: a.timesteps.clone(), eta: a.eta, pag_layers: a.pag_layers.clone() },
-    };
-    pipe.validate(&req)?;
-    generate_with(pipe.as_ref(), &req, &a)
-}
+    let pipe = Pipeline::load(&source, &device, dtype(a.dtype)).map_err(flag_error)?;
+    let req = request(&a, pipe.defaults(), init_latents)?;
+    let resolved = pipe.resolve(&req).map_err(flag_error)?;
 
-fn generate_with(pipe: &dyn TextToImage, req: &GenerateRequest, a: &GenerateArgs) -> Result<()> {
-    let bar = ProgressBar::new(req.steps as u64);
+    let bar = ProgressBar::new(resolved.steps.max(resolved.sampler.timesteps.as_ref().map_or(0, Vec::len)) as u64);
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let latents = pipe.generate_latents(req, &mut |e| {
+    let generated = pipe.generate_latents(&req, &mut |e| {
+        bar.set_length(e.total as u64);
         bar.set_message(format!("t={:.0}{}", e.timestep, if e.attention_guided { " (guided)" } else { "" }));
         bar.inc(1);
     });
     bar.finish_and_clear();
-    for w in pipe.take_warnings() {
+    let (latents, warnings, _) = generated.map_err(flag_error)?;
+    for w in warnings {
         eprintln!("warning: {w}");
     }
-    let latents = latents?;
     if let Some(p) = &a.save_latents {
         save_latents(&latents, p)?;
     }
     let image = pipe.decode(&latents)?;
-    veto::image_io::save_png(&image, &a.output)?;
+    veto::save_png(&image, &a.output)?;
     eprintln!("wrote {}", a.output.display());
     Ok(())
 }

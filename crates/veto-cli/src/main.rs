@@ -17,7 +17,7 @@ struct Cli {
 enum Command {
     /// Generate an image from a prompt, with a negative prompt that works.
     Generate(Box<generate::GenerateArgs>),
-    /// Time one denoising step of a random-weight Flux at the real width: none / NAG / CFG.
+    /// Time one denoising step of a random-weight model at the real width, per guidance method.
     Bench(bench::BenchArgs),
 }
 

@@ -3,12 +3,13 @@
 
 mod common;
 
-use candle_core::{DType, Device};
-use common::{assert_close, fixtures, Fixture};
-use veto::guidance::{GuidanceConfig, Method, NagParams};
+use candle_core::{DType, Device, Tensor};
+use common::{assert_close, fixtures, request_of, Fixture};
+use veto::families::FLUX;
 use veto::loading::model_source::ModelSource;
 use veto::pipelines::flux::FluxPipeline;
-use veto::pipelines::{GenerateRequest, TextToImage};
+use veto::pipelines::TextToImage;
+use veto::{GuidanceConfig, ResolvedRequest, StepEvent};
 
 fn pipeline(model: &str) -> FluxPipeline {
     let dir = fixtures("flux").join(model);
@@ -16,33 +17,16 @@ fn pipeline(model: &str) -> FluxPipeline {
     FluxPipeline::load(&source, &Device::Cpu, DType::F32).unwrap()
 }
 
-fn request(fx: &Fixture) -> GenerateRequest {
-    let guidance = GuidanceConfig {
-        method: fx.m("guidance").parse::<Method>().unwrap(),
-        nag: NagParams {
-            scale: fx.f("nag_scale"),
-            tau: fx.f("nag_tau"),
-            alpha: fx.f("nag_alpha"),
-            norm: fx.m("nag_norm").parse().unwrap(),
-        },
-        nag_end: fx.f("nag_end"),
-        nasa_scale: fx.f("nasa_scale"),
-        true_cfg_scale: fx.f("true_cfg_scale"),
-        ..GuidanceConfig::nag_default()
-    };
-    GenerateRequest {
-        prompt: fx.m("prompt").to_string(),
-        negative_prompt: Some(fx.m("negative_prompt").to_string()),
-        guidance,
-        steps: fx.m("steps").parse().unwrap(),
-        height: fx.m("height").parse().unwrap(),
-        width: fx.m("width").parse().unwrap(),
-        guidance_scale: fx.f("guidance_scale"),
-        max_sequence_length: fx.m("max_sequence_length").parse().unwrap(),
-        seed: 0,
-        init_latents: Some(fx.t("init_latents").clone()),
-        sampler: Default::default(),
-    }
+fn request(fx: &Fixture) -> ResolvedRequest {
+    request_of(fx, GuidanceConfig::nag_default(), 256)
+}
+
+fn generate(pipe: &FluxPipeline, req: &ResolvedRequest, on_step: &mut dyn FnMut(StepEvent)) -> veto::Result<Tensor> {
+    Ok(common::generate(pipe, &FLUX, req, on_step)?.0)
+}
+
+fn validate(pipe: &FluxPipeline, req: &ResolvedRequest) -> veto::Result<()> {
+    common::validate(pipe, &FLUX, req)
 }
 
 fn check(model: &str, case: &str) {
@@ -51,12 +35,11 @@ fn check(model: &str, case: &str) {
     let req = request(&fx);
     let mut steps = Vec::new();
     let mut timesteps = Vec::new();
-    let latents = pipe
-        .generate_latents(&req, &mut |e| {
-            steps.push(e.latents.clone());
-            timesteps.push(e.timestep as f32);
-        })
-        .unwrap();
+    let latents = generate(&pipe, &req, &mut |e| {
+        steps.push(e.latents.clone());
+        timesteps.push(e.timestep as f32);
+    })
+    .unwrap();
     let want_t = fx.t("timesteps").to_vec1::<f32>().unwrap();
     assert_eq!(timesteps.len(), want_t.len(), "{model}/{case}: number of steps");
     for (a, b) in timesteps.iter().zip(&want_t) {
@@ -121,19 +104,63 @@ fn bad_requests_are_errors() {
 
     let mut r = base.clone();
     r.height = 72;
-    let e = pipe.validate(&r).unwrap_err().to_string();
-    assert!(e.contains("multiple of 16"), "{e}");
+    let e = validate(&pipe, &r).unwrap_err().to_string();
+    assert!(e.starts_with("height:") && e.contains("multiples of 16"), "{e}");
 
     let mut r = base.clone();
     r.guidance.nag.tau = 0.0;
-    assert!(pipe.validate(&r).unwrap_err().to_string().contains("--nag-tau"));
+    assert!(r.guidance.validate().unwrap_err().to_string().contains("nag_tau"));
 
     let mut r = base.clone();
     r.guidance.nag.alpha = 1.5;
-    assert!(pipe.validate(&r).unwrap_err().to_string().contains("--nag-alpha"));
+    assert!(r.guidance.validate().unwrap_err().to_string().contains("nag_alpha"));
 
     let mut r = base.clone();
-    r.init_latents = Some(candle_core::Tensor::zeros((1, 16, 4, 4), DType::F32, &Device::Cpu).unwrap());
-    let e = pipe.generate_latents(&r, &mut |_| {}).unwrap_err().to_string();
+    r.guidance.method = "vsf".parse().unwrap();
+    let e = validate(&pipe, &r).unwrap_err().to_string();
+    assert!(e.contains("not available for Flux") && e.contains("cfg+nasa"), "{e}");
+
+    let mut r = base.clone();
+    r.sampler.eta = Some(0.5);
+    let e = validate(&pipe, &r).unwrap_err().to_string();
+    assert!(e.starts_with("eta: not supported for Flux"), "{e}");
+
+    let mut r = base.clone();
+    r.init_latents = Some(Tensor::zeros((1, 16, 4, 4), DType::F32, &Device::Cpu).unwrap());
+    let e = generate(&pipe, &r, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("init latents have shape [1, 16, 4, 4]"), "{e}");
+}
+
+/// The library's front door: `Pipeline::from_pretrained` + the request builder reproduce the
+/// fixture, image included, with no warnings.
+#[test]
+fn public_api_reproduces_the_fixture() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<veto::Pipeline>();
+
+    let fx = Fixture::load("flux", "pipeline_schnell_nag_l1.safetensors");
+    let dir = fixtures("flux").join("schnell");
+    let pipe = veto::Pipeline::from_pretrained(dir.to_str().unwrap(), &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(pipe.family().name, "flux");
+    assert_eq!(pipe.defaults().steps, 4);
+    let r = request(&fx);
+    let req = veto::GenerateRequest::new(r.prompt.clone())
+        .negative(r.negative_prompt.clone().unwrap())
+        .guidance(r.guidance.clone())
+        .steps(r.steps)
+        .size(r.height, r.width)
+        .guidance_scale(r.guidance_scale)
+        .max_sequence_length(r.max_sequence_length)
+        .init_latents(fx.t("init_latents").clone());
+    let mut steps = 0;
+    let out = pipe.generate_with(&req, &mut |_| steps += 1).unwrap();
+    assert_eq!(steps, r.steps);
+    assert_close("public API final latents", &out.latents, fx.t("final_latents"), 1e-4);
+    if let Some(image) = fx.get("image") {
+        assert_close("public API image", &out.image, image, 1e-4);
+    }
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    // A method the family does not have is refused before any work, naming what it has.
+    let e = pipe.generate(&req.clone().method("cfg+pag".parse().unwrap())).err().unwrap();
+    assert!(matches!(e, veto::Error::UnsupportedMethod { family: "Flux", .. }), "{e}");
 }

@@ -4,8 +4,8 @@
 mod common;
 
 use candle_core::{DType, Device};
-use common::{assert_close, fixtures, Fixture};
-use veto::guidance::{AttentionGuidance, NagParams};
+use common::{assert_close, fixtures, guide_of, Fixture};
+use veto::guidance::{AttentionGuidance, NegativeContext};
 use veto::loading::safetensors_files::{var_builder, weight_files};
 use veto::models::flux::{FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 
@@ -17,20 +17,6 @@ fn load_model(model: &str) -> FluxTransformer {
     FluxTransformer::new(&cfg, vb).unwrap()
 }
 
-fn guide_of(fx: &Fixture) -> Option<AttentionGuidance> {
-    match fx.m("guidance") {
-        "none" => None,
-        "nag" => Some(AttentionGuidance::Nag(NagParams {
-            scale: fx.f("nag_scale"),
-            tau: fx.f("nag_tau"),
-            alpha: fx.f("nag_alpha"),
-            norm: fx.m("nag_norm").parse().unwrap(),
-        })),
-        "nasa" => Some(AttentionGuidance::Nasa { scale: fx.f("nasa_scale") }),
-        other => panic!("unknown guidance {other}"),
-    }
-}
-
 fn check(model: &str, case: &str) {
     let fx = Fixture::load("flux", &format!("transformer_{model}_{case}.safetensors"));
     let flux = load_model(model);
@@ -38,6 +24,12 @@ fn check(model: &str, case: &str) {
     let negative =
         TextConditioning { hidden: fx.t("neg_encoder_hidden_states").clone(), pooled: fx.t("neg_pooled").clone() };
     let guide = guide_of(&fx);
+    let negative_context = guide.as_ref().map(|method| NegativeContext {
+        method,
+        states: &negative.hidden,
+        pooled: Some(&negative.pooled),
+        rows: 0..fx.t("hidden_states").dim(0).unwrap(),
+    });
     let inputs = FluxInputs {
         latents: fx.t("hidden_states"),
         img_ids: fx.t("img_ids"),
@@ -45,8 +37,7 @@ fn check(model: &str, case: &str) {
         timestep: fx.t("timestep"),
         guidance: fx.get("guidance"),
         positive: &positive,
-        negative: Some(&negative),
-        guide: guide.as_ref(),
+        negative: negative_context.as_ref(),
     };
     let mut trace = Vec::new();
     let out = flux.forward_traced(&inputs, Some(&mut trace)).unwrap();
@@ -93,22 +84,33 @@ fn dev_nasa() {
     check("dev", "nasa");
 }
 
+/// The negative context carries its method: VSF, which Flux does not have, and rows that do
+/// not fit the batch are errors.
 #[test]
-fn guidance_without_negative_is_an_error() {
+fn unsupported_negative_contexts_are_errors() {
     let fx = Fixture::load("flux", "transformer_schnell_nag_l1.safetensors");
     let flux = load_model("schnell");
     let positive = TextConditioning { hidden: fx.t("encoder_hidden_states").clone(), pooled: fx.t("pooled").clone() };
-    let guide = guide_of(&fx).unwrap();
-    let inputs = FluxInputs {
-        latents: fx.t("hidden_states"),
-        img_ids: fx.t("img_ids"),
-        txt_ids: fx.t("txt_ids"),
-        timestep: fx.t("timestep"),
-        guidance: None,
-        positive: &positive,
-        negative: None,
-        guide: Some(&guide),
+    let (states, pooled) = (fx.t("neg_encoder_hidden_states"), fx.t("neg_pooled"));
+    let run = |method: &AttentionGuidance, rows: std::ops::Range<usize>| {
+        let negative = NegativeContext { method, states, pooled: Some(pooled), rows };
+        let inputs = FluxInputs {
+            latents: fx.t("hidden_states"),
+            img_ids: fx.t("img_ids"),
+            txt_ids: fx.t("txt_ids"),
+            timestep: fx.t("timestep"),
+            guidance: None,
+            positive: &positive,
+            negative: Some(&negative),
+        };
+        match flux.forward(&inputs) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
     };
-    let err = flux.forward(&inputs).err().expect("must fail").to_string();
-    assert!(err.contains("negative prompt"), "{err}");
+    let vsf = AttentionGuidance::Vsf(Default::default());
+    assert!(run(&vsf, 0..1).contains("not VSF"));
+    let nag = guide_of(&fx).unwrap();
+    assert!(run(&nag, 1..2).contains("guided rows"));
+    assert_eq!(run(&nag, 0..1), "");
 }

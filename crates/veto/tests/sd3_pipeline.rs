@@ -5,13 +5,14 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, Fixture};
-use veto::guidance::vsf::VsfParams;
-use veto::guidance::{GuidanceConfig, Method, NagParams, NagPooled};
+use common::{assert_close, fixtures, request_of, Fixture};
+use veto::families::SD3;
+use veto::guidance::{AttentionGuidance, CfgScaleSource, GuidanceConfig, Method, NegativeContext};
 use veto::loading::model_source::ModelSource;
-use veto::models::mmdit::{MmditGuidance, MmditInputs};
+use veto::models::mmdit::MmditInputs;
 use veto::pipelines::sd3::Sd3Pipeline;
-use veto::pipelines::{GenerateRequest, TextToImage};
+use veto::pipelines::{TextToImage, Warnings};
+use veto::{ResolvedRequest, StepEvent};
 
 fn pipeline(model: &str) -> Sd3Pipeline {
     let dir = fixtures("sd3").join(model);
@@ -19,57 +20,44 @@ fn pipeline(model: &str) -> Sd3Pipeline {
     Sd3Pipeline::load(&source, &Device::Cpu, DType::F32).unwrap()
 }
 
-fn request(fx: &Fixture) -> GenerateRequest {
-    let guidance = GuidanceConfig {
-        method: fx.m("guidance").parse::<Method>().unwrap(),
-        nag: NagParams {
-            scale: fx.f("nag_scale"),
-            tau: fx.f("nag_tau"),
-            alpha: fx.f("nag_alpha"),
-            norm: fx.m("nag_norm").parse().unwrap(),
-        },
-        nag_end: fx.f("nag_end"),
-        nag_pooled: match fx.m("nag_pooled") {
-            "negative" => NagPooled::Negative,
-            _ => NagPooled::Positive,
-        },
-        nasa_scale: fx.f("nasa_scale"),
-        vsf: VsfParams {
-            scale: fx.f("vsf_scale"),
-            bias: fx.f("vsf_bias"),
-            layout: fx.m("vsf_layout").parse().unwrap(),
-        },
-        ..GuidanceConfig::nag_default()
-    };
-    GenerateRequest {
-        prompt: fx.m("prompt").to_string(),
-        // The reference's `none` runs ignore the negative prompt; we would warn about it.
-        negative_prompt: (fx.m("guidance") != "none").then(|| fx.m("negative_prompt").to_string()),
-        guidance,
-        steps: fx.m("steps").parse().unwrap(),
-        height: fx.m("height").parse().unwrap(),
-        width: fx.m("width").parse().unwrap(),
-        guidance_scale: fx.f("guidance_scale"),
-        max_sequence_length: fx.m("max_sequence_length").parse().unwrap(),
-        seed: 0,
-        init_latents: Some(fx.t("init_latents").clone()),
-        sampler: Default::default(),
+fn request(fx: &Fixture) -> ResolvedRequest {
+    let mut r = request_of(fx, GuidanceConfig::nag_default(), 256);
+    // The reference's `none` runs ignore the negative prompt; we would warn about it.
+    if fx.m("guidance") == "none" {
+        r.negative_prompt = None;
     }
+    r
+}
+
+fn generate(
+    pipe: &Sd3Pipeline,
+    req: &ResolvedRequest,
+    on_step: &mut dyn FnMut(StepEvent),
+) -> veto::Result<(Tensor, Vec<String>)> {
+    common::generate(pipe, &SD3, req, on_step)
+}
+
+fn validate(pipe: &Sd3Pipeline, req: &ResolvedRequest) -> veto::Result<()> {
+    common::validate(pipe, &SD3, req)
+}
+
+/// SD3's CFG scale rule (the family's source: `guidance_scale`).
+fn cfg_scale(req: &ResolvedRequest) -> Option<f64> {
+    req.guidance.cfg_scale(CfgScaleSource::GuidanceScale, req.guidance_scale)
 }
 
 fn check(model: &str, case: &str) {
     let fx = Fixture::load("sd3", &format!("pipeline_{model}_{case}.safetensors"));
     let pipe = pipeline(model);
     let req = request(&fx);
-    pipe.validate(&req).unwrap();
+    validate(&pipe, &req).unwrap();
     let mut steps = Vec::new();
     let mut timesteps = Vec::new();
-    let latents = pipe
-        .generate_latents(&req, &mut |e| {
-            steps.push(e.latents.clone());
-            timesteps.push(e.timestep as f32);
-        })
-        .unwrap();
+    let (latents, warnings) = generate(&pipe, &req, &mut |e| {
+        steps.push(e.latents.clone());
+        timesteps.push(e.timestep as f32);
+    })
+    .unwrap();
     let want_t = fx.t("timesteps").to_vec1::<f32>().unwrap();
     assert_eq!(timesteps, want_t, "{model}/{case}: timesteps");
     for (k, s) in steps.iter().enumerate() {
@@ -80,7 +68,6 @@ fn check(model: &str, case: &str) {
         let decoded = pipe.decode(&latents).unwrap();
         assert_close(&format!("{model}/{case}/image"), &decoded, image, 1e-4);
     }
-    let warnings = pipe.take_warnings();
     assert!(warnings.is_empty(), "{model}/{case}: unexpected warnings {warnings:?}");
 }
 
@@ -130,19 +117,20 @@ fn text_conditioning_matches_diffusers() {
     let fx = Fixture::load("sd3", "text.safetensors");
     let pipe = pipeline("large");
     let msl: usize = fx.m("max_sequence_length").parse().unwrap();
-    let pos = pipe.encode_prompt(fx.m("prompt"), msl, true, "prompt").unwrap();
+    let w = &mut Warnings::default();
+    let pos = pipe.encode_prompt(fx.m("prompt"), msl, true, "prompt", w).unwrap();
     assert_close("prompt_embeds", &pos.embeds, fx.t("prompt_embeds"), 1e-4);
     assert_close("pooled", &pos.pooled, fx.t("pooled"), 1e-4);
-    let neg = pipe.encode_prompt(fx.m("negative_prompt"), msl, true, "negative prompt").unwrap();
+    let neg = pipe.encode_prompt(fx.m("negative_prompt"), msl, true, "negative prompt", w).unwrap();
     assert_close("neg_prompt_embeds", &neg.embeds, fx.t("neg_prompt_embeds"), 1e-4);
     assert_close("neg_pooled", &neg.pooled, fx.t("neg_pooled"), 1e-4);
-    let vsf = pipe.encode_prompt(fx.m("negative_prompt"), msl, false, "negative prompt").unwrap();
+    let vsf = pipe.encode_prompt(fx.m("negative_prompt"), msl, false, "negative prompt", w).unwrap();
     assert_eq!(vsf.embeds.dims(), fx.t("vsf_neg_prompt_embeds").dims());
     assert_close("vsf_neg_prompt_embeds", &vsf.embeds, fx.t("vsf_neg_prompt_embeds"), 1e-4);
-    assert!(pipe.take_warnings().is_empty());
+    assert_eq!(w, &Warnings::default());
 }
 
-fn base_request() -> GenerateRequest {
+fn base_request() -> ResolvedRequest {
     request(&Fixture::load("sd3", "pipeline_large_nag.safetensors"))
 }
 
@@ -155,9 +143,8 @@ fn long_negative_prompt_is_truncated_with_a_warning() {
         r.negative_prompt = Some(long.clone());
         r.guidance.method = method;
         r.steps = 1;
-        let latents = pipe.generate_latents(&r, &mut |_| {}).unwrap();
+        let (latents, w) = generate(&pipe, &r, &mut |_| {}).unwrap();
         assert_eq!(latents.dims(), &[1, 16, 8, 8]);
-        let w = pipe.take_warnings();
         assert!(
             w.iter().any(|m| m.contains("negative prompt") && m.contains("CLIP") && m.contains("truncated")),
             "{method}: {w:?}"
@@ -165,9 +152,8 @@ fn long_negative_prompt_is_truncated_with_a_warning() {
         assert!(w.iter().any(|m| m.contains("negative prompt") && m.contains("T5")), "{method}: {w:?}");
     }
     // The unpadded VSF negative is cut to the encoders' limits: 77 CLIP + 16 T5 rows.
-    let vsf = pipe.encode_prompt(&long, 16, false, "negative prompt").unwrap();
+    let vsf = pipe.encode_prompt(&long, 16, false, "negative prompt", &mut Warnings::default()).unwrap();
     assert_eq!(vsf.embeds.dims(), &[1, 77 + 16, 32]);
-    pipe.take_warnings();
 }
 
 #[test]
@@ -177,30 +163,30 @@ fn bad_requests_are_errors() {
 
     let mut r = base.clone();
     r.height = 72;
-    let e = pipe.validate(&r).unwrap_err().to_string();
-    assert!(e.contains("--height") && e.contains("multiples of 16"), "{e}");
+    let e = validate(&pipe, &r).unwrap_err().to_string();
+    assert!(e.starts_with("height:") && e.contains("multiples of 16"), "{e}");
 
     let mut r = base.clone();
     r.width = 16 * 17; // 17 patches > pos_embed_max_size 16
-    let e = pipe.validate(&r).unwrap_err().to_string();
-    assert!(e.contains("pos_embed_max_size"), "{e}");
+    let e = validate(&pipe, &r).unwrap_err().to_string();
+    assert!(e.starts_with("width:") && e.contains("pos_embed_max_size"), "{e}");
 
     let mut r = base.clone();
     r.guidance.method = "cfg+pag".parse().unwrap();
-    let e = pipe.validate(&r).unwrap_err().to_string();
+    let e = validate(&pipe, &r).unwrap_err().to_string();
     assert!(e.contains("not available for SD3"), "{e}");
 
     let mut r = base.clone();
     r.max_sequence_length = 513;
-    assert!(pipe.validate(&r).unwrap_err().to_string().contains("--max-sequence-length"));
+    assert!(validate(&pipe, &r).unwrap_err().to_string().starts_with("max_sequence_length:"));
 
     let mut r = base.clone();
     r.guidance.nag.tau = 0.0;
-    assert!(pipe.validate(&r).unwrap_err().to_string().contains("--nag-tau"));
+    assert!(r.guidance.validate().unwrap_err().to_string().contains("nag_tau"));
 
     let mut r = base.clone();
     r.init_latents = Some(Tensor::zeros((1, 16, 4, 4), DType::F32, &Device::Cpu).unwrap());
-    let e = pipe.generate_latents(&r, &mut |_| {}).unwrap_err().to_string();
+    let e = generate(&pipe, &r, &mut |_| {}).unwrap_err().to_string();
     assert!(e.contains("init latents have shape [1, 16, 4, 4]"), "{e}");
 }
 
@@ -212,21 +198,21 @@ fn guidance_scale_rules_and_warnings() {
     // cfg asked with guidance_scale <= 1: no CFG, warned; equals the plain run.
     r.guidance.method = Method::CFG;
     r.guidance_scale = 1.0;
-    assert_eq!(Sd3Pipeline::cfg_scale(&r), None);
-    let a = pipe.generate_latents(&r, &mut |_| {}).unwrap();
-    assert!(pipe.take_warnings().iter().any(|w| w.contains("CFG runs only above 1")));
+    assert_eq!(cfg_scale(&r), None);
+    let (a, w) = generate(&pipe, &r, &mut |_| {}).unwrap();
+    assert!(w.iter().any(|w| w.contains("CFG runs only above 1")));
     r.guidance.method = Method::NONE;
     r.negative_prompt = None;
-    let b = pipe.generate_latents(&r, &mut |_| {}).unwrap();
+    let (b, _) = generate(&pipe, &r, &mut |_| {}).unwrap();
     assert_close("cfg at scale 1 == none", &a, &b, 0.0);
     // guidance_scale > 1 without cfg: ignored, warned. true_cfg_scale never matters for SD3.
     r.guidance_scale = 3.0;
     r.guidance.true_cfg_scale = 9.0;
-    let c = pipe.generate_latents(&r, &mut |_| {}).unwrap();
+    let (c, w) = generate(&pipe, &r, &mut |_| {}).unwrap();
     assert_close("no cfg in the method", &c, &b, 0.0);
-    assert!(pipe.take_warnings().iter().any(|w| w.contains("has no effect")));
+    assert!(w.iter().any(|w| w.contains("has no effect")));
     r.guidance.method = Method::CFG;
-    assert_eq!(Sd3Pipeline::cfg_scale(&r), Some(3.0));
+    assert_eq!(cfg_scale(&r), Some(3.0));
 }
 
 #[test]
@@ -236,19 +222,20 @@ fn cfg_with_vsf_runs_and_differs_from_each_alone() {
     let fx = Fixture::load("sd3", "pipeline_large_vsf_paper.safetensors");
     let mut r = request(&fx);
     r.steps = 1;
-    let vsf = pipe.generate_latents(&r, &mut |_| {}).unwrap();
+    let (vsf, _) = generate(&pipe, &r, &mut |_| {}).unwrap();
     r.guidance.method = "cfg+vsf".parse().unwrap();
     r.guidance_scale = 2.0;
-    let both = pipe.generate_latents(&r, &mut |_| {}).unwrap();
+    let (both, w) = generate(&pipe, &r, &mut |_| {}).unwrap();
     assert!(common::rel_diff(&both, &vsf) > 1e-3);
-    assert!(pipe.take_warnings().is_empty());
+    assert!(w.is_empty(), "{w:?}");
 
     // By hand: one step from sigma 1 to 0 is x - v, v = v_neg + 2 (v_vsf - v_neg).
     let msl = r.max_sequence_length;
     let neg_text = r.negative_prompt.clone().unwrap();
-    let pos = pipe.encode_prompt(&r.prompt, msl, true, "prompt").unwrap();
-    let neg = pipe.encode_prompt(&neg_text, msl, true, "negative prompt").unwrap();
-    let vsf_neg = pipe.encode_prompt(&neg_text, msl, false, "negative prompt").unwrap();
+    let w = &mut Warnings::default();
+    let pos = pipe.encode_prompt(&r.prompt, msl, true, "prompt", w).unwrap();
+    let neg = pipe.encode_prompt(&neg_text, msl, true, "negative prompt", w).unwrap();
+    let vsf_neg = pipe.encode_prompt(&neg_text, msl, false, "negative prompt", w).unwrap();
     let x = fx.t("init_latents");
     let t = Tensor::new(&[1000f32], &Device::Cpu).unwrap();
     let call = |text: &veto::pipelines::sd3::Sd3Text, guidance| {
@@ -256,8 +243,10 @@ fn cfg_with_vsf_runs_and_differs_from_each_alone() {
             .forward(&MmditInputs { latents: x, timestep: &t, context: &text.embeds, pooled: &text.pooled, guidance })
             .unwrap()
     };
-    let v_vsf = call(&pos, MmditGuidance::Vsf { params: &r.guidance.vsf, negative: &vsf_neg.embeds });
-    let v_neg = call(&neg, MmditGuidance::None);
+    let method = AttentionGuidance::Vsf(r.guidance.vsf);
+    let v_vsf =
+        call(&pos, Some(&NegativeContext { method: &method, states: &vsf_neg.embeds, pooled: None, rows: 0..1 }));
+    let v_neg = call(&neg, None);
     let v = (&v_neg + ((&v_vsf - &v_neg).unwrap() * 2.0).unwrap()).unwrap();
     assert_close("cfg+vsf by hand", &both, &(x - v).unwrap(), 1e-5);
 }
@@ -268,7 +257,7 @@ fn nag_end_turns_guidance_off_late() {
     let mut r = base_request();
     r.guidance.nag_end = 0.0; // only t = 1000 is guided
     let mut guided = Vec::new();
-    pipe.generate_latents(&r, &mut |e| guided.push(e.attention_guided)).unwrap();
+    generate(&pipe, &r, &mut |e| guided.push(e.attention_guided)).unwrap();
     assert_eq!(guided, vec![true, false, false, false]);
 }
 

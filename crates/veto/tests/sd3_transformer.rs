@@ -5,11 +5,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, rel_diff, Fixture};
-use veto::guidance::vsf::VsfParams;
-use veto::guidance::{AttentionGuidance, NagParams};
+use common::{assert_close, fixtures, guide_of, rel_diff, Fixture};
+use veto::guidance::{AttentionGuidance, NegativeContext};
 use veto::loading::safetensors_files::{var_builder, weight_files};
-use veto::models::mmdit::{embeddings, MmditConfig, MmditGuidance, MmditInputs, MmditTransformer};
+use veto::models::mmdit::{embeddings, MmditConfig, MmditInputs, MmditTransformer};
 
 fn transformer_dir(model: &str) -> std::path::PathBuf {
     match model {
@@ -26,26 +25,6 @@ fn load_model(model: &str) -> MmditTransformer {
     MmditTransformer::new(&cfg, vb).unwrap()
 }
 
-/// The attention guidance a fixture names, if any.
-fn guide_of(fx: &Fixture) -> Option<AttentionGuidance> {
-    match fx.m("guidance") {
-        "none" => None,
-        "nag" => Some(AttentionGuidance::Nag(NagParams {
-            scale: fx.f("nag_scale"),
-            tau: fx.f("nag_tau"),
-            alpha: fx.f("nag_alpha"),
-            norm: fx.m("nag_norm").parse().unwrap(),
-        })),
-        "nasa" => Some(AttentionGuidance::Nasa { scale: fx.f("nasa_scale") }),
-        "vsf" => Some(AttentionGuidance::Vsf(VsfParams {
-            scale: fx.f("vsf_scale"),
-            bias: fx.f("vsf_bias"),
-            layout: fx.m("vsf_layout").parse().unwrap(),
-        })),
-        other => panic!("unknown guidance {other}"),
-    }
-}
-
 fn check(model: &str, case: &str) {
     let fx = Fixture::load("sd3", &format!("transformer_{model}_{case}.safetensors"));
     let mmdit = load_model(model);
@@ -54,23 +33,27 @@ fn check(model: &str, case: &str) {
         Some("negative") => fx.get("neg_pooled"),
         _ => fx.get("pooled"),
     };
+    let batch = fx.t("hidden_states").dim(0).unwrap();
     let guidance = match &guide {
-        None => MmditGuidance::None,
-        Some(AttentionGuidance::Vsf(params)) => {
-            MmditGuidance::Vsf { params, negative: fx.t("vsf_neg_encoder_hidden_states") }
+        None => None,
+        Some(method @ AttentionGuidance::Vsf(_)) => Some(NegativeContext {
+            method,
+            states: fx.t("vsf_neg_encoder_hidden_states"),
+            pooled: None,
+            rows: 0..batch,
+        }),
+        Some(method) => {
+            let states = fx.t("neg_encoder_hidden_states");
+            let bn = states.dim(0).unwrap();
+            Some(NegativeContext { method, states, pooled: neg_pooled, rows: batch - bn..batch })
         }
-        Some(g) => MmditGuidance::Contrast {
-            guide: g,
-            negative: fx.t("neg_encoder_hidden_states"),
-            pooled: neg_pooled.unwrap(),
-        },
     };
     let inputs = MmditInputs {
         latents: fx.t("hidden_states"),
         timestep: fx.t("timestep"),
         context: fx.t("encoder_hidden_states"),
         pooled: fx.t("pooled"),
-        guidance,
+        guidance: guidance.as_ref(),
     };
     let mut trace = Vec::new();
     let out = mmdit.forward_traced(&inputs, Some(&mut trace)).unwrap();
@@ -80,7 +63,7 @@ fn check(model: &str, case: &str) {
     }
     // Every block's image stream; the text stream(s) of all but the last block.
     let n = mmdit.config().num_layers;
-    let streams = if matches!(guide, Some(AttentionGuidance::Nag(_) | AttentionGuidance::Nasa { .. })) { 2 } else { 1 };
+    let streams = if matches!(guide, Some(AttentionGuidance::Contrast(_))) { 2 } else { 1 };
     assert_eq!(trace.len(), n + streams * (n - 1), "{model}/{case}: traced streams");
     let fixture_blocks = fx.tensors.keys().filter(|k| k.starts_with("block_")).count();
     assert_eq!(trace.len(), fixture_blocks, "{model}/{case}: every fixture stream is checked");
@@ -157,7 +140,7 @@ fn cfg_batched_nag_guides_only_the_cond_row() {
             timestep: &cat(t, t),
             context: &cat(neg, pos),
             pooled: &cat(neg_pooled, pooled),
-            guidance: MmditGuidance::Contrast { guide: &guide, negative: neg, pooled },
+            guidance: Some(&NegativeContext { method: &guide, states: neg, pooled: Some(pooled), rows: 1..2 }),
         })
         .unwrap();
     assert_close("cfg+nag cond row", &both.narrow(0, 1, 1).unwrap(), fx.t("output"), 1e-4);
@@ -167,7 +150,7 @@ fn cfg_batched_nag_guides_only_the_cond_row() {
             timestep: t,
             context: neg,
             pooled: neg_pooled,
-            guidance: MmditGuidance::None,
+            guidance: None,
         })
         .unwrap();
     assert_close("cfg+nag uncond row", &both.narrow(0, 0, 1).unwrap(), &uncond, 1e-5);
@@ -201,7 +184,7 @@ fn bad_inputs_are_errors() {
             timestep: fx.t("timestep"),
             context: fx.t("encoder_hidden_states"),
             pooled: fx.t("pooled"),
-            guidance: MmditGuidance::None,
+            guidance: None,
         })
         .unwrap_err()
         .to_string();
@@ -214,7 +197,7 @@ fn bad_inputs_are_errors() {
             timestep: fx.t("timestep"),
             context: fx.t("encoder_hidden_states"),
             pooled: fx.t("pooled"),
-            guidance: MmditGuidance::None,
+            guidance: None,
         })
         .unwrap_err()
         .to_string();

@@ -6,11 +6,10 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, Fixture};
-use veto::guidance::vsf::{VsfLayout, VsfParams};
-use veto::guidance::{AttentionGuidance, NagParams};
+use common::{assert_close, fixtures, guide_of, Fixture};
+use veto::guidance::NegativeContext;
 use veto::loading::safetensors_files::{var_builder, weight_files};
-use veto::models::unet::{Perturbation, RowGuidance, UNet2DConditionModel, UNetConfig, UNetInputs};
+use veto::models::unet::{Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
 
 fn load_unet(model: &str) -> UNet2DConditionModel {
     let dir = fixtures("unet").join(model).join("unet");
@@ -18,25 +17,6 @@ fn load_unet(model: &str) -> UNet2DConditionModel {
     let files = weight_files(&dir, "diffusion_pytorch_model").unwrap();
     let vb = var_builder(&files, DType::F32, &Device::Cpu).unwrap();
     UNet2DConditionModel::new(&cfg, vb).unwrap()
-}
-
-fn guide_of(fx: &Fixture) -> Option<AttentionGuidance> {
-    match fx.m("attention") {
-        "none" => None,
-        "nag" => Some(AttentionGuidance::Nag(NagParams {
-            scale: fx.f("nag_scale"),
-            tau: fx.f("nag_tau"),
-            alpha: fx.f("nag_alpha"),
-            norm: fx.m("nag_norm").parse().unwrap(),
-        })),
-        "nasa" => Some(AttentionGuidance::Nasa { scale: fx.f("nasa_scale") }),
-        "vsf" => Some(AttentionGuidance::Vsf(VsfParams {
-            scale: fx.f("vsf_scale"),
-            bias: fx.f("vsf_bias"),
-            layout: VsfLayout::Paper,
-        })),
-        other => panic!("unknown attention {other}"),
-    }
 }
 
 fn check(model: &str, case: &str) {
@@ -49,17 +29,19 @@ fn check(model: &str, case: &str) {
     let want_layers: Vec<String> = serde_json::from_str(fx.m("pag_layers")).unwrap();
     assert_eq!(pag_layers.names().collect::<Vec<_>>(), want_layers, "{model}: PAG layer selection");
     let timestep: Vec<f32> = fx.t("timestep").to_vec1().unwrap();
+    let negative_context = guide.as_ref().map(|method| NegativeContext {
+        method,
+        states: negative.expect("guided fixture without a negative context"),
+        pooled: None,
+        rows: 0..1,
+    });
     let inputs = UNetInputs {
         sample: fx.t("sample"),
         timestep: timestep[0] as f64,
         encoder_hidden_states: fx.t("encoder_hidden_states"),
         text_embeds: fx.get("text_embeds"),
         time_ids: fx.get("time_ids"),
-        guidance: guide.as_ref().map(|method| RowGuidance {
-            rows: 0..1,
-            negative: negative.expect("guided fixture without a negative context"),
-            method,
-        }),
+        guidance: negative_context.as_ref(),
         perturbation: (fx.m("perturbed") == "true").then_some(Perturbation { rows: 0..1, layers: &pag_layers }),
     };
     let mut trace = Vec::new();
@@ -133,7 +115,7 @@ fn guided_row_in_a_batch_matches_single_row_calls() {
             encoder_hidden_states: &ctx,
             text_embeds: Some(&two(fx.t("text_embeds"))),
             time_ids: Some(&two(fx.t("time_ids"))),
-            guidance: Some(RowGuidance { rows: 1..2, negative: neg, method: &guide }),
+            guidance: Some(&NegativeContext { method: &guide, states: neg, pooled: None, rows: 1..2 }),
             perturbation: Some(Perturbation { rows: 2..3, layers: &pag }),
         })
         .unwrap();

@@ -6,86 +6,49 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use common::{assert_close, fixtures, Fixture};
-use veto::guidance::vsf::VsfLayout;
-use veto::guidance::{GuidanceConfig, Method};
+use common::{assert_close, fixtures, request_of, Fixture};
+use veto::families::UNET;
+use veto::guidance::{Method, VsfLayout};
 use veto::loading::model_source::ModelSource;
-use veto::pipelines::sdxl::{Family, StableDiffusionPipeline};
-use veto::pipelines::{GenerateRequest, TextToImage};
+use veto::pipelines::sdxl::{SdVariant, StableDiffusionPipeline};
+use veto::pipelines::TextToImage;
+use veto::{ResolvedRequest, StepEvent};
 
 fn load(model: &str) -> StableDiffusionPipeline {
     let source = ModelSource::local(fixtures("unet").join(model)).unwrap();
     StableDiffusionPipeline::load(&source, &Device::Cpu, DType::F32).unwrap()
 }
 
-fn guidance_of(fx: &Fixture, defaults: GuidanceConfig) -> GuidanceConfig {
-    let mut g = defaults;
-    g.method = fx.m("guidance").parse::<Method>().unwrap();
-    let num = |k: &str| fx.meta.get(k).map(|v| v.parse::<f64>().unwrap());
-    if let Some(v) = num("nag_scale") {
-        g.nag.scale = v;
-    }
-    if let Some(v) = num("nag_tau") {
-        g.nag.tau = v;
-    }
-    if let Some(v) = num("nag_alpha") {
-        g.nag.alpha = v;
-    }
-    if let Some(n) = fx.meta.get("nag_norm") {
-        g.nag.norm = n.parse().unwrap();
-    }
-    if let Some(v) = num("nag_end") {
-        g.nag_end = v;
-    }
-    if let Some(v) = num("nasa_scale") {
-        g.nasa_scale = v;
-    }
-    if let Some(v) = num("vsf_scale") {
-        g.vsf.scale = v;
-    }
-    if let Some(v) = num("vsf_bias") {
-        g.vsf.bias = v;
-    }
-    if let Some(v) = num("pag_scale") {
-        if v > 0.0 {
-            g.pag_scale = v;
-        }
-    }
-    g
+fn request(fx: &Fixture, pipe: &StableDiffusionPipeline) -> ResolvedRequest {
+    let mut r = request_of(fx, pipe.defaults().guidance, 77);
+    r.sampler.pag_layers = Some(serde_json::from_str(fx.m("pag_applied_layers")).unwrap());
+    r
 }
 
-fn request(fx: &Fixture, pipe: &StableDiffusionPipeline) -> GenerateRequest {
-    let d = pipe.defaults();
-    GenerateRequest {
-        prompt: fx.m("prompt").to_string(),
-        negative_prompt: Some(fx.m("negative_prompt").to_string()),
-        guidance: guidance_of(fx, d.guidance),
-        steps: fx.m("steps").parse().unwrap(),
-        height: fx.m("height").parse().unwrap(),
-        width: fx.m("width").parse().unwrap(),
-        guidance_scale: fx.f("guidance_scale"),
-        max_sequence_length: 77,
-        seed: 0,
-        init_latents: Some(fx.t("init_latents").clone()),
-        sampler: Default::default(),
-    }
+fn generate(
+    pipe: &StableDiffusionPipeline,
+    req: &ResolvedRequest,
+    on_step: &mut dyn FnMut(StepEvent),
+) -> veto::Result<(Tensor, Vec<String>)> {
+    common::generate(pipe, &UNET, req, on_step)
+}
+
+fn validate(pipe: &StableDiffusionPipeline, req: &ResolvedRequest) -> veto::Result<()> {
+    common::validate(pipe, &UNET, req)
 }
 
 fn check(model: &str, case: &str) {
     let fx = Fixture::load("unet", &format!("pipeline_{model}_{case}.safetensors"));
     let pipe = load(model);
-    let applied: Vec<String> = serde_json::from_str(fx.m("pag_applied_layers")).unwrap();
-    pipe.set_pag_layers(&applied).unwrap();
     assert_eq!(pipe.scheduler().class_name(), fx.m("scheduler"));
     let req = request(&fx, &pipe);
     let mut steps = Vec::new();
     let mut guided = Vec::new();
-    let latents = pipe
-        .generate_latents(&req, &mut |e| {
-            steps.push((e.timestep, e.latents.clone()));
-            guided.push(e.attention_guided);
-        })
-        .unwrap();
+    let (latents, warnings) = generate(&pipe, &req, &mut |e| {
+        steps.push((e.timestep, e.latents.clone()));
+        guided.push(e.attention_guided);
+    })
+    .unwrap();
     let want_t: Vec<f32> = fx.t("timesteps").to_vec1().unwrap();
     let got_t: Vec<f32> = steps.iter().map(|(t, _)| *t as f32).collect();
     assert_eq!(got_t, want_t, "{model}/{case}: timesteps");
@@ -103,7 +66,6 @@ fn check(model: &str, case: &str) {
         let decoded = pipe.decode(&latents).unwrap();
         assert_close(&format!("{model}/{case}/image"), &decoded, image, 1e-4);
     }
-    let warnings = pipe.take_warnings();
     if fx.m("guidance") == "none" {
         // The fixtures pass the negative prompt to every case.
         assert!(warnings.len() == 1 && warnings[0].contains("negative prompt is unused"), "{warnings:?}");
@@ -164,9 +126,10 @@ fn sdxl_vsf() {
 fn check_text(model: &str) {
     let fx = Fixture::load("unet", &format!("text_{model}.safetensors"));
     let pipe = load(model);
-    let pos = pipe.encode_prompt(fx.m("prompt"), true, "prompt").unwrap();
-    let neg = pipe.encode_prompt(fx.m("negative_prompt"), true, "negative prompt").unwrap();
-    let vsf = pipe.encode_prompt(fx.m("negative_prompt"), false, "negative prompt").unwrap();
+    let w = &mut veto::pipelines::Warnings::default();
+    let pos = pipe.encode_prompt(fx.m("prompt"), true, "prompt", w).unwrap();
+    let neg = pipe.encode_prompt(fx.m("negative_prompt"), true, "negative prompt", w).unwrap();
+    let vsf = pipe.encode_prompt(fx.m("negative_prompt"), false, "negative prompt", w).unwrap();
     assert_close(&format!("{model}/prompt_embeds"), &pos.embeds, fx.t("prompt_embeds"), 1e-4);
     assert_close(&format!("{model}/neg_prompt_embeds"), &neg.embeds, fx.t("neg_prompt_embeds"), 1e-4);
     assert_close(&format!("{model}/vsf_neg_prompt_embeds"), &vsf.embeds, fx.t("vsf_neg_prompt_embeds"), 1e-4);
@@ -195,22 +158,22 @@ fn sdxl_text() {
 
 #[test]
 fn loads_through_the_generic_loader_with_defaults() {
-    let sdxl =
-        veto::pipelines::load(&ModelSource::local(fixtures("unet").join("sdxl")).unwrap(), &Device::Cpu, DType::F32)
-            .unwrap();
+    let sdxl = veto::Pipeline::load(&ModelSource::local(fixtures("unet").join("sdxl")).unwrap(), &Device::Cpu, DType::F32)
+        .unwrap();
+    assert_eq!(sdxl.family().name, "unet");
     let d = sdxl.defaults();
     assert_eq!((d.steps, d.guidance_scale, d.height, d.width), (25, 5.0, 64, 64));
     assert_eq!(d.guidance.method, Method::CFG_NAG);
     assert_eq!((d.guidance.nag.scale, d.guidance.nag.tau, d.guidance.nag.alpha), (3.0, 2.5, 0.5));
     let sd15 = load("sd15");
-    assert_eq!(sd15.family(), Family::StableDiffusion);
+    assert_eq!(sd15.variant(), SdVariant::StableDiffusion);
     let d = sd15.defaults();
     assert_eq!((d.steps, d.guidance_scale, d.guidance.nag.alpha), (25, 7.5, 0.375));
 }
 
-fn base_request(pipe: &StableDiffusionPipeline) -> GenerateRequest {
+fn base_request(pipe: &StableDiffusionPipeline) -> ResolvedRequest {
     let d = pipe.defaults();
-    GenerateRequest {
+    ResolvedRequest {
         prompt: "a cat".into(),
         negative_prompt: Some("blurry".into()),
         guidance: d.guidance,
@@ -230,9 +193,9 @@ fn height_not_a_multiple_of_8_is_rejected() {
     let pipe = load("sdxl");
     let mut req = base_request(&pipe);
     req.height = 60;
-    let err = pipe.validate(&req).unwrap_err().to_string();
-    assert!(err.contains("--height") && err.contains("multiples of 8") && err.contains("60x64"), "{err}");
-    assert!(pipe.generate_latents(&req, &mut |_| {}).is_err());
+    let err = validate(&pipe, &req).unwrap_err().to_string();
+    assert!(err.starts_with("height:") && err.contains("multiples of 8") && err.contains("60x64"), "{err}");
+    assert!(generate(&pipe, &req, &mut |_| {}).is_err());
 }
 
 #[test]
@@ -241,19 +204,22 @@ fn bad_guidance_for_the_family_is_rejected() {
     let mut req = base_request(&pipe);
     req.guidance.method = Method::VSF;
     req.guidance.vsf.layout = VsfLayout::Official;
-    let err = pipe.validate(&req).unwrap_err().to_string();
-    assert!(err.contains("vsf-layout"), "{err}");
+    let err = validate(&pipe, &req).unwrap_err().to_string();
+    assert!(err.starts_with("vsf_layout:"), "{err}");
     let err = "cfg+magic".parse::<Method>().unwrap_err().to_string();
     assert!(err.contains("magic"), "{err}");
     let mut req = base_request(&pipe);
     req.guidance.method = "pag".parse().unwrap();
-    pipe.set_pag_layers(&["mid".into()]).unwrap();
-    assert!(pipe.set_pag_layers(&["nowhere".into()]).is_err());
-    // The default layers still apply after a failed change.
-    pipe.generate_latents(&req, &mut |_| {}).unwrap();
+    req.sampler.pag_layers = Some(vec!["nowhere".into()]);
+    assert!(validate(&pipe, &req).is_err());
+    req.sampler.pag_layers = Some(vec!["mid".into()]);
+    generate(&pipe, &req, &mut |_| {}).unwrap();
+    // Without the option, diffusers' default layers (`mid`) apply.
+    req.sampler.pag_layers = None;
+    generate(&pipe, &req, &mut |_| {}).unwrap();
     let mut req = base_request(&pipe);
     req.init_latents = Some(Tensor::zeros((1, 4, 4, 4), DType::F32, &Device::Cpu).unwrap());
-    assert!(pipe.validate(&req).unwrap_err().to_string().contains("init latents"));
+    assert!(validate(&pipe, &req).unwrap_err().to_string().contains("init latents"));
 }
 
 #[test]
@@ -291,12 +257,11 @@ fn seeded_runs_are_reproducible_and_lcm_timesteps_can_be_set() {
     let mut req = base_request(&pipe);
     req.guidance.method = Method::NAG;
     req.guidance_scale = 0.0;
-    let a = pipe.generate_latents(&req, &mut |_| {}).unwrap();
-    let b = pipe.generate_latents(&req, &mut |_| {}).unwrap();
+    let (a, _) = generate(&pipe, &req, &mut |_| {}).unwrap();
+    let (b, _) = generate(&pipe, &req, &mut |_| {}).unwrap();
     assert_close("seeded", &a, &b, 0.0);
-    pipe.set_timesteps(Some(vec![999.0, 499.0]));
+    req.sampler.timesteps = Some(vec![999.0, 499.0]);
     let mut seen = Vec::new();
-    pipe.generate_latents(&req, &mut |e| seen.push(e.timestep)).unwrap();
+    generate(&pipe, &req, &mut |e| seen.push(e.timestep)).unwrap();
     assert_eq!(seen, [999.0, 499.0]);
-    pipe.set_timesteps(None);
 }

@@ -45,7 +45,7 @@ const CLIP_LEN: usize = 77;
 
 /// Which pipeline the folder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
+pub enum SdVariant {
     /// `StableDiffusionPipeline`: one CLIP, its last hidden state.
     StableDiffusion,
     /// `StableDiffusionXLPipeline`: two CLIPs' penultimate states, pooled `text_embeds`,
@@ -85,7 +85,7 @@ struct VaeLatentStats {
 pub const DEFAULT_PAG_LAYERS: [&str; 1] = ["mid"];
 
 pub struct StableDiffusionPipeline {
-    family: Family,
+    variant: SdVariant,
     clip: Clip,
     /// SDXL's second encoder (CLIP-G with projection).
     clip_2: Option<Clip>,
@@ -113,25 +113,28 @@ impl StableDiffusionPipeline {
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let index_path = source.file("model_index.json")?;
         let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
-        let family = match index.get("_class_name").and_then(|c| c.as_str()) {
-            Some("StableDiffusionPipeline") => Family::StableDiffusion,
-            Some("StableDiffusionXLPipeline") => Family::StableDiffusionXl,
-            other => {
+        // Folders saved from the official NAG package carry a `NAG` prefix.
+        let class = index.get("_class_name").and_then(|c| c.as_str());
+        let bare = class.map(|c| c.strip_prefix("NAG").or_else(|| c.strip_prefix("Nag")).unwrap_or(c));
+        let variant = match bare {
+            Some("StableDiffusionPipeline") => SdVariant::StableDiffusion,
+            Some("StableDiffusionXLPipeline") => SdVariant::StableDiffusionXl,
+            _ => {
                 return Err(Error::BadModelFile {
                     path: index_path.display().to_string(),
-                    reason: format!("pipeline {other:?} is not a StableDiffusionPipeline or StableDiffusionXLPipeline"),
+                    reason: format!("pipeline {class:?} is not a StableDiffusionPipeline or StableDiffusionXLPipeline"),
                 })
             }
         };
         let force_zeros_for_empty_prompt = index
             .get("force_zeros_for_empty_prompt")
             .and_then(|v| v.as_bool())
-            .unwrap_or(family == Family::StableDiffusionXl);
+            .unwrap_or(variant == SdVariant::StableDiffusionXl);
 
         let clip = load_clip(source, "tokenizer", "text_encoder", device, dtype)?;
-        let clip_2 = match family {
-            Family::StableDiffusion => None,
-            Family::StableDiffusionXl => Some(load_clip(source, "tokenizer_2", "text_encoder_2", device, dtype)?),
+        let clip_2 = match variant {
+            SdVariant::StableDiffusion => None,
+            SdVariant::StableDiffusionXl => Some(load_clip(source, "tokenizer_2", "text_encoder_2", device, dtype)?),
         };
 
         let udir = weights_dir(source, "unet", "diffusion_pytorch_model")?;
@@ -151,14 +154,14 @@ impl StableDiffusionPipeline {
                 reason: format!("cross_attention_dim is {}, the text encoders give {text_width}", config.context_dim()),
             });
         }
-        match (family, config.has_text_time()) {
-            (Family::StableDiffusionXl, false) => {
+        match (variant, config.has_text_time()) {
+            (SdVariant::StableDiffusionXl, false) => {
                 return Err(Error::BadModelFile {
                     path: source.describe("unet"),
                     reason: "an SDXL UNet needs addition_embed_type \"text_time\"".into(),
                 })
             }
-            (Family::StableDiffusion, true) => {
+            (SdVariant::StableDiffusion, true) => {
                 return Err(Error::BadModelFile {
                     path: source.describe("unet"),
                     reason: "addition_embed_type \"text_time\" is SDXL's; this is a StableDiffusionPipeline".into(),
@@ -206,7 +209,7 @@ impl StableDiffusionPipeline {
         let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
         let pag_layers = unet.pag_layers(&DEFAULT_PAG_LAYERS.map(String::from)).unwrap_or_default();
         Ok(Self {
-            family,
+            variant,
             clip,
             clip_2,
             unet,
@@ -220,8 +223,9 @@ impl StableDiffusionPipeline {
         })
     }
 
-    pub fn family(&self) -> Family {
-        self.family
+    /// SD1.5-type or SDXL-type.
+    pub fn variant(&self) -> SdVariant {
+        self.variant
     }
 
     pub fn unet(&self) -> &UNet2DConditionModel {
@@ -392,9 +396,9 @@ impl StableDiffusionPipeline {
         }
         let rows = contexts.len();
         let context = Tensor::cat(&contexts, 0)?;
-        let (text_embeds, time_ids) = match self.family {
-            Family::StableDiffusionXl => (Some(Tensor::cat(&pooled, 0)?), Some(self.time_ids(req)?.repeat((rows, 1))?)),
-            Family::StableDiffusion => (None, None),
+        let (text_embeds, time_ids) = match self.variant {
+            SdVariant::StableDiffusionXl => (Some(Tensor::cat(&pooled, 0)?), Some(self.time_ids(req)?.repeat((rows, 1))?)),
+            SdVariant::StableDiffusion => (None, None),
         };
         let pag_layers = match &req.sampler.pag_layers {
             Some(layers) => self.unet.pag_layers(layers)?,
@@ -468,17 +472,17 @@ impl StableDiffusionPipeline {
 /// (SD1.5), L1 norm; the official SDXL NAG code uses the same tau / alpha and L1.
 /// VSF: alpha 1.2, beta 0.2 (the official cross-attention (Wan) script's values; the VSF paper
 /// has no UNet setting). PAG: scale 3 (diffusers' default), layers `["mid"]`.
-pub fn unet_defaults(family: Family, scheduler: &dyn Scheduler, trailing: bool, sample_px: usize) -> Defaults {
+pub fn unet_defaults(variant: SdVariant, scheduler: &dyn Scheduler, trailing: bool, sample_px: usize) -> Defaults {
     let class = scheduler.class_name();
     let few_step = matches!(class, "LCMScheduler" | "TCDScheduler") || trailing;
     let edm = class.starts_with("EDM");
-    let (steps, guidance_scale, method): (usize, f64, Method) = match (family, few_step, edm) {
+    let (steps, guidance_scale, method): (usize, f64, Method) = match (variant, few_step, edm) {
         (_, true, _) => (4, 0.0, Method::NAG),
         (_, false, true) => (50, 3.0, Method::CFG_NAG),
-        (Family::StableDiffusionXl, false, false) => (25, 5.0, Method::CFG_NAG),
-        (Family::StableDiffusion, false, false) => (25, 7.5, Method::CFG_NAG),
+        (SdVariant::StableDiffusionXl, false, false) => (25, 5.0, Method::CFG_NAG),
+        (SdVariant::StableDiffusion, false, false) => (25, 7.5, Method::CFG_NAG),
     };
-    let alpha = if family == Family::StableDiffusion { 0.375 } else { 0.5 };
+    let alpha = if variant == SdVariant::StableDiffusion { 0.375 } else { 0.5 };
     let mut guidance = GuidanceConfig::nag_default();
     guidance.method = method;
     guidance.nag = NagParams { scale: 3.0, tau: 2.5, alpha, norm: Default::default() };
@@ -500,7 +504,7 @@ fn is_trailing(scheduler: &dyn Scheduler) -> bool {
 impl TextToImage for StableDiffusionPipeline {
     fn defaults(&self) -> Defaults {
         let px = self.unet.config().sample_size.unwrap_or(64) * self.vae_factor();
-        unet_defaults(self.family, self.scheduler.as_ref(), is_trailing(self.scheduler.as_ref()), px)
+        unet_defaults(self.variant, self.scheduler.as_ref(), is_trailing(self.scheduler.as_ref()), px)
     }
 
     fn validate(&self, req: &ResolvedRequest) -> Result<()> {
