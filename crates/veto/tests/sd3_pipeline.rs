@@ -244,8 +244,8 @@ fn cfg_with_vsf_runs_and_differs_from_each_alone() {
             .unwrap()
     };
     let method = AttentionGuidance::Vsf(r.guidance.vsf);
-    let v_vsf =
-        call(&pos, Some(&NegativeContext { method: &method, states: &vsf_neg.embeds, pooled: None, rows: 0..1 }));
+    let vsf_context = NegativeContext { method: &method, states: &vsf_neg.embeds, pooled: None, rows: 0..1 };
+    let v_vsf = call(&pos, Some(&vsf_context));
     let v_neg = call(&neg, None);
     let v = (&v_neg + ((&v_vsf - &v_neg).unwrap() * 2.0).unwrap()).unwrap();
     assert_close("cfg+vsf by hand", &both, &(x - v).unwrap(), 1e-5);

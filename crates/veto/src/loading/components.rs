@@ -3,8 +3,8 @@
 
 use std::path::{Path, PathBuf};
 
+use super::config::read_config;
 use super::model_source::ModelSource;
-use super::safetensors_files::read_json;
 use crate::error::{Error, Result};
 use crate::text::clip::ClipTokenizer;
 
@@ -34,7 +34,7 @@ pub fn weights_dir(source: &ModelSource, component: &str, stem: &str) -> Result<
         what: format!("the model has neither {single} nor {index_rel}"),
         path: source.describe(component),
     })?;
-    let json: serde_json::Value = read_json(&index, "weights index")?;
+    let json: serde_json::Value = read_config(&index, "weights index")?;
     let map = json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::BadModelFile {
         path: index.display().to_string(),
         reason: "no \"weight_map\" object".into(),

@@ -1,6 +1,7 @@
 //! Loading models: diffusers folders, sharded safetensors, the Hugging Face hub cache.
 
 pub mod components;
+pub mod config;
 pub mod model_index;
 pub mod model_source;
 pub mod safetensors_files;

@@ -12,6 +12,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
+use crate::loading::config::read_config;
 
 /// Pipeline classes this crate can run.
 pub const SUPPORTED_PIPELINES: &[&str] =
@@ -61,17 +62,18 @@ impl ModelIndex {
     /// Reads `model_index.json` from a file.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
-            what: format!("cannot read model index ({e})"),
-            path: path.display().to_string(),
-        })?;
-        Self::from_json(&text, &path.display().to_string())
+        Self::from_value(read_config(path, "model index")?, &path.display().to_string())
     }
 
     /// Parses the JSON text; `origin` (a path or description) is used in error messages.
     pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| Error::BadModelFile { path: origin.to_string(), reason: format!("not valid JSON: {e}") })?;
+        Self::from_value(value, origin)
+    }
+
+    fn from_value(value: Value, origin: &str) -> Result<Self> {
         let bad = |reason: String| Error::BadModelFile { path: origin.to_string(), reason };
-        let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
         let Value::Object(map) = value else {
             return Err(bad("expected a JSON object".to_string()));
         };

@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
+use super::config::read_config;
 use crate::error::{Error, Result};
 
 /// The safetensors files holding the weights in `dir`, for a file stem such as `"model"`
@@ -31,8 +32,7 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
         });
     }
     let bad = |reason: String| Error::BadModelFile { path: index.display().to_string(), reason };
-    let text = std::fs::read_to_string(&index).map_err(|e| bad(format!("cannot read: {e}")))?;
-    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let json: serde_json::Value = read_config(&index, "weights index")?;
     let map =
         json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no \"weight_map\" object".into()))?;
     let mut shards = BTreeSet::new();
@@ -62,17 +62,9 @@ pub fn weight_files(dir: &Path, stem: &str) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Read and parse a JSON config file; errors name the file and what is wrong with it.
-pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => {
-            Error::MissingFile { what: format!("{what} not found"), path: path.display().to_string() }
-        }
-        _ => Error::BadModelFile { path: path.display().to_string(), reason: format!("cannot read {what}: {e}") },
-    })?;
-    serde_json::from_str(&text)
-        .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: format!("invalid {what}: {e}") })
-}
+/// Read and parse a JSON config file: [`read_config`](super::config::read_config), under its
+/// older name.
+pub use super::config::read_config as read_json;
 
 /// Memory-map `files` into a `VarBuilder` converting every tensor to `dtype` on `device`.
 pub fn var_builder(

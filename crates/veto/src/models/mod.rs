@@ -1,6 +1,7 @@
 //! Models: denoisers (Flux), VAEs.
 
 pub mod flux;
+pub mod layers;
 pub mod mmdit;
 pub mod unet;
 pub mod vae;

@@ -11,7 +11,8 @@ use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEnco
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
-use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
+use crate::loading::config::read_config;
+use crate::loading::safetensors_files::{var_builder, weight_files};
 
 fn default_channels() -> usize {
     3
@@ -159,7 +160,7 @@ impl AutoencoderKl {
             return Err(Error::MissingFile { what: "VAE folder not found".into(), path: dir.display().to_string() });
         }
         let config_path = dir.join("config.json");
-        let config: VaeConfig = read_json(&config_path, "VAE config")?;
+        let config: VaeConfig = read_config(&config_path, "VAE config")?;
         config.validate(&config_path)?;
         let files = weight_files(dir, "diffusion_pytorch_model")?;
         let vb = var_builder(&files, dtype, device)?;

@@ -22,7 +22,8 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
 use super::{check_ids, encode_fixed_length, ids_to_host, TokenizedText};
 use crate::error::{Error, Result};
-use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
+use crate::loading::config::read_config;
+use crate::loading::safetensors_files::{var_builder, weight_files};
 
 /// CLIP's word pattern (transformers `CLIPTokenizer`): the special tokens, contractions,
 /// letter runs, single digits, runs of other non-space characters.
@@ -131,7 +132,7 @@ fn build_from_vocab_merges(dir: &Path, bos: &str, eos: &str, unk: &str, pad: &st
             });
         }
     }
-    let vocab: HashMap<String, u32> = read_json(&vocab_path, "CLIP vocabulary")?;
+    let vocab: HashMap<String, u32> = read_config(&vocab_path, "CLIP vocabulary")?;
     let merges_text = std::fs::read_to_string(&merges_path).map_err(|e| Error::BadModelFile {
         path: merges_path.display().to_string(),
         reason: format!("cannot read: {e}"),
@@ -398,7 +399,7 @@ impl ClipTextEncoder {
             });
         }
         let config_path = dir.join("config.json");
-        let mut json: serde_json::Value = read_json(&config_path, "CLIP text config")?;
+        let mut json: serde_json::Value = read_config(&config_path, "CLIP text config")?;
         // A full CLIPModel config nests the text part.
         if let Some(text) = json.get("text_config").filter(|t| t.is_object()) {
             json = text.clone();

@@ -11,7 +11,8 @@ use tokenizers::Tokenizer;
 
 use super::{check_ids, encode_fixed_length, ids_to_host, TokenizedText};
 use crate::error::{Error, Result};
-use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
+use crate::loading::config::read_config;
+use crate::loading::safetensors_files::{var_builder, weight_files};
 
 /// The T5 tokenizer of a folder such as `tokenizer_2/`, read from its `tokenizer.json`.
 #[derive(Debug, Clone)]
@@ -103,7 +104,7 @@ impl T5TextEncoder {
                 path: dir.display().to_string(),
             });
         }
-        let config: T5Config = read_json(&dir.join("config.json"), "T5 config")?;
+        let config: T5Config = read_config(&dir.join("config.json"), "T5 config")?;
         let files = weight_files(dir, "model")?;
         let vb = var_builder(&files, dtype, device)?;
         let model = T5EncoderModel::load(vb, &config).map_err(|e| Error::BadModelFile {

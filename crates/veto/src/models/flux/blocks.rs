@@ -16,56 +16,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Linear, RmsNorm, VarBuilder};
 
 use super::embeddings::Rope;
-
-/// LayerNorm without affine parameters, eps 1e-6.
-fn layer_norm(x: &Tensor) -> Result<Tensor> {
-    let dim = x.dim(D::Minus1)?;
-    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
-    let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
-    candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)
-}
-
-/// `norm(x) * (1 + scale) + shift`, with `scale`/`shift` `[B, dim]`.
-fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    layer_norm(x)?.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
-}
-
-/// `SiLU -> Linear(dim, n*dim)`, chunked into `n` vectors `[B, dim]` (AdaLayerNormZero & co).
-pub struct Modulation {
-    linear: Linear,
-    n: usize,
-}
-
-impl Modulation {
-    pub fn new(dim: usize, n: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear: candle_nn::linear(dim, n * dim, vb.pp("linear"))?, n })
-    }
-
-    pub fn chunks(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
-        self.linear.forward(&temb.silu()?)?.chunk(self.n, D::Minus1)
-    }
-}
-
-/// `Linear(dim, 4 dim) -> GELU(tanh) -> Linear(4 dim, dim)`.
-struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
-}
-
-impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            proj_in: candle_nn::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(4 * dim, dim, vb.pp("net.2"))?,
-        })
-    }
-}
-
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
-    }
-}
+use crate::models::layers::{gated_add, norm_and_modulate, FeedForward, Modulation};
 
 /// q/k/v projections of one token stream with per-head RMSNorm on q and k.
 struct Qkv {
@@ -159,9 +110,9 @@ impl DoubleBlock {
 
     /// Text stream update after attention: gated residual, modulated feed-forward.
     fn text_update(&self, txt: &Tensor, attn: &Tensor, m: &[Tensor]) -> Result<Tensor> {
-        let txt = (txt + self.to_add_out.forward(attn)?.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
-        let ff = self.ff_context.forward(&modulate(&txt, &m[3], &m[4])?)?;
-        txt + ff.broadcast_mul(&m[5].unsqueeze(1)?)?
+        let txt = gated_add(txt, &m[2], &self.to_add_out.forward(attn)?)?;
+        let ff = self.ff_context.forward(&norm_and_modulate(&txt, &m[3], &m[4])?)?;
+        gated_add(&txt, &m[5], &ff)
     }
 
     /// `rope_txt` covers the text rows, `rope_img` the image rows (both streams share text
@@ -177,17 +128,17 @@ impl DoubleBlock {
     ) -> Result<(Tensor, TextStreams)> {
         let scale = 1.0 / ((img.dim(D::Minus1)? / self.heads) as f64).sqrt();
         let mi = self.norm1.chunks(temb.pos)?;
-        let img_h = self.img_qkv.heads(&modulate(img, &mi[0], &mi[1])?, self.heads, rope_img)?;
+        let img_h = self.img_qkv.heads(&norm_and_modulate(img, &mi[0], &mi[1])?, self.heads, rope_img)?;
 
         let mp = self.norm1_context.chunks(temb.pos)?;
-        let pos_h = self.txt_qkv.heads(&modulate(&txt.pos, &mp[0], &mp[1])?, self.heads, rope_txt)?;
+        let pos_h = self.txt_qkv.heads(&norm_and_modulate(&txt.pos, &mp[0], &mp[1])?, self.heads, rope_txt)?;
         let pos_txt_attn = self.text_rows(&pos_h, &img_h, scale)?;
 
         // The negative text stream, with its own modulation, under guidance.
         let neg = match (method, &txt.neg, temb.neg) {
             (Some(_), Some(neg), Some(temb_neg)) => {
                 let mn = self.norm1_context.chunks(temb_neg)?;
-                let neg_h = self.txt_qkv.heads(&modulate(neg, &mn[0], &mn[1])?, self.heads, rope_txt)?;
+                let neg_h = self.txt_qkv.heads(&norm_and_modulate(neg, &mn[0], &mn[1])?, self.heads, rope_txt)?;
                 Some((neg, mn, neg_h))
             }
             (Some(_), _, _) => candle_core::bail!("attention guidance needs the negative text stream"),
@@ -214,7 +165,7 @@ impl DoubleBlock {
         };
 
         let img = (img + self.to_out.forward(&img_attn)?.broadcast_mul(&mi[2].unsqueeze(1)?)?)?;
-        let ff = self.ff.forward(&modulate(&img, &mi[3], &mi[4])?)?;
+        let ff = self.ff.forward(&norm_and_modulate(&img, &mi[3], &mi[4])?)?;
         let img = (&img + ff.broadcast_mul(&mi[5].unsqueeze(1)?)?)?;
         let pos = self.text_update(&txt.pos, &pos_txt_attn, &mp)?;
         Ok((img, TextStreams { pos, neg: neg_out }))
@@ -253,7 +204,7 @@ impl SingleBlock {
     ) -> Result<Tensor> {
         let scale = 1.0 / ((x.dim(D::Minus1)? / self.heads) as f64).sqrt();
         let m = self.norm.chunks(temb)?;
-        let h = modulate(x, &m[0], &m[1])?;
+        let h = norm_and_modulate(x, &m[0], &m[1])?;
         let mlp = self.proj_mlp.forward(&h)?.gelu()?;
         let heads = self.qkv.heads(&h, self.heads, rope)?;
         let mut attn = merge_heads(&sdpa(&heads.q, &heads.k, &heads.v, scale)?)?;

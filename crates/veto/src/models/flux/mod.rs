@@ -6,12 +6,14 @@ pub mod blocks;
 pub mod embeddings;
 pub mod latents;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::guidance::NegativeContext;
+use crate::loading::config::read_checked_config;
+use crate::models::layers::{AdaNormContinuous, TimeTextEmbed};
 use blocks::{DoubleBlock, SingleBlock, Temb, TextStreams};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use embeddings::{Rope, TimeTextEmbed};
+use embeddings::Rope;
 use serde::Deserialize;
 use std::path::Path;
 
@@ -72,14 +74,7 @@ fn d_axes() -> Vec<usize> {
 
 impl FluxConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
-            what: format!("cannot read Flux transformer config ({e})"),
-            path: path.display().to_string(),
-        })?;
-        let cfg: FluxConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: e.to_string() })?;
-        cfg.check().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
-        Ok(cfg)
+        read_checked_config(path, "Flux transformer config", Self::check)
     }
 
     fn check(&self) -> std::result::Result<(), String> {
@@ -146,7 +141,7 @@ pub struct FluxTransformer {
     context_embedder: Linear,
     double_blocks: Vec<DoubleBlock>,
     single_blocks: Vec<SingleBlock>,
-    norm_out: blocks::Modulation,
+    norm_out: AdaNormContinuous,
     proj_out: Linear,
     config: FluxConfig,
 }
@@ -172,7 +167,7 @@ impl FluxTransformer {
             context_embedder: candle_nn::linear(config.joint_attention_dim, dim, vb.pp("context_embedder"))?,
             double_blocks,
             single_blocks,
-            norm_out: blocks::Modulation::new(dim, 2, vb.pp("norm_out"))?,
+            norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"))?,
             proj_out: candle_nn::linear(dim, config.out_channels(), vb.pp("proj_out"))?,
             config: config.clone(),
         })
@@ -278,14 +273,7 @@ impl FluxTransformer {
         }
 
         let img = x.narrow(0, 0, b)?.narrow(1, text_len, image_len)?;
-        let m = self.norm_out.chunks(&temb_pos)?; // AdaLayerNormContinuous: scale, then shift
-        let (scale, shift) = (&m[0], &m[1]);
-        let dim = img.dim(2)?;
-        let ones = Tensor::ones(dim, img.dtype(), img.device())?;
-        let zeros = Tensor::zeros(dim, img.dtype(), img.device())?;
-        let normed = candle_nn::ops::layer_norm(&img, &ones, &zeros, 1e-6)?;
-        let img = normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)?;
-        self.proj_out.forward(&img)
+        self.proj_out.forward(&self.norm_out.forward(&img, &temb_pos)?)
     }
 
     pub fn dtype_hint(&self) -> DType {

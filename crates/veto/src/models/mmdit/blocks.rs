@@ -23,61 +23,7 @@ use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyV
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{Linear, RmsNorm, VarBuilder};
 
-/// LayerNorm without affine parameters, eps 1e-6.
-fn layer_norm(x: &Tensor) -> Result<Tensor> {
-    let dim = x.dim(D::Minus1)?;
-    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
-    let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
-    candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)
-}
-
-/// `x * (1 + scale) + shift`, with `scale`/`shift` `[B, dim]`.
-fn modulate(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
-    normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
-}
-
-/// `x + gate * y`, with `gate` `[B, dim]`.
-fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
-    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
-}
-
-/// `SiLU -> Linear(dim, n*dim)` chunked into `n` vectors `[B, dim]` (AdaLayerNormZero,
-/// SD35AdaLayerNormZeroX, AdaLayerNormContinuous share this head).
-struct Modulation {
-    linear: Linear,
-    n: usize,
-}
-
-impl Modulation {
-    fn new(dim: usize, n: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear: candle_nn::linear(dim, n * dim, vb.pp("linear"))?, n })
-    }
-
-    fn chunks(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
-        self.linear.forward(&temb.silu()?)?.chunk(self.n, D::Minus1)
-    }
-}
-
-/// `Linear(dim, 4 dim) -> GELU(tanh) -> Linear(4 dim, dim)`.
-struct FeedForward {
-    proj_in: Linear,
-    proj_out: Linear,
-}
-
-impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            proj_in: candle_nn::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(4 * dim, dim, vb.pp("net.2"))?,
-        })
-    }
-}
-
-impl Module for FeedForward {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
-    }
-}
+use crate::models::layers::{gated_add, layer_norm, modulate_normed, norm_and_modulate, FeedForward, Modulation};
 
 /// q/k/v projections of one token stream, with the optional per-head RMSNorm of q and k
 /// (`qk_norm: "rms_norm"`). `q` is absent where no query is ever needed (the text side of a
@@ -252,10 +198,10 @@ impl JointBlock {
         let normed = layer_norm(txt)?;
         if self.context_pre_only {
             // AdaLayerNormContinuous: scale first, then shift.
-            return Ok(TextModulation { normed: modulate(&normed, &m[1], &m[0])?, rest: None });
+            return Ok(TextModulation { normed: modulate_normed(&normed, &m[1], &m[0])?, rest: None });
         }
         Ok(TextModulation {
-            normed: modulate(&normed, &m[0], &m[1])?,
+            normed: modulate_normed(&normed, &m[0], &m[1])?,
             rest: Some([m[2].clone(), m[3].clone(), m[4].clone(), m[5].clone()]),
         })
     }
@@ -268,7 +214,7 @@ impl JointBlock {
             return Ok(None);
         };
         let txt = gated_add(txt, gate_msa, &to_add_out.forward(&attn)?)?;
-        let ff_out = ff.forward(&modulate(&layer_norm(&txt)?, shift_mlp, scale_mlp)?)?;
+        let ff_out = ff.forward(&norm_and_modulate(&txt, shift_mlp, scale_mlp)?)?;
         Ok(Some(gated_add(&txt, gate_mlp, &ff_out)?))
     }
 
@@ -293,7 +239,7 @@ impl JointBlock {
         let scale = 1.0 / ((img.dim(D::Minus1)? / heads) as f64).sqrt();
         let m = self.norm1.chunks(temb)?;
         let img_normed = layer_norm(img)?;
-        let img_h = self.img.heads(&modulate(&img_normed, &m[0], &m[1])?, heads)?;
+        let img_h = self.img.heads(&modulate_normed(&img_normed, &m[0], &m[1])?, heads)?;
         let tm = self.text_modulation(txt, temb)?;
         let txt_h = self.txt.heads(&tm.normed, heads)?;
         let n_img = img.dim(1)?;
@@ -382,11 +328,11 @@ impl JointBlock {
         let mut img_out = gated_add(img, &m[2], &self.to_out.forward(&z_img)?)?;
         if let Some((proj, to_out)) = &self.attn2 {
             // SD35AdaLayerNormZeroX: attn2 sees the block input modulated by chunks 6 and 7.
-            let h2 = proj.heads(&modulate(&img_normed, &m[6], &m[7])?, heads)?;
+            let h2 = proj.heads(&modulate_normed(&img_normed, &m[6], &m[7])?, heads)?;
             let a2 = merge_heads(&sdpa(h2.q()?, &h2.k, &h2.v, scale)?)?;
             img_out = gated_add(&img_out, &m[8], &to_out.forward(&a2)?)?;
         }
-        let ff_out = self.ff.forward(&modulate(&layer_norm(&img_out)?, &m[3], &m[4])?)?;
+        let ff_out = self.ff.forward(&modulate_normed(&layer_norm(&img_out)?, &m[3], &m[4])?)?;
         let img_out = gated_add(&img_out, &m[5], &ff_out)?;
         let txt_out = self.text_update(txt, txt_attn, &tm)?;
         Ok(Streams { img: img_out, txt: txt_out, neg: neg_out })

@@ -6,12 +6,13 @@
 pub mod blocks;
 pub mod embeddings;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::guidance::vsf;
 use crate::guidance::{AttentionGuidance, NegativeContext};
-use crate::models::flux::embeddings::TimeTextEmbed;
+use crate::loading::config::read_checked_config;
+use crate::models::layers::{AdaNormContinuous, TimeTextEmbed};
 use blocks::{BlockGuide, JointBlock};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
 use embeddings::PatchEmbed;
 use serde::Deserialize;
@@ -81,14 +82,7 @@ fn d_pos_max() -> usize {
 
 impl MmditConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
-            what: format!("cannot read SD3 transformer config ({e})"),
-            path: path.display().to_string(),
-        })?;
-        let cfg: MmditConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: e.to_string() })?;
-        cfg.check().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
-        Ok(cfg)
+        read_checked_config(path, "SD3 transformer config", Self::check)
     }
 
     fn check(&self) -> std::result::Result<(), String> {
@@ -155,7 +149,7 @@ pub struct MmditTransformer {
     time_text_embed: TimeTextEmbed,
     context_embedder: Linear,
     blocks: Vec<JointBlock>,
-    norm_out: Linear,
+    norm_out: AdaNormContinuous,
     proj_out: Linear,
     config: MmditConfig,
 }
@@ -192,7 +186,7 @@ impl MmditTransformer {
                 vb.pp("context_embedder"),
             )?,
             blocks,
-            norm_out: candle_nn::linear(dim, 2 * dim, vb.pp("norm_out.linear"))?,
+            norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"))?,
             proj_out: candle_nn::linear(
                 dim,
                 config.patch_size * config.patch_size * config.out_channels(),
@@ -284,14 +278,7 @@ impl MmditTransformer {
             neg = out.neg;
         }
 
-        // AdaLayerNormContinuous: scale, then shift.
-        let m = self.norm_out.forward(&temb.silu()?)?.chunk(2, D::Minus1)?;
-        let dim = img.dim(2)?;
-        let ones = Tensor::ones(dim, img.dtype(), img.device())?;
-        let zeros = Tensor::zeros(dim, img.dtype(), img.device())?;
-        let normed = candle_nn::ops::layer_norm(&img, &ones, &zeros, 1e-6)?;
-        let img = normed.broadcast_mul(&(m[0].unsqueeze(1)? + 1.0)?)?.broadcast_add(&m[1].unsqueeze(1)?)?;
-        let out = self.proj_out.forward(&img)?;
+        let out = self.proj_out.forward(&self.norm_out.forward(&img, &temb)?)?;
         embeddings::unpatchify(&out, h, w, p)
     }
 }

@@ -1,8 +1,7 @@
-//! Sinusoidal timestep features and the small MLPs that embed them (diffusers `Timesteps`,
-//! `TimestepEmbedding`), shared by the time embedding and SDXL's `text_time` embedding.
+//! Sinusoidal timestep features (diffusers `Timesteps`), shared by the time embedding and
+//! SDXL's `text_time` embedding; the MLP that embeds them is [`crate::models::layers::MlpEmbedder`].
 
-use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_core::{Device, Result, Tensor};
 
 /// diffusers' `get_timestep_embedding` for a list of values, computed in f32 as torch does:
 /// frequencies `exp(-ln(10000) j / (half - shift))`, features `[sin, cos]` (`[cos, sin]` with
@@ -39,27 +38,6 @@ pub fn sinusoidal(
         }
     }
     Tensor::from_vec(data, (values.len(), dim), device)
-}
-
-/// `TimestepEmbedding`: `linear_1`, SiLU, `linear_2`.
-pub struct TimestepEmbedding {
-    linear_1: Linear,
-    linear_2: Linear,
-}
-
-impl TimestepEmbedding {
-    pub fn new(cin: usize, cout: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self {
-            linear_1: candle_nn::linear(cin, cout, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(cout, cout, vb.pp("linear_2"))?,
-        })
-    }
-}
-
-impl Module for TimestepEmbedding {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
-    }
 }
 
 #[cfg(test)]

@@ -21,9 +21,11 @@ use serde::Deserialize;
 pub use attention::{BlockContext, Perturbation};
 pub use crate::guidance::NegativeContext;
 use blocks::{BlockSpec, DownBlock, MidBlock, ResnetSpec, UpBlock};
-use embeddings::{sinusoidal, TimestepEmbedding};
+use embeddings::sinusoidal;
 
 use crate::error::{Error, Result};
+use crate::loading::config::read_checked_config;
+use crate::models::layers::MlpEmbedder;
 
 /// A config value that is either one value for every block or one per block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -218,14 +220,7 @@ struct Resolved {
 
 impl UNetConfig {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
-            what: format!("cannot read UNet config ({e})"),
-            path: path.display().to_string(),
-        })?;
-        let cfg: UNetConfig = serde_json::from_str(&text)
-            .map_err(|e| Error::BadModelFile { path: path.display().to_string(), reason: e.to_string() })?;
-        cfg.resolve().map_err(|reason| Error::BadModelFile { path: path.display().to_string(), reason })?;
-        Ok(cfg)
+        read_checked_config(path, "UNet config", Self::resolve)
     }
 
     /// Whether this UNet takes SDXL's `text_embeds` + `time_ids` (`addition_embed_type: text_time`).
@@ -410,8 +405,8 @@ pub type Trace = Vec<(String, Tensor)>;
 
 pub struct UNet2DConditionModel {
     conv_in: Conv2d,
-    time_embedding: TimestepEmbedding,
-    add_embedding: Option<TimestepEmbedding>,
+    time_embedding: MlpEmbedder,
+    add_embedding: Option<MlpEmbedder>,
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
@@ -440,9 +435,9 @@ impl UNet2DConditionModel {
             pad(config.conv_in_kernel),
             vb.pp("conv_in"),
         )?;
-        let time_embedding = TimestepEmbedding::new(ch[0], temb_dim, vb.pp("time_embedding"))?;
+        let time_embedding = MlpEmbedder::new(ch[0], temb_dim, vb.pp("time_embedding"))?;
         let add_embedding = match r.text_time {
-            Some((_, proj)) => Some(TimestepEmbedding::new(proj, temb_dim, vb.pp("add_embedding"))?),
+            Some((_, proj)) => Some(MlpEmbedder::new(proj, temb_dim, vb.pp("add_embedding"))?),
             None => None,
         };
         let resnet = ResnetSpec {

@@ -1,0 +1,187 @@
+//! Building blocks shared by the Flux and MMDiT transformers: the adaptive-norm modulation
+//! heads (diffusers `AdaLayerNormZero`, `AdaLayerNormContinuous`), the GELU feed-forward, and
+//! the timestep + pooled-text conditioning embedding.
+
+use candle_core::{DType, Module, Result, Tensor, D};
+use candle_nn::{Linear, VarBuilder};
+
+/// LayerNorm without affine parameters, eps 1e-6 (every norm of both transformers).
+pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let dim = x.dim(D::Minus1)?;
+    let ones = Tensor::ones(dim, x.dtype(), x.device())?;
+    let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
+    candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)
+}
+
+/// `normed * (1 + scale) + shift` on an already normalised `[B, S, dim]`, with `shift`/`scale`
+/// `[B, dim]`. For when one normalised input feeds several modulations.
+pub fn modulate_normed(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// [`layer_norm`] then [`modulate_normed`].
+pub fn norm_and_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    modulate_normed(&layer_norm(x)?, shift, scale)
+}
+
+/// `x + gate * y`, with `gate` `[B, dim]`: the gated residuals of AdaLayerNormZero blocks.
+pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    x + y.broadcast_mul(&gate.unsqueeze(1)?)?
+}
+
+/// `SiLU -> Linear(dim, n*dim)` (checkpoint key `linear`), chunked into `n` vectors `[B, dim]`:
+/// the head of AdaLayerNormZero (6), SD35AdaLayerNormZeroX (9), Flux's single-block norm (3)
+/// and AdaLayerNormContinuous (2).
+pub struct Modulation {
+    linear: Linear,
+    n: usize,
+}
+
+impl Modulation {
+    pub fn new(dim: usize, n: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { linear: candle_nn::linear(dim, n * dim, vb.pp("linear"))?, n })
+    }
+
+    pub fn chunks(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
+        self.linear.forward(&temb.silu()?)?.chunk(self.n, D::Minus1)
+    }
+}
+
+/// AdaLayerNormContinuous without affine norm (the transformers' `norm_out`): its two chunks
+/// are scale first, then shift, the reverse of AdaLayerNormZero.
+pub struct AdaNormContinuous {
+    modulation: Modulation,
+}
+
+impl AdaNormContinuous {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { modulation: Modulation::new(dim, 2, vb)? })
+    }
+
+    /// `x` `[B, S, dim]` conditioned on `temb` `[B, dim]`.
+    pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let m = self.modulation.chunks(temb)?;
+        norm_and_modulate(x, &m[1], &m[0])
+    }
+}
+
+/// `Linear(dim, 4 dim) -> GELU(tanh) -> Linear(4 dim, dim)` (keys `net.0.proj`, `net.2`).
+pub struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            proj_in: candle_nn::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
+            proj_out: candle_nn::linear(4 * dim, dim, vb.pp("net.2"))?,
+        })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+    }
+}
+
+/// Sinusoidal features of `t` ([B], already on the 0..1000 scale), `channels` wide with cos
+/// first (diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`). Computed in
+/// f32 in the same order as diffusers: with Flux's guidance x1000 the arguments reach ~3500, so
+/// the frequencies must round exactly like theirs to stay within 1e-4.
+pub fn timestep_features(t: &Tensor, channels: usize) -> Result<Tensor> {
+    let half = channels / 2;
+    let neg_ln = -(10000f64.ln()) as f32;
+    let freqs: Vec<f32> = (0..half).map(|i| ((neg_ln * i as f32) / half as f32).exp()).collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)
+}
+
+/// `linear_1 -> SiLU -> linear_2` (diffusers `TimestepEmbedding`, `PixArtAlphaTextProjection`).
+pub struct MlpEmbedder {
+    linear_1: Linear,
+    linear_2: Linear,
+}
+
+impl MlpEmbedder {
+    pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear_1: candle_nn::linear(in_dim, dim, vb.pp("linear_1"))?,
+            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+        })
+    }
+}
+
+impl Module for MlpEmbedder {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)
+    }
+}
+
+/// `time_text_embed`: timestep (+ guidance, Flux-dev) + pooled text -> the conditioning vector
+/// `temb` (diffusers `CombinedTimestep[Guidance]TextProjEmbeddings`).
+pub struct TimeTextEmbed {
+    timestep_embedder: MlpEmbedder,
+    guidance_embedder: Option<MlpEmbedder>,
+    text_embedder: MlpEmbedder,
+}
+
+impl TimeTextEmbed {
+    pub fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
+        let guidance_embedder =
+            if guidance { Some(MlpEmbedder::new(256, dim, vb.pp("guidance_embedder"))?) } else { None };
+        Ok(Self {
+            timestep_embedder: MlpEmbedder::new(256, dim, vb.pp("timestep_embedder"))?,
+            guidance_embedder,
+            text_embedder: MlpEmbedder::new(pooled_dim, dim, vb.pp("text_embedder"))?,
+        })
+    }
+
+    pub fn has_guidance(&self) -> bool {
+        self.guidance_embedder.is_some()
+    }
+
+    /// `t` and `guidance` on the 0..1000 scale, `[B]`; `pooled` `[B, pooled_dim]`.
+    pub fn forward(&self, t: &Tensor, guidance: Option<&Tensor>, pooled: &Tensor) -> Result<Tensor> {
+        let dtype = pooled.dtype();
+        let mut emb = self.timestep_embedder.forward(&timestep_features(t, 256)?.to_dtype(dtype)?)?;
+        if let (Some(embedder), Some(g)) = (&self.guidance_embedder, guidance) {
+            emb = (emb + embedder.forward(&timestep_features(g, 256)?.to_dtype(dtype)?)?)?;
+        }
+        emb + self.text_embedder.forward(pooled)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn timestep_features_cos_first() {
+        let t = Tensor::new(&[0f32, 1.0], &Device::Cpu).unwrap();
+        let f = timestep_features(&t, 4).unwrap().to_vec2::<f32>().unwrap();
+        // t = 0: cos = 1, sin = 0. t = 1: freqs [1, 0.01].
+        assert_eq!(f[0], vec![1.0, 1.0, 0.0, 0.0]);
+        assert!((f[1][0] - 1f32.cos()).abs() < 1e-6 && (f[1][2] - 1f32.sin()).abs() < 1e-6);
+        assert!((f[1][1] - 0.01f32.cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn modulation_shift_and_scale() {
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[[[1f32, 3.0], [0.0, 4.0]]], &dev).unwrap();
+        let shift = Tensor::new(&[[1f32, -1.0]], &dev).unwrap();
+        let scale = Tensor::new(&[[1f32, 0.0]], &dev).unwrap();
+        // Each row normalises to about [-1, 1]; then * [2, 1] + [1, -1].
+        let y = norm_and_modulate(&x, &shift, &scale).unwrap().to_vec3::<f32>().unwrap();
+        for row in &y[0] {
+            assert!((row[0] + 1.0).abs() < 1e-4 && row[1].abs() < 1e-4, "{row:?}");
+        }
+        let gate = Tensor::new(&[[2f32, 0.0]], &dev).unwrap();
+        let z = gated_add(&x, &gate, &x).unwrap().to_vec3::<f32>().unwrap();
+        assert_eq!(z[0], vec![vec![3.0, 3.0], vec![0.0, 4.0]]);
+    }
+}
