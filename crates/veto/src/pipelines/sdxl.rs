@@ -39,7 +39,8 @@ use crate::models::unet::{PagLayers, Perturbation, RowGuidance, UNet2DConditionM
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
 use crate::pipelines::{Defaults, GenerateRequest, StepEvent, TextToImage};
-use crate::schedulers::scheduler::{load_scheduler, Scheduler, SeededNoise};
+use crate::schedulers::load_scheduler;
+use crate::schedulers::scheduler::{Scheduler, SeededNoise};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
 
