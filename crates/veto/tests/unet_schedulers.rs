@@ -8,7 +8,8 @@ mod common;
 
 use candle_core::Tensor;
 use common::{assert_close, fixtures, Fixture};
-use veto::schedulers::scheduler::{load_scheduler, FixedNoise, Scheduler};
+use veto::schedulers::load_scheduler;
+use veto::schedulers::scheduler::{FixedNoise, Scheduler};
 
 fn close_list(what: &str, got: &[f64], want: &Tensor, tol: f64) {
     let want: Vec<f32> = want.to_vec1().unwrap();
@@ -142,7 +143,7 @@ fn unknown_scheduler_class_is_a_clear_error() {
     let err = load_scheduler(&path).err().unwrap().to_string();
     assert!(err.contains("PNDMScheduler"), "{err}");
     assert!(err.contains("sd15_pndm.json"), "{err}");
-    for supported in veto::schedulers::scheduler::SUPPORTED {
+    for supported in veto::schedulers::SUPPORTED {
         assert!(err.contains(supported), "{err}");
     }
 }

@@ -12,7 +12,8 @@ use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, Text
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
 use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
-use crate::schedulers::flow_match_euler::FlowMatchEulerScheduler;
+use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
+use crate::schedulers::scheduler::{NoNoise, Scheduler};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use candle_core::{DType, Device, Tensor};
@@ -63,7 +64,8 @@ impl FluxPipeline {
             });
         }
         let sched = source.file("scheduler/scheduler_config.json")?;
-        let scheduler = FlowMatchEulerScheduler::from_config_file(&sched)?;
+        let scheduler =
+            FlowMatchEulerScheduler::from_config_file(&sched)?.with_sigma_source(SigmaSource::PipelineLinspace);
         Ok(Self {
             clip_tokenizer,
             clip,
@@ -155,14 +157,18 @@ impl FluxPipeline {
         let mut planner = GuidancePlanner::new(g, FLUX.cfg_scale, req.guidance_scale, FLUX.window, n_train);
         let img_ids = latents::image_ids(lh, lw, &self.device)?;
         let txt_ids = latents::text_ids(positive.hidden.dim(1)?, &self.device)?;
-        let schedule = self.scheduler.timesteps_for(req.steps, img_ids.dim(0)?)?;
+        // A fresh scheduler per generation: it keeps the step state.
+        let mut scheduler = self.scheduler.clone();
+        scheduler.set_image_seq_len(img_ids.dim(0)?);
+        scheduler.set_timesteps(req.steps)?;
+        let timesteps = scheduler.timesteps().to_vec();
         let guidance = if model_cfg.guidance_embeds {
             Some(Tensor::new(&[req.guidance_scale as f32], &self.device)?.to_dtype(self.dtype)?)
         } else {
             None
         };
-        let total = schedule.timesteps.len();
-        for (i, &t) in schedule.timesteps.iter().enumerate() {
+        let total = timesteps.len();
+        for (i, &t) in timesteps.iter().enumerate() {
             let plan = planner.step(t);
             // diffusers feeds `t / 1000` in the latents' dtype; the model scales it back.
             let timestep = (Tensor::new(&[t as f32], &self.device)? / 1000.0)?.to_dtype(self.dtype)?;
@@ -189,7 +195,7 @@ impl FluxPipeline {
                 _ => None,
             };
             let v = plan.combine_outputs(&v, v_neg.as_ref(), None)?;
-            x = self.scheduler.step(&v, schedule.sigmas[i], schedule.sigmas[i + 1], &x)?;
+            x = scheduler.step(&v, &x, &mut NoNoise)?;
             let unpacked = latents::unpack(&x, lh, lw)?;
             on_step(StepEvent {
                 index: i,

@@ -32,7 +32,8 @@ use crate::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
 use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
-use crate::schedulers::flow_match_euler::{FlowMatchEulerConfig, FlowMatchEulerScheduler};
+use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
+use crate::schedulers::scheduler::{NoNoise, Scheduler};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use crate::text::TokenizedText;
@@ -137,7 +138,8 @@ impl Sd3Pipeline {
                 ),
             });
         }
-        let scheduler = FlowMatchEulerScheduler::from_config_file(source.file("scheduler/scheduler_config.json")?)?;
+        let scheduler = FlowMatchEulerScheduler::from_config_file(source.file("scheduler/scheduler_config.json")?)?
+            .with_sigma_source(SigmaSource::SchedulerDefault);
         if scheduler.config().invert_sigmas {
             return Err(Error::BadModelFile {
                 path: source.describe("scheduler"),
@@ -346,11 +348,14 @@ impl Sd3Pipeline {
         };
 
         let image_seq_len = (lh / model_cfg.patch_size) * (lw / model_cfg.patch_size);
-        let sigmas = sd3_sigmas(self.scheduler.config(), self.scheduler.mu(image_seq_len), req.steps)?;
+        // A fresh scheduler per generation: it keeps the step state.
+        let mut scheduler = self.scheduler.clone();
+        scheduler.set_image_seq_len(image_seq_len);
+        scheduler.set_timesteps(req.steps)?;
         let total = req.steps;
         for i in 0..total {
             // diffusers: timesteps = sigmas * num_train_timesteps in f32, passed to the model as is.
-            let t = sigmas[i] as f32 * n_train;
+            let t = scheduler.timesteps()[i] as f32;
             let plan = planner.step(t as f64);
             let call = |latents: &Tensor, text: &Sd3Text, negative: Option<&NegativeContext>| -> Result<Tensor> {
                 let b = latents.dim(0)?;
@@ -396,7 +401,7 @@ impl Sd3Pipeline {
                 }
             };
             let v = plan.combine_outputs(&v_cond, v_uncond.as_ref(), None)?;
-            x = self.scheduler.step(&v, sigmas[i], sigmas[i + 1], &x)?;
+            x = scheduler.step(&v, &x, &mut NoNoise)?;
             on_step(StepEvent {
                 index: i,
                 total,
@@ -407,60 +412,6 @@ impl Sd3Pipeline {
         }
         Ok(x)
     }
-}
-
-/// numpy's `linspace(start, stop, n)` (endpoint included, last value exactly `stop`).
-fn np_linspace(start: f64, stop: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
-    }
-    let step = (stop - start) / (n - 1) as f64;
-    let mut v: Vec<f64> = (0..n).map(|i| i as f64 * step + start).collect();
-    v[n - 1] = stop;
-    v
-}
-
-/// The `steps + 1` sigmas diffusers' `FlowMatchEulerDiscreteScheduler` gives the SD3
-/// pipeline, which passes no sigmas: the scheduler's construction shifts its 1000 training
-/// sigmas (f32) and keeps the extremes; `set_timesteps` then spaces `t` linearly between them
-/// (f64), divides by 1000 and shifts *again* (static `shift`, or the time shift with `mu`),
-/// optionally stretches to `shift_terminal`, rounds to f32 and appends 0. `mu` is only used
-/// with dynamic shifting.
-pub fn sd3_sigmas(config: &FlowMatchEulerConfig, mu: Option<f64>, steps: usize) -> Result<Vec<f64>> {
-    if steps == 0 {
-        return Err(Error::invalid("the number of inference steps must be at least 1"));
-    }
-    let n_train = config.num_train_timesteps;
-    let shift_f32 = |s: f32| -> f32 {
-        let shift = config.shift as f32;
-        shift * s / (1.0 + (config.shift - 1.0) as f32 * s)
-    };
-    // Construction: sigmas = linspace(1, n, n)[::-1] / n (f32), shifted unless dynamic.
-    // Its first training sigma is n / n = 1 exactly, its last 1 / n in f32.
-    let (first, last) = (1.0f32, 1.0f32 / n_train as f32);
-    let (sigma_max, sigma_min) = if config.use_dynamic_shifting {
-        (first as f64, last as f64)
-    } else {
-        (shift_f32(first) as f64, shift_f32(last) as f64)
-    };
-    let nt = n_train as f64;
-    let raw: Vec<f64> = np_linspace(sigma_max * nt, sigma_min * nt, steps).into_iter().map(|t| t / nt).collect();
-    let mut sigmas: Vec<f64> = if config.use_dynamic_shifting {
-        let mu = mu.ok_or_else(|| Error::other("dynamic shifting needs mu"))?;
-        let num = if config.time_shift_type == "linear" { mu } else { mu.exp() };
-        raw.iter().map(|&s| num / (num + (1.0 / s - 1.0))).collect()
-    } else {
-        let s = config.shift;
-        raw.iter().map(|&x| s * x / (1.0 + (s - 1.0) * x)).collect()
-    };
-    if let Some(terminal) = config.shift_terminal.filter(|&t| t != 0.0) {
-        let one_minus_last = 1.0 - sigmas[steps - 1];
-        let scale = one_minus_last / (1.0 - terminal);
-        for s in &mut sigmas {
-            *s = 1.0 - (1.0 - *s) / scale;
-        }
-    }
-    Ok(sigmas.into_iter().map(|s| s as f32 as f64).chain(std::iter::once(0.0)).collect())
 }
 
 /// Defaults of an SD3-family model (module docs).
@@ -513,34 +464,6 @@ impl TextToImage for Sd3Pipeline {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn sd3_scheduler_config() -> FlowMatchEulerConfig {
-        FlowMatchEulerConfig {
-            class_name: Some("FlowMatchEulerDiscreteScheduler".into()),
-            shift: 3.0,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn schedule_matches_diffusers_sd3() {
-        // The fixture's timesteps (tests/fixtures/sd3/README.md): 1000, 857.6923, 602.1506, 8.9286.
-        let s = sd3_sigmas(&sd3_scheduler_config(), None, 4).unwrap();
-        let t: Vec<f32> = s[..4].iter().map(|&x| x as f32 * 1000.0).collect();
-        for (a, b) in t.iter().zip([1000.0f32, 857.6923, 602.1506, 8.9286]) {
-            assert!((a - b).abs() < 1e-3, "{t:?}");
-        }
-        assert_eq!(s.len(), 5);
-        assert_eq!(s[4], 0.0);
-        assert_eq!(sd3_sigmas(&sd3_scheduler_config(), None, 1).unwrap(), vec![1.0, 0.0]);
-        assert!(sd3_sigmas(&sd3_scheduler_config(), None, 0).is_err());
-    }
-
-    #[test]
-    fn numpy_linspace_endpoints() {
-        assert_eq!(np_linspace(0.0, 1.0, 5), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
-        assert_eq!(np_linspace(3.0, 1.0, 1), vec![3.0]);
-    }
 
     #[test]
     fn turbo_is_read_from_the_location() {

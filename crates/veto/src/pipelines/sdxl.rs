@@ -36,7 +36,8 @@ use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetCon
 use crate::models::vae::AutoencoderKl;
 use crate::pipelines::noise::gaussian;
 use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
-use crate::schedulers::scheduler::{load_scheduler, Scheduler, SeededNoise};
+use crate::schedulers::load_scheduler;
+use crate::schedulers::scheduler::{Scheduler, SeededNoise};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
 

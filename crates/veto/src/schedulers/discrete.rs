@@ -41,6 +41,16 @@ pub enum PredictionType {
     /// The clean sample itself (x0).
     #[serde(rename = "sample")]
     Sample,
+    /// The flow-matching velocity `noise - x0` (Flux, SD3). Only the flow-matching scheduler
+    /// reports it; the discrete schedulers' configs cannot name it.
+    #[serde(skip_deserializing)]
+    Flow,
+}
+
+/// The error of a discrete-time formula asked about [`PredictionType::Flow`] (unreachable
+/// from a config: the variant is not deserialized).
+pub(crate) fn flow_unsupported(what: &str) -> Error {
+    Error::invalid(format!("{what} cannot take a flow-matching (velocity) model output"))
 }
 
 /// `final_sigmas_type`: the noise level after the last step.

@@ -317,12 +317,14 @@ impl Multistep {
                 PredictionType::Epsilon => Ok((lincomb(&[(1.0, sample), (-s, model_output)])? / a)?),
                 PredictionType::Sample => lincomb(&[(1.0, model_output)]),
                 PredictionType::VPrediction => lincomb(&[(a, sample), (-s, model_output)]),
+                PredictionType::Flow => Err(super::discrete::flow_unsupported(CLASS)),
             }
         } else {
             match prediction {
                 PredictionType::Epsilon => lincomb(&[(1.0, model_output)]),
                 PredictionType::Sample => Ok((lincomb(&[(1.0, sample), (-a, model_output)])? / s)?),
                 PredictionType::VPrediction => lincomb(&[(a, model_output), (s, sample)]),
+                PredictionType::Flow => Err(super::discrete::flow_unsupported(CLASS)),
             }
         }
     }

@@ -247,6 +247,7 @@ impl Scheduler for EulerDiscreteScheduler {
                 lincomb(&[(c_out, model_output), (c_skip, sample)])?
             }
             PredictionType::Sample => lincomb(&[(1.0, model_output)])?,
+            PredictionType::Flow => return Err(super::discrete::flow_unsupported(CLASS)),
         };
         let sample32 = lincomb(&[(1.0, sample)])?;
         let derivative = ((&sample32 - x0)? / sigma)?;

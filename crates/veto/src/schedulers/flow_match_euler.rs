@@ -1,9 +1,11 @@
-//! Flow-matching Euler scheduler, as diffusers' `FlowMatchEulerDiscreteScheduler` is driven by
-//! its `FluxPipeline`.
+//! Flow-matching Euler scheduler, diffusers' `FlowMatchEulerDiscreteScheduler` as its
+//! `FluxPipeline` and `StableDiffusion3Pipeline` drive it, behind the [`Scheduler`] trait.
 //!
-//! The pipeline passes `sigmas = linspace(1, 1/n, n)` and a resolution-dependent `mu`; the
-//! scheduler shifts those sigmas (statically with `shift`, or dynamically with `mu`), appends a
-//! terminal sigma and the sampler steps with plain Euler: `x' = x + (sigma' - sigma) * v`.
+//! The two pipelines build different schedules ([`SigmaSource`]): Flux passes
+//! `sigmas = linspace(1, 1/n, n)`, SD3 passes none and the scheduler spaces timesteps between
+//! its own shifted training extremes. Either way the sigmas are shifted (statically with
+//! `shift`, or dynamically with a resolution-dependent `mu`), a terminal sigma is appended and
+//! the sampler steps with plain Euler: `x' = x + (sigma' - sigma) * v`.
 //!
 //! diffusers does this arithmetic in float32 (numpy float32 arrays, torch float32 tensors), so
 //! every schedule value here is computed in `f32` with the same order of operations and only
@@ -15,6 +17,8 @@ use std::path::Path;
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
+use super::discrete::PredictionType;
+use super::scheduler::{check_step_inputs, NoiseSource, Scheduler};
 use crate::error::{Error, Result};
 
 const CLASS_NAME: &str = "FlowMatchEulerDiscreteScheduler";
@@ -93,11 +97,28 @@ pub struct Schedule {
     pub timesteps: Vec<f64>,
 }
 
-/// diffusers' `FlowMatchEulerDiscreteScheduler` (deterministic Euler, FluxPipeline usage).
+/// Which sigmas `set_timesteps` starts from: what the pipeline passes diffusers'
+/// `set_timesteps`. Set once at load by the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SigmaSource {
+    /// `FluxPipeline`: `sigmas = linspace(1, 1/n, n)` (see [`FlowMatchEulerScheduler::timesteps_for`]).
+    PipelineLinspace,
+    /// `StableDiffusion3Pipeline` (and diffusers' default): no sigmas passed (see [`sd3_sigmas`]).
+    #[default]
+    SchedulerDefault,
+}
+
+/// diffusers' `FlowMatchEulerDiscreteScheduler` (deterministic Euler).
 #[derive(Debug, Clone)]
 pub struct FlowMatchEulerScheduler {
     config: FlowMatchEulerConfig,
     shift: Shift,
+    sigma_source: SigmaSource,
+    /// From [`Scheduler::set_image_seq_len`]; dynamic shifting cannot schedule without it.
+    image_seq_len: Option<usize>,
+    /// The current generation's schedule (empty before `set_timesteps`).
+    schedule: Schedule,
+    step_index: usize,
 }
 
 impl FlowMatchEulerScheduler {
@@ -188,11 +209,57 @@ impl FlowMatchEulerScheduler {
             }
             Shift::Static(config.shift)
         };
-        Ok(Self { config, shift })
+        Ok(Self {
+            config,
+            shift,
+            sigma_source: SigmaSource::default(),
+            image_seq_len: None,
+            schedule: Schedule { sigmas: Vec::new(), timesteps: Vec::new() },
+            step_index: 0,
+        })
     }
 
     pub fn config(&self) -> &FlowMatchEulerConfig {
         &self.config
+    }
+
+    /// The same scheduler building its schedules from `source`.
+    pub fn with_sigma_source(mut self, source: SigmaSource) -> Self {
+        self.sigma_source = source;
+        self
+    }
+
+    pub fn sigma_source(&self) -> SigmaSource {
+        self.sigma_source
+    }
+
+    /// The schedule [`Scheduler::set_timesteps`] builds, per the [`SigmaSource`].
+    fn schedule_for(&self, steps: usize) -> Result<Schedule> {
+        let seq_len = match (self.shift, self.image_seq_len) {
+            (Shift::Static(_), len) => len.unwrap_or(0),
+            (Shift::Dynamic { .. }, Some(len)) => len,
+            (Shift::Dynamic { .. }, None) => {
+                return Err(Error::invalid(format!(
+                    "{CLASS_NAME}: dynamic shifting needs set_image_seq_len before set_timesteps"
+                )))
+            }
+        };
+        match self.sigma_source {
+            SigmaSource::PipelineLinspace => self.timesteps_for(steps, seq_len),
+            SigmaSource::SchedulerDefault => {
+                // sd3_sigmas has no inverted variant (no pipeline using it inverts).
+                if self.config.invert_sigmas {
+                    return Err(Error::invalid(format!(
+                        "{CLASS_NAME}: invert_sigmas is not supported with the scheduler's default sigmas"
+                    )));
+                }
+                let sigmas = sd3_sigmas(&self.config, self.mu(seq_len), steps)?;
+                // diffusers: timesteps = sigmas * num_train_timesteps in f32.
+                let n_train = self.config.num_train_timesteps as f32;
+                let timesteps = sigmas[..steps].iter().map(|&s| f64::from(s as f32 * n_train)).collect();
+                Ok(Schedule { sigmas, timesteps })
+            }
+        }
     }
 
     /// diffusers' `calculate_shift` from the Flux pipeline: `mu` is linear in the image sequence
@@ -271,7 +338,7 @@ impl FlowMatchEulerScheduler {
     /// takes the model output's dtype (torch does not promote a tensor by a 0-d one, so for
     /// bf16 both `dt` and the product are rounded to bf16); the sum is done in float32 (the
     /// sample is upcast) and the result is cast back to the model output's dtype.
-    pub fn step(&self, model_output: &Tensor, sigma: f64, sigma_next: f64, sample: &Tensor) -> Result<Tensor> {
+    pub fn euler_step(&self, model_output: &Tensor, sigma: f64, sigma_next: f64, sample: &Tensor) -> Result<Tensor> {
         if model_output.shape() != sample.shape() {
             return Err(Error::invalid(format!(
                 "scheduler step: model output shape {:?} differs from sample shape {:?}",
@@ -293,6 +360,99 @@ impl FlowMatchEulerScheduler {
         let next = (sample.to_dtype(DType::F32)? + update)?;
         Ok(next.to_dtype(out_dtype)?)
     }
+}
+
+impl Scheduler for FlowMatchEulerScheduler {
+    fn class_name(&self) -> &'static str {
+        CLASS_NAME
+    }
+    fn prediction_type(&self) -> PredictionType {
+        PredictionType::Flow
+    }
+    fn num_train_timesteps(&self) -> usize {
+        self.config.num_train_timesteps
+    }
+    fn set_image_seq_len(&mut self, len: usize) {
+        self.image_seq_len = Some(len);
+    }
+    fn set_timesteps(&mut self, steps: usize) -> Result<()> {
+        self.schedule = self.schedule_for(steps)?;
+        self.step_index = 0;
+        Ok(())
+    }
+    fn timesteps(&self) -> &[f64] {
+        &self.schedule.timesteps
+    }
+    fn sigmas(&self) -> Option<&[f64]> {
+        Some(&self.schedule.sigmas)
+    }
+    fn init_noise_sigma(&self) -> f64 {
+        1.0
+    }
+    fn step_index(&self) -> usize {
+        self.step_index
+    }
+    fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
+        Ok(sample.clone())
+    }
+    /// Deterministic: `noise` is never asked. Keeps the model output's dtype ([`Self::euler_step`]).
+    fn step(&mut self, model_output: &Tensor, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {
+        let i = self.step_index;
+        check_step_inputs(CLASS_NAME, model_output, sample, i, self.schedule.timesteps.len())?;
+        let next = self.euler_step(model_output, self.schedule.sigmas[i], self.schedule.sigmas[i + 1], sample)?;
+        self.step_index += 1;
+        Ok(next)
+    }
+    /// The timestep itself (0..=num_train_timesteps); Flux's transformer sees it / 1000.
+    fn window_time(&self, i: usize) -> f64 {
+        self.schedule.timesteps[i]
+    }
+    fn clone_box(&self) -> Box<dyn Scheduler> {
+        Box::new(self.clone())
+    }
+}
+
+/// The `steps + 1` sigmas diffusers' `FlowMatchEulerDiscreteScheduler` builds when the
+/// pipeline passes no sigmas (`StableDiffusion3Pipeline`): the scheduler's construction shifts
+/// its 1000 training sigmas (f32) and keeps the extremes; `set_timesteps` then spaces `t`
+/// linearly between them (f64), divides by 1000 and shifts *again* (static `shift`, or the
+/// time shift with `mu`), optionally stretches to `shift_terminal`, rounds to f32 and appends
+/// 0. `mu` is only used with dynamic shifting.
+pub fn sd3_sigmas(config: &FlowMatchEulerConfig, mu: Option<f64>, steps: usize) -> Result<Vec<f64>> {
+    if steps == 0 {
+        return Err(Error::invalid("the number of inference steps must be at least 1"));
+    }
+    let n_train = config.num_train_timesteps;
+    let shift_f32 = |s: f32| -> f32 {
+        let shift = config.shift as f32;
+        shift * s / (1.0 + (config.shift - 1.0) as f32 * s)
+    };
+    // Construction: sigmas = linspace(1, n, n)[::-1] / n (f32), shifted unless dynamic.
+    // Its first training sigma is n / n = 1 exactly, its last 1 / n in f32.
+    let (first, last) = (1.0f32, 1.0f32 / n_train as f32);
+    let (sigma_max, sigma_min) = if config.use_dynamic_shifting {
+        (first as f64, last as f64)
+    } else {
+        (shift_f32(first) as f64, shift_f32(last) as f64)
+    };
+    let nt = n_train as f64;
+    let raw: Vec<f64> = linspace(sigma_max * nt, sigma_min * nt, steps).into_iter().map(|t| t / nt).collect();
+    let mut sigmas: Vec<f64> = if config.use_dynamic_shifting {
+        let mu = mu.ok_or_else(|| Error::other("dynamic shifting needs mu"))?;
+        let num = if config.time_shift_type == "linear" { mu } else { mu.exp() };
+        raw.iter().map(|&s| num / (num + (1.0 / s - 1.0))).collect()
+    } else {
+        let s = config.shift;
+        raw.iter().map(|&x| s * x / (1.0 + (s - 1.0) * x)).collect()
+    };
+    if let Some(terminal) = config.shift_terminal.filter(|&t| t != 0.0) {
+        let one_minus_last = 1.0 - sigmas[steps - 1];
+        let scale = one_minus_last / (1.0 - terminal);
+        for s in &mut sigmas {
+            *s = 1.0 - (1.0 - *s) / scale;
+        }
+    }
+    Ok(sigmas.into_iter().map(|s| s as f32 as f64).chain(std::iter::once(0.0)).collect())
 }
 
 /// diffusers' `calculate_shift` (f64, same order of operations).
@@ -551,11 +711,11 @@ mod tests {
         let dev = Device::Cpu;
         let x = Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap();
         let v = Tensor::new(&[4.0f32, 2.0, -1.0], &dev).unwrap();
-        let y = s.step(&v, 1.0, 0.75, &x).unwrap();
+        let y = s.euler_step(&v, 1.0, 0.75, &x).unwrap();
         assert_eq!(y.dtype(), DType::F32);
         assert_eq!(y.to_vec1::<f32>().unwrap(), vec![0.0, -2.5, 0.75]);
         // Last step to sigma 0: x - sigma * v is the predicted clean sample.
-        let y = s.step(&v, 0.25, 0.0, &x).unwrap();
+        let y = s.euler_step(&v, 0.25, 0.0, &x).unwrap();
         assert_eq!(y.to_vec1::<f32>().unwrap(), vec![0.0, -2.5, 0.75]);
     }
 
@@ -568,7 +728,7 @@ mod tests {
         let x = Tensor::new(&[1.0f32, 0.3], &dev).unwrap().to_dtype(DType::BF16).unwrap();
         let v = Tensor::new(&[1.0f32, 3.0], &dev).unwrap().to_dtype(DType::BF16).unwrap();
         let (sigma, sigma_next) = (1.0, 0.7);
-        let y = s.step(&v, sigma, sigma_next, &x).unwrap();
+        let y = s.euler_step(&v, sigma, sigma_next, &x).unwrap();
         assert_eq!(y.dtype(), DType::BF16);
         let dt = bf16_round(0.7f32 - 1.0f32);
         let want: Vec<f32> = [(1.0f32, 1.0f32), (0.3, 3.0)]
@@ -589,12 +749,123 @@ mod tests {
         f32::from_bits(rounded & 0xffff_0000)
     }
 
+    fn sd3_scheduler_config() -> FlowMatchEulerConfig {
+        FlowMatchEulerConfig { class_name: Some(CLASS_NAME.into()), shift: 3.0, ..Default::default() }
+    }
+
+    #[test]
+    fn schedule_matches_diffusers_sd3() {
+        // The fixture's timesteps (tests/fixtures/sd3/README.md): 1000, 857.6923, 602.1506, 8.9286.
+        let s = sd3_sigmas(&sd3_scheduler_config(), None, 4).unwrap();
+        let t: Vec<f32> = s[..4].iter().map(|&x| x as f32 * 1000.0).collect();
+        for (a, b) in t.iter().zip([1000.0f32, 857.6923, 602.1506, 8.9286]) {
+            assert!((a - b).abs() < 1e-3, "{t:?}");
+        }
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[4], 0.0);
+        assert_eq!(sd3_sigmas(&sd3_scheduler_config(), None, 1).unwrap(), vec![1.0, 0.0]);
+        assert!(sd3_sigmas(&sd3_scheduler_config(), None, 0).is_err());
+    }
+
+    #[test]
+    fn numpy_linspace_endpoints() {
+        assert_eq!(linspace(0.0, 1.0, 5), vec![0.0, 0.25, 0.5, 0.75, 1.0]);
+        assert_eq!(linspace(3.0, 1.0, 1), vec![3.0]);
+    }
+
+    /// `set_image_seq_len` + `set_timesteps` through the trait object.
+    fn trait_schedule(s: &FlowMatchEulerScheduler, steps: usize, seq: usize) -> Schedule {
+        let mut b: Box<dyn Scheduler> = s.clone_box();
+        b.set_image_seq_len(seq);
+        b.set_timesteps(steps).unwrap();
+        Schedule { sigmas: b.sigmas().unwrap().to_vec(), timesteps: b.timesteps().to_vec() }
+    }
+
+    #[test]
+    fn trait_schedule_pipeline_linspace_is_timesteps_for() {
+        let configs = [SCHNELL.to_string(), DEV.to_string(), SCHNELL.replace("\"shift\": 1.0", "\"shift\": 3.0")];
+        for json in &configs {
+            let s = FlowMatchEulerScheduler::from_json(json).unwrap().with_sigma_source(SigmaSource::PipelineLinspace);
+            for (steps, seq) in [(1, 1024), (4, 4096), (28, 1024), (7, 256)] {
+                let want = s.timesteps_for(steps, seq).unwrap();
+                assert_eq!(trait_schedule(&s, steps, seq), want, "{json} {steps} {seq}");
+            }
+        }
+        let s = FlowMatchEulerScheduler::from_json(DEV).unwrap().with_sigma_source(SigmaSource::PipelineLinspace);
+        let sch = trait_schedule(&s, 4, 4096);
+        assert_eq!(sch.timesteps, DIFFUSERS_DEV_4096_4_TIMESTEPS.to_vec());
+        assert_eq!(sch.sigmas, DIFFUSERS_DEV_4096_4_SIGMAS.to_vec());
+    }
+
+    #[test]
+    fn trait_schedule_scheduler_default_is_sd3_sigmas() {
+        let dynamic =
+            FlowMatchEulerConfig { use_dynamic_shifting: true, shift_terminal: Some(0.02), ..sd3_scheduler_config() };
+        for config in [sd3_scheduler_config(), dynamic] {
+            let s = FlowMatchEulerScheduler::new(config.clone()).unwrap();
+            assert_eq!(s.sigma_source(), SigmaSource::SchedulerDefault);
+            // (One step with shift_terminal divides by zero, in diffusers too.)
+            for (steps, seq) in [(2, 1024), (4, 4096), (28, 1024)] {
+                let sigmas = sd3_sigmas(&config, s.mu(seq), steps).unwrap();
+                let sch = trait_schedule(&s, steps, seq);
+                // The SD3 pipeline's timestep: sigma * num_train_timesteps in f32.
+                let t: Vec<f64> = sigmas[..steps].iter().map(|&x| f64::from(x as f32 * 1000.0)).collect();
+                assert_eq!(sch, Schedule { sigmas, timesteps: t });
+            }
+        }
+    }
+
+    #[test]
+    fn trait_contract() {
+        let mut s =
+            FlowMatchEulerScheduler::from_json(SCHNELL).unwrap().with_sigma_source(SigmaSource::PipelineLinspace);
+        assert_eq!(s.class_name(), "FlowMatchEulerDiscreteScheduler");
+        assert_eq!(s.prediction_type(), PredictionType::Flow);
+        assert_eq!((s.num_train_timesteps(), s.init_noise_sigma()), (1000, 1.0));
+        let dev = Device::Cpu;
+        let x = Tensor::new(&[1.0f32, -2.0, 0.5], &dev).unwrap();
+        let v = Tensor::new(&[4.0f32, 2.0, -1.0], &dev).unwrap();
+        let mut none = crate::schedulers::scheduler::NoNoise;
+        assert!(s.step(&v, &x, &mut none).is_err(), "step before set_timesteps");
+        s.set_timesteps(4).unwrap();
+        assert_eq!(s.window_time(1), 750.0);
+        assert_eq!(s.scale_model_input(&x).unwrap().to_vec1::<f32>().unwrap(), vec![1.0, -2.0, 0.5]);
+        // Steps 1 -> 0.75 -> 0.5 ..., each the explicit Euler step; the noise source is unused.
+        let mut y = x.clone();
+        for i in 0..4 {
+            assert_eq!(s.step_index(), i);
+            let want = s.euler_step(&v, 1.0 - 0.25 * i as f64, 0.75 - 0.25 * i as f64, &y).unwrap();
+            y = s.step(&v, &y, &mut none).unwrap();
+            assert_eq!(y.to_vec1::<f32>().unwrap(), want.to_vec1::<f32>().unwrap());
+        }
+        assert!(s.step(&v, &y, &mut none).is_err(), "past the last step");
+        // set_timesteps resets the step index.
+        s.set_timesteps(2).unwrap();
+        assert_eq!(s.step_index(), 0);
+    }
+
+    #[test]
+    fn trait_schedule_errors() {
+        // Dynamic shifting without the sequence length is an error, not a silent mu(0).
+        let mut s = FlowMatchEulerScheduler::from_json(DEV).unwrap();
+        let err = s.set_timesteps(4).unwrap_err().to_string();
+        assert!(err.contains("set_image_seq_len"), "{err}");
+        s.set_image_seq_len(4096);
+        assert!(s.set_timesteps(0).is_err());
+        let json = SCHNELL.replace("\"shift\": 1.0", "\"shift\": 1.0, \"invert_sigmas\": true");
+        let mut s = FlowMatchEulerScheduler::from_json(&json).unwrap();
+        assert!(s.set_timesteps(4).unwrap_err().to_string().contains("invert_sigmas"));
+        let mut s = s.with_sigma_source(SigmaSource::PipelineLinspace);
+        s.set_timesteps(4).unwrap();
+        assert_eq!(s.sigmas().unwrap(), &[0.0, 0.25, 0.5, 0.75, 1.0]);
+    }
+
     #[test]
     fn step_rejects_mismatched_shapes() {
         let s = FlowMatchEulerScheduler::from_json(SCHNELL).unwrap();
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
         let v = Tensor::zeros((3, 2), DType::F32, &dev).unwrap();
-        assert!(s.step(&v, 1.0, 0.5, &x).is_err());
+        assert!(s.euler_step(&v, 1.0, 0.5, &x).is_err());
     }
 }

@@ -145,6 +145,7 @@ pub(crate) fn predict_x0(
         PredictionType::Epsilon => Ok((lincomb(&[(1.0, sample), (-sb, model_output)])? / sa)?),
         PredictionType::VPrediction => lincomb(&[(sa, sample), (-sb, model_output)]),
         PredictionType::Sample => lincomb(&[(1.0, model_output)]),
+        PredictionType::Flow => Err(super::discrete::flow_unsupported("the DDIM / LCM / TCD step")),
     }
 }
 
@@ -162,6 +163,7 @@ pub(crate) fn predict_eps(
         PredictionType::Epsilon => lincomb(&[(1.0, model_output)]),
         PredictionType::VPrediction => lincomb(&[(sa, model_output), (sb, sample)]),
         PredictionType::Sample => Ok((lincomb(&[(1.0, sample), (-sa, x0)])? / sb)?),
+        PredictionType::Flow => Err(super::discrete::flow_unsupported("the DDIM / LCM / TCD step")),
     }
 }
 

@@ -1,5 +1,6 @@
-//! The [`Scheduler`] interface of the UNet-family samplers and [`load_scheduler`], which reads
-//! `scheduler_config.json` and builds the scheduler its `_class_name` names.
+//! The [`Scheduler`] interface every sampler implements, the noise sources of the stochastic
+//! ones, and helpers the concrete schedulers share. This file names no concrete scheduler: the
+//! factory that does lives in [`crate::schedulers`].
 //!
 //! A scheduler is a small state machine used as diffusers' pipelines use theirs:
 //! `set_timesteps(n)`, then per step `scale_model_input(x)` -> model -> `step(out, x)`.
@@ -7,7 +8,6 @@
 //! [`NoiseSource`], so runs are reproducible and tests can replay the reference noise.
 
 use std::collections::VecDeque;
-use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -77,13 +77,20 @@ impl NoiseSource for NoNoise {
     }
 }
 
-/// A UNet-family sampler (diffusers semantics, one instance per generation: it keeps state).
+/// A sampler (diffusers semantics, one instance per generation: it keeps state). `Sync` so
+/// pipelines holding a loaded scheduler to clone per generation can be shared across threads.
 pub trait Scheduler: Send + Sync {
     /// diffusers' class name (`EulerDiscreteScheduler`, ...).
     fn class_name(&self) -> &'static str;
     fn prediction_type(&self) -> PredictionType;
     /// The training timesteps (1000 for every SD model).
     fn num_train_timesteps(&self) -> usize;
+    /// The number of latent tokens (patches) of the image, for schedules that shift with the
+    /// resolution (flow matching with dynamic shifting); call before `set_timesteps`. Others
+    /// ignore it.
+    fn set_image_seq_len(&mut self, len: usize) {
+        let _ = len;
+    }
     /// Prepare `steps` steps; resets the state.
     fn set_timesteps(&mut self, steps: usize) -> Result<()>;
     /// Use explicit timesteps instead (DMD2: `[999, 749, 499, 249]` with LCM); resets the state.
@@ -127,57 +134,6 @@ impl Clone for Box<dyn Scheduler> {
     fn clone(&self) -> Self {
         self.clone_box()
     }
-}
-
-/// The schedulers [`load_scheduler`] knows.
-pub const SUPPORTED: [&str; 7] = [
-    "EulerDiscreteScheduler",
-    "LCMScheduler",
-    "DDIMScheduler",
-    "TCDScheduler",
-    "DPMSolverMultistepScheduler",
-    "EDMEulerScheduler",
-    "EDMDPMSolverMultistepScheduler",
-];
-
-/// Read `scheduler_config.json` and build the scheduler its `_class_name` names.
-pub fn load_scheduler(path: impl AsRef<Path>) -> Result<Box<dyn Scheduler>> {
-    let path = path.as_ref();
-    let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
-        what: format!("cannot read scheduler config ({e})"),
-        path: path.display().to_string(),
-    })?;
-    scheduler_from_json(&text).map_err(|e| match e {
-        Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
-        other => other,
-    })
-}
-
-/// As [`load_scheduler`], from the JSON text.
-pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
-    let json: serde_json::Value = serde_json::from_str(&quote_non_finite(text))
-        .map_err(|e| super::discrete::bad(format!("not valid JSON: {e}")))?;
-    let class = json
-        .get("_class_name")
-        .and_then(|c| c.as_str())
-        .ok_or_else(|| super::discrete::bad(format!("no \"_class_name\" (supported: {})", SUPPORTED.join(", "))))?;
-    Ok(match class {
-        "EulerDiscreteScheduler" => Box::new(super::euler_discrete::EulerDiscreteScheduler::from_value(json)?),
-        "LCMScheduler" => Box::new(super::lcm::LcmScheduler::from_value(json)?),
-        "DDIMScheduler" => Box::new(super::ddim::DdimScheduler::from_value(json)?),
-        "TCDScheduler" => Box::new(super::tcd::TcdScheduler::from_value(json)?),
-        "DPMSolverMultistepScheduler" => {
-            Box::new(super::dpm_solver_multistep::DpmSolverMultistepScheduler::from_value(json)?)
-        }
-        "EDMEulerScheduler" => Box::new(super::edm::EdmEulerScheduler::from_value(json)?),
-        "EDMDPMSolverMultistepScheduler" => Box::new(super::edm::EdmDpmSolverMultistepScheduler::from_value(json)?),
-        other => {
-            return Err(super::discrete::bad(format!(
-                "scheduler '{other}' is not supported (supported: {})",
-                SUPPORTED.join(", ")
-            )))
-        }
-    })
 }
 
 /// diffusers' `save_config` writes Python's `Infinity`, `-Infinity` and `NaN` (e.g.
@@ -281,25 +237,6 @@ pub(crate) fn check_step_inputs(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn python_non_finite_numbers_are_read() {
-        let text = r#"{"_class_name": "DPMSolverMultistepScheduler", "note": "NaN -Infinity \" Infinity",
-                       "lambda_min_clipped": -Infinity}"#;
-        let quoted = quote_non_finite(text);
-        assert!(quoted.contains(r#""note": "NaN -Infinity \" Infinity""#), "{quoted}");
-        assert!(quoted.contains(r#""lambda_min_clipped": "-Infinity""#), "{quoted}");
-        let s = scheduler_from_json(text).unwrap();
-        assert_eq!(s.class_name(), "DPMSolverMultistepScheduler");
-    }
-
-    #[test]
-    fn unknown_class_names_the_supported_ones() {
-        let err = scheduler_from_json(r#"{"_class_name": "PNDMScheduler"}"#).err().unwrap().to_string();
-        assert!(err.contains("PNDMScheduler") && err.contains("EulerDiscreteScheduler"), "{err}");
-        let err = scheduler_from_json(r#"{"beta_start": 0.1}"#).err().unwrap().to_string();
-        assert!(err.contains("_class_name"), "{err}");
-    }
 
     #[test]
     fn seeded_noise_is_reproducible_and_fresh() {
