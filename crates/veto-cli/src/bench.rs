@@ -234,9 +234,10 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let x2 = Tensor::cat(&[&x, &x], 0)?;
         let t = Tensor::new(&[750f32], device)?.to_dtype(dtype)?;
         let t2 = Tensor::new(&[750f32, 750.0], device)?.to_dtype(dtype)?;
-        let call = |latents: &Tensor, t: &Tensor, context: &Tensor, pooled: &Tensor, guidance: Option<&NegativeContext>| {
-            model.forward(&MmditInputs { latents, timestep: t, context, pooled, guidance })
-        };
+        let call =
+            |latents: &Tensor, t: &Tensor, context: &Tensor, pooled: &Tensor, guidance: Option<&NegativeContext>| {
+                model.forward(&MmditInputs { latents, timestep: t, context, pooled, guidance })
+            };
         let times = time_methods(
             a.iters,
             device,

@@ -1,15 +1,16 @@
 //! The `veto` binary end to end on the tiny Flux pipeline folders, and its handling of bad input.
 
+// The parity tests' helpers (fixture paths and files, tolerances), shared.
+#[path = "../../veto/tests/common/mod.rs"]
+mod common;
+
 use candle_core::{Device, Tensor};
+use common::{fixtures as fixtures_of, rel_diff, Fixture};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn fixtures() -> PathBuf {
     fixtures_of("flux")
-}
-
-fn fixtures_of(family: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(family)
 }
 
 fn veto(args: &[&str]) -> Output {
@@ -20,19 +21,16 @@ fn load(path: &Path) -> std::collections::HashMap<String, Tensor> {
     candle_core::safetensors::load(path, &Device::Cpu).unwrap()
 }
 
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d: f32 = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-    let s: f32 = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-    d / s.max(1.0)
-}
-
 /// A temp folder holding the fixture's initial latents as `init.safetensors`.
 fn workdir_of(family: &str, fixture: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let fx = load(&fixtures_of(family).join(fixture));
+    let fx = Fixture::load(family, fixture);
     let init = dir.path().join("init.safetensors");
-    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", fx["init_latents"].clone())]), &init)
-        .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", fx.t("init_latents").clone())]),
+        &init,
+    )
+    .unwrap();
     (dir, init)
 }
 
@@ -72,8 +70,8 @@ fn end_to_end(family: &str, model: &str, case: &str, flags: &[&str]) {
     assert!(o.status.success(), "veto failed: {}", String::from_utf8_lossy(&o.stderr));
     let png = image::open(&out).expect("a readable PNG");
     assert_eq!((png.width(), png.height()), (64, 64));
-    let want = load(&fixtures_of(family).join(&fixture));
-    let d = rel_diff(&load(&saved)["latents"], &want["final_latents"]);
+    let want = Fixture::load(family, &fixture);
+    let d = rel_diff(&load(&saved)["latents"], want.t("final_latents"));
     assert!(d <= 1e-4, "{case}: saved latents differ from the reference by {d:e}");
 }
 
@@ -166,7 +164,7 @@ fn sd15_cfg_nag_end_to_end() {
 
 #[test]
 fn unet_only_flags_are_rejected_for_flux() {
-    expect_failure(&["--timesteps", "999,499"], "--timesteps not supported for Flux");
+    expect_failure(&["--timesteps", "999,499"], "--timesteps: not supported for Flux");
 }
 
 /// Runs `veto generate` on the tiny model with `extra` flags; expects a clean failure whose
@@ -215,7 +213,7 @@ fn bad_alpha() {
 
 #[test]
 fn bad_height() {
-    expect_failure(&["--height", "72"], "multiple of 16");
+    expect_failure(&["--height", "72"], "--height: height and width must be positive multiples of 16");
 }
 
 #[test]
@@ -277,4 +275,14 @@ fn help_names_the_paper_symbols() {
     for sym in ["phi", "tau", "alpha", "theta"] {
         assert!(s.contains(sym), "--help lacks {sym}");
     }
+}
+
+#[test]
+fn a_method_given_twice_is_named() {
+    expect_failure(&["--guidance", "cfg+cfg"], "cfg given twice");
+}
+
+#[test]
+fn a_method_the_family_lacks_is_refused_with_what_it_has() {
+    expect_failure(&["--guidance", "vsf"], "guidance 'vsf' is not available for Flux (supported: none, nag, nasa, cfg");
 }

@@ -110,7 +110,10 @@ impl Family {
         if m.attention == Some(AttentionMethod::Vsf) && !self.vsf_layouts.contains(&req.guidance.vsf.layout) {
             return Err(Error::parameter(
                 "vsf_layout",
-                format!("layout '{}' is not available for {} (it has the paper's)", req.guidance.vsf.layout, self.title),
+                format!(
+                    "layout '{}' is not available for {} (it has the paper's)",
+                    req.guidance.vsf.layout, self.title
+                ),
             ));
         }
         if let Some(bad) = req.sampler.given().into_iter().find(|o| !self.sampler_options.contains(o)) {

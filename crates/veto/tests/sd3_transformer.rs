@@ -145,13 +145,7 @@ fn cfg_batched_nag_guides_only_the_cond_row() {
         .unwrap();
     assert_close("cfg+nag cond row", &both.narrow(0, 1, 1).unwrap(), fx.t("output"), 1e-4);
     let uncond = mmdit
-        .forward(&MmditInputs {
-            latents: x,
-            timestep: t,
-            context: neg,
-            pooled: neg_pooled,
-            guidance: None,
-        })
+        .forward(&MmditInputs { latents: x, timestep: t, context: neg, pooled: neg_pooled, guidance: None })
         .unwrap();
     assert_close("cfg+nag uncond row", &both.narrow(0, 0, 1).unwrap(), &uncond, 1e-5);
     // And the uncond row really is unguided: it differs from the cond row.

@@ -158,8 +158,9 @@ fn sdxl_text() {
 
 #[test]
 fn loads_through_the_generic_loader_with_defaults() {
-    let sdxl = veto::Pipeline::load(&ModelSource::local(fixtures("unet").join("sdxl")).unwrap(), &Device::Cpu, DType::F32)
-        .unwrap();
+    let sdxl =
+        veto::Pipeline::load(&ModelSource::local(fixtures("unet").join("sdxl")).unwrap(), &Device::Cpu, DType::F32)
+            .unwrap();
     assert_eq!(sdxl.family().name, "unet");
     let d = sdxl.defaults();
     assert_eq!((d.steps, d.guidance_scale, d.height, d.width), (25, 5.0, 64, 64));

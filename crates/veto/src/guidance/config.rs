@@ -14,8 +14,11 @@ use candle_core::Tensor;
 /// The attention-space method of a run (at most one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttentionMethod {
+    /// Normalized Attention Guidance.
     Nag,
+    /// Negative-Away Steer Attention.
     Nasa,
+    /// Value Sign Flip.
     Vsf,
 }
 
@@ -28,15 +31,22 @@ pub struct Method {
     pub cfg: bool,
     /// Perturbed-attention guidance (a pass with self-attention replaced by identity).
     pub pag: bool,
+    /// At most one attention-space method.
     pub attention: Option<AttentionMethod>,
 }
 
 impl Method {
+    /// No guidance.
     pub const NONE: Method = Method { cfg: false, pag: false, attention: None };
+    /// NAG alone (the few-step setting).
     pub const NAG: Method = Method { cfg: false, pag: false, attention: Some(AttentionMethod::Nag) };
+    /// NASA alone.
     pub const NASA: Method = Method { cfg: false, pag: false, attention: Some(AttentionMethod::Nasa) };
+    /// VSF alone.
     pub const VSF: Method = Method { cfg: false, pag: false, attention: Some(AttentionMethod::Vsf) };
+    /// CFG with the negative prompt.
     pub const CFG: Method = Method { cfg: true, pag: false, attention: None };
+    /// CFG and NAG (multi-step models).
     pub const CFG_NAG: Method = Method { cfg: true, pag: false, attention: Some(AttentionMethod::Nag) };
 }
 
@@ -113,14 +123,17 @@ impl std::fmt::Display for Method {
 /// diffusers pipeline uses the positive one, the official ComfyUI node the negative one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NagPooled {
+    /// The positive pooled vector (official diffusers pipeline).
     #[default]
     Positive,
+    /// The negative pooled vector (official ComfyUI node).
     Negative,
 }
 
 /// The user's guidance request, validated by [`GuidanceConfig::validate`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct GuidanceConfig {
+    /// The method: `cfg`, `pag` and one attention method, combined.
     pub method: Method,
     /// NAG parameters.
     pub nag: NagParams,
@@ -143,8 +156,13 @@ pub struct GuidanceConfig {
 /// are combined (NAG, NASA).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Contrast {
+    /// NAG (eq. 7-10).
     Nag(NagParams),
-    Nasa { scale: f64 },
+    /// NASA (eq. 5) with scale phi.
+    Nasa {
+        /// phi.
+        scale: f64,
+    },
 }
 
 impl Contrast {
@@ -162,7 +180,9 @@ impl Contrast {
 /// The two cannot be combined, so they are different variants.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AttentionGuidance {
+    /// NAG or NASA.
     Contrast(Contrast),
+    /// VSF.
     Vsf(VsfParams),
 }
 

@@ -60,22 +60,28 @@ impl NegativeContext<'_> {
 /// Keys and values of one block, `[B, H, S, d]`.
 #[derive(Clone, Copy)]
 pub struct KeyValues<'a> {
+    /// Keys.
     pub k: &'a Tensor,
+    /// Values.
     pub v: &'a Tensor,
 }
 
 /// The negative block: keys and values `[rows.len(), H, S-, d]` for the batch rows `rows`.
 #[derive(Clone)]
 pub struct NegativeKeyValues<'a> {
+    /// Keys and values of the negative context.
     pub kv: KeyValues<'a>,
+    /// The batch rows they guide.
     pub rows: Range<usize>,
 }
 
 /// One guided attention call. `q`: `[B, H, Sq, d]`; `shared` and `positive`: `B` rows.
 pub struct GuidedAttention<'a> {
+    /// The queries, `[B, H, Sq, d]`.
     pub q: &'a Tensor,
     /// A block every query sees in both branches (image-over-image), computed once.
     pub shared: Option<KeyValues<'a>>,
+    /// The positive context's block.
     pub positive: KeyValues<'a>,
     /// Required when a method is given.
     pub negative: Option<NegativeKeyValues<'a>>,

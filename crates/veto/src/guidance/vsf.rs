@@ -58,6 +58,7 @@ pub struct VsfParams {
     pub scale: f64,
     /// `vsf_bias`, beta: added as -beta to the image -> flipped-negative logits (after 1/sqrt(d)).
     pub bias: f64,
+    /// The token layout (MMDiT).
     pub layout: VsfLayout,
 }
 
@@ -86,7 +87,9 @@ pub fn flipped_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, params: &Vs
 
 /// Key and value heads of one token group, `[B, H, S, d]`.
 pub struct Heads<'a> {
+    /// Keys.
     pub k: &'a Tensor,
+    /// Values.
     pub v: &'a Tensor,
 }
 

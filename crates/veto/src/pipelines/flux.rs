@@ -66,17 +66,7 @@ impl FluxPipeline {
         let sched = source.file("scheduler/scheduler_config.json")?;
         let scheduler =
             FlowMatchEulerScheduler::from_config_file(&sched)?.with_sigma_source(SigmaSource::PipelineLinspace);
-        Ok(Self {
-            clip_tokenizer,
-            clip,
-            t5_tokenizer,
-            t5,
-            transformer,
-            vae,
-            scheduler,
-            device: device.clone(),
-            dtype,
-        })
+        Ok(Self { clip_tokenizer, clip, t5_tokenizer, t5, transformer, vae, scheduler, device: device.clone(), dtype })
     }
 
     pub fn transformer(&self) -> &FluxTransformer {

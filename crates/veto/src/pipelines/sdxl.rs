@@ -26,8 +26,8 @@
 use candle_core::{DType, Device, Tensor, D};
 
 use crate::error::{Error, Result};
-use crate::guidance::vsf::{VsfLayout, VsfParams};
 use crate::families::UNET;
+use crate::guidance::vsf::{VsfLayout, VsfParams};
 use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext};
 use crate::loading::components::{clip_tokenizer, weights_dir};
 use crate::loading::model_source::ModelSource;
@@ -114,18 +114,11 @@ impl StableDiffusionPipeline {
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let index_path = source.file("model_index.json")?;
         let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
-        // Folders saved from the official NAG package carry a `NAG` prefix.
-        let class = index.get("_class_name").and_then(|c| c.as_str());
-        let bare = class.map(|c| c.strip_prefix("NAG").or_else(|| c.strip_prefix("Nag")).unwrap_or(c));
-        let variant = match bare {
-            Some("StableDiffusionPipeline") => SdVariant::StableDiffusion,
-            Some("StableDiffusionXLPipeline") => SdVariant::StableDiffusionXl,
-            _ => {
-                return Err(Error::BadModelFile {
-                    path: index_path.display().to_string(),
-                    reason: format!("pipeline {class:?} is not a StableDiffusionPipeline or StableDiffusionXLPipeline"),
-                })
-            }
+        // The registry chose this family from `_class_name`; SDXL is the variant with a second
+        // text encoder (diffusers' `StableDiffusionXLPipeline` layout).
+        let variant = match index.get("text_encoder_2") {
+            Some(serde_json::Value::Array(pair)) if pair.iter().any(|v| !v.is_null()) => SdVariant::StableDiffusionXl,
+            _ => SdVariant::StableDiffusion,
         };
         let force_zeros_for_empty_prompt = index
             .get("force_zeros_for_empty_prompt")
@@ -398,7 +391,9 @@ impl StableDiffusionPipeline {
         let rows = contexts.len();
         let context = Tensor::cat(&contexts, 0)?;
         let (text_embeds, time_ids) = match self.variant {
-            SdVariant::StableDiffusionXl => (Some(Tensor::cat(&pooled, 0)?), Some(self.time_ids(req)?.repeat((rows, 1))?)),
+            SdVariant::StableDiffusionXl => {
+                (Some(Tensor::cat(&pooled, 0)?), Some(self.time_ids(req)?.repeat((rows, 1))?))
+            }
             SdVariant::StableDiffusion => (None, None),
         };
         let pag_layers = match &req.sampler.pag_layers {
@@ -439,7 +434,13 @@ impl StableDiffusionPipeline {
             let perturbed = pag_scale.map(|_| out.narrow(0, cond_row + 1, 1)).transpose()?;
             let eps = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
             x = scheduler.step(&eps, &x, &mut noise)?;
-            on_step(StepEvent { index: i, total, timestep: t, attention_guided: plan.attention.is_some(), latents: &x });
+            on_step(StepEvent {
+                index: i,
+                total,
+                timestep: t,
+                attention_guided: plan.attention.is_some(),
+                latents: &x,
+            });
         }
         Ok(x)
     }

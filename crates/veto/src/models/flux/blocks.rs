@@ -151,10 +151,9 @@ impl DoubleBlock {
                 q: &img_h.q,
                 shared: Some(KeyValues { k: &img_h.k, v: &img_h.v }),
                 positive: KeyValues { k: &pos_h.k, v: &pos_h.v },
-                negative: neg.as_ref().map(|(_, _, h)| NegativeKeyValues {
-                    kv: KeyValues { k: &h.k, v: &h.v },
-                    rows: 0..batch,
-                }),
+                negative: neg
+                    .as_ref()
+                    .map(|(_, _, h)| NegativeKeyValues { kv: KeyValues { k: &h.k, v: &h.v }, rows: 0..batch }),
                 scale,
             },
             method,

@@ -210,7 +210,9 @@ impl FluxTransformer {
                 let Some(contrast) = n.method.contrast() else {
                     candle_core::bail!("Flux supports NAG and NASA, not VSF");
                 };
-                let pooled = n.pooled.ok_or_else(|| candle_core::Error::Msg("Flux NAG needs the negative pooled vector".into()))?;
+                let pooled = n
+                    .pooled
+                    .ok_or_else(|| candle_core::Error::Msg("Flux NAG needs the negative pooled vector".into()))?;
                 (Some(n.method), Some(contrast), Some((n.states, pooled)))
             }
         };

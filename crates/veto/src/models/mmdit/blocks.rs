@@ -111,9 +111,15 @@ impl Projections {
 pub enum BlockGuide<'a> {
     None,
     /// NAG / NASA with the negative stream, guiding the image rows `rows` (module docs).
-    Contrast { method: &'a AttentionGuidance, rows: Range<usize> },
+    Contrast {
+        method: &'a AttentionGuidance,
+        rows: Range<usize>,
+    },
     /// VSF: the last `neg_len` tokens of the text stream are the negative prompt.
-    Vsf { method: &'a AttentionGuidance, neg_len: usize },
+    Vsf {
+        method: &'a AttentionGuidance,
+        neg_len: usize,
+    },
 }
 
 /// A block's streams: image `[B, N, D]`, text `[B, T, D]` (absent after the last block), and

@@ -18,8 +18,8 @@ use candle_core::{DType, Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use serde::Deserialize;
 
-pub use attention::{BlockContext, Perturbation};
 pub use crate::guidance::NegativeContext;
+pub use attention::{BlockContext, Perturbation};
 use blocks::{BlockSpec, DownBlock, MidBlock, ResnetSpec, UpBlock};
 use embeddings::sinusoidal;
 
