@@ -44,3 +44,8 @@ pub use guidance::{GuidanceConfig, GuidancePlan, Method, NagNorm, NagParams, Nag
 pub use image_io::save_png;
 pub use loading::model_source::ModelSource;
 pub use pipelines::{Defaults, GenerateRequest, Generation, Pipeline, ResolvedRequest, SamplerOptions, StepEvent};
+
+/// The README's Rust examples, compiled as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
