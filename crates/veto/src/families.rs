@@ -8,7 +8,6 @@
 use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
-use crate::loading::safetensors_files::read_json;
 use crate::pipelines::{flux, sd3, sdxl, ResolvedRequest, SamplerOption, TextToImage};
 use candle_core::{DType, Device};
 
@@ -194,13 +193,7 @@ pub fn supported_classes() -> String {
 
 /// The family of a diffusers folder, from its `model_index.json` (no weights are read).
 pub fn detect(source: &ModelSource) -> Result<&'static Family> {
-    let index = source.file("model_index.json")?;
-    let json: serde_json::Value = read_json(&index, "model_index.json")?;
-    let class = json.get("_class_name").and_then(|c| c.as_str()).unwrap_or("");
-    for_class(class).ok_or_else(|| Error::BadModelFile {
-        path: index.display().to_string(),
-        reason: format!("pipeline '{class}' is not supported (supported: {})", supported_classes()),
-    })
+    source.model_index()?.family()
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! veto: negative prompts that work on few-step diffusion models.
 //!
 //! Guidance methods (NAG, NASA, VSF, CFG, PAG) live in [`guidance`] as pure tensor math; models
-//! own their weights and data flow and call [`guidance::guided_attention`] in every guided
+//! own their weights and data flow and call [`guidance::guided_attention()`] in every guided
 //! attention layer with the step's [`GuidancePlan`]. The [`families`] registry says which
 //! diffusers pipelines load as which family; a [`Pipeline`] turns text into images:
 //!

@@ -1,6 +1,6 @@
 //! What the user asked for ([`GuidanceConfig`], validated once) and what applies at one step
 //! ([`GuidancePlan`], the step window already resolved). Models receive the plan by reference;
-//! for NAG/NASA they hand attention outputs to [`AttentionGuidance::combine`].
+//! the attention routine ([`super::guided_attention()`]) applies its method.
 
 use super::cfg::cfg;
 use super::nag::{nag, NagParams};

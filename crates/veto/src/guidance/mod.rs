@@ -4,7 +4,7 @@
 //! - [`nag`]: Normalized Attention Guidance (NAG paper, eq. 7-10).
 //! - [`nasa`]: Negative-Away Steer Attention (NAG paper, eq. 5).
 //! - [`vsf`]: Value Sign Flip (the flipped negative key/value block, VSF paper).
-//! - [`cfg`]: classifier-free guidance with a negative prompt, in output space.
+//! - [`cfg`](mod@cfg): classifier-free guidance with a negative prompt, in output space.
 //! - [`pag`]: perturbed-attention guidance, in output space.
 //! - [`window`]: which steps attention guidance runs at (early stopping, NAG appendix G).
 //! - [`config`]: what the user asked for ([`GuidanceConfig`], validated once) and what applies

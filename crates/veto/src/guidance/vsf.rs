@@ -2,7 +2,7 @@
 //! it changes the attention itself (the negative prompt's keys with its values times -alpha,
 //! visible to image queries only, logits biased by -beta). It is computed per key block and the
 //! blocks are merged by log-sum-exp ([`crate::attention`]), so no dense `L x L` mask is ever
-//! built: the image rows through [`super::guided_attention`] with the [`flipped_block`], the
+//! built: the image rows through [`super::guided_attention()`] with the [`flipped_block`], the
 //! MMDiT's text rows through [`text_rows`].
 //!
 //! Both layouts reduce to the same block structure. The text stream is `[A, N]` with `N` the
@@ -96,7 +96,7 @@ pub struct Heads<'a> {
 /// MMDiT joint attention under VSF, text rows: the queries `q_txt` of the stream `[A, N]`
 /// (`N` its last `neg_len` tokens) over their allowed blocks (module docs): `A` over `[I, A]`,
 /// `N` over `[I, N]`; the image block is computed once. The image rows are
-/// [`super::guided_attention`] over `[I, A, N']`. Heads still split, `[B, H, S_txt, d]`.
+/// [`super::guided_attention()`] over `[I, A, N']`. Heads still split, `[B, H, S_txt, d]`.
 pub fn text_rows(q_txt: &Tensor, img: &Heads, txt: &Heads, neg_len: usize, scale: f64) -> Result<Tensor> {
     let txt_len = txt.k.dim(2)?;
     if neg_len == 0 || neg_len > txt_len {

@@ -14,23 +14,6 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::loading::config::read_config;
 
-/// Pipeline classes this crate can run.
-pub const SUPPORTED_PIPELINES: &[&str] =
-    &["FluxPipeline", "StableDiffusion3Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline"];
-
-/// The model families behind [`SUPPORTED_PIPELINES`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PipelineKind {
-    /// `FluxPipeline`: FLUX.1 [dev] / [schnell] and their fine-tunes.
-    Flux,
-    /// `StableDiffusion3Pipeline`: SD3 / SD3.5 (MMDiT, MMDiT-X).
-    StableDiffusion3,
-    /// `StableDiffusionPipeline`: SD1.5-style UNets.
-    StableDiffusion,
-    /// `StableDiffusionXLPipeline`: SDXL and its few-step descendants.
-    StableDiffusionXl,
-}
-
 /// One component entry: `[library, class]`, either of which may be null.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Component {
@@ -53,7 +36,6 @@ pub struct ModelIndex {
     /// Where it came from, for error messages.
     origin: String,
     pipeline_class: String,
-    kind: PipelineKind,
     diffusers_version: Option<String>,
     components: BTreeMap<String, Component>,
 }
@@ -82,18 +64,6 @@ impl ModelIndex {
             Some(_) => return Err(bad("_class_name is not a string".to_string())),
             None => return Err(bad("missing _class_name (is this a diffusers model folder?)".to_string())),
         };
-        let kind = match pipeline_class.as_str() {
-            "FluxPipeline" => PipelineKind::Flux,
-            "StableDiffusion3Pipeline" => PipelineKind::StableDiffusion3,
-            "StableDiffusionPipeline" => PipelineKind::StableDiffusion,
-            "StableDiffusionXLPipeline" => PipelineKind::StableDiffusionXl,
-            other => {
-                return Err(bad(format!(
-                    "unsupported pipeline {other:?}; supported: {}",
-                    SUPPORTED_PIPELINES.join(", ")
-                )))
-            }
-        };
         let diffusers_version = map.get("_diffusers_version").and_then(Value::as_str).map(str::to_string);
 
         let mut components = BTreeMap::new();
@@ -116,7 +86,7 @@ impl ModelIndex {
             };
             components.insert(name.clone(), Component { library: as_opt(library)?, class_name: as_opt(class_name)? });
         }
-        Ok(Self { origin: origin.to_string(), pipeline_class, kind, diffusers_version, components })
+        Ok(Self { origin: origin.to_string(), pipeline_class, diffusers_version, components })
     }
 
     /// The pipeline class, e.g. `"FluxPipeline"`.
@@ -124,8 +94,17 @@ impl ModelIndex {
         &self.pipeline_class
     }
 
-    pub fn kind(&self) -> PipelineKind {
-        self.kind
+    /// The model family that loads this pipeline class ([`crate::families`]), or an error
+    /// naming the class and the supported ones.
+    pub fn family(&self) -> Result<&'static crate::families::Family> {
+        crate::families::for_class(&self.pipeline_class).ok_or_else(|| Error::BadModelFile {
+            path: self.origin.clone(),
+            reason: format!(
+                "pipeline '{}' is not supported (supported: {})",
+                self.pipeline_class,
+                crate::families::supported_classes()
+            ),
+        })
     }
 
     /// `_diffusers_version`, when recorded.
@@ -189,7 +168,7 @@ mod tests {
     fn parses_flux_index() {
         let idx = ModelIndex::from_json(FLUX, "model_index.json").unwrap();
         assert_eq!(idx.pipeline_class(), "FluxPipeline");
-        assert_eq!(idx.kind(), PipelineKind::Flux);
+        assert_eq!(idx.family().unwrap().name, "flux");
         assert_eq!(idx.diffusers_version(), Some("0.30.0.dev0"));
         assert_eq!(idx.component_class("transformer"), Some("FluxTransformer2DModel"));
         assert_eq!(idx.component_class("text_encoder_2"), Some("T5EncoderModel"));
@@ -219,7 +198,7 @@ mod tests {
     fn unknown_pipeline_lists_supported() {
         let json = r#"{"_class_name": "KandinskyV22Pipeline", "unet": ["diffusers", "UNet2DConditionModel"],
                        "force_zeros_for_empty_prompt": true}"#;
-        let err = ModelIndex::from_json(json, "x/model_index.json").unwrap_err().to_string();
+        let err = ModelIndex::from_json(json, "x/model_index.json").unwrap().family().unwrap_err().to_string();
         assert!(err.contains("KandinskyV22Pipeline"), "{err}");
         assert!(err.contains("FluxPipeline"), "{err}");
         assert!(err.contains("x/model_index.json"), "{err}");

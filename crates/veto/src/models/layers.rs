@@ -86,7 +86,7 @@ impl Module for FeedForward {
     }
 }
 
-/// Sinusoidal features of `t` ([B], already on the 0..1000 scale), `channels` wide with cos
+/// Sinusoidal features of `t` (`[B]`, already on the 0..1000 scale), `channels` wide with cos
 /// first (diffusers `Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)`). Computed in
 /// f32 in the same order as diffusers: with Flux's guidance x1000 the arguments reach ~3500, so
 /// the frequencies must round exactly like theirs to stay within 1e-4.

@@ -4,7 +4,7 @@
 //! - double blocks: the image stream exists once and is modulated by the positive `temb`; the
 //!   positive and negative text streams each have their own modulation. Image queries attend to
 //!   `[text+ ; image]` and `[text- ; image]`; the image-over-image block is computed once and
-//!   merged with each text block by log-sum-exp ([`crate::guidance::guided_attention`]), which
+//!   merged with each text block by log-sum-exp ([`crate::guidance::guided_attention()`]), which
 //!   also combines `Z+` and `Z-` of the image rows; each text stream keeps its own output.
 //! - single blocks: two halves `[text+ ; image]` and `[text- ; image']`, stacked on the batch,
 //!   each with its own modulation, MLP and residual; in attention the image rows of both halves

@@ -7,7 +7,7 @@
 //!   every block, with its own modulation; it pairs with the guided rows of the image batch
 //!   (with batched CFG `[uncond, cond]`, the cond row: as the official processor does). Those
 //!   image rows attend to `[I, T+]` and `[I, T-]` through
-//!   [`crate::guidance::guided_attention`] (image-over-image once, merged by log-sum-exp).
+//!   [`crate::guidance::guided_attention()`] (image-over-image once, merged by log-sum-exp).
 //!   The image stream exists once; the negative stream's own rows attend to `[I, T-]`.
 //! - VSF ([`BlockGuide::Vsf`]): one text stream `[A, N]` whose last `neg_len` tokens are the
 //!   negative prompt; the image rows see `[I, A, N']` through the same routine, the text rows

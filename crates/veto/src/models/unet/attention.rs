@@ -4,7 +4,7 @@
 //! - `attn1` (self-attention): on the PAG rows of the selected layers the attention map is the
 //!   identity, so the output is `to_out(to_v(x))` (diffusers' `PAGIdentitySelfAttnProcessor`).
 //! - `attn2` (cross-attention): on the guided rows the same image queries also attend the
-//!   negative text, through [`crate::guidance::guided_attention`]: NAG/NASA combine `Z+` and
+//!   negative text, through [`crate::guidance::guided_attention()`]: NAG/NASA combine `Z+` and
 //!   `Z-` (heads merged, before `to_out`); VSF attends one softmax over the positive keys and
 //!   the flipped negative block, merged by log-sum-exp, never as a dense concatenation.
 //!
