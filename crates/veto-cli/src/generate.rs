@@ -244,10 +244,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let init_latents = a.init_latents.as_deref().map(load_init_latents).transpose()?;
     let device = device(a.device)?;
     let source = ModelSource::resolve(&a.model)?;
+    // The family, its defaults and the request's family-level checks come from the config
+    // files: a bad request stops here, before any weights load.
+    let family = veto::families::detect(&source).map_err(flag_error)?;
+    let defaults = (family.defaults)(&source).map_err(flag_error)?;
+    let req = request(&a, &defaults, init_latents)?;
+    Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
 
-    eprintln!("loading {} ...", a.model);
+    eprintln!("loading {} ({}) ...", a.model, family.title);
     let pipe = Pipeline::load(&source, &device, dtype(a.dtype)).map_err(flag_error)?;
-    let req = request(&a, pipe.defaults(), init_latents)?;
     let resolved = pipe.resolve(&req).map_err(flag_error)?;
 
     let bar = ProgressBar::new(resolved.steps.max(resolved.sampler.timesteps.as_ref().map_or(0, Vec::len)) as u64);

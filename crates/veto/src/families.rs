@@ -8,11 +8,14 @@
 use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
-use crate::pipelines::{flux, sd3, sdxl, ResolvedRequest, SamplerOption, TextToImage};
+use crate::pipelines::{flux, sd3, sdxl, Defaults, ResolvedRequest, SamplerOption, TextToImage};
 use candle_core::{DType, Device};
 
 /// Loads a family's pipeline from a diffusers folder.
 pub type Loader = fn(&ModelSource, &Device, DType) -> Result<Box<dyn TextToImage>>;
+
+/// A model's defaults from its config files alone, before any weights load.
+pub type DefaultsReader = fn(&ModelSource) -> Result<Defaults>;
 
 /// The guidance methods a family has: any combination of CFG and PAG (where allowed) with at
 /// most one of its attention methods.
@@ -75,6 +78,8 @@ pub struct Family {
     pub scheduler: &'static str,
     /// Loads its pipeline.
     pub load: Loader,
+    /// Reads a model's defaults (steps, size, guidance and its parameters) from its configs.
+    pub defaults: DefaultsReader,
 }
 
 impl std::fmt::Debug for Family {
@@ -139,6 +144,7 @@ pub static FLUX: Family = Family {
     sampler_options: &[],
     scheduler: "FlowMatchEulerDiscreteScheduler",
     load: |s, d, t| Ok(Box::new(flux::FluxPipeline::load(s, d, t)?)),
+    defaults: flux::defaults_of,
 };
 
 /// Stable Diffusion 3 / 3.5 (MMDiT, MMDiT-X).
@@ -155,6 +161,7 @@ pub static SD3: Family = Family {
     sampler_options: &[],
     scheduler: "FlowMatchEulerDiscreteScheduler",
     load: |s, d, t| Ok(Box::new(sd3::Sd3Pipeline::load(s, d, t)?)),
+    defaults: sd3::defaults_of,
 };
 
 /// The UNet family: SD1.5 / SD2, SDXL and its few-step descendants.
@@ -171,6 +178,7 @@ pub static UNET: Family = Family {
     sampler_options: &[SamplerOption::Timesteps, SamplerOption::Eta, SamplerOption::PagLayers],
     scheduler: "EulerDiscrete, LCM, DDIM, TCD, DPMSolverMultistep, EDMEuler, EDMDPMSolverMultistep",
     load: |s, d, t| Ok(Box::new(sdxl::StableDiffusionPipeline::load(s, d, t)?)),
+    defaults: sdxl::defaults_of,
 };
 
 /// Every family veto has.

@@ -74,6 +74,13 @@ pub struct VaeConfig {
 }
 
 impl VaeConfig {
+    /// Read and check `vae/config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let config: VaeConfig = read_config(path, "VAE config")?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
     /// Reject configs that candle's AutoEncoderKL would build differently from diffusers.
     fn validate(&self, path: &Path) -> Result<()> {
         let bad = |reason: String| Error::BadModelFile { path: path.display().to_string(), reason };
@@ -160,8 +167,7 @@ impl AutoencoderKl {
             return Err(Error::MissingFile { what: "VAE folder not found".into(), path: dir.display().to_string() });
         }
         let config_path = dir.join("config.json");
-        let config: VaeConfig = read_config(&config_path, "VAE config")?;
-        config.validate(&config_path)?;
+        let config = VaeConfig::from_file(&config_path)?;
         let files = weight_files(dir, "diffusion_pytorch_model")?;
         let vb = var_builder(&files, dtype, device)?;
         let candle_config = AutoEncoderKLConfig {

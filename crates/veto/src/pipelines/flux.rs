@@ -199,6 +199,11 @@ impl FluxPipeline {
     }
 }
 
+/// The defaults of a Flux folder from its transformer config alone (no weights are read).
+pub fn defaults_of(source: &ModelSource) -> Result<Defaults> {
+    Ok(flux_defaults(&FluxConfig::from_file(&source.file("transformer/config.json")?)?))
+}
+
 /// FLUX.1 defaults: the official NAG README (s = 5, tau = 2.5, alpha = 0.25; schnell 4 steps
 /// with no embedded guidance and 256 T5 tokens; dev 25 steps at guidance 3.5, 512 tokens).
 pub fn flux_defaults(cfg: &FluxConfig) -> Defaults {

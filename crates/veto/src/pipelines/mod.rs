@@ -106,6 +106,20 @@ impl Pipeline {
         Ok(Pipeline { family, inner, defaults })
     }
 
+    /// What can be decided about a request from the model's config files alone, before any
+    /// weights load: its family, its defaults, the request with them filled in, and the
+    /// family's checks (method, options). [`resolve`](Self::resolve) checks the rest.
+    pub fn check_before_loading(
+        source: &ModelSource,
+        req: &GenerateRequest,
+    ) -> Result<(&'static Family, Defaults, ResolvedRequest)> {
+        let family = families::detect(source)?;
+        let defaults = (family.defaults)(source)?;
+        let resolved = req.resolve(&defaults)?;
+        family.check(&resolved)?;
+        Ok((family, defaults, resolved))
+    }
+
     /// The model family.
     pub fn family(&self) -> &'static Family {
         self.family

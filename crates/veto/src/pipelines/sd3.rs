@@ -29,7 +29,7 @@ use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
-use crate::models::vae::AutoencoderKl;
+use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::gaussian;
 use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
@@ -414,8 +414,17 @@ impl Sd3Pipeline {
     }
 }
 
-/// Defaults of an SD3-family model (module docs).
-pub fn sd3_defaults(cfg: &MmditConfig, turbo: bool) -> Defaults {
+/// The defaults of an SD3 folder from its config files alone (no weights are read).
+pub fn defaults_of(source: &ModelSource) -> Result<Defaults> {
+    let index_path = source.file("model_index.json")?;
+    let cfg = MmditConfig::from_file(&source.file("transformer/config.json")?)?;
+    let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
+    Ok(sd3_defaults(&cfg, is_turbo(source, &index_path), vae.downscale_factor()))
+}
+
+/// Defaults of an SD3-family model (module docs); the default size is the transformer's
+/// `sample_size` latents times the VAE's `vae_factor`.
+pub fn sd3_defaults(cfg: &MmditConfig, turbo: bool, vae_factor: usize) -> Defaults {
     let (steps, guidance_scale): (usize, f64) = if turbo {
         (8, 0.0)
     } else if !cfg.dual_attention_layers.is_empty() {
@@ -430,17 +439,13 @@ pub fn sd3_defaults(cfg: &MmditConfig, turbo: bool) -> Defaults {
     guidance.method = if turbo { Method::NAG } else { Method::CFG_NAG };
     // Not used by SD3 (the CFG scale is guidance_scale); kept equal for readers of the config.
     guidance.true_cfg_scale = guidance_scale.max(1.0);
-    let size = cfg.sample_size * 8;
+    let size = cfg.sample_size * vae_factor;
     Defaults { steps, guidance_scale, max_sequence_length: 256, height: size, width: size, guidance }
 }
 
 impl TextToImage for Sd3Pipeline {
     fn defaults(&self) -> Defaults {
-        let mut d = sd3_defaults(self.transformer.config(), self.turbo);
-        let size = self.transformer.config().sample_size * self.vae.config().downscale_factor();
-        d.height = size;
-        d.width = size;
-        d
+        sd3_defaults(self.transformer.config(), self.turbo, self.vae.config().downscale_factor())
     }
 
     fn validate(&self, req: &ResolvedRequest) -> Result<()> {
@@ -486,15 +491,15 @@ mod tests {
         .unwrap();
         let medium35: MmditConfig = serde_json::from_str(r#"{"qk_norm": "rms_norm", "dual_attention_layers": [0, 1], "num_attention_heads": 24, "caption_projection_dim": 1536}"#).unwrap();
         let medium3: MmditConfig = serde_json::from_str("{}").unwrap();
-        let d = sd3_defaults(&large, true);
+        let d = sd3_defaults(&large, true, 8);
         assert_eq!((d.steps, d.guidance_scale), (8, 0.0));
         assert_eq!(d.guidance.method, Method::NAG);
         assert_eq!((d.guidance.nag.scale, d.guidance.nag.tau, d.guidance.nag.alpha), (5.0, 2.5, 0.125));
         assert_eq!((d.guidance.vsf.scale, d.guidance.vsf.bias), (3.5, 0.1));
-        assert_eq!((sd3_defaults(&large, false).steps, sd3_defaults(&large, false).guidance_scale), (28, 3.5));
-        assert_eq!(sd3_defaults(&medium35, false).guidance_scale, 4.5);
-        assert_eq!(sd3_defaults(&medium3, false).guidance_scale, 7.0);
-        assert_eq!(sd3_defaults(&medium3, false).height, 1024);
-        assert!(sd3_defaults(&large, false).guidance.validate().is_ok());
+        assert_eq!((sd3_defaults(&large, false, 8).steps, sd3_defaults(&large, false, 8).guidance_scale), (28, 3.5));
+        assert_eq!(sd3_defaults(&medium35, false, 8).guidance_scale, 4.5);
+        assert_eq!(sd3_defaults(&medium3, false, 8).guidance_scale, 7.0);
+        assert_eq!(sd3_defaults(&medium3, false, 8).height, 1024);
+        assert!(sd3_defaults(&large, false, 8).guidance.validate().is_ok());
     }
 }

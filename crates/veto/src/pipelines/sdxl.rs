@@ -33,7 +33,7 @@ use crate::loading::components::{clip_tokenizer, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
-use crate::models::vae::AutoencoderKl;
+use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::gaussian;
 use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::load_scheduler;
@@ -114,12 +114,7 @@ impl StableDiffusionPipeline {
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let index_path = source.file("model_index.json")?;
         let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
-        // The registry chose this family from `_class_name`; SDXL is the variant with a second
-        // text encoder (diffusers' `StableDiffusionXLPipeline` layout).
-        let variant = match index.get("text_encoder_2") {
-            Some(serde_json::Value::Array(pair)) if pair.iter().any(|v| !v.is_null()) => SdVariant::StableDiffusionXl,
-            _ => SdVariant::StableDiffusion,
-        };
+        let variant = variant_of(&index);
         let force_zeros_for_empty_prompt = index
             .get("force_zeros_for_empty_prompt")
             .and_then(|v| v.as_bool())
@@ -461,6 +456,25 @@ impl StableDiffusionPipeline {
         let z = latents.to_dtype(DType::F32)?.broadcast_mul(&std_t)?.broadcast_add(&shift)?;
         self.vae.decode_latents(&z)
     }
+}
+
+/// The registry chose the family from `_class_name`; SDXL is the variant with a second text
+/// encoder (diffusers' `StableDiffusionXLPipeline` layout).
+fn variant_of(index: &serde_json::Value) -> SdVariant {
+    match index.get("text_encoder_2") {
+        Some(serde_json::Value::Array(pair)) if pair.iter().any(|v| !v.is_null()) => SdVariant::StableDiffusionXl,
+        _ => SdVariant::StableDiffusion,
+    }
+}
+
+/// The defaults of a UNet-family folder from its config files alone (no weights are read).
+pub fn defaults_of(source: &ModelSource) -> Result<Defaults> {
+    let index: serde_json::Value = read_json(&source.file("model_index.json")?, "model_index.json")?;
+    let unet = UNetConfig::from_file(&source.file("unet/config.json")?)?;
+    let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
+    let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
+    let px = unet.sample_size.unwrap_or(64) * vae.downscale_factor();
+    Ok(unet_defaults(variant_of(&index), scheduler.as_ref(), is_trailing(scheduler.as_ref()), px))
 }
 
 /// Defaults of a UNet-family model, from its scheduler and UNet:

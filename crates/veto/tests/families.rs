@@ -1,0 +1,79 @@
+//! The family registry on the tiny pipeline folders: detection by `_class_name` (with the
+//! official NAG package's prefix too), defaults read from the config files alone equal those of
+//! the loaded pipeline, and the checks made before any weights load.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::fixtures;
+use veto::{GenerateRequest, ModelSource, Pipeline};
+
+const FOLDERS: [(&str, &str, &str); 6] = [
+    ("flux", "schnell", "flux"),
+    ("flux", "dev", "flux"),
+    ("sd3", "large", "sd3"),
+    ("sd3", "medium", "sd3"),
+    ("unet", "sd15", "unet"),
+    ("unet", "sdxl", "unet"),
+];
+
+#[test]
+fn defaults_from_configs_equal_the_loaded_pipelines() {
+    for (dir, model, family) in FOLDERS {
+        let source = ModelSource::local(fixtures(dir).join(model)).unwrap();
+        let detected = veto::families::detect(&source).unwrap();
+        assert_eq!(detected.name, family, "{dir}/{model}");
+        let from_configs = (detected.defaults)(&source).unwrap();
+        let pipe = Pipeline::load(&source, &Device::Cpu, DType::F32).unwrap();
+        assert_eq!(&from_configs, pipe.defaults(), "{dir}/{model}");
+    }
+}
+
+#[test]
+fn bad_requests_stop_before_the_weights_load() {
+    let source = ModelSource::local(fixtures("sd3").join("large")).unwrap();
+    let req = GenerateRequest::new("a cat").negative("a dog").method("cfg+pag".parse().unwrap());
+    let e = Pipeline::check_before_loading(&source, &req).unwrap_err();
+    assert!(matches!(e, veto::Error::UnsupportedMethod { family: "SD3", .. }), "{e}");
+    let mut g = veto::GuidanceConfig::nag_default();
+    g.nag.alpha = 2.0;
+    let e = Pipeline::check_before_loading(&source, &GenerateRequest::new("a cat").guidance(g)).unwrap_err();
+    assert!(matches!(e, veto::Error::InvalidParameter { name: "nag_alpha", .. }), "{e}");
+    let (family, defaults, resolved) = Pipeline::check_before_loading(&source, &GenerateRequest::new("a cat")).unwrap();
+    assert_eq!(family.name, "sd3");
+    assert_eq!(resolved.steps, defaults.steps);
+    // No negative prompt: the default CFG+NAG loses its attention part.
+    assert_eq!(resolved.guidance.method, veto::Method::CFG);
+}
+
+#[test]
+fn folders_saved_by_the_official_nag_package_load() {
+    // A copy of the schnell folder whose model_index.json names `NAGFluxPipeline`.
+    let dir = tempfile::tempdir().unwrap();
+    let from = fixtures("flux").join("schnell");
+    copy_dir(&from, dir.path());
+    let index = dir.path().join("model_index.json");
+    let text = std::fs::read_to_string(&index).unwrap().replace("\"FluxPipeline\"", "\"NAGFluxPipeline\"");
+    std::fs::write(&index, text).unwrap();
+    let source = ModelSource::local(dir.path()).unwrap();
+    assert_eq!(veto::families::detect(&source).unwrap().name, "flux");
+    let pipe = Pipeline::load(&source, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(pipe.family().name, "flux");
+    // An unknown class lists the supported ones.
+    std::fs::write(&index, r#"{"_class_name": "WanPipeline"}"#).unwrap();
+    let e = veto::families::detect(&ModelSource::local(dir.path()).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("'WanPipeline' is not supported") && e.contains("StableDiffusionXLPipeline"), "{e}");
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
