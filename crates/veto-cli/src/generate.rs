@@ -142,6 +142,17 @@ pub fn flag_of(name: &str) -> String {
 pub fn flag_error(e: veto::Error) -> anyhow::Error {
     match e {
         veto::Error::InvalidParameter { name, reason } => anyhow::anyhow!("{}: {reason}", flag_of(name)),
+        veto::Error::NonFinite { step, total, timestep, method, parameters } => {
+            let lower = parameters.iter().map(|p| flag_of(p)).collect::<Vec<_>>().join(" or ");
+            let hint = if lower.is_empty() {
+                "with f16, try --dtype bf16 or f32".to_string()
+            } else {
+                format!("lower {lower}")
+            };
+            anyhow::anyhow!(
+                "step {step}/{total} (t = {timestep:.0}) produced non-finite latents under guidance '{method}'; {hint} (nothing was written)"
+            )
+        }
         other => other.into(),
     }
 }

@@ -16,6 +16,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Generate an image from a prompt, with a negative prompt that works.
+    #[command(allow_negative_numbers = true)]
     Generate(Box<generate::GenerateArgs>),
     /// Time one denoising step of a random-weight model at the real width, per guidance method.
     Bench(bench::BenchArgs),

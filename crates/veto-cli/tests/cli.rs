@@ -286,3 +286,18 @@ fn a_method_given_twice_is_named() {
 fn a_method_the_family_lacks_is_refused_with_what_it_has() {
     expect_failure(&["--guidance", "vsf"], "guidance 'vsf' is not available for Flux (supported: none, nag, nasa, cfg");
 }
+
+#[test]
+fn negative_numbers_parse_and_are_range_checked() {
+    expect_failure(&["--nag-scale", "-5"], "--nag-scale: must be >= 1");
+}
+
+#[test]
+fn extreme_scales_stop_at_the_step_that_blows_up() {
+    // f32 overflows: NAG's extrapolation becomes inf - inf. The run stops at step 1, names the
+    // flags to lower, and writes nothing (expect_failure checks the folder stays empty).
+    expect_failure(
+        &["--nag-scale", "1e300", "--nag-tau", "1e300", "--nag-alpha", "1"],
+        "step 1/1 (t = 1000) produced non-finite latents under guidance 'nag'; lower --nag-scale or --nag-tau",
+    );
+}

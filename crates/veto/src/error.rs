@@ -24,6 +24,24 @@ pub enum Error {
         /// The methods it has.
         supported: String,
     },
+    /// The latents stopped being finite at a step (a guidance scale too large for the
+    /// precision, or a broken model); nothing is written.
+    #[error(
+        "step {step}/{total} (t = {timestep:.0}) produced non-finite latents under guidance '{method}'{}",
+        lower_hint(parameters)
+    )]
+    NonFinite {
+        /// 1-based step.
+        step: usize,
+        /// Number of steps.
+        total: usize,
+        /// The step's timestep.
+        timestep: f64,
+        /// The method as `Method`'s `Display` spells it.
+        method: String,
+        /// The scales in effect that can blow up, to lower (`nag_scale`, `guidance_scale`, ...).
+        parameters: Vec<&'static str>,
+    },
     /// Any other malformed input (a tensor of the wrong shape, an inconsistent combination).
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -55,6 +73,14 @@ pub enum Error {
     /// Anything else.
     #[error("{0}")]
     Other(String),
+}
+
+fn lower_hint(parameters: &[&str]) -> String {
+    if parameters.is_empty() {
+        "; the model produced non-finite values (with f16, try bf16 or f32)".into()
+    } else {
+        format!("; lower {}", parameters.join(" or "))
+    }
 }
 
 /// `Result` with veto's [`Error`].

@@ -405,6 +405,28 @@ impl GuidanceConfig {
         self.uses_attention_guidance() || self.cfg_scale(source, guidance_scale).is_some()
     }
 
+    /// The scales in effect that can make the latents blow up, by parameter name, for the
+    /// message that tells the user what to lower.
+    pub fn scale_parameters(&self, source: CfgScaleSource, guidance_scale: f64) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        match self.attention() {
+            Some(AttentionGuidance::Contrast(Contrast::Nag(_))) => names.extend(["nag_scale", "nag_tau"]),
+            Some(AttentionGuidance::Contrast(Contrast::Nasa { .. })) => names.push("nasa_scale"),
+            Some(AttentionGuidance::Vsf(_)) => names.push("vsf_scale"),
+            None => {}
+        }
+        if self.cfg_scale(source, guidance_scale).is_some() {
+            names.push(match source {
+                CfgScaleSource::TrueCfgScale => "true_cfg_scale",
+                CfgScaleSource::GuidanceScale => "guidance_scale",
+            });
+        }
+        if self.uses_pag() {
+            names.push("pag_scale");
+        }
+        names
+    }
+
     /// Whether NAG or NASA runs (the negative prompt as a context of its own).
     pub fn uses_contrast(&self) -> bool {
         self.attention().is_some_and(|a| a.contrast().is_some())

@@ -125,9 +125,10 @@ pub fn guided_attention(a: &GuidedAttention, method: Option<&AttentionGuidance>)
 
     let shared = a.shared.map(|kv| attend_block(q, kv.k, kv.v, scale, None)).transpose()?;
     let positive = attend_block(q, a.positive.k, a.positive.v, scale, None)?;
-    let plain = merge_heads(&merge_optional(shared.as_ref(), &[&positive])?)?;
+    // The unguided attention of every row: Z+ for a contrast, the other rows' output for VSF.
+    let plain = || -> Result<Tensor> { merge_heads(&merge_optional(shared.as_ref(), &[&positive])?) };
     let Some((method, n)) = guided else {
-        return Ok(plain);
+        return plain();
     };
     let q_neg = rows_of(q, &n.rows)?;
     let shared_rows = shared.as_ref().map(|s| block_rows(s, &n.rows)).transpose()?;
@@ -135,13 +136,16 @@ pub fn guided_attention(a: &GuidedAttention, method: Option<&AttentionGuidance>)
         AttentionGuidance::Contrast(c) => {
             let negative = attend_block(&q_neg, n.kv.k, n.kv.v, scale, None)?;
             let z_neg = merge_heads(&merge_optional(shared_rows.as_ref(), &[&negative])?)?;
-            contrast_rows(&plain, &z_neg, c, &n.rows)
+            contrast_rows(&plain()?, &z_neg, c, &n.rows)
         }
         AttentionGuidance::Vsf(p) => {
             let flipped = flipped_block(&q_neg, n.kv.k, n.kv.v, scale, p)?;
             let positive_rows = block_rows(&positive, &n.rows)?;
             let z = merge_heads(&merge_optional(shared_rows.as_ref(), &[&positive_rows, &flipped])?)?;
-            splice_rows(&plain, &z, &n.rows)
+            if n.rows.start == 0 && n.rows.end == q.dim(0)? {
+                return Ok(z); // every row guided: no plain output is needed
+            }
+            splice_rows(&plain()?, &z, &n.rows)
         }
     }
 }

@@ -187,6 +187,7 @@ impl FluxPipeline {
             let v = plan.combine_outputs(&v, v_neg.as_ref(), None)?;
             x = scheduler.step(&v, &x, &mut NoNoise)?;
             let unpacked = latents::unpack(&x, lh, lw)?;
+            super::ensure_finite(&unpacked, (i, total, t), req, &FLUX)?;
             on_step(StepEvent {
                 index: i,
                 total,

@@ -64,6 +64,30 @@ pub trait TextToImage: Send + Sync {
     fn decode(&self, latents: &Tensor) -> Result<Tensor>;
 }
 
+/// Stop at the first step whose latents are not finite, naming the step, the method and the
+/// scales to lower: a NaN never reaches a file.
+pub(crate) fn ensure_finite(
+    latents: &Tensor,
+    event: (usize, usize, f64),
+    req: &ResolvedRequest,
+    family: &Family,
+) -> Result<()> {
+    let x = latents.to_dtype(DType::F32)?;
+    // x - x is 0 where x is finite and NaN where it is not; the sum says which.
+    let probe = (&x - &x)?.sum_all()?.to_scalar::<f32>()?;
+    if probe == 0.0 {
+        return Ok(());
+    }
+    let (index, total, timestep) = event;
+    Err(crate::Error::NonFinite {
+        step: index + 1,
+        total,
+        timestep,
+        method: req.guidance.method.to_string(),
+        parameters: req.guidance.scale_parameters(family.cfg_scale, req.guidance_scale),
+    })
+}
+
 /// What one generation produced.
 pub struct Generation {
     /// Final latents `[1, C, H/f, W/f]`, before VAE decode.

@@ -402,6 +402,7 @@ impl Sd3Pipeline {
             };
             let v = plan.combine_outputs(&v_cond, v_uncond.as_ref(), None)?;
             x = scheduler.step(&v, &x, &mut NoNoise)?;
+            super::ensure_finite(&x, (i, total, t as f64), req, &SD3)?;
             on_step(StepEvent {
                 index: i,
                 total,

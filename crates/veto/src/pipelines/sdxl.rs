@@ -429,6 +429,7 @@ impl StableDiffusionPipeline {
             let perturbed = pag_scale.map(|_| out.narrow(0, cond_row + 1, 1)).transpose()?;
             let eps = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
             x = scheduler.step(&eps, &x, &mut noise)?;
+            super::ensure_finite(&x, (i, total, t), req, &UNET)?;
             on_step(StepEvent {
                 index: i,
                 total,
