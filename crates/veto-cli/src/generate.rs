@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use veto::guidance::{GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
 use veto::{Defaults, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
 
+use crate::outputs::OutputPlan;
+
 #[derive(Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
     Cpu,
@@ -95,16 +97,19 @@ pub struct GenerateArgs {
     /// T5 tokens [default: schnell 256, dev 512].
     #[arg(long)]
     pub max_sequence_length: Option<usize>,
-    /// Seed of the initial noise.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the initial noise (and of stochastic samplers) [default: random, printed and recorded in the image].
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Images to generate, with seeds seed, seed+1, ...; written as out-0.png, out-1.png, ...
+    #[arg(long, default_value_t = 1)]
+    pub num_images: usize,
     /// Safetensors file with a tensor `latents` [1, C, H/8, W/8] used instead of seeded noise.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
     /// Write the final latents [1, C, H/8, W/8] (before VAE decode) to this safetensors file.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// Output PNG.
+    /// Output image: .png (with the generation parameters in text chunks: A1111 `parameters` and JSON `veto`), .jpg/.jpeg or .webp (lossless). An existing file is replaced.
     #[arg(long, default_value = "out.png")]
     pub output: PathBuf,
     #[arg(long, value_enum, default_value = "cpu")]
@@ -189,7 +194,7 @@ fn guidance_config(a: &GenerateArgs, defaults: &Defaults) -> Result<GuidanceConf
 
 /// The request the flags describe, over the model's defaults.
 fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) -> Result<GenerateRequest> {
-    let mut req = GenerateRequest::new(a.prompt.clone()).guidance(guidance_config(a, defaults)?).seed(a.seed);
+    let mut req = GenerateRequest::new(a.prompt.clone()).guidance(guidance_config(a, defaults)?);
     req.negative_prompt = a.negative_prompt.clone();
     req.steps = a.steps;
     req.height = a.height;
@@ -223,15 +228,6 @@ fn save_latents(latents: &Tensor, path: &Path) -> Result<()> {
     res.with_context(|| format!("--save-latents: writing {}", path.display()))
 }
 
-/// Fail early when an output would land in a folder that does not exist.
-fn check_output_folder(flag: &str, path: &Path) -> Result<()> {
-    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    if !parent.is_dir() {
-        bail!("{flag}: folder {} does not exist", parent.display());
-    }
-    Ok(())
-}
-
 pub fn run(a: GenerateArgs) -> Result<()> {
     // Everything that can be checked without the model is checked first.
     let generic = Defaults {
@@ -248,9 +244,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bail!("{flag} must be positive");
         }
     }
-    check_output_folder("--output", &a.output)?;
-    if let Some(p) = &a.save_latents {
-        check_output_folder("--save-latents", p)?;
+    let outputs = OutputPlan::new(&a.output, a.save_latents.as_deref(), a.num_images)?;
+    if a.num_images > 1 && a.init_latents.is_some() {
+        bail!("--num-images {} with --init-latents would make the same image each time", a.num_images);
     }
     let init_latents = a.init_latents.as_deref().map(load_init_latents).transpose()?;
     let device = device(a.device)?;
@@ -264,28 +260,36 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     eprintln!("loading {} ({}) ...", a.model, family.title);
     let pipe = Pipeline::load(&source, &device, dtype(a.dtype)).map_err(flag_error)?;
-    let resolved = pipe.resolve(&req).map_err(flag_error)?;
+    pipe.resolve(&req).map_err(flag_error)?;
 
-    let bar = ProgressBar::new(resolved.steps.max(resolved.sampler.timesteps.as_ref().map_or(0, Vec::len)) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
-    let generated = pipe.generate_latents(&req, &mut |e| {
-        bar.set_length(e.total as u64);
-        bar.set_message(format!("t={:.0}{}", e.timestep, if e.attention_guided { " (guided)" } else { "" }));
-        bar.inc(1);
-    });
-    bar.finish_and_clear();
-    let (latents, warnings, _) = generated.map_err(flag_error)?;
-    for w in warnings {
-        eprintln!("warning: {w}");
+    let first_seed = a.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
+    for (i, image_path) in outputs.images.iter().enumerate() {
+        let seed = first_seed.wrapping_add(i as u64);
+        eprintln!("seed {seed}");
+        let req = req.clone().seed(seed);
+        let resolved = pipe.resolve(&req).map_err(flag_error)?;
+        let bar = ProgressBar::new(resolved.sampler.timesteps.as_ref().map_or(resolved.steps, Vec::len) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+        let generated = pipe.generate_latents(&req, &mut |e| {
+            bar.set_length(e.total as u64);
+            bar.set_message(format!("t={:.0}{}", e.timestep, if e.attention_guided { " (guided)" } else { "" }));
+            bar.inc(1);
+        });
+        bar.finish_and_clear();
+        let (latents, warnings, resolved) = generated.map_err(flag_error)?;
+        for w in warnings {
+            eprintln!("warning: {w}");
+        }
+        if let Some(p) = &outputs.latents[i] {
+            save_latents(&latents, p)?;
+        }
+        let image = pipe.decode(&latents)?;
+        let metadata = resolved.metadata(&a.model, family);
+        veto::image_io::save_image(&image, image_path, Some(&metadata)).map_err(flag_error)?;
+        eprintln!("wrote {}", image_path.display());
     }
-    if let Some(p) = &a.save_latents {
-        save_latents(&latents, p)?;
-    }
-    let image = pipe.decode(&latents)?;
-    veto::save_png(&image, &a.output)?;
-    eprintln!("wrote {}", a.output.display());
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod bench;
 mod generate;
+mod outputs;
 
 use clap::{Parser, Subcommand};
 

@@ -301,3 +301,68 @@ fn extreme_scales_stop_at_the_step_that_blows_up() {
         "step 1/1 (t = 1000) produced non-finite latents under guidance 'nag'; lower --nag-scale or --nag-tau",
     );
 }
+
+/// Runs the tiny schnell pipeline for one step at 64x64 with `extra` flags; returns stderr.
+fn run_tiny(extra: &[&str]) -> String {
+    let model = fixtures().join("schnell");
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--negative-prompt",
+        "glasses",
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--max-sequence-length",
+        "16",
+    ];
+    args.extend_from_slice(extra);
+    let o = veto(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(o.status.success(), "veto failed: {stderr}");
+    stderr
+}
+
+#[test]
+fn the_png_records_how_it_was_made_and_other_formats_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let stderr = run_tiny(&["--seed", "5", "--output", out.to_str().unwrap()]);
+    assert!(stderr.contains("seed 5"), "{stderr}");
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap())).read_info().unwrap();
+    let text = &reader.info().uncompressed_latin1_text;
+    let parameters = &text.iter().find(|t| t.keyword == "parameters").expect("a parameters chunk").text;
+    assert!(parameters.starts_with("a cat\nNegative prompt: glasses\nSteps: 1, Seed: 5, Size: 64x64"), "{parameters}");
+    assert!(parameters.contains("Guidance: nag, Guidance scale: 0, NAG scale: 5, NAG tau: 2.5"), "{parameters}");
+    let json = &reader.info().utf8_text.iter().find(|t| t.keyword == "veto").expect("a veto chunk");
+    let json: serde_json::Value = serde_json::from_str(&json.get_text().unwrap()).unwrap();
+    assert_eq!(json["seed"], 5);
+    assert_eq!(json["family"], "flux");
+
+    // Without --seed a random one is drawn, printed, and two images get consecutive seeds.
+    let jpg = dir.path().join("y.jpg");
+    let stderr = run_tiny(&["--num-images", "2", "--output", jpg.to_str().unwrap()]);
+    let seeds: Vec<u64> = stderr.lines().filter_map(|l| l.strip_prefix("seed ")).map(|s| s.parse().unwrap()).collect();
+    assert_eq!(seeds.len(), 2, "{stderr}");
+    assert_eq!(seeds[1], seeds[0] + 1);
+    for name in ["y-0.jpg", "y-1.jpg"] {
+        let img = image::open(dir.path().join(name)).expect("a readable JPEG");
+        assert_eq!((img.width(), img.height()), (64, 64));
+    }
+}
+
+#[test]
+fn outputs_are_checked_before_the_model_loads() {
+    expect_failure(&["--output", "x.gif"], "--output: x.gif has no image extension veto writes");
+    let dir = tempfile::tempdir().unwrap();
+    let same = dir.path().join("x.png");
+    let same = same.to_str().unwrap();
+    expect_failure(&["--save-latents", same, "--output", same], "--save-latents");
+    expect_failure(&["--output", dir.path().to_str().unwrap()], "has no image extension");
+}

@@ -2,7 +2,9 @@
 //! model's defaults) and as a pipeline runs it ([`ResolvedRequest`]).
 
 use crate::error::{Error, Result};
-use crate::guidance::{GuidanceConfig, Method};
+use crate::families::Family;
+use crate::guidance::{AttentionGuidance, Contrast, GuidanceConfig, Method};
+use crate::image_io::ImageMetadata;
 use candle_core::Tensor;
 
 /// Per-model defaults (official NAG README / diffusers model cards).
@@ -285,6 +287,95 @@ impl ResolvedRequest {
     }
 }
 
+impl ResolvedRequest {
+    /// The record of this generation for the image file ([`ImageMetadata`]): the A1111-style
+    /// `parameters` text and the same as JSON, naming only the parameters of the methods used.
+    pub fn metadata(&self, model: &str, family: &Family) -> ImageMetadata {
+        let g = &self.guidance;
+        let mut fields: Vec<(&str, String)> = vec![
+            ("Steps", self.sampler.timesteps.as_ref().map_or(self.steps, Vec::len).to_string()),
+            ("Seed", self.seed.to_string()),
+            ("Size", format!("{}x{}", self.width, self.height)),
+            ("Model", model.to_string()),
+            ("Guidance", g.method.to_string()),
+            ("Guidance scale", self.guidance_scale.to_string()),
+        ];
+        let mut json = serde_json::json!({
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "model": model,
+            "family": family.name,
+            "guidance": g.method.to_string(),
+            "steps": self.steps,
+            "height": self.height,
+            "width": self.width,
+            "guidance_scale": self.guidance_scale,
+            "max_sequence_length": self.max_sequence_length,
+            "seed": self.seed,
+            "init_latents": self.init_latents.is_some(),
+            "veto_version": env!("CARGO_PKG_VERSION"),
+        });
+        let mut set = |key: &str, value: serde_json::Value| json[key] = value;
+        match g.attention() {
+            Some(AttentionGuidance::Contrast(Contrast::Nag(p))) => {
+                fields.extend([
+                    ("NAG scale", p.scale.to_string()),
+                    ("NAG tau", p.tau.to_string()),
+                    ("NAG alpha", p.alpha.to_string()),
+                    ("NAG norm", p.norm.to_string()),
+                    ("NAG end", g.nag_end.to_string()),
+                ]);
+                set("nag_scale", p.scale.into());
+                set("nag_tau", p.tau.into());
+                set("nag_alpha", p.alpha.into());
+                set("nag_norm", p.norm.to_string().into());
+                set("nag_end", g.nag_end.into());
+            }
+            Some(AttentionGuidance::Contrast(Contrast::Nasa { scale })) => {
+                fields.extend([("NASA scale", scale.to_string()), ("NAG end", g.nag_end.to_string())]);
+                set("nasa_scale", scale.into());
+                set("nag_end", g.nag_end.into());
+            }
+            Some(AttentionGuidance::Vsf(p)) => {
+                fields.extend([
+                    ("VSF scale", p.scale.to_string()),
+                    ("VSF bias", p.bias.to_string()),
+                    ("VSF layout", p.layout.to_string()),
+                ]);
+                set("vsf_scale", p.scale.into());
+                set("vsf_bias", p.bias.into());
+                set("vsf_layout", p.layout.to_string().into());
+            }
+            None => {}
+        }
+        if let Some(scale) = g.cfg_scale(family.cfg_scale, self.guidance_scale) {
+            fields.push(("CFG scale", scale.to_string()));
+            set("cfg_scale", scale.into());
+        }
+        if g.uses_pag() {
+            fields.push(("PAG scale", g.pag_scale.to_string()));
+            set("pag_scale", g.pag_scale.into());
+        }
+        if let Some(ts) = &self.sampler.timesteps {
+            set("timesteps", serde_json::json!(ts));
+        }
+        if let Some(eta) = self.sampler.eta {
+            set("eta", eta.into());
+        }
+        if let Some(layers) = &self.sampler.pag_layers {
+            set("pag_layers", serde_json::json!(layers));
+        }
+        fields.push(("Version", format!("veto {}", env!("CARGO_PKG_VERSION"))));
+        let mut parameters = self.prompt.clone();
+        if let Some(n) = &self.negative_prompt {
+            parameters.push_str(&format!("\nNegative prompt: {n}"));
+        }
+        let list: Vec<String> = fields.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+        parameters.push_str(&format!("\n{}", list.join(", ")));
+        ImageMetadata { parameters, json: json.to_string() }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -306,6 +397,24 @@ mod tests {
         assert_eq!((r.steps, r.height, r.width), (2, 64, 32));
         let r = GenerateRequest::new("a cat").method(Method::NAG).resolve(&defaults()).unwrap();
         assert_eq!(r.guidance.method, Method::NAG);
+    }
+
+    #[test]
+    fn metadata_names_the_methods_parameters_only() {
+        let r = GenerateRequest::new("a cat").negative("a dog").seed(7).resolve(&defaults()).unwrap();
+        let m = r.metadata("tiny", &crate::families::SD3);
+        assert!(
+            m.parameters.starts_with("a cat\nNegative prompt: a dog\nSteps: 4, Seed: 7, Size: 512x1024"),
+            "{}",
+            m.parameters
+        );
+        assert!(m.parameters.contains("NAG scale: 5") && m.parameters.contains("CFG scale: 3.5"), "{}", m.parameters);
+        assert!(!m.parameters.contains("VSF"), "{}", m.parameters);
+        let json: serde_json::Value = serde_json::from_str(&m.json).unwrap();
+        assert_eq!(json["seed"], 7);
+        assert_eq!(json["guidance"], "cfg+nag");
+        assert_eq!(json["nag_tau"], 2.5);
+        assert!(json.get("vsf_scale").is_none());
     }
 
     #[test]
