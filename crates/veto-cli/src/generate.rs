@@ -5,8 +5,8 @@ use candle_core::{DType, Device, Tensor};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
-use veto::guidance::{GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
-use veto::{Defaults, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
+use veto::guidance::{AttentionMethod, CfgScaleSource, GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
+use veto::{Defaults, Family, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
 
 use crate::outputs::OutputPlan;
 
@@ -47,17 +47,17 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub nag_alpha: Option<f64>,
     /// Norm of the NAG ratio (paper eq. 8): l1 (the paper) or l2 (the official Flux code).
-    #[arg(long, default_value = "l1")]
-    pub nag_norm: String,
+    #[arg(long)]
+    pub nag_norm: Option<String>,
     /// Early stopping theta (paper appendix G): guide while t >= (1 - nag_end) * 1000 (UNet: the official SDXL rule, floor((1 - nag_end) * 999)); 1 = every step.
-    #[arg(long, default_value_t = 1.0)]
-    pub nag_end: f64,
+    #[arg(long)]
+    pub nag_end: Option<f64>,
     /// NASA scale phi (paper eq. 5: Z = Z+ - phi Z-) [default: 0.5].
     #[arg(long)]
     pub nasa_scale: Option<f64>,
-    /// Flux: CFG scale with the negative prompt (diffusers true_cfg_scale; paper eq. 3 phi = scale - 1).
-    #[arg(long, default_value_t = 4.0)]
-    pub true_cfg_scale: f64,
+    /// Flux: CFG scale with the negative prompt (diffusers true_cfg_scale; paper eq. 3 phi = scale - 1) [default: 4].
+    #[arg(long)]
+    pub true_cfg_scale: Option<f64>,
     /// VSF scale alpha (VSF paper: negative values times -alpha) [default: per model, SD3.5 3.5].
     #[arg(long)]
     pub vsf_scale: Option<f64>,
@@ -65,8 +65,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub vsf_bias: Option<f64>,
     /// VSF token layout (SD3): paper (as the paper describes) or official (as the official SD3 pipeline runs); the UNet family has only paper.
-    #[arg(long, default_value = "paper")]
-    pub vsf_layout: String,
+    #[arg(long)]
+    pub vsf_layout: Option<String>,
     /// PAG scale s (perturbed-attention guidance: + s (eps - eps_perturbed)) [default: 3].
     #[arg(long)]
     pub pag_scale: Option<f64>,
@@ -80,8 +80,8 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub eta: Option<f64>,
     /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).
-    #[arg(long, default_value = "positive")]
-    pub nag_pooled: String,
+    #[arg(long)]
+    pub nag_pooled: Option<String>,
     /// The pipeline's guidance_scale as diffusers means it: Flux-dev's embedded guidance; SD3/SDXL's CFG scale [default: per model].
     #[arg(long)]
     pub guidance_scale: Option<f64>,
@@ -175,21 +175,87 @@ fn guidance_config(a: &GenerateArgs, defaults: &Defaults) -> Result<GuidanceConf
     cfg.nag.scale = a.nag_scale.unwrap_or(d.nag.scale);
     cfg.nag.tau = a.nag_tau.unwrap_or(d.nag.tau);
     cfg.nag.alpha = a.nag_alpha.unwrap_or(d.nag.alpha);
-    cfg.nag.norm = a.nag_norm.parse::<NagNorm>().map_err(anyhow::Error::msg).context("--nag-norm")?;
-    cfg.nag_end = a.nag_end;
+    if let Some(norm) = &a.nag_norm {
+        cfg.nag.norm = norm.parse::<NagNorm>().map_err(anyhow::Error::msg).context("--nag-norm")?;
+    }
+    cfg.nag_end = a.nag_end.unwrap_or(d.nag_end);
     cfg.nasa_scale = a.nasa_scale.unwrap_or(d.nasa_scale);
-    cfg.true_cfg_scale = a.true_cfg_scale;
+    cfg.true_cfg_scale = a.true_cfg_scale.unwrap_or(d.true_cfg_scale);
     cfg.vsf.scale = a.vsf_scale.unwrap_or(d.vsf.scale);
     cfg.vsf.bias = a.vsf_bias.unwrap_or(d.vsf.bias);
-    cfg.vsf.layout = a.vsf_layout.parse::<VsfLayout>().map_err(anyhow::Error::msg).context("--vsf-layout")?;
+    if let Some(layout) = &a.vsf_layout {
+        cfg.vsf.layout = layout.parse::<VsfLayout>().map_err(anyhow::Error::msg).context("--vsf-layout")?;
+    }
     cfg.pag_scale = a.pag_scale.unwrap_or(d.pag_scale);
-    cfg.nag_pooled = match a.nag_pooled.to_ascii_lowercase().as_str() {
-        "positive" => NagPooled::Positive,
-        "negative" => NagPooled::Negative,
-        other => bail!("--nag-pooled: unknown value '{other}' (expected positive or negative)"),
+    cfg.nag_pooled = match a.nag_pooled.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None => d.nag_pooled,
+        Some("positive") => NagPooled::Positive,
+        Some("negative") => NagPooled::Negative,
+        Some(other) => bail!("--nag-pooled: unknown value '{other}' (expected positive or negative)"),
     };
     cfg.validate().map_err(flag_error)?;
     Ok(cfg)
+}
+
+/// One rule for every flag: a flag that does not apply to the model's family (from the
+/// registry) or to the chosen guidance method is an error that says why, before any weights
+/// load. Nothing is silently ignored.
+fn check_flags(a: &GenerateArgs, family: &Family, method: Method) -> Result<()> {
+    let att = method.attention;
+    let given = |set: bool, flag: &str, ok: bool, why: String| -> Result<()> {
+        if set && !ok {
+            bail!("{flag} does not apply: {why}");
+        }
+        Ok(())
+    };
+    let needs = |what: &str| format!("it needs {what} in --guidance, which is '{method}'");
+    let nag = att == Some(AttentionMethod::Nag);
+    for (set, flag) in [
+        (a.nag_scale.is_some(), "--nag-scale"),
+        (a.nag_tau.is_some(), "--nag-tau"),
+        (a.nag_alpha.is_some(), "--nag-alpha"),
+        (a.nag_norm.is_some(), "--nag-norm"),
+    ] {
+        given(set, flag, nag, needs("nag"))?;
+    }
+    given(a.nag_end.is_some(), "--nag-end", att.is_some(), needs("an attention method (nag, nasa, vsf)"))?;
+    given(a.nasa_scale.is_some(), "--nasa-scale", att == Some(AttentionMethod::Nasa), needs("nasa"))?;
+    let vsf = att == Some(AttentionMethod::Vsf);
+    for (set, flag) in [
+        (a.vsf_scale.is_some(), "--vsf-scale"),
+        (a.vsf_bias.is_some(), "--vsf-bias"),
+        (a.vsf_layout.is_some(), "--vsf-layout"),
+    ] {
+        given(set, flag, vsf, needs("vsf"))?;
+    }
+    given(a.pag_scale.is_some(), "--pag-scale", method.pag, needs("pag"))?;
+    given(a.pag_layers.is_some(), "--pag-layers", method.pag, needs("pag"))?;
+    if a.pag_layers.as_ref().is_some_and(|l| l.iter().all(|s| s.trim().is_empty())) {
+        bail!("--pag-layers names no layer (e.g. mid, down.1, up.0.attentions.0)");
+    }
+    given(
+        a.nag_pooled.is_some(),
+        "--nag-pooled",
+        family.nag_pooled,
+        format!("{} has no pooled vector modulating the NAG stream", family.title),
+    )?;
+    given(a.nag_pooled.is_some(), "--nag-pooled", nag || att == Some(AttentionMethod::Nasa), needs("nag or nasa"))?;
+    given(
+        a.true_cfg_scale.is_some(),
+        "--true-cfg-scale",
+        family.cfg_scale == CfgScaleSource::TrueCfgScale,
+        format!("{}'s CFG scale is --guidance-scale", family.title),
+    )?;
+    given(a.true_cfg_scale.is_some(), "--true-cfg-scale", method.cfg, needs("cfg"))?;
+    given(
+        a.max_sequence_length.is_some(),
+        "--max-sequence-length",
+        family.t5_tokens,
+        format!("{} has no T5 encoder (CLIP always takes 77 tokens)", family.title),
+    )?;
+    let uses_negative = att.is_some() || method.cfg;
+    given(a.negative_prompt.is_some(), "--negative-prompt", uses_negative, format!("guidance '{method}' uses none"))?;
+    Ok(())
 }
 
 /// The request the flags describe, over the model's defaults.
@@ -256,6 +322,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let family = veto::families::detect(&source).map_err(flag_error)?;
     let defaults = (family.defaults)(&source).map_err(flag_error)?;
     let req = request(&a, &defaults, init_latents)?;
+    check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
 
     eprintln!("loading {} ({}) ...", a.model, family.title);

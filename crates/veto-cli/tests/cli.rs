@@ -56,8 +56,6 @@ fn end_to_end(family: &str, model: &str, case: &str, flags: &[&str]) {
         "64",
         "--width",
         "64",
-        "--max-sequence-length",
-        "16",
         "--init-latents",
         init.to_str().unwrap(),
         "--save-latents",
@@ -65,6 +63,9 @@ fn end_to_end(family: &str, model: &str, case: &str, flags: &[&str]) {
         "--output",
         out.to_str().unwrap(),
     ];
+    if family != "unet" {
+        args.extend(["--max-sequence-length", "16"]); // T5 tokens; CLIP always takes 77
+    }
     args.extend_from_slice(flags);
     let o = veto(&args);
     assert!(o.status.success(), "veto failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -170,9 +171,13 @@ fn unet_only_flags_are_rejected_for_flux() {
 /// Runs `veto generate` on the tiny model with `extra` flags; expects a clean failure whose
 /// message contains `needle`, and no output file.
 fn expect_failure(extra: &[&str], needle: &str) {
+    expect_failure_on(&fixtures().join("schnell"), extra, needle)
+}
+
+/// As [`expect_failure`], on the tiny pipeline folder `model`.
+fn expect_failure_on(model: &Path, extra: &[&str], needle: &str) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
-    let model = fixtures().join("schnell");
     // Base flags as (flag, value) pairs; a flag given in `extra` replaces its base value.
     let base = [
         ("--model", model.to_str().unwrap()),
@@ -365,4 +370,49 @@ fn outputs_are_checked_before_the_model_loads() {
     let same = same.to_str().unwrap();
     expect_failure(&["--save-latents", same, "--output", same], "--save-latents");
     expect_failure(&["--output", dir.path().to_str().unwrap()], "has no image extension");
+}
+
+#[test]
+fn flags_that_do_not_apply_are_errors_that_say_why() {
+    expect_failure(&["--vsf-scale", "2"], "--vsf-scale does not apply: it needs vsf in --guidance, which is 'nag'");
+    expect_failure(&["--nag-pooled", "negative"], "--nag-pooled does not apply: Flux has no pooled vector");
+    expect_failure(&["--guidance", "none"], "--negative-prompt does not apply: guidance 'none' uses none");
+    expect_failure(&["--guidance", "cfg", "--nag-tau", "2"], "--nag-tau does not apply: it needs nag");
+    let sd3 = fixtures_of("sd3").join("large");
+    expect_failure_on(
+        &sd3,
+        &["--true-cfg-scale", "3"],
+        "--true-cfg-scale does not apply: SD3's CFG scale is --guidance-scale",
+    );
+    let sdxl = fixtures_of("unet").join("sdxl");
+    expect_failure_on(&sdxl, &[], "--max-sequence-length does not apply: the UNet family (SD1.5, SDXL) has no T5");
+}
+
+#[test]
+fn eta_needs_a_scheduler_that_takes_it() {
+    // The tiny SDXL folder uses EulerDiscreteScheduler.
+    let sdxl = fixtures_of("unet").join("sdxl");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let o = veto(&[
+        "generate",
+        "--model",
+        sdxl.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "1",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--eta",
+        "0.5",
+        "--output",
+        out.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(stderr.contains("--eta: EulerDiscreteScheduler takes no eta (DDIM and TCD do)"), "{stderr}");
+    assert!(!out.exists());
 }

@@ -8,7 +8,7 @@
 use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
-use crate::pipelines::{flux, sd3, sdxl, Defaults, ResolvedRequest, SamplerOption, TextToImage};
+use crate::pipelines::{flux, sd3, sdxl, Defaults, GenerateRequest, ResolvedRequest, SamplerOption, TextToImage};
 use candle_core::{DType, Device};
 
 /// Loads a family's pipeline from a diffusers folder.
@@ -68,6 +68,8 @@ pub struct Family {
     pub vsf_layouts: &'static [VsfLayout],
     /// Whether `nag_pooled` (which pooled vector modulates the NAG stream) applies.
     pub nag_pooled: bool,
+    /// Whether `max_sequence_length` applies (a T5 text encoder).
+    pub t5_tokens: bool,
     /// Where its CFG scale comes from.
     pub cfg_scale: CfgScaleSource,
     /// Its official early-stopping rule.
@@ -98,6 +100,21 @@ impl Family {
     /// Whether `name` names it.
     pub fn is_named(&self, name: &str) -> bool {
         self.name.eq_ignore_ascii_case(name) || self.aliases.iter().any(|a| a.eq_ignore_ascii_case(name))
+    }
+
+    /// The request with `defaults` filled in, as this family runs it, checked by [`Self::check`].
+    /// A default CFG scale (the model's `guidance_scale`) does not apply to a method without
+    /// `cfg`: it becomes 0, so nothing warns about a scale the user never gave.
+    pub fn resolve(&self, req: &GenerateRequest, defaults: &Defaults) -> Result<ResolvedRequest> {
+        let mut resolved = req.resolve(defaults)?;
+        if self.cfg_scale == CfgScaleSource::GuidanceScale
+            && req.guidance_scale.is_none()
+            && !resolved.guidance.method.cfg
+        {
+            resolved.guidance_scale = 0.0;
+        }
+        self.check(&resolved)?;
+        Ok(resolved)
     }
 
     /// Check what the family itself decides about a request: the method, the VSF layout, the
@@ -139,6 +156,7 @@ pub static FLUX: Family = Family {
     methods: Methods { attention: CONTRAST, cfg: true, pag: false },
     vsf_layouts: &[],
     nag_pooled: false,
+    t5_tokens: true,
     cfg_scale: CfgScaleSource::TrueCfgScale,
     window: StepWindow::Threshold,
     sampler_options: &[],
@@ -156,6 +174,7 @@ pub static SD3: Family = Family {
     methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: false },
     vsf_layouts: &[VsfLayout::Paper, VsfLayout::Official],
     nag_pooled: true,
+    t5_tokens: true,
     cfg_scale: CfgScaleSource::GuidanceScale,
     window: StepWindow::Threshold,
     sampler_options: &[],
@@ -173,6 +192,7 @@ pub static UNET: Family = Family {
     methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: true },
     vsf_layouts: &[VsfLayout::Paper],
     nag_pooled: false,
+    t5_tokens: false,
     cfg_scale: CfgScaleSource::GuidanceScale,
     window: StepWindow::FlooredSticky,
     sampler_options: &[SamplerOption::Timesteps, SamplerOption::Eta, SamplerOption::PagLayers],

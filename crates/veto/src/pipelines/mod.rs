@@ -139,8 +139,7 @@ impl Pipeline {
     ) -> Result<(&'static Family, Defaults, ResolvedRequest)> {
         let family = families::detect(source)?;
         let defaults = (family.defaults)(source)?;
-        let resolved = req.resolve(&defaults)?;
-        family.check(&resolved)?;
+        let resolved = family.resolve(req, &defaults)?;
         Ok((family, defaults, resolved))
     }
 
@@ -157,8 +156,7 @@ impl Pipeline {
     /// The request with the model's defaults filled in, checked against the family and the
     /// model before any work is done.
     pub fn resolve(&self, req: &GenerateRequest) -> Result<ResolvedRequest> {
-        let resolved = req.resolve(&self.defaults)?;
-        self.family.check(&resolved)?;
+        let resolved = self.family.resolve(req, &self.defaults)?;
         self.inner.validate(&resolved)?;
         Ok(resolved)
     }

@@ -276,7 +276,10 @@ impl StableDiffusionPipeline {
         // The scheduler decides which eta it takes and which timesteps it accepts.
         let mut probe = self.scheduler.clone_box();
         if let Some(eta) = req.sampler.eta {
-            probe.set_eta(eta)?;
+            if !probe.takes_eta() {
+                return Err(Error::parameter("eta", format!("{} takes no eta (DDIM and TCD do)", probe.class_name())));
+            }
+            probe.set_eta(eta).map_err(|e| Error::parameter("eta", e.to_string()))?;
         }
         if let Some(ts) = &req.sampler.timesteps {
             probe.set_custom_timesteps(ts)?;

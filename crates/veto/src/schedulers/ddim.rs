@@ -118,6 +118,10 @@ impl Scheduler for DdimScheduler {
         Ok(())
     }
 
+    fn takes_eta(&self) -> bool {
+        true
+    }
+
     fn set_eta(&mut self, eta: f64) -> Result<()> {
         if !(eta.is_finite() && eta >= 0.0) {
             return Err(Error::invalid(format!("{CLASS}: eta must be >= 0, got {eta}")));

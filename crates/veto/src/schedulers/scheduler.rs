@@ -101,6 +101,10 @@ pub trait Scheduler: Send + Sync {
     }
     /// The `eta` step argument of DDIM and TCD (diffusers pipelines pass it to every scheduler
     /// whose `step` takes one, and default it to 0.0); other schedulers ignore it.
+    /// Whether `set_eta` means anything to this scheduler (DDIM, TCD).
+    fn takes_eta(&self) -> bool {
+        false
+    }
     fn set_eta(&mut self, eta: f64) -> Result<()> {
         let _ = eta;
         Ok(())

@@ -125,6 +125,10 @@ impl Scheduler for TcdScheduler {
         Ok(())
     }
 
+    fn takes_eta(&self) -> bool {
+        true
+    }
+
     fn set_eta(&mut self, eta: f64) -> Result<()> {
         if !(0.0..=1.0).contains(&eta) {
             return Err(Error::invalid(format!("{CLASS}: eta (gamma) must be in [0, 1], got {eta}")));
