@@ -112,8 +112,10 @@ pub struct GenerateArgs {
     /// Output image: .png (with the generation parameters in text chunks: A1111 `parameters` and JSON `veto`), .jpg/.jpeg or .webp (lossless). An existing file is replaced.
     #[arg(long, default_value = "out.png")]
     pub output: PathBuf,
+    /// Where to run: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
+    /// Precision of the weights and activations: f32 (CPU), bf16 (GPU; NAG's norms stay f32) or f16.
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
 }

@@ -176,6 +176,11 @@ fn expect_failure(extra: &[&str], needle: &str) {
 
 /// As [`expect_failure`], on the tiny pipeline folder `model`.
 fn expect_failure_on(model: &Path, extra: &[&str], needle: &str) {
+    expect_failure_with(model, extra, needle, true)
+}
+
+/// `before_loading`: the failure must come before any weights load ("loading" never printed).
+fn expect_failure_with(model: &Path, extra: &[&str], needle: &str, before_loading: bool) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("x.png");
     // Base flags as (flag, value) pairs; a flag given in `extra` replaces its base value.
@@ -201,6 +206,10 @@ fn expect_failure_on(model: &Path, extra: &[&str], needle: &str) {
     assert!(!o.status.success(), "expected failure for {extra:?}");
     assert!(!stderr.contains("panicked"), "panic for {extra:?}: {stderr}");
     assert!(stderr.contains(needle), "message for {extra:?} lacks {needle:?}: {stderr}");
+    // Decided from the flags and the config files: no weights were loaded.
+    if before_loading {
+        assert!(!stderr.contains("loading "), "weights loaded before failing for {extra:?}: {stderr}");
+    }
     assert!(!out.exists(), "output written despite failure for {extra:?}");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
     assert!(leftovers.is_empty(), "files left behind for {extra:?}: {leftovers:?}");
@@ -301,9 +310,11 @@ fn negative_numbers_parse_and_are_range_checked() {
 fn extreme_scales_stop_at_the_step_that_blows_up() {
     // f32 overflows: NAG's extrapolation becomes inf - inf. The run stops at step 1, names the
     // flags to lower, and writes nothing (expect_failure checks the folder stays empty).
-    expect_failure(
+    expect_failure_with(
+        &fixtures().join("schnell"),
         &["--nag-scale", "1e300", "--nag-tau", "1e300", "--nag-alpha", "1"],
         "step 1/1 (t = 1000) produced non-finite latents under guidance 'nag'; lower --nag-scale or --nag-tau",
+        false,
     );
 }
 

@@ -101,16 +101,7 @@ impl FluxPipeline {
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        req.check_size(VAE_SCALE * 2)?;
-        req.check_steps()?;
-        if req.max_sequence_length == 0 || req.max_sequence_length > 512 {
-            return Err(Error::parameter(
-                "max_sequence_length",
-                format!("must be in 1..=512, got {}", req.max_sequence_length),
-            ));
-        }
-        let want = [1, self.transformer.config().latent_channels(), req.height / VAE_SCALE, req.width / VAE_SCALE];
-        req.check_init_latents(&want, VAE_SCALE)
+        check_request(self.transformer.config(), req)
     }
 
     fn denoise(
@@ -198,6 +189,25 @@ impl FluxPipeline {
         }
         Ok(latents::unpack(&x, lh, lw)?)
     }
+}
+
+/// Check a request against a Flux transformer config: size, steps, T5 tokens, init latents.
+fn check_request(cfg: &FluxConfig, req: &ResolvedRequest) -> Result<()> {
+    req.check_size(VAE_SCALE * 2)?;
+    req.check_steps()?;
+    if req.max_sequence_length == 0 || req.max_sequence_length > 512 {
+        return Err(Error::parameter(
+            "max_sequence_length",
+            format!("must be in 1..=512, got {}", req.max_sequence_length),
+        ));
+    }
+    let want = [1, cfg.latent_channels(), req.height / VAE_SCALE, req.width / VAE_SCALE];
+    req.check_init_latents(&want, VAE_SCALE)
+}
+
+/// [`check_request`] from the folder's config alone, before any weights load.
+pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
+    check_request(&FluxConfig::from_file(&source.file("transformer/config.json")?)?, req)
 }
 
 /// The defaults of a Flux folder from its transformer config alone (no weights are read).

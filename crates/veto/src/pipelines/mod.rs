@@ -131,8 +131,9 @@ impl Pipeline {
     }
 
     /// What can be decided about a request from the model's config files alone, before any
-    /// weights load: its family, its defaults, the request with them filled in, and the
-    /// family's checks (method, options). [`resolve`](Self::resolve) checks the rest.
+    /// weights load: its family, its defaults, the request with them filled in, the family's
+    /// checks (method, options) and the model's (size, steps, tokens, init latents, scheduler
+    /// options). Only PAG layer names wait for the built model ([`resolve`](Self::resolve)).
     pub fn check_before_loading(
         source: &ModelSource,
         req: &GenerateRequest,
@@ -140,6 +141,7 @@ impl Pipeline {
         let family = families::detect(source)?;
         let defaults = (family.defaults)(source)?;
         let resolved = family.resolve(req, &defaults)?;
+        (family.check_configs)(source, &resolved)?;
         Ok((family, defaults, resolved))
     }
 

@@ -254,30 +254,7 @@ impl Sd3Pipeline {
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        let cfg = self.transformer.config();
-        let f = self.vae.config().downscale_factor();
-        let mult = f * cfg.patch_size;
-        req.check_size(mult)?;
-        let max_px = cfg.pos_embed_max_size * mult;
-        for (name, v) in [("height", req.height), ("width", req.width)] {
-            if v > max_px {
-                return Err(Error::parameter(
-                    name,
-                    format!(
-                        "height and width must be at most {max_px} for this model (pos_embed_max_size {}), got {}x{}",
-                        cfg.pos_embed_max_size, req.height, req.width
-                    ),
-                ));
-            }
-        }
-        req.check_steps()?;
-        if req.max_sequence_length == 0 || req.max_sequence_length > MAX_T5_LEN {
-            return Err(Error::parameter(
-                "max_sequence_length",
-                format!("must be in 1..={MAX_T5_LEN}, got {}", req.max_sequence_length),
-            ));
-        }
-        req.check_init_latents(&[1, cfg.in_channels, req.height / f, req.width / f], f)
+        check_request(self.transformer.config(), self.vae.config().downscale_factor(), req)
     }
 
     fn warn_unused(req: &ResolvedRequest, warnings: &mut Warnings) {
@@ -413,6 +390,39 @@ impl Sd3Pipeline {
         }
         Ok(x)
     }
+}
+
+/// Check a request against an SD3 transformer config and the VAE's downscale factor `f`.
+fn check_request(cfg: &MmditConfig, f: usize, req: &ResolvedRequest) -> Result<()> {
+    let mult = f * cfg.patch_size;
+    req.check_size(mult)?;
+    let max_px = cfg.pos_embed_max_size * mult;
+    for (name, v) in [("height", req.height), ("width", req.width)] {
+        if v > max_px {
+            return Err(Error::parameter(
+                name,
+                format!(
+                    "height and width must be at most {max_px} for this model (pos_embed_max_size {}), got {}x{}",
+                    cfg.pos_embed_max_size, req.height, req.width
+                ),
+            ));
+        }
+    }
+    req.check_steps()?;
+    if req.max_sequence_length == 0 || req.max_sequence_length > MAX_T5_LEN {
+        return Err(Error::parameter(
+            "max_sequence_length",
+            format!("must be in 1..={MAX_T5_LEN}, got {}", req.max_sequence_length),
+        ));
+    }
+    req.check_init_latents(&[1, cfg.in_channels, req.height / f, req.width / f], f)
+}
+
+/// [`check_request`] from the folder's config files alone, before any weights load.
+pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
+    let cfg = MmditConfig::from_file(&source.file("transformer/config.json")?)?;
+    let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
+    check_request(&cfg, vae.downscale_factor(), req)
 }
 
 /// The defaults of an SD3 folder from its config files alone (no weights are read).

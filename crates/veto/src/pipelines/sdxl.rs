@@ -270,24 +270,11 @@ impl StableDiffusionPipeline {
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        let f = self.vae_factor();
-        req.check_size(f)?;
-        req.check_steps()?;
-        // The scheduler decides which eta it takes and which timesteps it accepts.
-        let mut probe = self.scheduler.clone_box();
-        if let Some(eta) = req.sampler.eta {
-            if !probe.takes_eta() {
-                return Err(Error::parameter("eta", format!("{} takes no eta (DDIM and TCD do)", probe.class_name())));
-            }
-            probe.set_eta(eta).map_err(|e| Error::parameter("eta", e.to_string()))?;
-        }
-        if let Some(ts) = &req.sampler.timesteps {
-            probe.set_custom_timesteps(ts)?;
-        }
+        check_request(self.unet.config(), self.vae_factor(), self.scheduler.as_ref(), req)?;
         if let Some(layers) = &req.sampler.pag_layers {
             self.unet.pag_layers(layers)?;
         }
-        req.check_init_latents(&[1, self.unet.config().in_channels, req.height / f, req.width / f], f)
+        Ok(())
     }
 
     fn warn_unused(req: &ResolvedRequest, warnings: &mut Warnings) {
@@ -469,6 +456,33 @@ fn variant_of(index: &serde_json::Value) -> SdVariant {
         Some(serde_json::Value::Array(pair)) if pair.iter().any(|v| !v.is_null()) => SdVariant::StableDiffusionXl,
         _ => SdVariant::StableDiffusion,
     }
+}
+
+/// Check a request against a UNet config, the VAE's downscale factor `f` and the scheduler
+/// (which decides which eta it takes and which timesteps it accepts). PAG layer names are
+/// checked against the built UNet.
+fn check_request(unet: &UNetConfig, f: usize, scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<()> {
+    req.check_size(f)?;
+    req.check_steps()?;
+    let mut probe = scheduler.clone_box();
+    if let Some(eta) = req.sampler.eta {
+        if !probe.takes_eta() {
+            return Err(Error::parameter("eta", format!("{} takes no eta (DDIM and TCD do)", probe.class_name())));
+        }
+        probe.set_eta(eta).map_err(|e| Error::parameter("eta", e.to_string()))?;
+    }
+    if let Some(ts) = &req.sampler.timesteps {
+        probe.set_custom_timesteps(ts).map_err(|e| Error::parameter("timesteps", e.to_string()))?;
+    }
+    req.check_init_latents(&[1, unet.in_channels, req.height / f, req.width / f], f)
+}
+
+/// [`check_request`] from the folder's config files alone, before any weights load.
+pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
+    let unet = UNetConfig::from_file(&source.file("unet/config.json")?)?;
+    let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
+    let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
+    check_request(&unet, vae.downscale_factor(), scheduler.as_ref(), req)
 }
 
 /// The defaults of a UNet-family folder from its config files alone (no weights are read).
