@@ -518,8 +518,7 @@ def build_unet(model: str) -> UNet2DConditionModel:
 SCALED_LINEAR = {"beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085}
 
 REAL_CONFIGS = {
-    # runwayml/stable-diffusion-v1-5 (and stable-diffusion-v1-5/...): PNDM, which veto does not
-    # implement: the "unknown _class_name" test input.
+    # runwayml/stable-diffusion-v1-5 (and stable-diffusion-v1-5/...): PNDM (PLMS, skip_prk_steps).
     "sd15_pndm": {
         "_class_name": "PNDMScheduler",
         "_diffusers_version": "0.6.0",
@@ -598,6 +597,10 @@ DERIVED_CONFIGS = {
     "hyper_sdxl_ddim_trailing": ("DDIMScheduler", "sdxl_base_euler", {"timestep_spacing": "trailing"},
                                  "Hyper-SDXL N-step LoRAs: DDIMScheduler.from_config(..., timestep_spacing='trailing')"),
     "sd15_ddim": ("DDIMScheduler", "sd15_pndm", {}, "DDIMScheduler.from_config(SD1.5)"),
+    "sd15_euler_a": ("EulerAncestralDiscreteScheduler", "sd15_pndm", {},
+                     "EulerAncestralDiscreteScheduler.from_config(SD1.5): A1111's 'Euler a'"),
+    "sdxl_euler_a_trailing": ("EulerAncestralDiscreteScheduler", "sdxl_base_euler", {"timestep_spacing": "trailing"},
+                              "Euler a with trailing spacing (SDXL-Lightning users' variant)"),
     "sd15_dpmpp": ("DPMSolverMultistepScheduler", "sd15_pndm", {},
                    "DPMSolverMultistepScheduler.from_config(SD1.5): DPM++ 2M (dpmsolver++, order 2)"),
     "sd15_dpmpp_v": ("DPMSolverMultistepScheduler", "sd15_pndm", {"prediction_type": "v_prediction"},
@@ -652,6 +655,10 @@ SCHEDULER_CASES = [
     SchedulerCase("lcm_dmd2_steps", "dmd2_lcm", stochastic=True),
     SchedulerCase("tcd_hyper_sdxl", "hyper_sdxl_tcd", eta=0.3, stochastic=True),
     SchedulerCase("ddim_sd15", "sd15_ddim"),
+    SchedulerCase("pndm_sd15", "sd15_pndm"),
+    SchedulerCase("pndm_sd15_10", "sd15_pndm", steps=10),
+    SchedulerCase("euler_a_sd15", "sd15_euler_a", stochastic=True),
+    SchedulerCase("euler_a_trailing", "sdxl_euler_a_trailing", stochastic=True),
     SchedulerCase("ddim_sd21_v", "sd21_ddim_v"),
     SchedulerCase("ddim_hyper_trailing", "hyper_sdxl_ddim_trailing"),
     SchedulerCase("dpmpp_sd15", "sd15_dpmpp"),
@@ -735,7 +742,8 @@ def write_scheduler_fixtures(out: Path, configs: dict[str, dict], summary: list[
             "config": f"schedulers/{case.config}.json",
             "prediction_type": config.get("prediction_type", "epsilon"),
             "timestep_spacing": str(config.get("timestep_spacing", "")),
-            "num_inference_steps": str(len(sched.timesteps)),
+            # steps asked for (PNDM makes one model call more than that)
+            "num_inference_steps": str(len(sched.timesteps) if case.timesteps else case.steps),
             "custom_timesteps": json.dumps(list(case.timesteps)) if case.timesteps else "",
             "eta": repr(case.eta) if case.eta is not None else "",
             "fake_model": FAKE_MODEL,
@@ -1106,6 +1114,8 @@ def write_pipeline_fixtures(out: Path, model: str, pipe, init: torch.Tensor, sum
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"fixture folder (default {DEFAULT_OUT})")
+    parser.add_argument("--schedulers-only", action="store_true",
+                        help="write only schedulers/*.json and scheduler_*.safetensors (no models; seconds)")
     args = parser.parse_args()
     out: Path = args.out
     assert sys.byteorder == "little", "safetensors data is little-endian"
@@ -1122,6 +1132,11 @@ def main() -> None:
         shutil.rmtree(out / "schedulers")
     for name, config in configs.items():
         write_json(out / "schedulers" / f"{name}.json", config)
+    if args.schedulers_only:
+        summary: list[str] = []
+        write_scheduler_fixtures(out, configs, summary)
+        print("\n".join(summary))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         shared = build_shared(Path(tmp))

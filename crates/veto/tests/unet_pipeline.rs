@@ -223,20 +223,30 @@ fn bad_guidance_for_the_family_is_rejected() {
     assert!(validate(&pipe, &req).unwrap_err().to_string().contains("init latents"));
 }
 
+/// The stock SD1.5 folder layout uses PNDM (PLMS): it loads and runs, `n` steps making
+/// `n + 1` UNet calls as in diffusers; an unknown scheduler class is a clear error.
 #[test]
-fn unknown_scheduler_in_the_folder_is_a_clear_error() {
-    // A copy of the SD1.5 folder with the real SD1.5 PNDM scheduler config.
-    let dir = std::env::temp_dir().join(format!("veto-unet-pndm-{}", std::process::id()));
-    copy_dir(&fixtures("unet").join("sd15"), &dir);
-    std::fs::copy(fixtures("unet").join("schedulers/sd15_pndm.json"), dir.join("scheduler/scheduler_config.json"))
-        .unwrap();
-    let source = ModelSource::local(&dir).unwrap();
+fn stock_sd15_pndm_runs_and_an_unknown_scheduler_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures("unet").join("sd15"), dir.path());
+    let config = dir.path().join("scheduler/scheduler_config.json");
+    std::fs::copy(fixtures("unet").join("schedulers/sd15_pndm.json"), &config).unwrap();
+    let source = ModelSource::local(dir.path()).unwrap();
+    let pipe = StableDiffusionPipeline::load(&source, &Device::Cpu, DType::F32).unwrap();
+    let mut req = base_request(&pipe);
+    req.steps = 3;
+    let mut calls = Vec::new();
+    let (latents, _) = generate(&pipe, &req, &mut |e| calls.push(e.timestep)).unwrap();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert_eq!(calls[1], calls[2], "the second timestep repeats: {calls:?}");
+    assert_eq!(latents.dims(), &[1, 4, 8, 8]);
+
+    std::fs::write(&config, r#"{"_class_name": "KDPM2DiscreteScheduler"}"#).unwrap();
     let err = match StableDiffusionPipeline::load(&source, &Device::Cpu, DType::F32) {
-        Ok(_) => panic!("PNDM loaded"),
+        Ok(_) => panic!("KDPM2 loaded"),
         Err(e) => e.to_string(),
     };
-    std::fs::remove_dir_all(&dir).ok();
-    assert!(err.contains("PNDMScheduler") && err.contains("DPMSolverMultistepScheduler"), "{err}");
+    assert!(err.contains("KDPM2DiscreteScheduler") && err.contains("PNDMScheduler"), "{err}");
 }
 
 fn copy_dir(from: &std::path::Path, to: &std::path::Path) {

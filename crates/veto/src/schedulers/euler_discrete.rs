@@ -128,6 +128,12 @@ impl EulerDiscreteScheduler {
     fn sigma(&self) -> f64 {
         self.sigmas[self.step_index]
     }
+
+    /// Move to the next step without computing one (for schedulers that share this schedule
+    /// and step themselves, e.g. Euler Ancestral).
+    pub(crate) fn advance(&mut self) {
+        self.step_index += 1;
+    }
 }
 
 impl Scheduler for EulerDiscreteScheduler {

@@ -8,9 +8,11 @@ pub mod ddim;
 pub mod discrete;
 pub mod dpm_solver_multistep;
 pub mod edm;
+pub mod euler_ancestral;
 pub mod euler_discrete;
 pub mod flow_match_euler;
 pub mod lcm;
+pub mod pndm;
 pub mod scheduler;
 pub mod tcd;
 
@@ -21,8 +23,10 @@ use discrete::bad;
 use scheduler::{quote_non_finite, Scheduler};
 
 /// The schedulers [`load_scheduler`] knows (the UNet-family samplers).
-pub const SUPPORTED: [&str; 7] = [
+pub const SUPPORTED: [&str; 9] = [
     "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "PNDMScheduler",
     "LCMScheduler",
     "DDIMScheduler",
     "TCDScheduler",
@@ -54,6 +58,8 @@ pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
         .ok_or_else(|| bad(format!("no \"_class_name\" (supported: {})", SUPPORTED.join(", "))))?;
     Ok(match class {
         "EulerDiscreteScheduler" => Box::new(euler_discrete::EulerDiscreteScheduler::from_value(json)?),
+        "EulerAncestralDiscreteScheduler" => Box::new(euler_ancestral::EulerAncestralScheduler::from_value(json)?),
+        "PNDMScheduler" => Box::new(pndm::PndmScheduler::from_value(json)?),
         "LCMScheduler" => Box::new(lcm::LcmScheduler::from_value(json)?),
         "DDIMScheduler" => Box::new(ddim::DdimScheduler::from_value(json)?),
         "TCDScheduler" => Box::new(tcd::TcdScheduler::from_value(json)?),
@@ -83,8 +89,8 @@ mod tests {
 
     #[test]
     fn unknown_class_names_the_supported_ones() {
-        let err = scheduler_from_json(r#"{"_class_name": "PNDMScheduler"}"#).err().unwrap().to_string();
-        assert!(err.contains("PNDMScheduler") && err.contains("EulerDiscreteScheduler"), "{err}");
+        let err = scheduler_from_json(r#"{"_class_name": "KDPM2DiscreteScheduler"}"#).err().unwrap().to_string();
+        assert!(err.contains("KDPM2DiscreteScheduler") && err.contains("PNDMScheduler"), "{err}");
         let err = scheduler_from_json(r#"{"beta_start": 0.1}"#).err().unwrap().to_string();
         assert!(err.contains("_class_name"), "{err}");
     }
