@@ -79,6 +79,9 @@ pub struct GenerateArgs {
     /// UNet family: diffusers' eta (DDIM noise, TCD gamma) [default: 0].
     #[arg(long)]
     pub eta: Option<f64>,
+    /// UNet family: another scheduler, built from the model's scheduler config as diffusers' from_config: euler, euler_a, ddim, pndm/plms, lcm, tcd, dpmpp_2m, dpmpp_2m_karras, or a diffusers class name [default: the model folder's].
+    #[arg(long)]
+    pub scheduler: Option<String>,
     /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).
     #[arg(long)]
     pub nag_pooled: Option<String>,
@@ -270,7 +273,12 @@ fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) 
     req.guidance_scale = a.guidance_scale;
     req.max_sequence_length = a.max_sequence_length;
     req.init_latents = init_latents;
-    req.sampler = SamplerOptions { timesteps: a.timesteps.clone(), eta: a.eta, pag_layers: a.pag_layers.clone() };
+    req.sampler = SamplerOptions {
+        timesteps: a.timesteps.clone(),
+        eta: a.eta,
+        pag_layers: a.pag_layers.clone(),
+        scheduler: a.scheduler.clone(),
+    };
     Ok(req)
 }
 

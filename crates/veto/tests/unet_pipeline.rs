@@ -276,3 +276,20 @@ fn seeded_runs_are_reproducible_and_lcm_timesteps_can_be_set() {
     generate(&pipe, &req, &mut |e| seen.push(e.timestep)).unwrap();
     assert_eq!(seen, [999.0, 499.0]);
 }
+
+/// `scheduler`: another sampler built from the folder's config (diffusers' `from_config`),
+/// checked before any work; a name nobody knows is a clear error.
+#[test]
+fn the_scheduler_can_be_overridden_from_the_folder_config() {
+    let pipe = load("sd15");
+    let mut req = base_request(&pipe);
+    let (default, _) = generate(&pipe, &req, &mut |_| {}).unwrap();
+    for name in ["euler_a", "DPM++ 2M Karras", "plms", "DDIMScheduler"] {
+        req.sampler.scheduler = Some(name.to_string());
+        let (other, _) = generate(&pipe, &req, &mut |_| {}).unwrap();
+        assert!(common::rel_diff(&other, &default) > 1e-4, "{name} ran the folder's scheduler");
+    }
+    req.sampler.scheduler = Some("k_heun".into());
+    let e = validate(&pipe, &req).unwrap_err();
+    assert!(matches!(e, veto::Error::InvalidParameter { name: "scheduler", .. }), "{e}");
+}

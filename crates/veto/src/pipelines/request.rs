@@ -48,6 +48,9 @@ pub struct SamplerOptions {
     pub eta: Option<f64>,
     /// diffusers' `pag_applied_layers` (default `["mid"]`).
     pub pag_layers: Option<Vec<String>>,
+    /// Another scheduler than the model folder's, built from its config (a diffusers class
+    /// name or an A1111/ComfyUI name: `euler_a`, `dpmpp_2m_karras`, `plms`, ...).
+    pub scheduler: Option<String>,
 }
 
 /// One option of [`SamplerOptions`].
@@ -59,6 +62,8 @@ pub enum SamplerOption {
     Eta,
     /// `pag_applied_layers`
     PagLayers,
+    /// `scheduler`
+    Scheduler,
 }
 
 impl SamplerOption {
@@ -68,6 +73,7 @@ impl SamplerOption {
             SamplerOption::Timesteps => "timesteps",
             SamplerOption::Eta => "eta",
             SamplerOption::PagLayers => "pag_layers",
+            SamplerOption::Scheduler => "scheduler",
         }
     }
 }
@@ -84,6 +90,9 @@ impl SamplerOptions {
         }
         if self.pag_layers.is_some() {
             given.push(SamplerOption::PagLayers);
+        }
+        if self.scheduler.is_some() {
+            given.push(SamplerOption::Scheduler);
         }
         given
     }
@@ -364,6 +373,10 @@ impl ResolvedRequest {
         }
         if let Some(layers) = &self.sampler.pag_layers {
             set("pag_layers", serde_json::json!(layers));
+        }
+        if let Some(name) = &self.sampler.scheduler {
+            fields.push(("Sampler", name.clone()));
+            set("scheduler", name.as_str().into());
         }
         fields.push(("Version", format!("veto {}", env!("CARGO_PKG_VERSION"))));
         let mut parameters = self.prompt.clone();

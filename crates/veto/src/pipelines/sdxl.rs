@@ -36,8 +36,8 @@ use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetCon
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::gaussian;
 use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
-use crate::schedulers::load_scheduler;
 use crate::schedulers::scheduler::{Scheduler, SeededNoise};
+use crate::schedulers::{read_scheduler_config, scheduler_from_value, scheduler_override};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
 
@@ -94,6 +94,8 @@ pub struct StableDiffusionPipeline {
     vae: AutoencoderKl,
     latent_stats: VaeLatentStats,
     scheduler: Box<dyn Scheduler>,
+    /// `scheduler_config.json` as read, the base of a `scheduler` override.
+    scheduler_config: serde_json::Value,
     force_zeros_for_empty_prompt: bool,
     /// diffusers' default `pag_applied_layers`, resolved against this UNet.
     default_pag_layers: PagLayers,
@@ -195,7 +197,7 @@ impl StableDiffusionPipeline {
                 }
             }
         }
-        let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
+        let (scheduler, scheduler_config) = folder_scheduler(source)?;
         let pag_layers = unet.pag_layers(&DEFAULT_PAG_LAYERS.map(String::from)).unwrap_or_default();
         Ok(Self {
             variant,
@@ -205,6 +207,7 @@ impl StableDiffusionPipeline {
             vae,
             latent_stats,
             scheduler,
+            scheduler_config,
             force_zeros_for_empty_prompt,
             default_pag_layers: pag_layers,
             device: device.clone(),
@@ -219,6 +222,15 @@ impl StableDiffusionPipeline {
 
     pub fn unet(&self) -> &UNet2DConditionModel {
         &self.unet
+    }
+
+    /// A fresh scheduler for a generation: the folder's, or the request's override built from
+    /// the folder's config (diffusers' `Class.from_config(pipe.scheduler.config)`).
+    fn scheduler_for(&self, req: &ResolvedRequest) -> Result<Box<dyn Scheduler>> {
+        match &req.sampler.scheduler {
+            Some(name) => scheduler_override(&self.scheduler_config, name),
+            None => Ok(self.scheduler.clone_box()),
+        }
     }
 
     /// The scheduler as loaded (a fresh copy runs each generation).
@@ -270,7 +282,8 @@ impl StableDiffusionPipeline {
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        check_request(self.unet.config(), self.vae_factor(), self.scheduler.as_ref(), req)?;
+        let scheduler = self.scheduler_for(req)?;
+        check_request(self.unet.config(), self.vae_factor(), scheduler.as_ref(), req)?;
         if let Some(layers) = &req.sampler.pag_layers {
             self.unet.pag_layers(layers)?;
         }
@@ -315,7 +328,7 @@ impl StableDiffusionPipeline {
         Self::warn_unused(req, warnings);
         let g = &req.guidance;
 
-        let mut scheduler = self.scheduler.clone_box();
+        let mut scheduler = self.scheduler_for(req)?;
         match req.sampler.timesteps.as_deref() {
             Some(ts) => scheduler.set_custom_timesteps(ts)?,
             None => scheduler.set_timesteps(req.steps)?,
@@ -477,11 +490,26 @@ fn check_request(unet: &UNetConfig, f: usize, scheduler: &dyn Scheduler, req: &R
     req.check_init_latents(&[1, unet.in_channels, req.height / f, req.width / f], f)
 }
 
+/// The folder's scheduler and its config as read.
+fn folder_scheduler(source: &ModelSource) -> Result<(Box<dyn Scheduler>, serde_json::Value)> {
+    let path = source.file("scheduler/scheduler_config.json")?;
+    let config = read_scheduler_config(&path)?;
+    let scheduler = scheduler_from_value(config.clone()).map_err(|e| match e {
+        Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
+        other => other,
+    })?;
+    Ok((scheduler, config))
+}
+
 /// [`check_request`] from the folder's config files alone, before any weights load.
 pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
     let unet = UNetConfig::from_file(&source.file("unet/config.json")?)?;
     let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
-    let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
+    let (scheduler, config) = folder_scheduler(source)?;
+    let scheduler = match &req.sampler.scheduler {
+        Some(name) => scheduler_override(&config, name)?,
+        None => scheduler,
+    };
     check_request(&unet, vae.downscale_factor(), scheduler.as_ref(), req)
 }
 
@@ -490,7 +518,7 @@ pub fn defaults_of(source: &ModelSource) -> Result<Defaults> {
     let index: serde_json::Value = read_json(&source.file("model_index.json")?, "model_index.json")?;
     let unet = UNetConfig::from_file(&source.file("unet/config.json")?)?;
     let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
-    let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
+    let (scheduler, _) = folder_scheduler(source)?;
     let px = unet.sample_size.unwrap_or(64) * vae.downscale_factor();
     Ok(unet_defaults(variant_of(&index), scheduler.as_ref(), is_trailing(scheduler.as_ref()), px))
 }

@@ -38,20 +38,35 @@ pub const SUPPORTED: [&str; 9] = [
 /// Read `scheduler_config.json` and build the scheduler its `_class_name` names.
 pub fn load_scheduler(path: impl AsRef<Path>) -> Result<Box<dyn Scheduler>> {
     let path = path.as_ref();
+    scheduler_from_value(read_scheduler_config(path)?).map_err(|e| attribute(e, path))
+}
+
+/// `scheduler_config.json` as JSON (Python's non-finite numbers quoted), for
+/// [`scheduler_from_value`] and [`scheduler_override`].
+pub fn read_scheduler_config(path: &Path) -> Result<serde_json::Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::MissingFile {
         what: format!("cannot read scheduler config ({e})"),
         path: path.display().to_string(),
     })?;
-    scheduler_from_json(&text).map_err(|e| match e {
+    serde_json::from_str(&quote_non_finite(&text)).map_err(|e| attribute(bad(format!("not valid JSON: {e}")), path))
+}
+
+fn attribute(e: Error, path: &Path) -> Error {
+    match e {
         Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
         other => other,
-    })
+    }
 }
 
 /// As [`load_scheduler`], from the JSON text.
 pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
     let json: serde_json::Value =
         serde_json::from_str(&quote_non_finite(text)).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    scheduler_from_value(json)
+}
+
+/// The scheduler a config's `_class_name` names.
+pub fn scheduler_from_value(json: serde_json::Value) -> Result<Box<dyn Scheduler>> {
     let class = json
         .get("_class_name")
         .and_then(|c| c.as_str())
@@ -72,6 +87,61 @@ pub fn scheduler_from_json(text: &str) -> Result<Box<dyn Scheduler>> {
     })
 }
 
+/// The names [`scheduler_override`] takes besides diffusers' class names: A1111 / ComfyUI
+/// sampler names, each with the class and the config keys it sets.
+pub const SCHEDULER_ALIASES: &[(&str, &str, &[(&str, bool)])] = &[
+    ("euler", "EulerDiscreteScheduler", &[]),
+    ("euler_a", "EulerAncestralDiscreteScheduler", &[]),
+    ("euler_ancestral", "EulerAncestralDiscreteScheduler", &[]),
+    ("ddim", "DDIMScheduler", &[]),
+    ("pndm", "PNDMScheduler", &[("skip_prk_steps", true)]),
+    ("plms", "PNDMScheduler", &[("skip_prk_steps", true)]),
+    ("lcm", "LCMScheduler", &[]),
+    ("tcd", "TCDScheduler", &[]),
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", &[("use_karras_sigmas", false)]),
+    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", &[("use_karras_sigmas", true)]),
+];
+
+/// Another scheduler from a model's scheduler config, as diffusers'
+/// `NewClass.from_config(pipe.scheduler.config)`: the same training schedule (betas, offsets,
+/// prediction type), another sampler. `name` is a diffusers class name or one of
+/// [`SCHEDULER_ALIASES`] (case and `-`/` `/`+` spellings are forgiven: `DPM++ 2M Karras`).
+pub fn scheduler_override(base: &serde_json::Value, name: &str) -> Result<Box<dyn Scheduler>> {
+    let key: String = name
+        .trim()
+        .to_ascii_lowercase()
+        .replace("++", "pp")
+        .chars()
+        .map(|c| if c == '-' || c == ' ' { '_' } else { c })
+        .collect();
+    let (class, sets): (&str, &[(&str, bool)]) = match SCHEDULER_ALIASES.iter().find(|(alias, ..)| *alias == key) {
+        Some((_, class, sets)) => (class, sets),
+        None => match SUPPORTED.iter().find(|c| c.eq_ignore_ascii_case(name.trim())) {
+            Some(class) => (class, &[]),
+            None => {
+                let aliases: Vec<&str> = SCHEDULER_ALIASES.iter().map(|(a, ..)| *a).collect();
+                return Err(Error::parameter(
+                    "scheduler",
+                    format!(
+                        "unknown scheduler '{name}' (known: {}, or a class: {})",
+                        aliases.join(", "),
+                        SUPPORTED.join(", ")
+                    ),
+                ));
+            }
+        },
+    };
+    let mut json = base.clone();
+    let Some(map) = json.as_object_mut() else {
+        return Err(bad("the scheduler config is not a JSON object"));
+    };
+    map.insert("_class_name".into(), class.into());
+    for (key, value) in sets {
+        map.insert((*key).into(), (*value).into());
+    }
+    scheduler_from_value(json).map_err(|e| Error::parameter("scheduler", format!("{name}: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +155,31 @@ mod tests {
         assert!(quoted.contains(r#""lambda_min_clipped": "-Infinity""#), "{quoted}");
         let s = scheduler_from_json(text).unwrap();
         assert_eq!(s.class_name(), "DPMSolverMultistepScheduler");
+    }
+
+    #[test]
+    fn overrides_keep_the_training_schedule() {
+        let sd15 = serde_json::json!({
+            "_class_name": "PNDMScheduler", "beta_schedule": "scaled_linear", "beta_start": 0.00085,
+            "beta_end": 0.012, "skip_prk_steps": true, "steps_offset": 1, "set_alpha_to_one": false
+        });
+        for (name, class) in [
+            ("euler_a", "EulerAncestralDiscreteScheduler"),
+            ("DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
+            ("ddim", "DDIMScheduler"),
+            ("EulerDiscreteScheduler", "EulerDiscreteScheduler"),
+            ("plms", "PNDMScheduler"),
+        ] {
+            let mut s = scheduler_override(&sd15, name).unwrap();
+            assert_eq!(s.class_name(), class, "{name}");
+            s.set_timesteps(4).unwrap();
+        }
+        // The same betas: DDIM from the PNDM config steps like DDIM from SD1.5's.
+        let mut ddim = scheduler_override(&sd15, "ddim").unwrap();
+        ddim.set_timesteps(4).unwrap();
+        assert_eq!(ddim.timesteps(), &[751.0, 501.0, 251.0, 1.0]);
+        let e = scheduler_override(&sd15, "k_heun").err().unwrap();
+        assert!(matches!(e, Error::InvalidParameter { name: "scheduler", .. }), "{e}");
     }
 
     #[test]
