@@ -87,9 +87,12 @@ pub fn scheduler_from_value(json: serde_json::Value) -> Result<Box<dyn Scheduler
     })
 }
 
+/// An alias: its name, the diffusers class, and the boolean config keys it sets.
+pub type SchedulerAlias = (&'static str, &'static str, &'static [(&'static str, bool)]);
+
 /// The names [`scheduler_override`] takes besides diffusers' class names: A1111 / ComfyUI
 /// sampler names, each with the class and the config keys it sets.
-pub const SCHEDULER_ALIASES: &[(&str, &str, &[(&str, bool)])] = &[
+pub const SCHEDULER_ALIASES: &[SchedulerAlias] = &[
     ("euler", "EulerDiscreteScheduler", &[]),
     ("euler_a", "EulerAncestralDiscreteScheduler", &[]),
     ("euler_ancestral", "EulerAncestralDiscreteScheduler", &[]),

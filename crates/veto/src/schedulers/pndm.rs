@@ -122,7 +122,7 @@ impl PndmScheduler {
         };
         let sample_coeff = (a_prev / a).sqrt();
         let denom = a * b_prev.sqrt() + (a * b * a_prev).sqrt();
-        Ok(lincomb(&[(f64::from(sample_coeff), sample), (f64::from(-(a_prev - a) / denom), &eps)])?)
+        lincomb(&[(f64::from(sample_coeff), sample), (f64::from(-(a_prev - a) / denom), &eps)])
     }
 }
 
