@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use veto::guidance::{GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
-use veto::{Defaults, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
+use veto::{Defaults, Denoised, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
 
 #[derive(Clone, Copy, ValueEnum)]
 pub enum DeviceArg {
@@ -98,10 +98,10 @@ pub struct GenerateArgs {
     /// Seed of the initial noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Safetensors file with a tensor `latents` [1, C, H/8, W/8] used instead of seeded noise.
+    /// Safetensors file: the initial latents [1, C, H/8, W/8] (tensor `init_latents`, as --save-latents writes it, else `latents`) used instead of seeded noise, and optionally `step_noise` [N, 1, C, H/8, W/8], the noise a stochastic sampler (LCM, TCD, DDIM with eta, DPM++ SDE) adds between steps, replayed instead of drawn.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
-    /// Write the final latents [1, C, H/8, W/8] (before VAE decode) to this safetensors file.
+    /// Write the final latents `latents` [1, C, H/8, W/8] (before VAE decode) to this safetensors file, with the run's `init_latents` and `step_noise` (if the sampler drew any): given to --init-latents, it replays the run.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
     /// Output PNG.
@@ -133,9 +133,13 @@ pub fn dtype(arg: DtypeArg) -> DType {
     }
 }
 
-/// The CLI flag of a library parameter name (`nag_tau` -> `--nag-tau`).
+/// The CLI flag of a library parameter name (`nag_tau` -> `--nag-tau`; `step_noise`, a tensor of
+/// the --init-latents file, -> `--init-latents (step_noise)`).
 pub fn flag_of(name: &str) -> String {
-    format!("--{}", name.replace('_', "-"))
+    match name {
+        "step_noise" => "--init-latents (step_noise)".to_string(),
+        _ => format!("--{}", name.replace('_', "-")),
+    }
 }
 
 /// A library error in the CLI's words: parameters are named by their flags.
@@ -177,7 +181,7 @@ fn guidance_config(a: &GenerateArgs, defaults: &Defaults) -> Result<GuidanceConf
 }
 
 /// The request the flags describe, over the model's defaults.
-fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) -> Result<GenerateRequest> {
+fn request(a: &GenerateArgs, defaults: &Defaults, init: InitFile) -> Result<GenerateRequest> {
     let mut req = GenerateRequest::new(a.prompt.clone()).guidance(guidance_config(a, defaults)?).seed(a.seed);
     req.negative_prompt = a.negative_prompt.clone();
     req.steps = a.steps;
@@ -185,25 +189,42 @@ fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) 
     req.width = a.width;
     req.guidance_scale = a.guidance_scale;
     req.max_sequence_length = a.max_sequence_length;
-    req.init_latents = init_latents;
+    req.init_latents = init.latents;
+    req.step_noise = init.step_noise;
     req.sampler = SamplerOptions { timesteps: a.timesteps.clone(), eta: a.eta, pag_layers: a.pag_layers.clone() };
     Ok(req)
 }
 
-fn load_init_latents(path: &Path) -> Result<Tensor> {
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("--init-latents: cannot read safetensors file {}", path.display()))?;
-    tensors
-        .remove("latents")
-        .with_context(|| format!("--init-latents: {} has no tensor named `latents`", path.display()))
+/// The tensors of an --init-latents file.
+#[derive(Default)]
+struct InitFile {
+    latents: Option<Tensor>,
+    step_noise: Option<Tensor>,
 }
 
-/// Write `latents` atomically (temporary file + rename).
-fn save_latents(latents: &Tensor, path: &Path) -> Result<()> {
+fn load_init_latents(path: &Path) -> Result<InitFile> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("--init-latents: cannot read safetensors file {}", path.display()))?;
+    // A file written by --save-latents holds the final `latents` and the `init_latents` it
+    // started from: the run is replayed from the latter.
+    let latents = tensors.remove("init_latents").or_else(|| tensors.remove("latents")).with_context(|| {
+        format!("--init-latents: {} has no tensor named `latents` (or `init_latents`)", path.display())
+    })?;
+    Ok(InitFile { latents: Some(latents), step_noise: tensors.remove("step_noise") })
+}
+
+/// Write the run's final latents, initial latents and step noise atomically (temporary file +
+/// rename).
+fn save_latents(run: &Denoised, path: &Path) -> Result<()> {
     let name = path.file_name().with_context(|| format!("--save-latents {} names no file", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let latents = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let res = candle_core::safetensors::save(&std::collections::HashMap::from([("latents", latents)]), &tmp)
+    let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+    let mut tensors =
+        std::collections::HashMap::from([("latents", cpu(&run.latents)?), ("init_latents", cpu(&run.init_latents)?)]);
+    if let Some(noise) = &run.step_noise {
+        tensors.insert("step_noise", cpu(noise)?);
+    }
+    let res = candle_core::safetensors::save(&tensors, &tmp)
         .map_err(anyhow::Error::from)
         .and_then(|_| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
     if res.is_err() {
@@ -241,14 +262,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(p) = &a.save_latents {
         check_output_folder("--save-latents", p)?;
     }
-    let init_latents = a.init_latents.as_deref().map(load_init_latents).transpose()?;
+    let init = a.init_latents.as_deref().map(load_init_latents).transpose()?.unwrap_or_default();
     let device = device(a.device)?;
     let source = ModelSource::resolve(&a.model)?;
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;
     let defaults = (family.defaults)(&source).map_err(flag_error)?;
-    let req = request(&a, &defaults, init_latents)?;
+    let req = request(&a, &defaults, init)?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
 
     eprintln!("loading {} ({}) ...", a.model, family.title);
@@ -266,14 +287,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         bar.inc(1);
     });
     bar.finish_and_clear();
-    let (latents, warnings, _) = generated.map_err(flag_error)?;
+    let (run, warnings, _) = generated.map_err(flag_error)?;
     for w in warnings {
         eprintln!("warning: {w}");
     }
     if let Some(p) = &a.save_latents {
-        save_latents(&latents, p)?;
+        save_latents(&run, p)?;
     }
-    let image = pipe.decode(&latents)?;
+    let image = pipe.decode(&run.latents)?;
     veto::save_png(&image, &a.output)?;
     eprintln!("wrote {}", a.output.display());
     Ok(())

@@ -17,6 +17,11 @@ pub type Loader = fn(&ModelSource, &Device, DType) -> Result<Box<dyn TextToImage
 /// A model's defaults from its config files alone, before any weights load.
 pub type DefaultsReader = fn(&ModelSource) -> Result<Defaults>;
 
+/// Checks a resolved request against a model's config files alone, before any weights load
+/// (what the loaded pipeline's `validate` would refuse and the configs can tell: sizes, sampler
+/// options, initial latents, step noise).
+pub type ConfigCheck = fn(&ModelSource, &ResolvedRequest) -> Result<()>;
+
 /// The guidance methods a family has: any combination of CFG and PAG (where allowed) with at
 /// most one of its attention methods.
 #[derive(Debug, Clone, Copy)]
@@ -80,6 +85,8 @@ pub struct Family {
     pub load: Loader,
     /// Reads a model's defaults (steps, size, guidance and its parameters) from its configs.
     pub defaults: DefaultsReader,
+    /// Checks a request against a model's config files before it loads.
+    pub check_configs: ConfigCheck,
 }
 
 impl std::fmt::Debug for Family {
@@ -145,6 +152,7 @@ pub static FLUX: Family = Family {
     scheduler: "FlowMatchEulerDiscreteScheduler",
     load: |s, d, t| Ok(Box::new(flux::FluxPipeline::load(s, d, t)?)),
     defaults: flux::defaults_of,
+    check_configs: no_config_checks,
 };
 
 /// Stable Diffusion 3 / 3.5 (MMDiT, MMDiT-X).
@@ -162,6 +170,7 @@ pub static SD3: Family = Family {
     scheduler: "FlowMatchEulerDiscreteScheduler",
     load: |s, d, t| Ok(Box::new(sd3::Sd3Pipeline::load(s, d, t)?)),
     defaults: sd3::defaults_of,
+    check_configs: no_config_checks,
 };
 
 /// The UNet family: SD1.5 / SD2, SDXL and its few-step descendants.
@@ -179,7 +188,13 @@ pub static UNET: Family = Family {
     scheduler: "EulerDiscrete, LCM, DDIM, TCD, DPMSolverMultistep, EDMEuler, EDMDPMSolverMultistep",
     load: |s, d, t| Ok(Box::new(sdxl::StableDiffusionPipeline::load(s, d, t)?)),
     defaults: sdxl::defaults_of,
+    check_configs: sdxl::check_configs,
 };
+
+/// For families whose pipeline checks everything once loaded.
+fn no_config_checks(_: &ModelSource, _: &ResolvedRequest) -> Result<()> {
+    Ok(())
+}
 
 /// Every family veto has.
 pub static FAMILIES: &[&Family] = &[&FLUX, &SD3, &UNET];

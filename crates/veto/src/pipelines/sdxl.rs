@@ -34,10 +34,10 @@ use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
-use crate::pipelines::noise::gaussian;
-use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
+use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::load_scheduler;
-use crate::schedulers::scheduler::{Scheduler, SeededNoise};
+use crate::schedulers::scheduler::Scheduler;
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
 
@@ -270,21 +270,11 @@ impl StableDiffusionPipeline {
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        let f = self.vae_factor();
-        req.check_size(f)?;
-        req.check_steps()?;
-        // The scheduler decides which eta it takes and which timesteps it accepts.
-        let mut probe = self.scheduler.clone_box();
-        if let Some(eta) = req.sampler.eta {
-            probe.set_eta(eta)?;
-        }
-        if let Some(ts) = &req.sampler.timesteps {
-            probe.set_custom_timesteps(ts)?;
-        }
+        check_request(req, self.scheduler.as_ref(), self.unet.config().in_channels, self.vae_factor())?;
         if let Some(layers) = &req.sampler.pag_layers {
             self.unet.pag_layers(layers)?;
         }
-        req.check_init_latents(&[1, self.unet.config().in_channels, req.height / f, req.width / f], f)
+        Ok(())
     }
 
     fn warn_unused(req: &ResolvedRequest, warnings: &mut Warnings) {
@@ -320,17 +310,12 @@ impl StableDiffusionPipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.check(req)?;
         Self::warn_unused(req, warnings);
         let g = &req.guidance;
 
-        let mut scheduler = self.scheduler.clone_box();
-        match req.sampler.timesteps.as_deref() {
-            Some(ts) => scheduler.set_custom_timesteps(ts)?,
-            None => scheduler.set_timesteps(req.steps)?,
-        }
-        scheduler.set_eta(req.sampler.eta.unwrap_or(0.0))?;
+        let mut scheduler = prepared_scheduler(self.scheduler.as_ref(), req)?;
         let n_train = scheduler.num_train_timesteps() as f64;
         let mut planner = GuidancePlanner::new(g, UNET.cfg_scale, req.guidance_scale, UNET.window, n_train);
         let cfg_scale = planner.cfg_scale();
@@ -342,7 +327,7 @@ impl StableDiffusionPipeline {
             Some(t) => t.to_device(&self.device)?.to_dtype(DType::F32)?,
             None => gaussian(&shape, req.seed, &self.device)?,
         };
-        let mut x = (init * scheduler.init_noise_sigma())?;
+        let mut x = (&init * scheduler.init_noise_sigma())?;
 
         // Text.
         let neg_text = req.negative_prompt.as_deref().unwrap_or("");
@@ -403,7 +388,7 @@ impl StableDiffusionPipeline {
 
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
-        let mut noise = SeededNoise::new(req.seed);
+        let mut noise = StepNoise::new(req)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let plan = planner.step(scheduler.window_time(i));
             let scaled = scheduler.scale_model_input(&x)?;
@@ -437,7 +422,8 @@ impl StableDiffusionPipeline {
                 latents: &x,
             });
         }
-        Ok(x)
+        let step_noise = noise.finish(&describe(scheduler.as_ref(), req), warnings)?;
+        Ok(Denoised { latents: x, init_latents: init, step_noise })
     }
 
     /// Decode with the VAE's latent normalisation: `z / scaling` or, with `latents_mean` /
@@ -465,6 +451,48 @@ fn variant_of(index: &serde_json::Value) -> SdVariant {
         Some(serde_json::Value::Array(pair)) if pair.iter().any(|v| !v.is_null()) => SdVariant::StableDiffusionXl,
         _ => SdVariant::StableDiffusion,
     }
+}
+
+/// The scheduler of one run: a fresh copy of `scheduler` with the request's timesteps (or
+/// steps) and eta (diffusers' pipelines pass 0.0 when none is given).
+fn prepared_scheduler(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<Box<dyn Scheduler>> {
+    let mut s = scheduler.clone_box();
+    match req.sampler.timesteps.as_deref() {
+        Some(ts) => s.set_custom_timesteps(ts)?,
+        None => s.set_timesteps(req.steps)?,
+    }
+    s.set_eta(req.sampler.eta.unwrap_or(0.0))?;
+    Ok(s)
+}
+
+/// The sampler of a run in words, for messages: `TCDScheduler with 4 steps, eta 0.3`.
+fn describe(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> String {
+    let mut s = format!("{} with {} steps", scheduler.class_name(), scheduler.timesteps().len());
+    if let Some(eta) = req.sampler.eta {
+        s.push_str(&format!(", eta {eta}"));
+    }
+    s
+}
+
+/// What the UNet pipeline checks from its config files alone: size, steps, the sampler options
+/// the scheduler takes, the initial latents' shape and the step noise against the draws of
+/// the scheduler.
+fn check_request(req: &ResolvedRequest, scheduler: &dyn Scheduler, in_channels: usize, f: usize) -> Result<()> {
+    req.check_size(f)?;
+    req.check_steps()?;
+    let latent = [1, in_channels, req.height / f, req.width / f];
+    req.check_init_latents(&latent, f)?;
+    let run = prepared_scheduler(scheduler, req)?;
+    req.check_step_noise(&describe(run.as_ref(), req), &run.noise_steps(), &latent)
+}
+
+/// [`StableDiffusionPipeline`]'s checks of a request from a folder's config files, before any
+/// weights load (all but `pag_applied_layers`, which needs the UNet's layers).
+pub fn check_configs(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
+    let unet = UNetConfig::from_file(&source.file("unet/config.json")?)?;
+    let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
+    let scheduler = load_scheduler(source.file("scheduler/scheduler_config.json")?)?;
+    check_request(req, scheduler.as_ref(), unet.in_channels, vae.downscale_factor())
 }
 
 /// The defaults of a UNet-family folder from its config files alone (no weights are read).
@@ -532,7 +560,7 @@ impl TextToImage for StableDiffusionPipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.denoise(req, on_step, warnings)
     }
 
