@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use veto::guidance::{AttentionMethod, CfgScaleSource, GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
-use veto::{Defaults, Family, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
+use veto::{Defaults, Denoised, Family, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
 
 use crate::outputs::OutputPlan;
 
@@ -106,10 +106,10 @@ pub struct GenerateArgs {
     /// Images to generate, with seeds seed, seed+1, ...; written as out-0.png, out-1.png, ...
     #[arg(long, default_value_t = 1)]
     pub num_images: usize,
-    /// Safetensors file with a tensor `latents` [1, C, H/8, W/8] used instead of seeded noise.
+    /// Safetensors file: the initial latents [1, C, H/8, W/8] (tensor `init_latents`, as --save-latents writes it, else `latents`) used instead of seeded noise, and optionally `step_noise` [N, 1, C, H/8, W/8], the noise a stochastic sampler (LCM, TCD, DDIM with eta, DPM++ SDE, Euler a) adds between steps, replayed instead of drawn.
     #[arg(long)]
     pub init_latents: Option<PathBuf>,
-    /// Write the final latents [1, C, H/8, W/8] (before VAE decode) to this safetensors file.
+    /// Write the final latents `latents` [1, C, H/8, W/8] (before VAE decode) to this safetensors file, with the run's `init_latents` and `step_noise` (if the sampler drew any): given to --init-latents, it replays the run.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
     /// Output image: .png (with the generation parameters in text chunks: A1111 `parameters` and JSON `veto`), .jpg/.jpeg or .webp (lossless). An existing file is replaced.
@@ -143,9 +143,13 @@ pub fn dtype(arg: DtypeArg) -> DType {
     }
 }
 
-/// The CLI flag of a library parameter name (`nag_tau` -> `--nag-tau`).
+/// The CLI flag of a library parameter name (`nag_tau` -> `--nag-tau`; `step_noise`, a tensor of
+/// the --init-latents file, -> `--init-latents (step_noise)`).
 pub fn flag_of(name: &str) -> String {
-    format!("--{}", name.replace('_', "-"))
+    match name {
+        "step_noise" => "--init-latents (step_noise)".to_string(),
+        _ => format!("--{}", name.replace('_', "-")),
+    }
 }
 
 /// A library error in the CLI's words: parameters are named by their flags.
@@ -264,7 +268,7 @@ fn check_flags(a: &GenerateArgs, family: &Family, method: Method) -> Result<()> 
 }
 
 /// The request the flags describe, over the model's defaults.
-fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) -> Result<GenerateRequest> {
+fn request(a: &GenerateArgs, defaults: &Defaults, init: InitFile) -> Result<GenerateRequest> {
     let mut req = GenerateRequest::new(a.prompt.clone()).guidance(guidance_config(a, defaults)?);
     req.negative_prompt = a.negative_prompt.clone();
     req.steps = a.steps;
@@ -272,7 +276,8 @@ fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) 
     req.width = a.width;
     req.guidance_scale = a.guidance_scale;
     req.max_sequence_length = a.max_sequence_length;
-    req.init_latents = init_latents;
+    req.init_latents = init.latents;
+    req.step_noise = init.step_noise;
     req.sampler = SamplerOptions {
         timesteps: a.timesteps.clone(),
         eta: a.eta,
@@ -282,20 +287,36 @@ fn request(a: &GenerateArgs, defaults: &Defaults, init_latents: Option<Tensor>) 
     Ok(req)
 }
 
-fn load_init_latents(path: &Path) -> Result<Tensor> {
-    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
-        .with_context(|| format!("--init-latents: cannot read safetensors file {}", path.display()))?;
-    tensors
-        .remove("latents")
-        .with_context(|| format!("--init-latents: {} has no tensor named `latents`", path.display()))
+/// The tensors of an --init-latents file.
+#[derive(Default)]
+struct InitFile {
+    latents: Option<Tensor>,
+    step_noise: Option<Tensor>,
 }
 
-/// Write `latents` atomically (temporary file + rename).
-fn save_latents(latents: &Tensor, path: &Path) -> Result<()> {
+fn load_init_latents(path: &Path) -> Result<InitFile> {
+    let mut tensors = candle_core::safetensors::load(path, &Device::Cpu)
+        .with_context(|| format!("--init-latents: cannot read safetensors file {}", path.display()))?;
+    // A file written by --save-latents holds the final `latents` and the `init_latents` it
+    // started from: the run is replayed from the latter.
+    let latents = tensors.remove("init_latents").or_else(|| tensors.remove("latents")).with_context(|| {
+        format!("--init-latents: {} has no tensor named `latents` (or `init_latents`)", path.display())
+    })?;
+    Ok(InitFile { latents: Some(latents), step_noise: tensors.remove("step_noise") })
+}
+
+/// Write the run's final latents, initial latents and step noise atomically (temporary file +
+/// rename).
+fn save_latents(run: &Denoised, path: &Path) -> Result<()> {
     let name = path.file_name().with_context(|| format!("--save-latents {} names no file", path.display()))?;
     let tmp = path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let latents = latents.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
-    let res = candle_core::safetensors::save(&std::collections::HashMap::from([("latents", latents)]), &tmp)
+    let cpu = |t: &Tensor| -> Result<Tensor> { Ok(t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?) };
+    let mut tensors =
+        std::collections::HashMap::from([("latents", cpu(&run.latents)?), ("init_latents", cpu(&run.init_latents)?)]);
+    if let Some(noise) = &run.step_noise {
+        tensors.insert("step_noise", cpu(noise)?);
+    }
+    let res = candle_core::safetensors::save(&tensors, &tmp)
         .map_err(anyhow::Error::from)
         .and_then(|_| std::fs::rename(&tmp, path).map_err(anyhow::Error::from));
     if res.is_err() {
@@ -324,14 +345,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.num_images > 1 && a.init_latents.is_some() {
         bail!("--num-images {} with --init-latents would make the same image each time", a.num_images);
     }
-    let init_latents = a.init_latents.as_deref().map(load_init_latents).transpose()?;
+    let init = a.init_latents.as_deref().map(load_init_latents).transpose()?.unwrap_or_default();
     let device = device(a.device)?;
     let source = ModelSource::resolve(&a.model)?;
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;
     let defaults = (family.defaults)(&source).map_err(flag_error)?;
-    let req = request(&a, &defaults, init_latents)?;
+    let req = request(&a, &defaults, init)?;
     check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
 
@@ -356,14 +377,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bar.inc(1);
         });
         bar.finish_and_clear();
-        let (latents, warnings, resolved) = generated.map_err(flag_error)?;
+        let (run, warnings, resolved) = generated.map_err(flag_error)?;
         for w in warnings {
             eprintln!("warning: {w}");
         }
         if let Some(p) = &outputs.latents[i] {
-            save_latents(&latents, p)?;
+            save_latents(&run, p)?;
         }
-        let image = pipe.decode(&latents)?;
+        let image = pipe.decode(&run.latents)?;
         let metadata = resolved.metadata(&a.model, family);
         veto::image_io::save_image(&image, image_path, Some(&metadata)).map_err(flag_error)?;
         eprintln!("wrote {}", image_path.display());

@@ -1,4 +1,5 @@
-//! The `veto` binary end to end on the tiny Flux pipeline folders, and its handling of bad input.
+//! The `veto` binary end to end on the tiny pipeline folders (saved latents equal the reference's;
+//! stochastic samplers replayed from `--init-latents` step noise), and its handling of bad input.
 
 // The parity tests' helpers (fixture paths and files, tolerances), shared.
 #[path = "../../veto/tests/common/mod.rs"]
@@ -426,4 +427,176 @@ fn eta_needs_a_scheduler_that_takes_it() {
     assert!(!o.status.success());
     assert!(stderr.contains("--eta: EulerDiscreteScheduler takes no eta (DDIM and TCD do)"), "{stderr}");
     assert!(!out.exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stochastic samplers replayed from `noise_<case>.safetensors` (tools/reference/noise_replay_reference.py).
+// ---------------------------------------------------------------------------------------------
+
+/// A copy of the tiny SDXL folder with `scheduler_config` (JSON text) as its scheduler.
+fn sdxl_with_scheduler(dir: &Path, scheduler_config: &str) -> PathBuf {
+    let model = dir.join("sdxl");
+    copy_dir(&fixtures_of("unet").join("sdxl"), &model);
+    std::fs::write(model.join("scheduler/scheduler_config.json"), scheduler_config).unwrap();
+    model
+}
+
+/// `veto generate` on `model` (an SDXL folder) at 64x64 with `extra` flags.
+fn veto_sdxl(model: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a photo of a cat wearing glasses",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--output",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    veto(&args)
+}
+
+/// The reference ran diffusers' stock SDXL pipeline with a stochastic scheduler from `latents`
+/// and recorded the scheduler's draws as `step_noise`; `veto generate --init-latents` on that
+/// file must land on diffusers' final latents, save the noise it used, and replay its own saved
+/// file bit for bit.
+fn noise_replay(case: &str) {
+    let file = format!("noise_{case}.safetensors");
+    let fx = Fixture::load("unet", &file);
+    let dir = tempfile::tempdir().unwrap();
+    let model = sdxl_with_scheduler(dir.path(), fx.m("scheduler_config"));
+    let init = fixtures_of("unet").join(&file);
+    let (out, saved, replayed) =
+        (dir.path().join("out.png"), dir.path().join("run.safetensors"), dir.path().join("again.safetensors"));
+    let mut flags = vec!["--guidance".to_string(), fx.m("guidance").to_string()];
+    flags.extend(["--guidance-scale".to_string(), fx.m("guidance_scale").to_string()]);
+    if !fx.m("negative_prompt").is_empty() {
+        flags.extend(["--negative-prompt".to_string(), fx.m("negative_prompt").to_string()]);
+    }
+    match fx.m("custom_timesteps") {
+        "" => flags.extend(["--steps".to_string(), fx.m("steps").to_string()]),
+        ts => {
+            let ts: Vec<f64> = serde_json::from_str(ts).unwrap();
+            flags.extend(["--timesteps".to_string(), ts.iter().map(f64::to_string).collect::<Vec<_>>().join(",")]);
+        }
+    }
+    if !fx.m("eta").is_empty() {
+        flags.extend(["--eta".to_string(), fx.m("eta").to_string()]);
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let run = |from: &Path, to: &Path| {
+        let mut args = flags.clone();
+        args.extend(["--init-latents", from.to_str().unwrap(), "--save-latents", to.to_str().unwrap()]);
+        let o = veto_sdxl(&model, &out, &args);
+        let stderr = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{case}: veto failed: {stderr}");
+        assert!(!stderr.contains("warning"), "{case}: {stderr}");
+        load(to)
+    };
+    let first = run(&init, &saved);
+    let d = rel_diff(&first["latents"], fx.t("final_latents"));
+    assert!(d <= 1e-4, "{case}: final latents differ from diffusers' by {d:e}");
+    assert_eq!(rel_diff(&first["step_noise"], fx.t("step_noise")), 0.0, "{case}: saved step noise");
+    assert_eq!(rel_diff(&first["init_latents"], fx.t("latents")), 0.0, "{case}: saved init latents");
+    // veto's own file replays the run.
+    let again = run(&saved, &replayed);
+    assert_eq!(rel_diff(&again["latents"], &first["latents"]), 0.0, "{case}: replay");
+}
+
+#[test]
+fn noise_replay_lcm_dmd2() {
+    noise_replay("lcm_dmd2");
+}
+
+#[test]
+fn noise_replay_tcd_hyper_sdxl() {
+    noise_replay("tcd_hyper_sdxl");
+}
+
+#[test]
+fn noise_replay_ddim_eta() {
+    noise_replay("ddim_eta");
+}
+
+#[test]
+fn noise_replay_dpmpp_sde() {
+    noise_replay("dpmpp_sde");
+}
+
+#[test]
+fn a_seeded_stochastic_run_saves_what_replays_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let lcm = std::fs::read_to_string(fixtures_of("unet").join("schedulers/dmd2_lcm.json")).unwrap();
+    let model = sdxl_with_scheduler(dir.path(), &lcm);
+    let out = dir.path().join("out.png");
+    let (saved, replayed) = (dir.path().join("run.safetensors"), dir.path().join("again.safetensors"));
+    let base = ["--guidance", "none", "--guidance-scale", "0", "--steps", "4", "--seed", "9"];
+    let o = veto_sdxl(&model, &out, &[&base[..], &["--save-latents", saved.to_str().unwrap()][..]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let first = load(&saved);
+    assert_eq!(first["step_noise"].dims(), [3, 1, 4, 8, 8]);
+    assert_eq!(first["init_latents"].dims(), [1, 4, 8, 8]);
+    // Another seed, but the saved file's latents and noise: the same run.
+    let args = [
+        &base[..6],
+        &["--seed", "10", "--init-latents", saved.to_str().unwrap(), "--save-latents", replayed.to_str().unwrap()][..],
+    ]
+    .concat();
+    let o = veto_sdxl(&model, &out, &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(rel_diff(&load(&replayed)["latents"], &first["latents"]), 0.0);
+}
+
+/// A step noise file for the tiny SDXL folder's LCM copy: `latents` and `step_noise` of `dims`.
+fn noise_file(dir: &Path, dims: &[usize]) -> PathBuf {
+    let path =
+        dir.join(format!("noise-{}.safetensors", dims.iter().map(usize::to_string).collect::<Vec<_>>().join("x")));
+    let zeros = |d: &[usize]| Tensor::zeros(d, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let tensors = std::collections::HashMap::from([("latents", zeros(&[1, 4, 8, 8])), ("step_noise", zeros(dims))]);
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    path
+}
+
+#[test]
+fn step_noise_of_the_wrong_count_or_shape_stops_before_the_model_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let lcm = std::fs::read_to_string(fixtures_of("unet").join("schedulers/dmd2_lcm.json")).unwrap();
+    let model = sdxl_with_scheduler(dir.path(), &lcm);
+    let out = dir.path().join("out.png");
+    for (dims, needle) in [
+        (
+            &[2, 1, 4, 8, 8][..],
+            "--init-latents (step_noise): step noise has 2 noise tensors, LCMScheduler with 4 steps draws 3 (at steps 0, 1, 2)",
+        ),
+        (&[3, 1, 4, 4, 4][..], "--init-latents (step_noise): step noise has shape [3, 1, 4, 4, 4], expected [3, 1, 4, 8, 8]"),
+    ] {
+        let file = noise_file(dir.path(), dims);
+        let o = veto_sdxl(&model, &out, &["--guidance", "none", "--steps", "4", "--init-latents", file.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{dims:?} accepted");
+        assert!(stderr.contains(needle), "{dims:?}: {stderr}");
+        assert!(!stderr.contains("loading") && !stderr.contains("panicked"), "{dims:?}: {stderr}");
+        assert!(!out.exists());
+    }
+}
+
+#[test]
+fn step_noise_for_a_deterministic_sampler_is_a_warning() {
+    // The tiny SDXL folder's own scheduler is Euler (deterministic).
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.png");
+    let file = noise_file(dir.path(), &[3, 1, 4, 8, 8]);
+    let model = fixtures_of("unet").join("sdxl");
+    let o = veto_sdxl(&model, &out, &["--guidance", "none", "--steps", "2", "--init-latents", file.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(
+        stderr
+            .contains("warning: step_noise is unused: EulerDiscreteScheduler with 2 steps adds no noise between steps"),
+        "{stderr}"
+    );
 }

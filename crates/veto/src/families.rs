@@ -17,7 +17,9 @@ pub type Loader = fn(&ModelSource, &Device, DType) -> Result<Box<dyn TextToImage
 /// A model's defaults from its config files alone, before any weights load.
 pub type DefaultsReader = fn(&ModelSource) -> Result<Defaults>;
 
-/// Checks a request against a model's config files alone, before any weights load.
+/// Checks a resolved request against a model's config files alone, before any weights load
+/// (what the loaded pipeline's `validate` would refuse and the configs can tell: sizes, sampler
+/// options, initial latents, step noise).
 pub type ConfigCheck = fn(&ModelSource, &ResolvedRequest) -> Result<()>;
 
 /// The guidance methods a family has: any combination of CFG and PAG (where allowed) with at

@@ -43,7 +43,9 @@ pub use families::{Family, FAMILIES};
 pub use guidance::{GuidanceConfig, GuidancePlan, Method, NagNorm, NagParams, NagPooled, VsfLayout, VsfParams};
 pub use image_io::save_png;
 pub use loading::model_source::ModelSource;
-pub use pipelines::{Defaults, GenerateRequest, Generation, Pipeline, ResolvedRequest, SamplerOptions, StepEvent};
+pub use pipelines::{
+    Defaults, Denoised, GenerateRequest, Generation, Pipeline, ResolvedRequest, SamplerOptions, StepEvent,
+};
 
 /// The README's Rust examples, compiled as doc-tests.
 #[cfg(doctest)]

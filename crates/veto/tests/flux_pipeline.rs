@@ -160,6 +160,13 @@ fn public_api_reproduces_the_fixture() {
         assert_close("public API image", &out.image, image, 1e-4);
     }
     assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    assert_close("public API init latents", &out.init_latents, fx.t("init_latents"), 0.0);
+    assert!(out.step_noise.is_none(), "FlowMatch Euler draws no noise");
+    // Step noise given to the deterministic sampler: unused, with a warning, same latents.
+    let noise = Tensor::zeros((3, 1, 16, 4, 4), DType::F32, &Device::Cpu).unwrap();
+    let (again, warnings, _) = pipe.generate_latents(&req.clone().step_noise(noise), &mut |_| {}).unwrap();
+    assert_eq!(warnings, ["step_noise is unused: FlowMatchEulerDiscreteScheduler adds no noise between steps"]);
+    assert_close("unused step noise", &again.latents, &out.latents, 0.0);
     // A method the family does not have is refused before any work, naming what it has.
     let e = pipe.generate(&req.clone().method("cfg+pag".parse().unwrap())).err().unwrap();
     assert!(matches!(e, veto::Error::UnsupportedMethod { family: "Flux", .. }), "{e}");

@@ -1,7 +1,9 @@
 //! Parity of the SD1.5 / SDXL pipelines with the PyTorch reference
 //! (tools/reference/unet_reference.py, checked against diffusers' pipelines): text encoding,
 //! every step's guided noise prediction and latents, the final latents and (SDXL none / nag) the
-//! decoded image, f32, 1e-4 relative; plus the errors of bad requests.
+//! decoded image, f32, 1e-4 relative; diffusers' stock SDXL pipeline with each stochastic
+//! scheduler replayed through `GenerateRequest::step_noise` (tools/reference/noise_replay_reference.py);
+//! plus the errors of bad requests.
 
 mod common;
 
@@ -185,6 +187,7 @@ fn base_request(pipe: &StableDiffusionPipeline) -> ResolvedRequest {
         max_sequence_length: 77,
         seed: 1,
         init_latents: None,
+        step_noise: None,
         sampler: Default::default(),
     }
 }
@@ -292,4 +295,148 @@ fn the_scheduler_can_be_overridden_from_the_folder_config() {
     req.sampler.scheduler = Some("k_heun".into());
     let e = validate(&pipe, &req).unwrap_err();
     assert!(matches!(e, veto::Error::InvalidParameter { name: "scheduler", .. }), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stochastic samplers: step noise given through the request (tools/reference/noise_replay_reference.py).
+// ---------------------------------------------------------------------------------------------
+
+/// A copy of the SDXL folder whose scheduler config is `scheduler_config` (JSON text).
+fn sdxl_with_scheduler(scheduler_config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixtures("unet").join("sdxl"), dir.path());
+    std::fs::write(dir.path().join("scheduler/scheduler_config.json"), scheduler_config).unwrap();
+    dir
+}
+
+fn scheduler_json(name: &str) -> String {
+    std::fs::read_to_string(fixtures("unet").join(format!("schedulers/{name}.json"))).unwrap()
+}
+
+fn pipeline_at(dir: &std::path::Path) -> veto::Pipeline {
+    veto::Pipeline::load(&ModelSource::local(dir).unwrap(), &Device::Cpu, DType::F32).unwrap()
+}
+
+/// The request a `noise_<case>` fixture ran: its initial latents and its step noise.
+fn noise_request(fx: &Fixture) -> veto::GenerateRequest {
+    let mut req = veto::GenerateRequest::new(fx.m("prompt"))
+        .method(fx.m("guidance").parse().unwrap())
+        .guidance_scale(fx.f("guidance_scale"))
+        .size(fx.m("height").parse().unwrap(), fx.m("width").parse().unwrap())
+        .steps(fx.m("steps").parse().unwrap())
+        .init_latents(fx.t("latents").clone())
+        .step_noise(fx.t("step_noise").clone());
+    if !fx.m("negative_prompt").is_empty() {
+        req = req.negative(fx.m("negative_prompt"));
+    }
+    let timesteps = (!fx.m("custom_timesteps").is_empty())
+        .then(|| serde_json::from_str::<Vec<f64>>(fx.m("custom_timesteps")).unwrap());
+    let eta = (!fx.m("eta").is_empty()).then(|| fx.f("eta"));
+    req.sampler(veto::SamplerOptions { timesteps, eta, ..Default::default() })
+}
+
+/// diffusers' stock SDXL pipeline with a stochastic scheduler, replayed through the request.
+fn noise_parity(case: &str) {
+    let fx = Fixture::load("unet", &format!("noise_{case}.safetensors"));
+    let dir = sdxl_with_scheduler(fx.m("scheduler_config"));
+    let pipe = pipeline_at(dir.path());
+    assert_eq!(pipe.family().name, "unet");
+    let mut seen = Vec::new();
+    let (run, warnings, _) = pipe.generate_latents(&noise_request(&fx), &mut |e| seen.push(e.timestep as f32)).unwrap();
+    assert!(warnings.is_empty(), "{case}: {warnings:?}");
+    assert_eq!(seen, fx.t("timesteps").to_vec1::<f32>().unwrap(), "{case}: timesteps");
+    assert_close(&format!("noise_{case}/final_latents"), &run.latents, fx.t("final_latents"), 1e-4);
+    // What comes back is what was given.
+    assert_close(&format!("{case}: step noise"), run.step_noise.as_ref().unwrap(), fx.t("step_noise"), 0.0);
+    assert_close(&format!("{case}: init latents"), &run.init_latents, fx.t("latents"), 0.0);
+    let noise_steps: Vec<usize> = serde_json::from_str(fx.m("noise_steps")).unwrap();
+    assert_eq!(fx.t("step_noise").dim(0).unwrap(), noise_steps.len());
+}
+
+#[test]
+fn noise_lcm_dmd2() {
+    noise_parity("lcm_dmd2");
+}
+
+#[test]
+fn noise_tcd_hyper_sdxl() {
+    noise_parity("tcd_hyper_sdxl");
+}
+
+#[test]
+fn noise_ddim_eta() {
+    noise_parity("ddim_eta");
+}
+
+#[test]
+fn noise_dpmpp_sde() {
+    noise_parity("dpmpp_sde");
+}
+
+#[test]
+fn seeded_step_noise_comes_back_and_replays_bit_for_bit() {
+    let dir = sdxl_with_scheduler(&scheduler_json("dmd2_lcm"));
+    let pipe = pipeline_at(dir.path());
+    let req = veto::GenerateRequest::new("a cat").method(Method::NONE).guidance_scale(0.0).steps(4).seed(3);
+    let (seeded, warnings, _) = pipe.generate_latents(&req, &mut |_| {}).unwrap();
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let noise = seeded.step_noise.clone().expect("LCM draws noise");
+    assert_eq!(noise.dims(), [3, 1, 4, 8, 8]);
+    // Replayed from what the run returned: the same latents, bit for bit.
+    let replay = req.clone().init_latents(seeded.init_latents.clone()).step_noise(noise.clone());
+    let (again, _, _) = pipe.generate_latents(&replay, &mut |_| {}).unwrap();
+    assert_close("replay", &again.latents, &seeded.latents, 0.0);
+    assert_close("replayed noise", again.step_noise.as_ref().unwrap(), &noise, 0.0);
+    // Other noise, other latents: the noise is really used.
+    let other = req.clone().init_latents(seeded.init_latents.clone()).step_noise((&noise * -1.0).unwrap());
+    let (moved, _, _) = pipe.generate_latents(&other, &mut |_| {}).unwrap();
+    assert!(common::rel_diff(&moved.latents, &seeded.latents) > 1e-2);
+    // The last draw matters too (LCM re-noises before the last step).
+    let last = Tensor::cat(&[noise.narrow(0, 0, 2).unwrap(), noise.narrow(0, 2, 1).unwrap().zeros_like().unwrap()], 0)
+        .unwrap();
+    let (moved, _, _) = pipe.generate_latents(&req.clone().step_noise(last), &mut |_| {}).unwrap();
+    assert!(common::rel_diff(&moved.latents, &seeded.latents) > 1e-3);
+}
+
+#[test]
+fn step_noise_of_the_wrong_count_or_shape_is_refused_before_loading() {
+    let dir = sdxl_with_scheduler(&scheduler_json("dmd2_lcm"));
+    let source = ModelSource::local(dir.path()).unwrap();
+    let noise = |dims: &[usize]| Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+    let req = veto::GenerateRequest::new("a cat").method(Method::NONE).guidance_scale(0.0).steps(4);
+    let err =
+        veto::Pipeline::check_before_loading(&source, &req.clone().step_noise(noise(&[4, 1, 4, 8, 8]))).unwrap_err();
+    assert!(matches!(err, veto::Error::InvalidParameter { name: "step_noise", .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("has 4 noise tensors") && msg.contains("LCMScheduler with 4 steps draws 3 (at steps 0, 1, 2)")
+    );
+    let err = veto::Pipeline::check_before_loading(&source, &req.clone().step_noise(noise(&[3, 1, 4, 4, 4])))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shape [3, 1, 4, 4, 4], expected [3, 1, 4, 8, 8]"), "{err}");
+    // Explicit timesteps set the count: 2 steps, 1 draw.
+    let two = req.clone().sampler(veto::SamplerOptions { timesteps: Some(vec![999.0, 499.0]), ..Default::default() });
+    veto::Pipeline::check_before_loading(&source, &two.clone().step_noise(noise(&[1, 1, 4, 8, 8]))).unwrap();
+    assert!(veto::Pipeline::check_before_loading(&source, &two.step_noise(noise(&[3, 1, 4, 8, 8]))).is_err());
+    // The loaded pipeline refuses it too.
+    let pipe = pipeline_at(dir.path());
+    assert!(pipe.resolve(&req.step_noise(noise(&[2, 1, 4, 8, 8]))).is_err());
+}
+
+#[test]
+fn step_noise_for_a_deterministic_sampler_is_unused_with_a_warning() {
+    // The SDXL folder's Euler scheduler draws no noise; nor does TCD with eta 0.
+    let noise = Tensor::ones((3, 1, 4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let req = veto::GenerateRequest::new("a cat").method(Method::NONE).guidance_scale(0.0).steps(2).seed(4);
+    let pipe = pipeline_at(&fixtures("unet").join("sdxl"));
+    let (plain, _, _) = pipe.generate_latents(&req, &mut |_| {}).unwrap();
+    let (given, warnings, _) = pipe.generate_latents(&req.clone().step_noise(noise.clone()), &mut |_| {}).unwrap();
+    assert_eq!(warnings, ["step_noise is unused: EulerDiscreteScheduler with 2 steps adds no noise between steps"]);
+    assert!(plain.step_noise.is_none() && given.step_noise.is_none());
+    assert_close("unused noise", &given.latents, &plain.latents, 0.0);
+    let dir = sdxl_with_scheduler(&scheduler_json("hyper_sdxl_tcd"));
+    let tcd = pipeline_at(dir.path());
+    let (_, warnings, _) = tcd.generate_latents(&req.clone().step_noise(noise), &mut |_| {}).unwrap();
+    assert_eq!(warnings, ["step_noise is unused: TCDScheduler with 2 steps adds no noise between steps"]);
 }

@@ -10,10 +10,10 @@ use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::var_builder;
 use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use crate::models::vae::AutoencoderKl;
-use crate::pipelines::noise::gaussian;
-use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
+use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
-use crate::schedulers::scheduler::{NoNoise, Scheduler};
+use crate::schedulers::scheduler::Scheduler;
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use candle_core::{DType, Device, Tensor};
@@ -109,7 +109,7 @@ impl FluxPipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.check(req)?;
         let model_cfg = self.transformer.config();
         if !model_cfg.guidance_embeds && req.guidance_scale != 0.0 {
@@ -149,6 +149,8 @@ impl FluxPipeline {
             None
         };
         let total = timesteps.len();
+        // FlowMatch Euler draws no noise: a given step noise is reported unused.
+        let mut noise = StepNoise::new(req)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let plan = planner.step(t);
             // diffusers feeds `t / 1000` in the latents' dtype; the model scales it back.
@@ -176,7 +178,7 @@ impl FluxPipeline {
                 _ => None,
             };
             let v = plan.combine_outputs(&v, v_neg.as_ref(), None)?;
-            x = scheduler.step(&v, &x, &mut NoNoise)?;
+            x = scheduler.step(&v, &x, &mut noise)?;
             let unpacked = latents::unpack(&x, lh, lw)?;
             super::ensure_finite(&unpacked, (i, total, t), req, &FLUX)?;
             on_step(StepEvent {
@@ -187,7 +189,8 @@ impl FluxPipeline {
                 latents: &unpacked,
             });
         }
-        Ok(latents::unpack(&x, lh, lw)?)
+        let step_noise = noise.finish(scheduler.class_name(), warnings)?;
+        Ok(Denoised { latents: latents::unpack(&x, lh, lw)?, init_latents: init, step_noise })
     }
 }
 
@@ -240,7 +243,7 @@ impl TextToImage for FluxPipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.denoise(req, on_step, warnings)
     }
 

@@ -59,7 +59,7 @@ pub trait TextToImage: Send + Sync {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor>;
+    ) -> Result<Denoised>;
     /// Decode latents to an image tensor `[1, 3, H, W]` in about [-1, 1].
     fn decode(&self, latents: &Tensor) -> Result<Tensor>;
 }
@@ -88,10 +88,28 @@ pub(crate) fn ensure_finite(
     })
 }
 
+/// What a denoising run produced: everything needed to replay it, here or in diffusers.
+#[derive(Debug, Clone)]
+pub struct Denoised {
+    /// Final latents `[1, C, H/f, W/f]` (unpacked), before VAE decode.
+    pub latents: Tensor,
+    /// The latents it started from `[1, C, H/f, W/f]`: the request's `init_latents` or the seeded
+    /// noise (before the scheduler's `init_noise_sigma` scaling, as diffusers' `latents=`).
+    pub init_latents: Tensor,
+    /// The noise the sampler added between steps, `[N, 1, C, H/f, W/f]` (given or drawn; `None`
+    /// when it drew none). With `init_latents` it replays the run
+    /// ([`GenerateRequest::step_noise`]).
+    pub step_noise: Option<Tensor>,
+}
+
 /// What one generation produced.
 pub struct Generation {
     /// Final latents `[1, C, H/f, W/f]`, before VAE decode.
     pub latents: Tensor,
+    /// The latents it started from `[1, C, H/f, W/f]` ([`Denoised::init_latents`]).
+    pub init_latents: Tensor,
+    /// The noise the sampler added between steps ([`Denoised::step_noise`]).
+    pub step_noise: Option<Tensor>,
     /// The decoded image `[1, 3, H, W]`, values in about [-1, 1] ([`crate::image_io::save_png`]).
     pub image: Tensor,
     /// Warnings (truncated prompts, parameters without effect).
@@ -131,9 +149,9 @@ impl Pipeline {
     }
 
     /// What can be decided about a request from the model's config files alone, before any
-    /// weights load: its family, its defaults, the request with them filled in, the family's
-    /// checks (method, options) and the model's (size, steps, tokens, init latents, scheduler
-    /// options). Only PAG layer names wait for the built model ([`resolve`](Self::resolve)).
+    /// weights load: its family, its defaults, the request with them filled in, and the
+    /// family's checks (method, options) and those the configs allow (UNet family: size, sampler
+    /// options, initial latents, step noise). [`resolve`](Self::resolve) checks the rest.
     pub fn check_before_loading(
         source: &ModelSource,
         req: &GenerateRequest,
@@ -170,21 +188,23 @@ impl Pipeline {
 
     /// As [`generate`](Self::generate), calling `on_step` after every denoising step.
     pub fn generate_with(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Generation> {
-        let (latents, warnings, request) = self.generate_latents(req, on_step)?;
-        let image = self.decode(&latents)?;
-        Ok(Generation { latents, image, warnings, request })
+        let (denoised, warnings, request) = self.generate_latents(req, on_step)?;
+        let image = self.decode(&denoised.latents)?;
+        let Denoised { latents, init_latents, step_noise } = denoised;
+        Ok(Generation { latents, init_latents, step_noise, image, warnings, request })
     }
 
-    /// Denoise only: the final latents, the warnings and the resolved request.
+    /// Denoise only: the final latents with what replays them, the warnings and the resolved
+    /// request.
     pub fn generate_latents(
         &self,
         req: &GenerateRequest,
         on_step: &mut dyn FnMut(StepEvent),
-    ) -> Result<(Tensor, Vec<String>, ResolvedRequest)> {
+    ) -> Result<(Denoised, Vec<String>, ResolvedRequest)> {
         let resolved = self.resolve(req)?;
         let mut warnings = Warnings::default();
-        let latents = self.inner.generate_latents(&resolved, on_step, &mut warnings)?;
-        Ok((latents, warnings.into_vec(), resolved))
+        let denoised = self.inner.generate_latents(&resolved, on_step, &mut warnings)?;
+        Ok((denoised, warnings.into_vec(), resolved))
     }
 
     /// Decode latents `[1, C, H/f, W/f]` to an image tensor `[1, 3, H, W]`.

@@ -1,8 +1,12 @@
-//! Seeded Gaussian noise, identical on every device (generated on the host, then moved).
-//! It does not reproduce torch's generator: compare with other implementations through
-//! `--init-latents` instead.
+//! Seeded Gaussian noise, identical on every device (generated on the host, then moved), and
+//! [`StepNoise`], the noise of a run's stochastic sampler. The seeded noise does not reproduce
+//! torch's generator: compare with other implementations through `--init-latents` (initial
+//! latents and `step_noise`) instead.
 
 use candle_core::{Device, Result, Tensor};
+
+use super::{ResolvedRequest, Warnings};
+use crate::schedulers::scheduler::{FixedNoise, NoiseSource, RecordingNoise, SeededNoise};
 use rand::{Rng, SeedableRng};
 
 /// Standard normal samples of `shape`, from `seed` (Box-Muller over a seeded ChaCha stream).
@@ -21,6 +25,55 @@ pub fn gaussian(shape: &[usize], seed: u64, device: &Device) -> Result<Tensor> {
     }
     out.truncate(n);
     Tensor::from_vec(out, shape, &Device::Cpu)?.to_device(device)
+}
+
+/// The noise a run's stochastic sampler adds between steps: the request's `step_noise` replayed
+/// in order, else drawn from its seed ([`SeededNoise`]). Every draw is recorded, so the run can
+/// be saved and replayed ([`StepNoise::finish`]).
+pub struct StepNoise {
+    source: RecordingNoise<Box<dyn NoiseSource>>,
+    given: Option<usize>,
+}
+
+impl StepNoise {
+    /// The noise source of `req`.
+    pub fn new(req: &ResolvedRequest) -> crate::Result<Self> {
+        let (inner, given): (Box<dyn NoiseSource>, _) = match &req.step_noise {
+            Some(t) => (Box::new(FixedNoise::from_stacked(t)?), Some(t.dims().first().copied().unwrap_or(0))),
+            None => (Box::new(SeededNoise::new(req.seed)), None),
+        };
+        Ok(Self { source: RecordingNoise::new(inner), given })
+    }
+
+    /// The noise used, stacked `[N, 1, C, H/f, W/f]` (`None` when the sampler drew none). Given
+    /// noise that the sampler (`sampler` names it) left unused is a warning; given noise used
+    /// only in part (the request was not checked against the sampler) an error.
+    pub fn finish(self, sampler: &str, warnings: &mut Warnings) -> crate::Result<Option<Tensor>> {
+        let drawn = self.source.into_drawn();
+        match self.given {
+            Some(_) if drawn.is_empty() => {
+                warnings.push(format!("step_noise is unused: {sampler} adds no noise between steps"));
+                return Ok(None);
+            }
+            Some(n) if n != drawn.len() => {
+                return Err(crate::Error::parameter(
+                    "step_noise",
+                    format!("{n} noise tensors were given, {sampler} drew {}", drawn.len()),
+                ))
+            }
+            _ => {}
+        }
+        if drawn.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Tensor::stack(&drawn, 0)?))
+    }
+}
+
+impl NoiseSource for StepNoise {
+    fn sample(&mut self, shape: &[usize], device: &Device) -> crate::Result<Tensor> {
+        self.source.sample(shape, device)
+    }
 }
 
 #[cfg(test)]

@@ -124,6 +124,11 @@ pub struct GenerateRequest {
     pub seed: u64,
     /// Initial latents `[1, C, H/f, W/f]` instead of seeded noise (unpacked layout).
     pub init_latents: Option<Tensor>,
+    /// The noise a stochastic sampler adds between steps, `[N, 1, C, H/f, W/f]`: draw `k` is
+    /// `step_noise[k]`, in the order diffusers' scheduler calls its generator (README, *Replaying
+    /// stochastic samplers*); `None`: drawn from `seed`. Deterministic samplers leave it unused
+    /// (with a warning).
+    pub step_noise: Option<Tensor>,
     /// Options only some families take.
     pub sampler: SamplerOptions,
 }
@@ -189,6 +194,13 @@ impl GenerateRequest {
         self
     }
 
+    /// Replay this step noise `[N, 1, C, H/f, W/f]` instead of drawing it from the seed (one row
+    /// per draw of the sampler, in order; a run's [`Generation::step_noise`](crate::Generation::step_noise)).
+    pub fn step_noise(mut self, noise: Tensor) -> Self {
+        self.step_noise = Some(noise);
+        self
+    }
+
     /// Family-specific sampler options.
     pub fn sampler(mut self, sampler: SamplerOptions) -> Self {
         self.sampler = sampler;
@@ -219,6 +231,7 @@ impl GenerateRequest {
             max_sequence_length: self.max_sequence_length.unwrap_or(defaults.max_sequence_length),
             seed: self.seed,
             init_latents: self.init_latents.clone(),
+            step_noise: self.step_noise.clone(),
             sampler: self.sampler.clone(),
         })
     }
@@ -247,6 +260,8 @@ pub struct ResolvedRequest {
     pub seed: u64,
     /// Initial latents `[1, C, H/f, W/f]`.
     pub init_latents: Option<Tensor>,
+    /// The step noise to replay `[N, 1, C, H/f, W/f]` (`None`: drawn from `seed`).
+    pub step_noise: Option<Tensor>,
     /// Family-specific sampler options.
     pub sampler: SamplerOptions,
 }
@@ -293,6 +308,40 @@ impl ResolvedRequest {
             }
         }
         Ok(())
+    }
+
+    /// Check `step_noise` against what the sampler draws: one tensor shaped like the latents
+    /// `latent` at each of its `noise_steps` (`[N, 1, C, H/f, W/f]`). `sampler` names it for the
+    /// message (`LCMScheduler with 4 steps`). A sampler that draws nothing leaves a given step
+    /// noise unused: not an error here (the pipeline warns).
+    pub fn check_step_noise(&self, sampler: &str, noise_steps: &[usize], latent: &[usize]) -> Result<()> {
+        let Some(noise) = &self.step_noise else {
+            return Ok(());
+        };
+        let draws = noise_steps.len();
+        if draws == 0 {
+            return Ok(());
+        }
+        let at = noise_steps.iter().map(usize::to_string).collect::<Vec<_>>().join(", ");
+        let dims = noise.dims();
+        if dims.len() == latent.len() + 1 && dims[1..] == *latent {
+            if dims[0] != draws {
+                return Err(Error::parameter(
+                    "step_noise",
+                    format!("step noise has {} noise tensors, {sampler} draws {draws} (at steps {at})", dims[0]),
+                ));
+            }
+            return Ok(());
+        }
+        let mut want = vec![draws];
+        want.extend_from_slice(latent);
+        Err(Error::parameter(
+            "step_noise",
+            format!(
+                "step noise has shape {dims:?}, expected {want:?}: {sampler} draws {draws} noise tensors (at steps {at}) \
+                 shaped like the latents {latent:?}"
+            ),
+        ))
     }
 }
 

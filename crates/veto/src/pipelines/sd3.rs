@@ -30,10 +30,10 @@ use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
-use crate::pipelines::noise::gaussian;
-use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
+use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
-use crate::schedulers::scheduler::{NoNoise, Scheduler};
+use crate::schedulers::scheduler::Scheduler;
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use crate::text::TokenizedText;
@@ -281,7 +281,7 @@ impl Sd3Pipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.check(req)?;
         Self::warn_unused(req, warnings);
         let model_cfg = self.transformer.config();
@@ -330,6 +330,8 @@ impl Sd3Pipeline {
         scheduler.set_image_seq_len(image_seq_len);
         scheduler.set_timesteps(req.steps)?;
         let total = req.steps;
+        // FlowMatch Euler draws no noise: a given step noise is reported unused.
+        let mut noise = StepNoise::new(req)?;
         for i in 0..total {
             // diffusers: timesteps = sigmas * num_train_timesteps in f32, passed to the model as is.
             let t = scheduler.timesteps()[i] as f32;
@@ -378,7 +380,7 @@ impl Sd3Pipeline {
                 }
             };
             let v = plan.combine_outputs(&v_cond, v_uncond.as_ref(), None)?;
-            x = scheduler.step(&v, &x, &mut NoNoise)?;
+            x = scheduler.step(&v, &x, &mut noise)?;
             super::ensure_finite(&x, (i, total, t as f64), req, &SD3)?;
             on_step(StepEvent {
                 index: i,
@@ -388,7 +390,8 @@ impl Sd3Pipeline {
                 latents: &x,
             });
         }
-        Ok(x)
+        let step_noise = noise.finish(scheduler.class_name(), warnings)?;
+        Ok(Denoised { latents: x, init_latents: init, step_noise })
     }
 }
 
@@ -468,7 +471,7 @@ impl TextToImage for Sd3Pipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.denoise(req, on_step, warnings)
     }
 

@@ -34,9 +34,9 @@ use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
-use crate::pipelines::noise::gaussian;
-use crate::pipelines::{Defaults, ResolvedRequest, StepEvent, TextToImage, Warnings};
-use crate::schedulers::scheduler::{Scheduler, SeededNoise};
+use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
+use crate::schedulers::scheduler::Scheduler;
 use crate::schedulers::{read_scheduler_config, scheduler_from_value, scheduler_override};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
@@ -323,17 +323,12 @@ impl StableDiffusionPipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.check(req)?;
         Self::warn_unused(req, warnings);
         let g = &req.guidance;
 
-        let mut scheduler = self.scheduler_for(req)?;
-        match req.sampler.timesteps.as_deref() {
-            Some(ts) => scheduler.set_custom_timesteps(ts)?,
-            None => scheduler.set_timesteps(req.steps)?,
-        }
-        scheduler.set_eta(req.sampler.eta.unwrap_or(0.0))?;
+        let mut scheduler = prepared_scheduler(self.scheduler_for(req)?.as_ref(), req)?;
         let n_train = scheduler.num_train_timesteps() as f64;
         let mut planner = GuidancePlanner::new(g, UNET.cfg_scale, req.guidance_scale, UNET.window, n_train);
         let cfg_scale = planner.cfg_scale();
@@ -345,7 +340,7 @@ impl StableDiffusionPipeline {
             Some(t) => t.to_device(&self.device)?.to_dtype(DType::F32)?,
             None => gaussian(&shape, req.seed, &self.device)?,
         };
-        let mut x = (init * scheduler.init_noise_sigma())?;
+        let mut x = (&init * scheduler.init_noise_sigma())?;
 
         // Text.
         let neg_text = req.negative_prompt.as_deref().unwrap_or("");
@@ -406,7 +401,7 @@ impl StableDiffusionPipeline {
 
         let timesteps = scheduler.timesteps().to_vec();
         let total = timesteps.len();
-        let mut noise = SeededNoise::new(req.seed);
+        let mut noise = StepNoise::new(req)?;
         for (i, &t) in timesteps.iter().enumerate() {
             let plan = planner.step(scheduler.window_time(i));
             let scaled = scheduler.scale_model_input(&x)?;
@@ -441,7 +436,8 @@ impl StableDiffusionPipeline {
                 latents: &x,
             });
         }
-        Ok(x)
+        let step_noise = noise.finish(&describe(scheduler.as_ref(), req), warnings)?;
+        Ok(Denoised { latents: x, init_latents: init, step_noise })
     }
 
     /// Decode with the VAE's latent normalisation: `z / scaling` or, with `latents_mean` /
@@ -471,9 +467,10 @@ fn variant_of(index: &serde_json::Value) -> SdVariant {
     }
 }
 
-/// Check a request against a UNet config, the VAE's downscale factor `f` and the scheduler
-/// (which decides which eta it takes and which timesteps it accepts). PAG layer names are
-/// checked against the built UNet.
+/// Check a request against a UNet config, the VAE's downscale factor `f` and the scheduler:
+/// size, steps, the sampler options the scheduler takes (eta, timesteps), the initial latents'
+/// shape and the step noise against the scheduler's draws. PAG layer names are checked
+/// against the built UNet.
 fn check_request(unet: &UNetConfig, f: usize, scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<()> {
     req.check_size(f)?;
     req.check_steps()?;
@@ -487,7 +484,31 @@ fn check_request(unet: &UNetConfig, f: usize, scheduler: &dyn Scheduler, req: &R
     if let Some(ts) = &req.sampler.timesteps {
         probe.set_custom_timesteps(ts).map_err(|e| Error::parameter("timesteps", e.to_string()))?;
     }
-    req.check_init_latents(&[1, unet.in_channels, req.height / f, req.width / f], f)
+    let latent = [1, unet.in_channels, req.height / f, req.width / f];
+    req.check_init_latents(&latent, f)?;
+    let run = prepared_scheduler(scheduler, req)?;
+    req.check_step_noise(&describe(run.as_ref(), req), &run.noise_steps(), &latent)
+}
+
+/// The scheduler of one run: a fresh copy of `scheduler` with the request's timesteps (or
+/// steps) and eta (diffusers' pipelines pass 0.0 when none is given).
+fn prepared_scheduler(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<Box<dyn Scheduler>> {
+    let mut s = scheduler.clone_box();
+    match req.sampler.timesteps.as_deref() {
+        Some(ts) => s.set_custom_timesteps(ts)?,
+        None => s.set_timesteps(req.steps)?,
+    }
+    s.set_eta(req.sampler.eta.unwrap_or(0.0))?;
+    Ok(s)
+}
+
+/// The sampler of a run in words, for messages: `TCDScheduler with 4 steps, eta 0.3`.
+fn describe(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> String {
+    let mut s = format!("{} with {} steps", scheduler.class_name(), scheduler.timesteps().len());
+    if let Some(eta) = req.sampler.eta {
+        s.push_str(&format!(", eta {eta}"));
+    }
+    s
 }
 
 /// The folder's scheduler and its config as read.
@@ -578,7 +599,7 @@ impl TextToImage for StableDiffusionPipeline {
         req: &ResolvedRequest,
         on_step: &mut dyn FnMut(StepEvent),
         warnings: &mut Warnings,
-    ) -> Result<Tensor> {
+    ) -> Result<Denoised> {
         self.denoise(req, on_step, warnings)
     }
 

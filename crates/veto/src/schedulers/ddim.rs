@@ -143,6 +143,16 @@ impl Scheduler for DdimScheduler {
         Ok(sample.clone())
     }
 
+    /// With eta > 0, every step draws, the last included (diffusers draws even where the
+    /// variance is 0, e.g. the last step of a trailing schedule).
+    fn noise_steps(&self) -> Vec<usize> {
+        if self.eta > 0.0 {
+            (0..self.timesteps.len()).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let n = self.timesteps.len();
         check_step_inputs(CLASS, model_output, sample, self.step_index, n)?;

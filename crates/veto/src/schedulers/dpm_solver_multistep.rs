@@ -160,7 +160,8 @@ impl Multistep {
         matches!(self.algorithm, Algorithm::DpmSolverPlusPlus | Algorithm::SdeDpmSolverPlusPlus)
     }
 
-    fn is_sde(&self) -> bool {
+    /// Whether each step draws noise (the SDE variants).
+    pub(crate) fn is_sde(&self) -> bool {
         matches!(self.algorithm, Algorithm::SdeDpmSolverPlusPlus | Algorithm::SdeDpmSolver)
     }
 
@@ -513,6 +514,15 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
     fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor> {
         Ok(sample.clone())
+    }
+
+    /// `sde-dpmsolver++`: every step draws, the last included.
+    fn noise_steps(&self) -> Vec<usize> {
+        if self.solver.is_sde() {
+            (0..self.timesteps.len()).collect()
+        } else {
+            Vec::new()
+        }
     }
 
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {

@@ -406,6 +406,15 @@ impl Scheduler for EdmDpmSolverMultistepScheduler {
         Ok(sample.affine(self.edm.c_in(self.sigmas[self.step_index]), 0.0)?)
     }
 
+    /// `sde-dpmsolver++`: every step draws, the last included.
+    fn noise_steps(&self) -> Vec<usize> {
+        if self.solver.is_sde() {
+            (0..self.timesteps.len()).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let n = self.timesteps.len();
         let i = self.step_index;

@@ -123,6 +123,10 @@ impl Scheduler for EulerAncestralScheduler {
     fn window_time(&self, i: usize) -> f64 {
         self.euler.window_time(i)
     }
+    /// Every step draws, the last included.
+    fn noise_steps(&self) -> Vec<usize> {
+        (0..self.euler.timesteps().len()).collect()
+    }
 
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let index = self.euler.step_index();

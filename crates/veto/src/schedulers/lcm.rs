@@ -206,6 +206,11 @@ impl Scheduler for LcmScheduler {
         Ok(sample.clone())
     }
 
+    /// Every step but the last re-noises (diffusers: `step_index != num_inference_steps - 1`).
+    fn noise_steps(&self) -> Vec<usize> {
+        (0..self.timesteps.len().saturating_sub(1)).collect()
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let n = self.timesteps.len();
         check_step_inputs(CLASS, model_output, sample, self.step_index, n)?;

@@ -160,6 +160,49 @@ mod tests {
         assert_eq!(s.class_name(), "DPMSolverMultistepScheduler");
     }
 
+    /// `noise_steps` names exactly the steps whose `step` draws, for every stochastic setting.
+    #[test]
+    fn noise_steps_are_the_steps_that_draw() {
+        use candle_core::{Device, Tensor};
+        use scheduler::{RecordingNoise, SeededNoise};
+        let cases: [(&str, f64, usize); 14] = [
+            (r#"{"_class_name": "LCMScheduler"}"#, 0.0, 3),
+            (r#"{"_class_name": "TCDScheduler"}"#, 0.3, 3),
+            (r#"{"_class_name": "TCDScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "DDIMScheduler"}"#, 0.5, 4),
+            (r#"{"_class_name": "DDIMScheduler", "timestep_spacing": "trailing"}"#, 1.0, 4),
+            (r#"{"_class_name": "DDIMScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#, 0.0, 4),
+            (r#"{"_class_name": "DPMSolverMultistepScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "EDMDPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}"#, 0.0, 4),
+            (r#"{"_class_name": "EDMDPMSolverMultistepScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "EulerDiscreteScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "EDMEulerScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "EulerAncestralDiscreteScheduler"}"#, 0.0, 4),
+            (r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#, 0.0, 0),
+        ];
+        for (json, eta, draws) in cases {
+            let mut s = scheduler_from_json(json).unwrap();
+            s.set_timesteps(4).unwrap();
+            s.set_eta(eta).unwrap();
+            let mut noise = RecordingNoise::new(SeededNoise::new(5));
+            let mut x = Tensor::ones((1, 2, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
+            let mut drew = Vec::new();
+            for k in 0..4 {
+                let before = noise.drawn().len();
+                let input = s.scale_model_input(&x).unwrap();
+                x = s.step(&(input * 0.1).unwrap(), &x, &mut noise).unwrap();
+                if noise.drawn().len() > before {
+                    assert_eq!(noise.drawn().len(), before + 1, "{json}: two draws in one step");
+                    drew.push(k);
+                }
+            }
+            assert_eq!(drew.len(), draws, "{json} eta {eta}");
+            s.set_timesteps(4).unwrap();
+            assert_eq!(s.noise_steps(), drew, "{json} eta {eta}");
+        }
+    }
+
     #[test]
     fn overrides_keep_the_training_schedule() {
         let sd15 = serde_json::json!({

@@ -4,7 +4,7 @@
 //!
 //! A scheduler is a small state machine used as diffusers' pipelines use theirs:
 //! `set_timesteps(n)`, then per step `scale_model_input(x)` -> model -> `step(out, x)`.
-//! Stochastic samplers (LCM, TCD, DDIM with eta > 0) draw their noise from a caller-provided
+//! Stochastic samplers (LCM, TCD and DDIM with eta > 0, DPM-Solver++ SDE) draw their noise from a caller-provided
 //! [`NoiseSource`], so runs are reproducible and tests can replay the reference noise.
 
 use std::collections::VecDeque;
@@ -52,6 +52,12 @@ impl FixedNoise {
     pub fn new(tensors: impl IntoIterator<Item = Tensor>) -> Self {
         Self { queue: tensors.into_iter().collect() }
     }
+
+    /// Replays the rows of `stacked` (`[N, ...]`: draw `k` is `stacked[k]`).
+    pub fn from_stacked(stacked: &Tensor) -> Result<Self> {
+        let n = stacked.dims().first().copied().unwrap_or(0);
+        Ok(Self::new((0..n).map(|k| stacked.get(k)).collect::<candle_core::Result<Vec<_>>>()?))
+    }
 }
 
 impl NoiseSource for FixedNoise {
@@ -64,6 +70,43 @@ impl NoiseSource for FixedNoise {
             return Err(Error::invalid(format!("given noise has shape {:?}, the scheduler needs {shape:?}", t.dims())));
         }
         Ok(t.to_device(device)?)
+    }
+}
+
+/// Passes draws through from an inner source and keeps a copy of each, in order (the step noise
+/// a run used, to save and replay it).
+#[derive(Debug, Clone)]
+pub struct RecordingNoise<N> {
+    inner: N,
+    drawn: Vec<Tensor>,
+}
+
+impl<N: NoiseSource> RecordingNoise<N> {
+    pub fn new(inner: N) -> Self {
+        Self { inner, drawn: Vec::new() }
+    }
+
+    /// The tensors drawn so far, in order.
+    pub fn drawn(&self) -> &[Tensor] {
+        &self.drawn
+    }
+
+    pub fn into_drawn(self) -> Vec<Tensor> {
+        self.drawn
+    }
+}
+
+impl<N: NoiseSource> NoiseSource for RecordingNoise<N> {
+    fn sample(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        let t = self.inner.sample(shape, device)?;
+        self.drawn.push(t.clone());
+        Ok(t)
+    }
+}
+
+impl NoiseSource for Box<dyn NoiseSource> {
+    fn sample(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        self.as_mut().sample(shape, device)
     }
 }
 
@@ -123,6 +166,12 @@ pub trait Scheduler: Send + Sync {
     fn step_index(&self) -> usize;
     /// The model input at the current step (identity for most samplers).
     fn scale_model_input(&self, sample: &Tensor) -> Result<Tensor>;
+    /// The steps whose [`step`](Self::step) draws one noise tensor (of the sample's shape) from
+    /// the [`NoiseSource`], in order, for the timesteps and eta set: exactly the steps at which
+    /// diffusers' scheduler calls its generator. Empty for deterministic samplers.
+    fn noise_steps(&self) -> Vec<usize> {
+        Vec::new()
+    }
     /// One step from `sample` with the model's output; advances the step index.
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
     /// Step `i`'s position on the 0..=`num_train_timesteps` scale, for the guidance window

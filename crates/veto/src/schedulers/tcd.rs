@@ -150,6 +150,15 @@ impl Scheduler for TcdScheduler {
         Ok(sample.clone())
     }
 
+    /// With eta > 0, every step but the last re-noises.
+    fn noise_steps(&self) -> Vec<usize> {
+        if self.eta > 0.0 {
+            (0..self.timesteps.len().saturating_sub(1)).collect()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor> {
         let n = self.timesteps.len();
         check_step_inputs(CLASS, model_output, sample, self.step_index, n)?;

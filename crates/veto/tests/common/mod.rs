@@ -128,6 +128,7 @@ pub fn request_of(fx: &Fixture, base: veto::GuidanceConfig, default_msl: usize) 
         max_sequence_length: fx.meta.get("max_sequence_length").map_or(default_msl, |v| v.parse().unwrap()),
         seed: 0,
         init_latents: Some(fx.t("init_latents").clone()),
+        step_noise: None,
         sampler: Default::default(),
     }
 }
@@ -140,10 +141,21 @@ pub fn generate(
     req: &veto::ResolvedRequest,
     on_step: &mut dyn FnMut(veto::StepEvent),
 ) -> veto::Result<(Tensor, Vec<String>)> {
+    let (denoised, warnings) = generate_denoised(pipe, family, req, on_step)?;
+    Ok((denoised.latents, warnings))
+}
+
+/// As [`generate`], with everything the run returns (initial latents, step noise).
+pub fn generate_denoised(
+    pipe: &dyn veto::pipelines::TextToImage,
+    family: &veto::Family,
+    req: &veto::ResolvedRequest,
+    on_step: &mut dyn FnMut(veto::StepEvent),
+) -> veto::Result<(veto::Denoised, Vec<String>)> {
     validate(pipe, family, req)?;
     let mut warnings = veto::pipelines::Warnings::default();
-    let latents = pipe.generate_latents(req, on_step, &mut warnings)?;
-    Ok((latents, warnings.into_vec()))
+    let denoised = pipe.generate_latents(req, on_step, &mut warnings)?;
+    Ok((denoised, warnings.into_vec()))
 }
 
 /// The family's and the pipeline's checks of a request.
