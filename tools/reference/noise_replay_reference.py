@@ -79,6 +79,8 @@ CASES = [
         overrides=(("algorithm_type", "sde-dpmsolver++"),),
         guidance_scale=5.0,
     ),
+    # Euler Ancestral ("Euler a"): a draw at every step, the last included (times sigma_up 0 there).
+    Case("euler_a", "sd15_euler_a", noise_steps=(0, 1, 2, 3), guidance_scale=5.0),
 ]
 
 

@@ -528,6 +528,11 @@ fn noise_replay_dpmpp_sde() {
 }
 
 #[test]
+fn noise_replay_euler_a() {
+    noise_replay("euler_a");
+}
+
+#[test]
 fn a_seeded_stochastic_run_saves_what_replays_it() {
     let dir = tempfile::tempdir().unwrap();
     let lcm = std::fs::read_to_string(fixtures_of("unet").join("schedulers/dmd2_lcm.json")).unwrap();

@@ -374,6 +374,11 @@ fn noise_dpmpp_sde() {
 }
 
 #[test]
+fn noise_euler_a() {
+    noise_parity("euler_a");
+}
+
+#[test]
 fn seeded_step_noise_comes_back_and_replays_bit_for_bit() {
     let dir = sdxl_with_scheduler(&scheduler_json("dmd2_lcm"));
     let pipe = pipeline_at(dir.path());
