@@ -265,22 +265,9 @@ fn model_folder_missing_a_component_file() {
     // A copy of the tiny pipeline without the transformer config.
     let dir = tempfile::tempdir().unwrap();
     let copy = dir.path().join("broken");
-    copy_dir(&fixtures().join("schnell"), &copy);
+    common::copy_dir(&fixtures().join("schnell"), &copy);
     std::fs::remove_file(copy.join("transformer/config.json")).unwrap();
     expect_failure(&["--model", copy.to_str().unwrap()], "transformer/config.json");
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            std::fs::copy(e.path(), dest).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -436,7 +423,7 @@ fn eta_needs_a_scheduler_that_takes_it() {
 /// A copy of the tiny SDXL folder with `scheduler_config` (JSON text) as its scheduler.
 fn sdxl_with_scheduler(dir: &Path, scheduler_config: &str) -> PathBuf {
     let model = dir.join("sdxl");
-    copy_dir(&fixtures_of("unet").join("sdxl"), &model);
+    common::copy_dir(&fixtures_of("unet").join("sdxl"), &model);
     std::fs::write(model.join("scheduler/scheduler_config.json"), scheduler_config).unwrap();
     model
 }

@@ -51,7 +51,7 @@ fn folders_saved_by_the_official_nag_package_load() {
     // A copy of the schnell folder whose model_index.json names `NAGFluxPipeline`.
     let dir = tempfile::tempdir().unwrap();
     let from = fixtures("flux").join("schnell");
-    copy_dir(&from, dir.path());
+    common::copy_dir(&from, dir.path());
     let index = dir.path().join("model_index.json");
     let text = std::fs::read_to_string(&index).unwrap().replace("\"FluxPipeline\"", "\"NAGFluxPipeline\"");
     std::fs::write(&index, text).unwrap();
@@ -63,17 +63,4 @@ fn folders_saved_by_the_official_nag_package_load() {
     std::fs::write(&index, r#"{"_class_name": "WanPipeline"}"#).unwrap();
     let e = veto::families::detect(&ModelSource::local(dir.path()).unwrap()).unwrap_err().to_string();
     assert!(e.contains("'WanPipeline' is not supported") && e.contains("StableDiffusionXLPipeline"), "{e}");
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }

@@ -231,7 +231,7 @@ fn bad_guidance_for_the_family_is_rejected() {
 #[test]
 fn stock_sd15_pndm_runs_and_an_unknown_scheduler_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fixtures("unet").join("sd15"), dir.path());
+    common::copy_dir(&fixtures("unet").join("sd15"), dir.path());
     let config = dir.path().join("scheduler/scheduler_config.json");
     std::fs::copy(fixtures("unet").join("schedulers/sd15_pndm.json"), &config).unwrap();
     let source = ModelSource::local(dir.path()).unwrap();
@@ -250,19 +250,6 @@ fn stock_sd15_pndm_runs_and_an_unknown_scheduler_is_a_clear_error() {
         Err(e) => e.to_string(),
     };
     assert!(err.contains("KDPM2DiscreteScheduler") && err.contains("PNDMScheduler"), "{err}");
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), target).unwrap();
-        }
-    }
 }
 
 #[test]
@@ -304,7 +291,7 @@ fn the_scheduler_can_be_overridden_from_the_folder_config() {
 /// A copy of the SDXL folder whose scheduler config is `scheduler_config` (JSON text).
 fn sdxl_with_scheduler(scheduler_config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(&fixtures("unet").join("sdxl"), dir.path());
+    common::copy_dir(&fixtures("unet").join("sdxl"), dir.path());
     std::fs::write(dir.path().join("scheduler/scheduler_config.json"), scheduler_config).unwrap();
     dir
 }
