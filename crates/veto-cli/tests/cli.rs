@@ -592,3 +592,8 @@ fn step_noise_for_a_deterministic_sampler_is_a_warning() {
         "{stderr}"
     );
 }
+
+#[test]
+fn absurd_sizes_stop_before_loading_with_an_estimate() {
+    expect_failure(&["--height", "100000", "--width", "100000"], "--height: a 100000x100000 image needs about");
+}

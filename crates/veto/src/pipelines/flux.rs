@@ -9,8 +9,9 @@ use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::var_builder;
 use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
-use crate::models::vae::AutoencoderKl;
+use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::request::vae_decoder_term;
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
 use crate::schedulers::scheduler::Scheduler;
@@ -101,7 +102,7 @@ impl FluxPipeline {
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        check_request(self.transformer.config(), req)
+        check_request(self.transformer.config(), self.vae.config(), req)
     }
 
     fn denoise(
@@ -195,8 +196,12 @@ impl FluxPipeline {
 }
 
 /// Check a request against a Flux transformer config: size, steps, T5 tokens, init latents.
-fn check_request(cfg: &FluxConfig, req: &ResolvedRequest) -> Result<()> {
+fn check_request(cfg: &FluxConfig, vae: &VaeConfig, req: &ResolvedRequest) -> Result<()> {
     req.check_size(VAE_SCALE * 2)?;
+    // Packed 2x2 latent tokens plus the text; ~24 live [tokens, width] buffers at a block's peak.
+    let tokens = (req.height / (VAE_SCALE * 2)) as u64 * (req.width / (VAE_SCALE * 2)) as u64 + 512;
+    let vae_width = vae.block_out_channels.first().copied().unwrap_or(128);
+    req.check_activation_memory(&[(tokens, cfg.inner_dim() as u64, 24), vae_decoder_term(req, vae_width)])?;
     req.check_steps()?;
     if req.max_sequence_length == 0 || req.max_sequence_length > 512 {
         return Err(Error::parameter(
@@ -210,7 +215,8 @@ fn check_request(cfg: &FluxConfig, req: &ResolvedRequest) -> Result<()> {
 
 /// [`check_request`] from the folder's config alone, before any weights load.
 pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
-    check_request(&FluxConfig::from_file(&source.file("transformer/config.json")?)?, req)
+    let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
+    check_request(&FluxConfig::from_file(&source.file("transformer/config.json")?)?, &vae, req)
 }
 
 /// The defaults of a Flux folder from its transformer config alone (no weights are read).

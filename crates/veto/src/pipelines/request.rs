@@ -292,6 +292,33 @@ impl ResolvedRequest {
         Ok(())
     }
 
+    /// Refuse sizes whose activations could not fit any machine veto runs on. Each term is
+    /// `(positions, channels, buffers)`: that many live f32 copies of a `[positions, channels]`
+    /// map at the peak (the denoiser's latent tokens, the VAE decoder's full-resolution maps).
+    /// The ceiling is the larger of this host's memory and 192 GiB (a GPU's memory is not
+    /// visible here), so it stops absurd sizes (100000x100000) before any weights load, with
+    /// the estimate, instead of an allocation failure after minutes.
+    pub fn check_activation_memory(&self, terms: &[(u64, u64, u64)]) -> Result<()> {
+        let needed = terms.iter().fold(0u64, |sum, &(positions, channels, buffers)| {
+            sum.saturating_add(positions.saturating_mul(channels).saturating_mul(4).saturating_mul(buffers))
+        });
+        let ceiling = host_memory_bytes().unwrap_or(0).max(192 << 30);
+        if needed > ceiling {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(Error::parameter(
+                "height",
+                format!(
+                    "a {}x{} image needs about {:.0} GiB of activations, more than {:.0} GiB; lower height and width",
+                    self.height,
+                    self.width,
+                    gib(needed),
+                    gib(ceiling)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Check `init_latents` against the shape the model expects.
     pub fn check_init_latents(&self, want: &[usize], factor: usize) -> Result<()> {
         if let Some(init) = &self.init_latents {
@@ -438,6 +465,20 @@ impl ResolvedRequest {
     }
 }
 
+/// The VAE decoder's share of [`ResolvedRequest::check_activation_memory`]: its last level runs
+/// at full resolution with `channels` (its first `block_out_channels`), ~6 maps live.
+pub fn vae_decoder_term(req: &ResolvedRequest, channels: usize) -> (u64, u64, u64) {
+    (req.height as u64 * req.width as u64, channels as u64, 6)
+}
+
+/// This host's total memory (Linux: `/proc/meminfo`), if it can be read.
+fn host_memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -477,6 +518,15 @@ mod tests {
         assert_eq!(json["guidance"], "cfg+nag");
         assert_eq!(json["nag_tau"], 2.5);
         assert!(json.get("vsf_scale").is_none());
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_with_an_estimate() {
+        let r = GenerateRequest::new("x").size(100_000, 100_000).resolve(&defaults()).unwrap();
+        let e = r.check_activation_memory(&[((100_000 / 16) * (100_000 / 16), 3072, 24)]).unwrap_err().to_string();
+        assert!(e.starts_with("height: a 100000x100000 image needs about"), "{e}");
+        let r = GenerateRequest::new("x").size(1024, 1024).resolve(&defaults()).unwrap();
+        r.check_activation_memory(&[(64 * 64, 3072, 24), (1024 * 1024, 128, 6)]).unwrap();
     }
 
     #[test]

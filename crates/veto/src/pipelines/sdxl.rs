@@ -35,6 +35,7 @@ use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::request::vae_decoder_term;
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::Scheduler;
 use crate::schedulers::{read_scheduler_config, scheduler_from_value, scheduler_override};
@@ -283,7 +284,7 @@ impl StableDiffusionPipeline {
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
         let scheduler = self.scheduler_for(req)?;
-        check_request(self.unet.config(), self.vae_factor(), scheduler.as_ref(), req)?;
+        check_request(self.unet.config(), self.vae.config(), scheduler.as_ref(), req)?;
         if let Some(layers) = &req.sampler.pag_layers {
             self.unet.pag_layers(layers)?;
         }
@@ -471,8 +472,15 @@ fn variant_of(index: &serde_json::Value) -> SdVariant {
 /// size, steps, the sampler options the scheduler takes (eta, timesteps), the initial latents'
 /// shape and the step noise against the scheduler's draws. PAG layer names are checked
 /// against the built UNet.
-fn check_request(unet: &UNetConfig, f: usize, scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<()> {
+fn check_request(unet: &UNetConfig, vae: &VaeConfig, scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<()> {
+    let f = vae.downscale_factor();
     req.check_size(f)?;
+    // Full-resolution latent pixels at the first level's width, ~48 live maps (resnets, the
+    // transformer's GEGLU, the skips kept for the up path), batch of up to 3 rows.
+    let width = unet.block_out_channels.first().copied().unwrap_or(320) as u64;
+    let latent_pixels = (req.height / f) as u64 * (req.width / f) as u64 * 3;
+    let vae_width = vae.block_out_channels.first().copied().unwrap_or(128);
+    req.check_activation_memory(&[(latent_pixels, width, 48), vae_decoder_term(req, vae_width)])?;
     req.check_steps()?;
     let mut probe = scheduler.clone_box();
     if let Some(eta) = req.sampler.eta {
@@ -531,7 +539,7 @@ pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Resu
         Some(name) => scheduler_override(&config, name)?,
         None => scheduler,
     };
-    check_request(&unet, vae.downscale_factor(), scheduler.as_ref(), req)
+    check_request(&unet, &vae, scheduler.as_ref(), req)
 }
 
 /// The defaults of a UNet-family folder from its config files alone (no weights are read).
