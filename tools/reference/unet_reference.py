@@ -613,6 +613,15 @@ DERIVED_CONFIGS = {
                                  "EDMEulerScheduler.from_config(Playground v2.5)"),
     "playground_v25_edm_euler_v": ("EDMEulerScheduler", "playground_v25_edm_dpm", {"prediction_type": "v_prediction"},
                                    "EDM Euler with v-prediction"),
+    "sd15_heun": ("HeunDiscreteScheduler", "sd15_pndm", {}, "HeunDiscreteScheduler.from_config(SD1.5): Heun (2n - 1 calls)"),
+    "sd15_heun_v": ("HeunDiscreteScheduler", "sd15_pndm", {"prediction_type": "v_prediction"}, "Heun with v-prediction"),
+    "sdxl_heun_karras": ("HeunDiscreteScheduler", "sdxl_base_euler", {"use_karras_sigmas": True},
+                         "Heun Karras from SDXL base (leading spacing)"),
+    "sd15_unipc": ("UniPCMultistepScheduler", "sd15_pndm", {},
+                   "UniPCMultistepScheduler.from_config(SD1.5): UniPC bh2, order 2, with corrector"),
+    "sd15_unipc_v": ("UniPCMultistepScheduler", "sd15_pndm", {"prediction_type": "v_prediction"},
+                     "UniPC with v-prediction"),
+    "sdxl_unipc": ("UniPCMultistepScheduler", "sdxl_base_euler", {}, "UniPC from SDXL base (leading spacing)"),
 }
 
 
@@ -669,6 +678,13 @@ SCHEDULER_CASES = [
     SchedulerCase("edm_dpm_playground_v", "playground_v25_edm_dpm_v"),
     SchedulerCase("edm_euler_playground", "playground_v25_edm_euler"),
     SchedulerCase("edm_euler_playground_v", "playground_v25_edm_euler_v"),
+    SchedulerCase("heun_sd15", "sd15_heun"),
+    SchedulerCase("heun_sd15_v", "sd15_heun_v"),
+    SchedulerCase("heun_sdxl_karras", "sdxl_heun_karras"),
+    SchedulerCase("unipc_sd15", "sd15_unipc"),
+    SchedulerCase("unipc_sd15_10", "sd15_unipc", steps=10),
+    SchedulerCase("unipc_sd15_v", "sd15_unipc_v"),
+    SchedulerCase("unipc_sdxl", "sdxl_unipc"),
 ]
 
 FAKE_MODEL = "model_output = 0.1 * scaled_input + 0.05 * timestep / 1000"
@@ -742,7 +758,7 @@ def write_scheduler_fixtures(out: Path, configs: dict[str, dict], summary: list[
             "config": f"schedulers/{case.config}.json",
             "prediction_type": config.get("prediction_type", "epsilon"),
             "timestep_spacing": str(config.get("timestep_spacing", "")),
-            # steps asked for (PNDM makes one model call more than that)
+            # steps asked for (PNDM makes one model call more than that, Heun 2n - 1)
             "num_inference_steps": str(len(sched.timesteps) if case.timesteps else case.steps),
             "custom_timesteps": json.dumps(list(case.timesteps)) if case.timesteps else "",
             "eta": repr(case.eta) if case.eta is not None else "",

@@ -79,7 +79,7 @@ pub struct GenerateArgs {
     /// UNet family: diffusers' eta (DDIM noise, TCD gamma) [default: 0].
     #[arg(long)]
     pub eta: Option<f64>,
-    /// UNet family: another scheduler, built from the model's scheduler config as diffusers' from_config: euler, euler_a, ddim, pndm/plms, lcm, tcd, dpmpp_2m, dpmpp_2m_karras, or a diffusers class name [default: the model folder's].
+    /// UNet family: another scheduler, built from the model's scheduler config as diffusers' from_config: euler, euler_a, ddim, pndm/plms, lcm, tcd, dpmpp_2m, dpmpp_2m_karras, heun, unipc, or a diffusers class name [default: the model folder's].
     #[arg(long)]
     pub scheduler: Option<String>,
     /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).

@@ -155,6 +155,35 @@ fn euler_a_trailing() {
 }
 
 #[test]
+fn heun_sd15() {
+    check("heun_sd15");
+}
+#[test]
+fn heun_sd15_v() {
+    check("heun_sd15_v");
+}
+#[test]
+fn heun_sdxl_karras() {
+    check("heun_sdxl_karras");
+}
+#[test]
+fn unipc_sd15() {
+    check("unipc_sd15");
+}
+#[test]
+fn unipc_sd15_10() {
+    check("unipc_sd15_10");
+}
+#[test]
+fn unipc_sd15_v() {
+    check("unipc_sd15_v");
+}
+#[test]
+fn unipc_sdxl() {
+    check("unipc_sdxl");
+}
+
+#[test]
 fn unknown_scheduler_class_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("scheduler_config.json");

@@ -11,10 +11,12 @@ pub mod edm;
 pub mod euler_ancestral;
 pub mod euler_discrete;
 pub mod flow_match_euler;
+pub mod heun;
 pub mod lcm;
 pub mod pndm;
 pub mod scheduler;
 pub mod tcd;
+pub mod unipc;
 
 use std::path::Path;
 
@@ -23,7 +25,7 @@ use discrete::bad;
 use scheduler::{quote_non_finite, Scheduler};
 
 /// The schedulers [`load_scheduler`] knows (the UNet-family samplers).
-pub const SUPPORTED: [&str; 9] = [
+pub const SUPPORTED: [&str; 11] = [
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "PNDMScheduler",
@@ -33,6 +35,8 @@ pub const SUPPORTED: [&str; 9] = [
     "DPMSolverMultistepScheduler",
     "EDMEulerScheduler",
     "EDMDPMSolverMultistepScheduler",
+    "HeunDiscreteScheduler",
+    "UniPCMultistepScheduler",
 ];
 
 /// Read `scheduler_config.json` and build the scheduler its `_class_name` names.
@@ -81,6 +85,8 @@ pub fn scheduler_from_value(json: serde_json::Value) -> Result<Box<dyn Scheduler
         "DPMSolverMultistepScheduler" => Box::new(dpm_solver_multistep::DpmSolverMultistepScheduler::from_value(json)?),
         "EDMEulerScheduler" => Box::new(edm::EdmEulerScheduler::from_value(json)?),
         "EDMDPMSolverMultistepScheduler" => Box::new(edm::EdmDpmSolverMultistepScheduler::from_value(json)?),
+        "HeunDiscreteScheduler" => Box::new(heun::HeunDiscreteScheduler::from_value(json)?),
+        "UniPCMultistepScheduler" => Box::new(unipc::UniPcMultistepScheduler::from_value(json)?),
         other => {
             return Err(bad(format!("scheduler '{other}' is not supported (supported: {})", SUPPORTED.join(", "))))
         }
@@ -103,6 +109,8 @@ pub const SCHEDULER_ALIASES: &[SchedulerAlias] = &[
     ("tcd", "TCDScheduler", &[]),
     ("dpmpp_2m", "DPMSolverMultistepScheduler", &[("use_karras_sigmas", false)]),
     ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", &[("use_karras_sigmas", true)]),
+    ("heun", "HeunDiscreteScheduler", &[]),
+    ("unipc", "UniPCMultistepScheduler", &[]),
 ];
 
 /// Another scheduler from a model's scheduler config, as diffusers'
@@ -165,7 +173,7 @@ mod tests {
     fn noise_steps_are_the_steps_that_draw() {
         use candle_core::{Device, Tensor};
         use scheduler::{RecordingNoise, SeededNoise};
-        let cases: [(&str, f64, usize); 14] = [
+        let cases: [(&str, f64, usize); 16] = [
             (r#"{"_class_name": "LCMScheduler"}"#, 0.0, 3),
             (r#"{"_class_name": "TCDScheduler"}"#, 0.3, 3),
             (r#"{"_class_name": "TCDScheduler"}"#, 0.0, 0),
@@ -180,6 +188,8 @@ mod tests {
             (r#"{"_class_name": "EDMEulerScheduler"}"#, 0.0, 0),
             (r#"{"_class_name": "EulerAncestralDiscreteScheduler"}"#, 0.0, 4),
             (r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#, 0.0, 0),
+            (r#"{"_class_name": "HeunDiscreteScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "UniPCMultistepScheduler"}"#, 0.0, 0),
         ];
         for (json, eta, draws) in cases {
             let mut s = scheduler_from_json(json).unwrap();
@@ -188,7 +198,8 @@ mod tests {
             let mut noise = RecordingNoise::new(SeededNoise::new(5));
             let mut x = Tensor::ones((1, 2, 2, 2), candle_core::DType::F32, &Device::Cpu).unwrap();
             let mut drew = Vec::new();
-            for k in 0..4 {
+            // Every model call (PNDM and Heun make more than one per step).
+            for k in 0..s.timesteps().len() {
                 let before = noise.drawn().len();
                 let input = s.scale_model_input(&x).unwrap();
                 x = s.step(&(input * 0.1).unwrap(), &x, &mut noise).unwrap();
@@ -215,6 +226,8 @@ mod tests {
             ("ddim", "DDIMScheduler"),
             ("EulerDiscreteScheduler", "EulerDiscreteScheduler"),
             ("plms", "PNDMScheduler"),
+            ("heun", "HeunDiscreteScheduler"),
+            ("UniPC", "UniPCMultistepScheduler"),
         ] {
             let mut s = scheduler_override(&sd15, name).unwrap();
             assert_eq!(s.class_name(), class, "{name}");
