@@ -93,8 +93,8 @@ pub fn scheduler_from_value(json: serde_json::Value) -> Result<Box<dyn Scheduler
     })
 }
 
-/// An alias: its name, the diffusers class, and the boolean config keys it sets.
-pub type SchedulerAlias = (&'static str, &'static str, &'static [(&'static str, bool)]);
+/// An alias: its name, the diffusers class, and the config keys it sets (values as JSON text).
+pub type SchedulerAlias = (&'static str, &'static str, &'static [(&'static str, &'static str)]);
 
 /// The names [`scheduler_override`] takes besides diffusers' class names: A1111 / ComfyUI
 /// sampler names, each with the class and the config keys it sets.
@@ -103,12 +103,30 @@ pub const SCHEDULER_ALIASES: &[SchedulerAlias] = &[
     ("euler_a", "EulerAncestralDiscreteScheduler", &[]),
     ("euler_ancestral", "EulerAncestralDiscreteScheduler", &[]),
     ("ddim", "DDIMScheduler", &[]),
-    ("pndm", "PNDMScheduler", &[("skip_prk_steps", true)]),
-    ("plms", "PNDMScheduler", &[("skip_prk_steps", true)]),
+    ("pndm", "PNDMScheduler", &[("skip_prk_steps", "true")]),
+    ("plms", "PNDMScheduler", &[("skip_prk_steps", "true")]),
     ("lcm", "LCMScheduler", &[]),
     ("tcd", "TCDScheduler", &[]),
-    ("dpmpp_2m", "DPMSolverMultistepScheduler", &[("use_karras_sigmas", false)]),
-    ("dpmpp_2m_karras", "DPMSolverMultistepScheduler", &[("use_karras_sigmas", true)]),
+    (
+        "dpmpp_2m",
+        "DPMSolverMultistepScheduler",
+        &[("algorithm_type", "\"dpmsolver++\""), ("use_karras_sigmas", "false")],
+    ),
+    (
+        "dpmpp_2m_karras",
+        "DPMSolverMultistepScheduler",
+        &[("algorithm_type", "\"dpmsolver++\""), ("use_karras_sigmas", "true")],
+    ),
+    (
+        "dpmpp_2m_sde",
+        "DPMSolverMultistepScheduler",
+        &[("algorithm_type", "\"sde-dpmsolver++\""), ("use_karras_sigmas", "false")],
+    ),
+    (
+        "dpmpp_2m_sde_karras",
+        "DPMSolverMultistepScheduler",
+        &[("algorithm_type", "\"sde-dpmsolver++\""), ("use_karras_sigmas", "true")],
+    ),
     ("heun", "HeunDiscreteScheduler", &[]),
     ("unipc", "UniPCMultistepScheduler", &[]),
 ];
@@ -125,7 +143,7 @@ pub fn scheduler_override(base: &serde_json::Value, name: &str) -> Result<Box<dy
         .chars()
         .map(|c| if c == '-' || c == ' ' { '_' } else { c })
         .collect();
-    let (class, sets): (&str, &[(&str, bool)]) = match SCHEDULER_ALIASES.iter().find(|(alias, ..)| *alias == key) {
+    let (class, sets): (&str, &[(&str, &str)]) = match SCHEDULER_ALIASES.iter().find(|(alias, ..)| *alias == key) {
         Some((_, class, sets)) => (class, sets),
         None => match SUPPORTED.iter().find(|c| c.eq_ignore_ascii_case(name.trim())) {
             Some(class) => (class, &[]),
@@ -148,7 +166,9 @@ pub fn scheduler_override(base: &serde_json::Value, name: &str) -> Result<Box<dy
     };
     map.insert("_class_name".into(), class.into());
     for (key, value) in sets {
-        map.insert((*key).into(), (*value).into());
+        let value: serde_json::Value =
+            serde_json::from_str(value).map_err(|e| bad(format!("alias value {value}: {e}")))?;
+        map.insert((*key).into(), value);
     }
     scheduler_from_value(json).map_err(|e| Error::parameter("scheduler", format!("{name}: {e}")))
 }
@@ -223,6 +243,7 @@ mod tests {
         for (name, class) in [
             ("euler_a", "EulerAncestralDiscreteScheduler"),
             ("DPM++ 2M Karras", "DPMSolverMultistepScheduler"),
+            ("DPM++ 2M SDE Karras", "DPMSolverMultistepScheduler"),
             ("ddim", "DDIMScheduler"),
             ("EulerDiscreteScheduler", "EulerDiscreteScheduler"),
             ("plms", "PNDMScheduler"),
