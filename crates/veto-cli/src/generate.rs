@@ -118,9 +118,9 @@ pub struct GenerateArgs {
     /// Where to run: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
-    /// Precision of the weights and activations: f32 (CPU), bf16 (GPU; NAG's norms stay f32) or f16.
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: DtypeArg,
+    /// Precision of the weights and activations: f32, bf16 (NAG's norms stay f32) or f16 [default: f32 on cpu, bf16 on cuda].
+    #[arg(long, value_enum)]
+    pub dtype: Option<DtypeArg>,
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device> {
@@ -325,6 +325,27 @@ fn save_latents(run: &Denoised, path: &Path) -> Result<()> {
     res.with_context(|| format!("--save-latents: writing {}", path.display()))
 }
 
+/// Print the weights' size in `dtype` (local folders) and, on a CPU, stop before loading when
+/// they cannot fit in the available memory.
+fn check_weights_fit(source: &ModelSource, dtype: DType, device: &Device) -> Result<()> {
+    let Some(bytes) = veto::pipelines::memory::weights_bytes(source, dtype, device.is_cpu())? else {
+        return Ok(());
+    };
+    let gb = |b: u64| b as f64 / 1e9;
+    eprintln!("weights: about {:.2} GB in {dtype:?} (plus one step's activations)", gb(bytes));
+    if let (true, Some(available)) = (device.is_cpu(), veto::pipelines::memory::available_host_bytes()) {
+        if bytes > available {
+            bail!(
+                "the model's weights need about {:.1} GB in {dtype:?}, {:.1} GB of memory are available; \
+                 try --dtype bf16, a smaller model, or a machine with more memory",
+                gb(bytes),
+                gb(available)
+            );
+        }
+    }
+    Ok(())
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
     // Everything that can be checked without the model is checked first.
     let generic = Defaults {
@@ -356,8 +377,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
 
+    let dtype = dtype(a.dtype.unwrap_or(if device.is_cpu() { DtypeArg::F32 } else { DtypeArg::Bf16 }));
+    check_weights_fit(&source, dtype, &device)?;
     eprintln!("loading {} ({}) ...", a.model, family.title);
-    let pipe = Pipeline::load(&source, &device, dtype(a.dtype)).map_err(flag_error)?;
+    let pipe = Pipeline::load(&source, &device, dtype).map_err(flag_error)?;
     pipe.resolve(&req).map_err(flag_error)?;
 
     let first_seed = a.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));

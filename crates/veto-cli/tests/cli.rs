@@ -339,6 +339,7 @@ fn the_png_records_how_it_was_made_and_other_formats_write() {
     let out = dir.path().join("x.png");
     let stderr = run_tiny(&["--seed", "5", "--output", out.to_str().unwrap()]);
     assert!(stderr.contains("seed 5"), "{stderr}");
+    assert!(stderr.contains("weights: about 0.") && stderr.contains("GB in F32"), "{stderr}");
     let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap())).read_info().unwrap();
     let text = &reader.info().uncompressed_latin1_text;
     let parameters = &text.iter().find(|t| t.keyword == "parameters").expect("a parameters chunk").text;

@@ -2,6 +2,7 @@
 //! [`TextToImage`] trait; [`Pipeline`] is what a library user holds.
 
 pub mod flux;
+pub mod memory;
 pub mod noise;
 pub mod request;
 pub mod sd3;
