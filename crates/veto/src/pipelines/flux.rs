@@ -213,7 +213,7 @@ fn check_request(cfg: &FluxConfig, vae: &VaeConfig, req: &ResolvedRequest) -> Re
     req.check_init_latents(&want, VAE_SCALE)
 }
 
-/// [`check_request`] from the folder's config alone, before any weights load.
+/// `check_request` from the folder's config alone, before any weights load.
 pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
     let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
     check_request(&FluxConfig::from_file(&source.file("transformer/config.json")?)?, &vae, req)

@@ -421,7 +421,7 @@ fn check_request(cfg: &MmditConfig, f: usize, req: &ResolvedRequest) -> Result<(
     req.check_init_latents(&[1, cfg.in_channels, req.height / f, req.width / f], f)
 }
 
-/// [`check_request`] from the folder's config files alone, before any weights load.
+/// `check_request` from the folder's config files alone, before any weights load.
 pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
     let cfg = MmditConfig::from_file(&source.file("transformer/config.json")?)?;
     let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;

@@ -530,7 +530,7 @@ fn folder_scheduler(source: &ModelSource) -> Result<(Box<dyn Scheduler>, serde_j
     Ok((scheduler, config))
 }
 
-/// [`check_request`] from the folder's config files alone, before any weights load.
+/// `check_request` from the folder's config files alone, before any weights load.
 pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
     let unet = UNetConfig::from_file(&source.file("unet/config.json")?)?;
     let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
