@@ -381,15 +381,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     check_weights_fit(&source, dtype, &device)?;
     eprintln!("loading {} ({}) ...", a.model, family.title);
     let pipe = Pipeline::load(&source, &device, dtype).map_err(flag_error)?;
-    pipe.resolve(&req).map_err(flag_error)?;
+    // The rest of the checks, against the loaded model; the seed does not change them.
+    let planned = pipe.resolve(&req).map_err(flag_error)?;
+    let steps = planned.sampler.timesteps.as_ref().map_or(planned.steps, Vec::len) as u64;
 
     let first_seed = a.seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
     for (i, image_path) in outputs.images.iter().enumerate() {
         let seed = first_seed.wrapping_add(i as u64);
         eprintln!("seed {seed}");
         let req = req.clone().seed(seed);
-        let resolved = pipe.resolve(&req).map_err(flag_error)?;
-        let bar = ProgressBar::new(resolved.sampler.timesteps.as_ref().map_or(resolved.steps, Vec::len) as u64);
+        let bar = ProgressBar::new(steps);
         bar.set_style(
             ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} steps {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),

@@ -14,6 +14,15 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::loading::config::read_config;
 
+/// Whether a parsed `model_index.json` ships `component` (not `[null, null]`, not missing),
+/// for loaders that read the index as plain JSON.
+pub fn has_component(index: &Value, component: &str) -> bool {
+    match index.get(component) {
+        Some(Value::Array(pair)) => pair.iter().any(|v| !v.is_null()),
+        _ => false,
+    }
+}
+
 /// One component entry: `[library, class]`, either of which may be null.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Component {

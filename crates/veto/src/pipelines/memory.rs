@@ -63,8 +63,17 @@ fn elements(path: &Path) -> Result<u64> {
 
 /// This host's available memory (Linux: `MemAvailable` in `/proc/meminfo`), if it can be read.
 pub fn available_host_bytes() -> Option<u64> {
+    meminfo_bytes("MemAvailable:")
+}
+
+/// This host's total memory (Linux: `MemTotal` in `/proc/meminfo`), if it can be read.
+pub fn total_host_bytes() -> Option<u64> {
+    meminfo_bytes("MemTotal:")
+}
+
+fn meminfo_bytes(key: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let line = text.lines().find(|l| l.starts_with(key))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
@@ -96,6 +105,6 @@ mod tests {
         }
         assert_eq!(f32_bytes, data);
         assert!(bf16_bytes < f32_bytes && bf16_bytes > f32_bytes / 2, "the VAE stays f32 on a CPU");
-        assert!(available_host_bytes().is_some());
+        assert!(available_host_bytes().is_some() && total_host_bytes() >= available_host_bytes());
     }
 }

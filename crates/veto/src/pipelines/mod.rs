@@ -65,6 +65,27 @@ pub trait TextToImage: Send + Sync {
     fn decode(&self, latents: &Tensor) -> Result<Tensor>;
 }
 
+/// The warnings of a family whose CFG scale is `guidance_scale` (SD3, the UNet family): CFG asked
+/// for at a scale that does not run it, a scale without CFG, a negative prompt nothing uses.
+pub(crate) fn warn_unused_cfg_and_negative(req: &ResolvedRequest, family: &Family, warnings: &mut Warnings) {
+    let m = req.guidance.method;
+    if m.cfg && req.guidance_scale <= 1.0 {
+        warnings.push(format!(
+            "guidance '{m}' asks for CFG but guidance_scale is {} (CFG runs only above 1, as in diffusers)",
+            req.guidance_scale
+        ));
+    }
+    if !m.cfg && req.guidance_scale > 1.0 {
+        warnings.push(format!(
+            "guidance_scale {} has no effect: guidance '{m}' has no cfg (the CFG scale is the guidance scale)",
+            req.guidance_scale
+        ));
+    }
+    if req.negative_prompt.is_some() && !req.guidance.uses_negative(family.cfg_scale, req.guidance_scale) {
+        warnings.push(format!("the negative prompt is unused: guidance '{m}' does not use one"));
+    }
+}
+
 /// Stop at the first step whose latents are not finite, naming the step, the method and the
 /// scales to lower: a NaN never reaches a file.
 pub(crate) fn ensure_finite(

@@ -302,7 +302,7 @@ impl ResolvedRequest {
         let needed = terms.iter().fold(0u64, |sum, &(positions, channels, buffers)| {
             sum.saturating_add(positions.saturating_mul(channels).saturating_mul(4).saturating_mul(buffers))
         });
-        let ceiling = host_memory_bytes().unwrap_or(0).max(192 << 30);
+        let ceiling = super::memory::total_host_bytes().unwrap_or(0).max(192 << 30);
         if needed > ceiling {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             return Err(Error::parameter(
@@ -469,14 +469,6 @@ impl ResolvedRequest {
 /// at full resolution with `channels` (its first `block_out_channels`), ~6 maps live.
 pub fn vae_decoder_term(req: &ResolvedRequest, channels: usize) -> (u64, u64, u64) {
     (req.height as u64 * req.width as u64, channels as u64, 6)
-}
-
-/// This host's total memory (Linux: `/proc/meminfo`), if it can be read.
-fn host_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 #[cfg(test)]

@@ -26,6 +26,7 @@ use crate::guidance::{
     AttentionGuidance, GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext,
 };
 use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
+use crate::loading::model_index::has_component;
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
@@ -81,14 +82,6 @@ pub struct Sd3Pipeline {
 fn is_turbo(source: &ModelSource, index_path: &std::path::Path) -> bool {
     let said = |s: &str| s.to_ascii_lowercase().contains("turbo");
     source.repo_id().is_some_and(said) || said(&index_path.to_string_lossy())
-}
-
-/// Whether `model_index.json` ships `component` (not `[null, null]`, not missing).
-fn has_component(index: &serde_json::Value, component: &str) -> bool {
-    match index.get(component) {
-        Some(serde_json::Value::Array(pair)) => pair.iter().any(|v| !v.is_null()),
-        _ => false,
-    }
 }
 
 impl Sd3Pipeline {
@@ -257,25 +250,6 @@ impl Sd3Pipeline {
         check_request(self.transformer.config(), self.vae.config().downscale_factor(), req)
     }
 
-    fn warn_unused(req: &ResolvedRequest, warnings: &mut Warnings) {
-        let m = req.guidance.method;
-        if m.cfg && req.guidance_scale <= 1.0 {
-            warnings.push(format!(
-                "guidance '{m}' asks for CFG but guidance_scale is {} (CFG runs only above 1, as in diffusers)",
-                req.guidance_scale
-            ));
-        }
-        if !m.cfg && req.guidance_scale > 1.0 {
-            warnings.push(format!(
-                "guidance_scale {} has no effect: guidance '{m}' has no cfg (SD3's CFG scale is the guidance scale)",
-                req.guidance_scale
-            ));
-        }
-        if req.negative_prompt.is_some() && !req.guidance.uses_negative(SD3.cfg_scale, req.guidance_scale) {
-            warnings.push(format!("the negative prompt is unused: guidance '{m}' does not use one"));
-        }
-    }
-
     fn denoise(
         &self,
         req: &ResolvedRequest,
@@ -283,7 +257,7 @@ impl Sd3Pipeline {
         warnings: &mut Warnings,
     ) -> Result<Denoised> {
         self.check(req)?;
-        Self::warn_unused(req, warnings);
+        super::warn_unused_cfg_and_negative(req, &SD3, warnings);
         let model_cfg = self.transformer.config();
         let f = self.vae.config().downscale_factor();
         let (lh, lw) = (req.height / f, req.width / f);

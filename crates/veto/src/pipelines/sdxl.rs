@@ -30,6 +30,7 @@ use crate::families::UNET;
 use crate::guidance::vsf::{VsfLayout, VsfParams};
 use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext};
 use crate::loading::components::{clip_tokenizer, weights_dir};
+use crate::loading::model_index::has_component;
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
 use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
@@ -38,7 +39,7 @@ use crate::pipelines::noise::{gaussian, StepNoise};
 use crate::pipelines::request::vae_decoder_term;
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::Scheduler;
-use crate::schedulers::{read_scheduler_config, scheduler_from_value, scheduler_override};
+use crate::schedulers::{load_scheduler_and_config, scheduler_override};
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
 
@@ -292,24 +293,9 @@ impl StableDiffusionPipeline {
     }
 
     fn warn_unused(req: &ResolvedRequest, warnings: &mut Warnings) {
-        let m = req.guidance.method;
-        if m.cfg && req.guidance_scale <= 1.0 {
-            warnings.push(format!(
-                "guidance '{m}' asks for CFG but guidance_scale is {} (CFG runs only above 1, as in diffusers)",
-                req.guidance_scale
-            ));
-        }
-        if !m.cfg && req.guidance_scale > 1.0 {
-            warnings.push(format!(
-                "guidance_scale {} has no effect: guidance '{m}' has no cfg (the CFG scale is the guidance scale)",
-                req.guidance_scale
-            ));
-        }
+        super::warn_unused_cfg_and_negative(req, &UNET, warnings);
         if req.guidance.nag_pooled == NagPooled::Negative && req.guidance.method.attention.is_some() {
             warnings.push("nag_pooled negative has no effect on UNet models (SD3 only)");
-        }
-        if req.negative_prompt.is_some() && !req.guidance.uses_negative(UNET.cfg_scale, req.guidance_scale) {
-            warnings.push(format!("the negative prompt is unused: guidance '{m}' does not use one"));
         }
     }
 
@@ -462,9 +448,10 @@ impl StableDiffusionPipeline {
 /// The registry chose the family from `_class_name`; SDXL is the variant with a second text
 /// encoder (diffusers' `StableDiffusionXLPipeline` layout).
 fn variant_of(index: &serde_json::Value) -> SdVariant {
-    match index.get("text_encoder_2") {
-        Some(serde_json::Value::Array(pair)) if pair.iter().any(|v| !v.is_null()) => SdVariant::StableDiffusionXl,
-        _ => SdVariant::StableDiffusion,
+    if has_component(index, "text_encoder_2") {
+        SdVariant::StableDiffusionXl
+    } else {
+        SdVariant::StableDiffusion
     }
 }
 
@@ -521,13 +508,7 @@ fn describe(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> String {
 
 /// The folder's scheduler and its config as read.
 fn folder_scheduler(source: &ModelSource) -> Result<(Box<dyn Scheduler>, serde_json::Value)> {
-    let path = source.file("scheduler/scheduler_config.json")?;
-    let config = read_scheduler_config(&path)?;
-    let scheduler = scheduler_from_value(config.clone()).map_err(|e| match e {
-        Error::BadModelFile { reason, .. } => Error::BadModelFile { path: path.display().to_string(), reason },
-        other => other,
-    })?;
-    Ok((scheduler, config))
+    load_scheduler_and_config(&source.file("scheduler/scheduler_config.json")?)
 }
 
 /// `check_request` from the folder's config files alone, before any weights load.

@@ -275,6 +275,23 @@ pub fn spaced_timesteps(spacing: TimestepSpacing, num_train: usize, n: usize, st
     }
 }
 
+/// The initial noise of a sampler in the Karras sigma parametrisation (Euler, Heun), as
+/// diffusers: the largest sigma for linspace/trailing spacing, `sqrt(sigma^2 + 1)` for leading
+/// (computed in f32).
+pub fn sigma_init_noise(sigmas: &[f64], spacing: TimestepSpacing) -> f64 {
+    let max = sigmas.iter().cloned().fold(0.0, f64::max);
+    match spacing {
+        TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
+        TimestepSpacing::Leading => f64::from(((max as f32).powi(2) + 1.0).sqrt()),
+    }
+}
+
+/// The model input at noise level `sigma` in that parametrisation: `x / sqrt(sigma^2 + 1)` (f32).
+pub fn sigma_scaled_input(sample: &candle_core::Tensor, sigma: f64) -> Result<candle_core::Tensor> {
+    let sigma = sigma as f32;
+    Ok((sample / f64::from((sigma * sigma + 1.0).sqrt()))?)
+}
+
 /// numpy's `arange(start, 0, -step)`: `ceil(start / step)` values `start - i * step`.
 pub fn arange_desc(start: f64, step: f64) -> Vec<f64> {
     let count = (start / step).ceil() as usize;

@@ -217,14 +217,8 @@ impl Scheduler for EulerDiscreteScheduler {
         Some(&self.sigmas)
     }
 
-    /// diffusers: the largest sigma for linspace/trailing spacing, `sqrt(sigma^2 + 1)` for
-    /// leading (computed in f32).
     fn init_noise_sigma(&self) -> f64 {
-        let max = self.sigmas.iter().cloned().fold(0.0, f64::max);
-        match self.config.timestep_spacing {
-            TimestepSpacing::Linspace | TimestepSpacing::Trailing => max,
-            TimestepSpacing::Leading => f64::from(((max as f32).powi(2) + 1.0).sqrt()),
-        }
+        super::discrete::sigma_init_noise(&self.sigmas, self.config.timestep_spacing)
     }
 
     fn step_index(&self) -> usize {
@@ -235,9 +229,7 @@ impl Scheduler for EulerDiscreteScheduler {
         if self.step_index >= self.timesteps.len() {
             return Err(Error::invalid(format!("{CLASS}: no step left to scale the input for")));
         }
-        let sigma = self.sigma() as f32;
-        let denom = f64::from((sigma * sigma + 1.0).sqrt());
-        Ok((sample / denom)?)
+        super::discrete::sigma_scaled_input(sample, self.sigma())
     }
 
     fn step(&mut self, model_output: &Tensor, sample: &Tensor, _noise: &mut dyn NoiseSource) -> Result<Tensor> {

@@ -41,8 +41,15 @@ pub const SUPPORTED: [&str; 11] = [
 
 /// Read `scheduler_config.json` and build the scheduler its `_class_name` names.
 pub fn load_scheduler(path: impl AsRef<Path>) -> Result<Box<dyn Scheduler>> {
-    let path = path.as_ref();
-    scheduler_from_value(read_scheduler_config(path)?).map_err(|e| attribute(e, path))
+    Ok(load_scheduler_and_config(path.as_ref())?.0)
+}
+
+/// As [`load_scheduler`], also returning the config as read (the base of
+/// [`scheduler_override`]).
+pub fn load_scheduler_and_config(path: &Path) -> Result<(Box<dyn Scheduler>, serde_json::Value)> {
+    let config = read_scheduler_config(path)?;
+    let scheduler = scheduler_from_value(config.clone()).map_err(|e| attribute(e, path))?;
+    Ok((scheduler, config))
 }
 
 /// `scheduler_config.json` as JSON (Python's non-finite numbers quoted), for
