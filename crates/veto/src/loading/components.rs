@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use super::config::read_config;
 use super::model_source::ModelSource;
+use super::weights::ComponentWeights;
 use crate::error::{Error, Result};
 use crate::text::clip::ClipTokenizer;
 
@@ -68,4 +69,11 @@ pub fn t5_tokenizer_dir(source: &ModelSource, component: &str) -> Result<PathBuf
         source.try_file(&format!("{component}/{optional}"))?;
     }
     component_dir(source, component, &["tokenizer.json"])
+}
+
+/// A component's config and weights from `source`: the one place every pipeline gets the
+/// weights of a text encoder, VAE, transformer or UNet.
+pub fn component_weights(source: &ModelSource, component: &str, stem: &str) -> Result<ComponentWeights> {
+    let dir = weights_dir(source, component, stem)?;
+    ComponentWeights::from_dir(&dir, stem, component)
 }

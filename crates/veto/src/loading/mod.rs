@@ -5,3 +5,4 @@ pub mod config;
 pub mod model_index;
 pub mod model_source;
 pub mod safetensors_files;
+pub mod weights;

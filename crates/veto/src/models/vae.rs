@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::loading::config::read_config;
-use crate::loading::safetensors_files::{var_builder, weight_files};
+use crate::loading::weights::ComponentWeights;
 
 fn default_channels() -> usize {
     3
@@ -162,14 +162,15 @@ impl AutoencoderKl {
     /// f32: candle's CPU convolutions do not support half precision (and the Flux VAE config
     /// asks for `force_upcast` anyway). [`Self::dtype`] tells the dtype actually used.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_weights(&ComponentWeights::from_dir(dir, "diffusion_pytorch_model", "VAE")?, device, dtype)
+    }
+
+    /// Load from a component's config and weights, wherever they come from.
+    pub fn load_weights(weights: &ComponentWeights, device: &Device, dtype: DType) -> Result<Self> {
         let dtype = if device.is_cpu() { DType::F32 } else { dtype };
-        if !dir.is_dir() {
-            return Err(Error::MissingFile { what: "VAE folder not found".into(), path: dir.display().to_string() });
-        }
-        let config_path = dir.join("config.json");
-        let config = VaeConfig::from_file(&config_path)?;
-        let files = weight_files(dir, "diffusion_pytorch_model")?;
-        let vb = var_builder(&files, dtype, device)?;
+        let dir = PathBuf::from(weights.origin());
+        let config = VaeConfig::from_file(weights.config_path())?;
+        let vb = weights.var_builder(dtype, device)?;
         let candle_config = AutoEncoderKLConfig {
             block_out_channels: config.block_out_channels.clone(),
             layers_per_block: config.layers_per_block,
@@ -184,7 +185,7 @@ impl AutoencoderKl {
                 reason: format!("VAE weights do not match config.json: {e}"),
             }
         })?;
-        Ok(Self { model, config, device: device.clone(), dtype, dir: dir.to_path_buf() })
+        Ok(Self { model, config, device: device.clone(), dtype, dir })
     }
 
     /// Decode denoiser-space latents `[B, latent_channels, h, w]` to pixels

@@ -5,9 +5,8 @@
 use crate::error::{Error, Result};
 use crate::families::FLUX;
 use crate::guidance::{GuidanceConfig, GuidancePlanner, NegativeContext};
-use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
+use crate::loading::components::{clip_tokenizer, component_weights, t5_tokenizer_dir};
 use crate::loading::model_source::ModelSource;
-use crate::loading::safetensors_files::var_builder;
 use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
@@ -41,19 +40,16 @@ impl FluxPipeline {
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let clip_tokenizer = clip_tokenizer(source, "tokenizer")?;
         let t5_tokenizer = T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer_2")?)?;
-        let clip = ClipTextEncoder::load(&weights_dir(source, "text_encoder", "model")?, device, dtype)?;
-        let t5 = T5TextEncoder::load(&weights_dir(source, "text_encoder_2", "model")?, device, dtype)?;
+        let clip = ClipTextEncoder::load_weights(&component_weights(source, "text_encoder", "model")?, device, dtype)?;
+        let t5 = T5TextEncoder::load_weights(&component_weights(source, "text_encoder_2", "model")?, device, dtype)?;
 
-        let tdir = weights_dir(source, "transformer", "diffusion_pytorch_model")?;
-        let config = FluxConfig::from_file(&tdir.join("config.json"))?;
-        let files = crate::loading::safetensors_files::weight_files(&tdir, "diffusion_pytorch_model")?;
-        let vb = var_builder(&files, dtype, device)?;
-        let transformer = FluxTransformer::new(&config, vb).map_err(|e| Error::BadModelFile {
-            path: tdir.display().to_string(),
-            reason: format!("transformer weights do not match config.json: {e}"),
-        })?;
+        let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
+        let config = FluxConfig::from_file(weights.config_path())?;
+        let transformer = FluxTransformer::new(&config, weights.var_builder(dtype, device)?)
+            .map_err(|e| weights.mismatch("transformer", e))?;
 
-        let vae = AutoencoderKl::load(&weights_dir(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
+        let vae =
+            AutoencoderKl::load_weights(&component_weights(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
         if vae.config().latent_channels != config.latent_channels() {
             return Err(Error::BadModelFile {
                 path: source.describe("vae"),

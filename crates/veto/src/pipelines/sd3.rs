@@ -25,10 +25,10 @@ use crate::families::SD3;
 use crate::guidance::{
     AttentionGuidance, GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext,
 };
-use crate::loading::components::{clip_tokenizer, t5_tokenizer_dir, weights_dir};
+use crate::loading::components::{clip_tokenizer, component_weights, t5_tokenizer_dir};
 use crate::loading::model_index::has_component;
 use crate::loading::model_source::ModelSource;
-use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
+use crate::loading::safetensors_files::read_json;
 use crate::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
@@ -91,12 +91,20 @@ impl Sd3Pipeline {
         let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
         let clip_l = Clip {
             tokenizer: clip_tokenizer(source, "tokenizer")?,
-            encoder: ClipTextEncoder::load(&weights_dir(source, "text_encoder", "model")?, device, dtype)?,
+            encoder: ClipTextEncoder::load_weights(
+                &component_weights(source, "text_encoder", "model")?,
+                device,
+                dtype,
+            )?,
             name: "text_encoder",
         };
         let clip_g = Clip {
             tokenizer: clip_tokenizer(source, "tokenizer_2")?,
-            encoder: ClipTextEncoder::load(&weights_dir(source, "text_encoder_2", "model")?, device, dtype)?,
+            encoder: ClipTextEncoder::load_weights(
+                &component_weights(source, "text_encoder_2", "model")?,
+                device,
+                dtype,
+            )?,
             name: "text_encoder_2",
         };
         let t5 = if has_component(&index, "text_encoder_3") {
@@ -105,22 +113,23 @@ impl Sd3Pipeline {
             }
             Some(T5 {
                 tokenizer: T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer_3")?)?,
-                encoder: T5TextEncoder::load(&weights_dir(source, "text_encoder_3", "model")?, device, dtype)?,
+                encoder: T5TextEncoder::load_weights(
+                    &component_weights(source, "text_encoder_3", "model")?,
+                    device,
+                    dtype,
+                )?,
             })
         } else {
             None
         };
 
-        let tdir = weights_dir(source, "transformer", "diffusion_pytorch_model")?;
-        let config = MmditConfig::from_file(&tdir.join("config.json"))?;
-        let files = weight_files(&tdir, "diffusion_pytorch_model")?;
-        let transformer =
-            MmditTransformer::new(&config, var_builder(&files, dtype, device)?).map_err(|e| Error::BadModelFile {
-                path: tdir.display().to_string(),
-                reason: format!("transformer weights do not match config.json: {e}"),
-            })?;
+        let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
+        let config = MmditConfig::from_file(weights.config_path())?;
+        let transformer = MmditTransformer::new(&config, weights.var_builder(dtype, device)?)
+            .map_err(|e| weights.mismatch("transformer", e))?;
 
-        let vae = AutoencoderKl::load(&weights_dir(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
+        let vae =
+            AutoencoderKl::load_weights(&component_weights(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
         if vae.config().latent_channels != config.in_channels {
             return Err(Error::BadModelFile {
                 path: source.describe("vae"),

@@ -29,10 +29,10 @@ use crate::error::{Error, Result};
 use crate::families::UNET;
 use crate::guidance::vsf::{VsfLayout, VsfParams};
 use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext};
-use crate::loading::components::{clip_tokenizer, weights_dir};
+use crate::loading::components::{clip_tokenizer, component_weights};
 use crate::loading::model_index::has_component;
 use crate::loading::model_source::ModelSource;
-use crate::loading::safetensors_files::{read_json, var_builder, weight_files};
+use crate::loading::safetensors_files::read_json;
 use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetConfig, UNetInputs};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
@@ -108,7 +108,7 @@ pub struct StableDiffusionPipeline {
 fn load_clip(source: &ModelSource, tokenizer: &str, encoder: &str, device: &Device, dtype: DType) -> Result<Clip> {
     Ok(Clip {
         tokenizer: clip_tokenizer(source, tokenizer)?,
-        encoder: ClipTextEncoder::load(&weights_dir(source, encoder, "model")?, device, dtype)?,
+        encoder: ClipTextEncoder::load_weights(&component_weights(source, encoder, "model")?, device, dtype)?,
     })
 }
 
@@ -130,14 +130,10 @@ impl StableDiffusionPipeline {
             SdVariant::StableDiffusionXl => Some(load_clip(source, "tokenizer_2", "text_encoder_2", device, dtype)?),
         };
 
-        let udir = weights_dir(source, "unet", "diffusion_pytorch_model")?;
-        let config = UNetConfig::from_file(&udir.join("config.json"))?;
-        let files = weight_files(&udir, "diffusion_pytorch_model")?;
-        let vb = var_builder(&files, dtype, device)?;
-        let unet = UNet2DConditionModel::new(&config, vb).map_err(|e| Error::BadModelFile {
-            path: udir.display().to_string(),
-            reason: format!("UNet weights do not match config.json: {e}"),
-        })?;
+        let weights = component_weights(source, "unet", "diffusion_pytorch_model")?;
+        let config = UNetConfig::from_file(weights.config_path())?;
+        let unet = UNet2DConditionModel::new(&config, weights.var_builder(dtype, device)?)
+            .map_err(|e| weights.mismatch("UNet", e))?;
 
         // The text widths must fit the UNet.
         let text_width = clip.encoder.hidden_size() + clip_2.as_ref().map_or(0, |c| c.encoder.hidden_size());
@@ -174,11 +170,11 @@ impl StableDiffusionPipeline {
             }
         }
 
-        let vdir = weights_dir(source, "vae", "diffusion_pytorch_model")?;
-        let latent_stats: VaeLatentStats = read_json(&vdir.join("config.json"), "VAE config")?;
+        let vae_weights = component_weights(source, "vae", "diffusion_pytorch_model")?;
+        let latent_stats: VaeLatentStats = read_json(vae_weights.config_path(), "VAE config")?;
         let vae_dtype =
             if dtype == DType::F16 && latent_stats.force_upcast.unwrap_or(true) { DType::F32 } else { dtype };
-        let vae = AutoencoderKl::load(&vdir, device, vae_dtype)?;
+        let vae = AutoencoderKl::load_weights(&vae_weights, device, vae_dtype)?;
         if vae.config().latent_channels != config.in_channels {
             return Err(Error::BadModelFile {
                 path: source.describe("vae"),
@@ -193,7 +189,7 @@ impl StableDiffusionPipeline {
             if let Some(v) = v {
                 if v.len() != config.in_channels {
                     return Err(Error::BadModelFile {
-                        path: vdir.join("config.json").display().to_string(),
+                        path: vae_weights.config_path().display().to_string(),
                         reason: format!("{key} has {} entries for {} latent channels", v.len(), config.in_channels),
                     });
                 }

@@ -23,7 +23,7 @@ use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 use super::{check_ids, encode_fixed_length, ids_to_host, TokenizedText};
 use crate::error::{Error, Result};
 use crate::loading::config::read_config;
-use crate::loading::safetensors_files::{var_builder, weight_files};
+use crate::loading::weights::ComponentWeights;
 
 /// CLIP's word pattern (transformers `CLIPTokenizer`): the special tokens, contractions,
 /// letter runs, single digits, runs of other non-space characters.
@@ -392,13 +392,13 @@ impl ClipTextEncoder {
     /// Load `dir/config.json` and `dir/model.safetensors` (or its sharded index), converting
     /// weights to `dtype` on `device`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::MissingFile {
-                what: "CLIP text encoder folder not found".into(),
-                path: dir.display().to_string(),
-            });
-        }
-        let config_path = dir.join("config.json");
+        Self::load_weights(&ComponentWeights::from_dir(dir, "model", "CLIP text encoder")?, device, dtype)
+    }
+
+    /// Load from a component's config and weights, wherever they come from.
+    pub fn load_weights(weights: &ComponentWeights, device: &Device, dtype: DType) -> Result<Self> {
+        let dir = PathBuf::from(weights.origin());
+        let config_path = weights.config_path().to_path_buf();
         let mut json: serde_json::Value = read_config(&config_path, "CLIP text config")?;
         // A full CLIPModel config nests the text part.
         if let Some(text) = json.get("text_config").filter(|t| t.is_object()) {
@@ -425,8 +425,7 @@ impl ClipTextEncoder {
             });
         }
 
-        let files = weight_files(dir, "model")?;
-        let root = var_builder(&files, dtype, device)?;
+        let root = weights.var_builder(dtype, device)?;
         let vb = if root.contains_tensor("text_model.embeddings.token_embedding.weight") {
             root.pp("text_model")
         } else if root.contains_tensor("embeddings.token_embedding.weight") {
@@ -469,7 +468,7 @@ impl ClipTextEncoder {
             config,
             device: device.clone(),
             dtype,
-            dir: dir.to_path_buf(),
+            dir,
         })
     }
 

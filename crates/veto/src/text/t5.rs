@@ -12,7 +12,7 @@ use tokenizers::Tokenizer;
 use super::{check_ids, encode_fixed_length, ids_to_host, TokenizedText};
 use crate::error::{Error, Result};
 use crate::loading::config::read_config;
-use crate::loading::safetensors_files::{var_builder, weight_files};
+use crate::loading::weights::ComponentWeights;
 
 /// The T5 tokenizer of a folder such as `tokenizer_2/`, read from its `tokenizer.json`.
 #[derive(Debug, Clone)]
@@ -98,20 +98,16 @@ impl T5TextEncoder {
     /// Load `dir/config.json` and `dir/model.safetensors` (or its sharded index), converting
     /// weights to `dtype` on `device`. Note T5 overflows in f16; use bf16 or f32.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        if !dir.is_dir() {
-            return Err(Error::MissingFile {
-                what: "T5 text encoder folder not found".into(),
-                path: dir.display().to_string(),
-            });
-        }
-        let config: T5Config = read_config(&dir.join("config.json"), "T5 config")?;
-        let files = weight_files(dir, "model")?;
-        let vb = var_builder(&files, dtype, device)?;
-        let model = T5EncoderModel::load(vb, &config).map_err(|e| Error::BadModelFile {
-            path: dir.display().to_string(),
-            reason: format!("T5 weights do not match config.json: {e}"),
-        })?;
-        Ok(Self { model: Mutex::new(model), config, device: device.clone(), dtype, dir: dir.to_path_buf() })
+        Self::load_weights(&ComponentWeights::from_dir(dir, "model", "T5 text encoder")?, device, dtype)
+    }
+
+    /// Load from a component's config and weights, wherever they come from.
+    pub fn load_weights(weights: &ComponentWeights, device: &Device, dtype: DType) -> Result<Self> {
+        let config: T5Config = read_config(weights.config_path(), "T5 config")?;
+        let vb = weights.var_builder(dtype, device)?;
+        let model = T5EncoderModel::load(vb, &config).map_err(|e| weights.mismatch("T5", e))?;
+        let dir = PathBuf::from(weights.origin());
+        Ok(Self { model: Mutex::new(model), config, device: device.clone(), dtype, dir })
     }
 
     /// Last hidden state `[B, L, d_model]` (after the final layer norm) for `[B, L]` token
