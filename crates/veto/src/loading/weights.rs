@@ -38,12 +38,15 @@ impl ComponentWeights {
                 path: dir.display().to_string(),
             });
         }
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Error::MissingFile {
+                what: format!("{what} folder has no config.json"),
+                path: config_path.display().to_string(),
+            });
+        }
         let files = weight_files(dir, stem)?;
-        Ok(Self {
-            config_path: dir.join("config.json"),
-            origin: dir.display().to_string(),
-            backend: Backend::Safetensors(files),
-        })
+        Ok(Self { config_path, origin: dir.display().to_string(), backend: Backend::Safetensors(files) })
     }
 
     /// Safetensors `files` with diffusers tensor names, configured by `config_path`.
