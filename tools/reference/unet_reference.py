@@ -622,6 +622,14 @@ DERIVED_CONFIGS = {
     "sd15_unipc_v": ("UniPCMultistepScheduler", "sd15_pndm", {"prediction_type": "v_prediction"},
                      "UniPC with v-prediction"),
     "sdxl_unipc": ("UniPCMultistepScheduler", "sdxl_base_euler", {}, "UniPC from SDXL base (leading spacing)"),
+    "sd15_unipc_karras": ("UniPCMultistepScheduler", "sd15_pndm", {"use_karras_sigmas": True},
+                          "A1111's 'UniPC' with Karras sigmas"),
+    "sd15_dpmpp_sde": ("DPMSolverSDEScheduler", "sd15_pndm", {},
+                       "DPMSolverSDEScheduler.from_config(SD1.5): A1111's 'DPM++ SDE'"),
+    "sdxl_dpmpp_sde_karras": ("DPMSolverSDEScheduler", "sdxl_base_euler", {"use_karras_sigmas": True},
+                              "A1111's 'DPM++ SDE Karras' from SDXL base"),
+    "sd15_dpmpp_sde_v": ("DPMSolverSDEScheduler", "sd15_pndm", {"prediction_type": "v_prediction"},
+                         "DPM++ SDE with v-prediction"),
 }
 
 
@@ -653,6 +661,7 @@ class SchedulerCase:
     timesteps: tuple[int, ...] | None = None  # custom timesteps instead of num_inference_steps
     eta: float | None = None  # TCD gamma / DDIM eta, passed to step()
     stochastic: bool = False  # step() draws noise: pass a generator and record it
+    brownian: bool = False  # DPMSolverSDEScheduler: record its Brownian-tree noise sampler
 
 
 SCHEDULER_CASES = [
@@ -685,7 +694,38 @@ SCHEDULER_CASES = [
     SchedulerCase("unipc_sd15_10", "sd15_unipc", steps=10),
     SchedulerCase("unipc_sd15_v", "sd15_unipc_v"),
     SchedulerCase("unipc_sdxl", "sdxl_unipc"),
+    SchedulerCase("unipc_sd15_karras", "sd15_unipc_karras"),
+    SchedulerCase("unipc_sd15_karras_10", "sd15_unipc_karras", steps=10),
+    SchedulerCase("dpmpp_sde_sd15", "sd15_dpmpp_sde", brownian=True),
+    SchedulerCase("dpmpp_sde_sdxl_karras", "sdxl_dpmpp_sde_karras", brownian=True),
+    SchedulerCase("dpmpp_sde_sd15_v", "sd15_dpmpp_sde_v", brownian=True),
 ]
+
+
+class RecordingBrownian:
+    """Wraps DPMSolverSDEScheduler's Brownian-tree noise sampler and records, per call, the
+    draw veto's scheduler takes instead: the first half of a step uses the sampler's output n1
+    as is; the second half's output n2 (an increment over an interval containing the first)
+    becomes the innovation z with n2 = (sqrt(d1) n1 + sqrt(d2 - d1) z) / sqrt(d2)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.draws: list[torch.Tensor] = []
+        self.first: tuple[float, float, torch.Tensor] | None = None
+
+    def __call__(self, sigma, sigma_next):
+        n = self.inner(sigma, sigma_next)
+        frm, to = float(sigma), float(sigma_next)
+        if self.first is not None and abs(self.first[0] - frm) < 1e-12 and to < self.first[1]:
+            _, mid, n1 = self.first
+            d1, d2 = frm - mid, frm - to
+            z = (n.double() * d2 ** 0.5 - n1.double() * d1 ** 0.5) / (d2 - d1) ** 0.5
+            self.draws.append(z.float())
+            self.first = None
+        else:
+            self.draws.append(n.clone())
+            self.first = (frm, to, n.clone())
+        return n
 
 FAKE_MODEL = "model_output = 0.1 * scaled_input + 0.05 * timestep / 1000"
 
@@ -740,12 +780,23 @@ def write_scheduler_fixtures(out: Path, configs: dict[str, dict], summary: list[
             step_kwargs["eta"] = case.eta
         latents = init * sched.init_noise_sigma
         noise_steps = []
+        brownian = None
+        if case.brownian:
+            # What step() would build on its first call, wrapped to record.
+            positive = sched.sigmas[sched.sigmas > 0]
+            brownian = RecordingBrownian(diffusers.schedulers.scheduling_dpmsolver_sde.BrownianTreeNoiseSampler(
+                latents, positive.min().item(), sched.sigmas.max().item(), 703))
+            sched.noise_sampler = brownian
         for k, t in enumerate(sched.timesteps):
             x = sched.scale_model_input(latents, t)
             mo = fake_model(x, t)
             with capture_noise(sched) as drawn:
+                before = len(brownian.draws) if brownian else 0
                 latents = sched.step(mo, t, latents, **step_kwargs).prev_sample
-            assert case.stochastic or not drawn, f"{case.name}: unexpected noise"
+                if brownian and len(brownian.draws) > before:
+                    assert len(brownian.draws) == before + 1
+                    drawn.append(brownian.draws[-1])
+            assert case.stochastic or case.brownian or not drawn, f"{case.name}: unexpected noise"
             assert len(drawn) <= 1
             tensors[f"step_{k}_scaled_input"] = x
             tensors[f"step_{k}_latents"] = latents

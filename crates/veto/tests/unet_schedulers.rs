@@ -2,7 +2,7 @@
 //! each fixture drives one scheduler, built from `tests/fixtures/unet/schedulers/<config>.json`,
 //! with the fake model `0.1 * scaled_input + 0.05 * timestep / 1000` from fixed latents, and
 //! records the schedule, every scaled input and every step's latents (f32, 1e-4 relative).
-//! LCM / TCD replay the noise diffusers drew.
+//! LCM / TCD / Euler a / DPM++ SDE replay the noise diffusers drew.
 
 mod common;
 
@@ -181,6 +181,28 @@ fn unipc_sd15_v() {
 #[test]
 fn unipc_sdxl() {
     check("unipc_sdxl");
+}
+
+#[test]
+fn unipc_sd15_karras() {
+    check("unipc_sd15_karras");
+}
+#[test]
+fn unipc_sd15_karras_10() {
+    check("unipc_sd15_karras_10");
+}
+/// A1111's "DPM++ SDE": the Brownian tree's samples replayed as veto's two draws per step.
+#[test]
+fn dpmpp_sde_sd15() {
+    check("dpmpp_sde_sd15");
+}
+#[test]
+fn dpmpp_sde_sdxl_karras() {
+    check("dpmpp_sde_sdxl_karras");
+}
+#[test]
+fn dpmpp_sde_sd15_v() {
+    check("dpmpp_sde_sd15_v");
 }
 
 #[test]

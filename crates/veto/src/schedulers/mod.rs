@@ -7,6 +7,7 @@
 pub mod ddim;
 pub mod discrete;
 pub mod dpm_solver_multistep;
+pub mod dpm_solver_sde;
 pub mod edm;
 pub mod euler_ancestral;
 pub mod euler_discrete;
@@ -25,7 +26,7 @@ use discrete::bad;
 use scheduler::{quote_non_finite, Scheduler};
 
 /// The schedulers [`load_scheduler`] knows (the UNet-family samplers).
-pub const SUPPORTED: [&str; 11] = [
+pub const SUPPORTED: [&str; 12] = [
     "EulerDiscreteScheduler",
     "EulerAncestralDiscreteScheduler",
     "PNDMScheduler",
@@ -37,6 +38,7 @@ pub const SUPPORTED: [&str; 11] = [
     "EDMDPMSolverMultistepScheduler",
     "HeunDiscreteScheduler",
     "UniPCMultistepScheduler",
+    "DPMSolverSDEScheduler",
 ];
 
 /// Read `scheduler_config.json` and build the scheduler its `_class_name` names.
@@ -94,6 +96,7 @@ pub fn scheduler_from_value(json: serde_json::Value) -> Result<Box<dyn Scheduler
         "EDMDPMSolverMultistepScheduler" => Box::new(edm::EdmDpmSolverMultistepScheduler::from_value(json)?),
         "HeunDiscreteScheduler" => Box::new(heun::HeunDiscreteScheduler::from_value(json)?),
         "UniPCMultistepScheduler" => Box::new(unipc::UniPcMultistepScheduler::from_value(json)?),
+        "DPMSolverSDEScheduler" => Box::new(dpm_solver_sde::DpmSolverSdeScheduler::from_value(json)?),
         other => {
             return Err(bad(format!("scheduler '{other}' is not supported (supported: {})", SUPPORTED.join(", "))))
         }
@@ -134,8 +137,11 @@ pub const SCHEDULER_ALIASES: &[SchedulerAlias] = &[
         "DPMSolverMultistepScheduler",
         &[("algorithm_type", "\"sde-dpmsolver++\""), ("use_karras_sigmas", "true")],
     ),
+    ("dpmpp_sde", "DPMSolverSDEScheduler", &[("use_karras_sigmas", "false")]),
+    ("dpmpp_sde_karras", "DPMSolverSDEScheduler", &[("use_karras_sigmas", "true")]),
     ("heun", "HeunDiscreteScheduler", &[]),
-    ("unipc", "UniPCMultistepScheduler", &[]),
+    ("unipc", "UniPCMultistepScheduler", &[("use_karras_sigmas", "false")]),
+    ("unipc_karras", "UniPCMultistepScheduler", &[("use_karras_sigmas", "true")]),
 ];
 
 /// Another scheduler from a model's scheduler config, as diffusers'
@@ -200,7 +206,7 @@ mod tests {
     fn noise_steps_are_the_steps_that_draw() {
         use candle_core::{Device, Tensor};
         use scheduler::{RecordingNoise, SeededNoise};
-        let cases: [(&str, f64, usize); 16] = [
+        let cases: [(&str, f64, usize); 18] = [
             (r#"{"_class_name": "LCMScheduler"}"#, 0.0, 3),
             (r#"{"_class_name": "TCDScheduler"}"#, 0.3, 3),
             (r#"{"_class_name": "TCDScheduler"}"#, 0.0, 0),
@@ -217,6 +223,9 @@ mod tests {
             (r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": true}"#, 0.0, 0),
             (r#"{"_class_name": "HeunDiscreteScheduler"}"#, 0.0, 0),
             (r#"{"_class_name": "UniPCMultistepScheduler"}"#, 0.0, 0),
+            (r#"{"_class_name": "UniPCMultistepScheduler", "use_karras_sigmas": true}"#, 0.0, 0),
+            // 4 steps = 7 model calls; all but the last draw.
+            (r#"{"_class_name": "DPMSolverSDEScheduler", "use_karras_sigmas": true}"#, 0.0, 6),
         ];
         for (json, eta, draws) in cases {
             let mut s = scheduler_from_json(json).unwrap();

@@ -6,16 +6,17 @@
 //!
 //! Supported: `solver_order` 1 or 2, `solver_type` `bh2` (diffusers also maps `midpoint`,
 //! `heun` and `logrho` to it), `disable_corrector`, linspace/leading/trailing spacing,
-//! `final_sigmas_type`, zero-SNR rescaling, epsilon / v_prediction / sample. Not supported
-//! (error): `predict_x0: false`, `bh1`, orders above 2, `lower_order_final: false`,
-//! thresholding, `solver_p`, Karras / exponential / beta / flow sigmas, dynamic shifting.
+//! `final_sigmas_type`, zero-SNR rescaling, Karras sigmas (`use_karras_sigmas`, A1111's "UniPC
+//! Karras"), epsilon / v_prediction / sample. Not supported (error): `predict_x0: false`,
+//! `bh1`, orders above 2, `lower_order_final: false`, thresholding, `solver_p`, exponential /
+//! beta / flow sigmas, dynamic shifting.
 
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
 
 use super::discrete::{
-    arange_desc, bad, check_steps, f32r, interp_index, linspace_f64, reject_if, round_half_even, train_sigmas,
-    BetaConfig, BetaSchedule, FinalSigmas, PredictionType, TimestepSpacing,
+    arange_desc, bad, check_steps, f32r, interp_index, karras_sigmas, linspace_f64, log_sigmas, reject_if,
+    round_half_even, sigma_to_t, train_sigmas, BetaConfig, BetaSchedule, FinalSigmas, PredictionType, TimestepSpacing,
 };
 use super::scheduler::{check_step_inputs, lincomb, parse_config, NoiseSource, Scheduler};
 use crate::error::Result;
@@ -133,7 +134,6 @@ impl UniPcMultistepScheduler {
         reject_if(!config.predict_x0, "predict_x0: false", CLASS)?;
         reject_if(config.thresholding, "thresholding", CLASS)?;
         reject_if(config.solver_p.as_ref().is_some_and(|v| !v.is_null()), "solver_p", CLASS)?;
-        reject_if(config.use_karras_sigmas.unwrap_or(false), "use_karras_sigmas", CLASS)?;
         reject_if(config.use_exponential_sigmas.unwrap_or(false), "use_exponential_sigmas", CLASS)?;
         reject_if(config.use_beta_sigmas.unwrap_or(false), "use_beta_sigmas", CLASS)?;
         reject_if(config.use_flow_sigmas.unwrap_or(false), "use_flow_sigmas", CLASS)?;
@@ -279,11 +279,24 @@ impl Scheduler for UniPcMultistepScheduler {
                 arange_desc(n_train as f64, ratio).into_iter().map(|t| round_half_even(t) - 1.0).collect()
             }
         };
-        let mut sigmas: Vec<f64> = timesteps.iter().map(|&t| f32r(interp_index(t, &self.train_sigmas))).collect();
-        sigmas.push(match c.final_sigmas_type {
-            FinalSigmas::Zero => 0.0,
-            FinalSigmas::SigmaMin => self.train_sigmas[0],
-        });
+        let (timesteps, mut sigmas) = if c.use_karras_sigmas.unwrap_or(false) {
+            // Karras' rho-7 ramp between the training schedule's extremes; the timesteps are
+            // the (rounded) training steps of those sigmas, the spacing is not used.
+            let logs = log_sigmas(&self.train_sigmas);
+            let karras = karras_sigmas(self.train_sigmas[0], self.train_sigmas[n_train - 1], steps, 7.0);
+            let timesteps = karras.iter().map(|&s| round_half_even(sigma_to_t(s, &logs))).collect();
+            (timesteps, karras.into_iter().map(f32r).collect::<Vec<f64>>())
+        } else {
+            let sigmas = timesteps.iter().map(|&t| f32r(interp_index(t, &self.train_sigmas))).collect();
+            (timesteps, sigmas)
+        };
+        let last = match (c.final_sigmas_type, c.use_karras_sigmas.unwrap_or(false)) {
+            (FinalSigmas::Zero, _) => 0.0,
+            // With Karras sigmas diffusers ends on the ramp's own minimum.
+            (FinalSigmas::SigmaMin, true) => *sigmas.last().expect("steps >= 1"),
+            (FinalSigmas::SigmaMin, false) => self.train_sigmas[0],
+        };
+        sigmas.push(last);
         self.timesteps = timesteps;
         self.sigmas = sigmas;
         self.reset();
@@ -381,7 +394,7 @@ mod tests {
             ("solver_order", serde_json::json!(3)),
             ("lower_order_final", serde_json::json!(false)),
             ("use_flow_sigmas", serde_json::json!(true)),
-            ("use_karras_sigmas", serde_json::json!(true)),
+            ("use_exponential_sigmas", serde_json::json!(true)),
             ("thresholding", serde_json::json!(true)),
         ] {
             let mut j = sd15();
