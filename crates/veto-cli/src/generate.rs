@@ -6,7 +6,9 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use veto::guidance::{AttentionMethod, CfgScaleSource, GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
-use veto::{Defaults, Denoised, Family, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
+use veto::{
+    Defaults, Denoised, Family, GenerateRequest, LoadOptions, ModelSource, Pipeline, Residency, SamplerOptions,
+};
 
 use crate::outputs::OutputPlan;
 
@@ -14,6 +16,17 @@ use crate::outputs::OutputPlan;
 pub enum DeviceArg {
     Cpu,
     Cuda,
+}
+
+/// `--memory`: what stays loaded (library: [`veto::Residency`]).
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MemoryArg {
+    /// Resident when every weight fits in the free memory with a tenth to spare, else sequential.
+    Auto,
+    /// Every component loaded at once and kept.
+    Resident,
+    /// Text encoders loaded to encode and freed, then the denoiser, then the VAE to decode.
+    Sequential,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,6 +134,12 @@ pub struct GenerateArgs {
     /// Precision of the weights and activations: f32, bf16 (NAG's norms stay f32) or f16 [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+    /// Where the text encoders run [default: --device]. `cpu` with `--device cuda` keeps T5-XXL (9.5 GB in bf16) off the GPU; it then runs in f32 in host memory.
+    #[arg(long, value_enum)]
+    pub text_encoder_device: Option<DeviceArg>,
+    /// What stays in memory: `resident` (all components at once: fastest for many prompts), `sequential` (text encoders, then the denoiser, then the VAE: the peak is the largest stage, not the sum) or `auto` (resident if it fits in the free memory, else sequential).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub memory: MemoryArg,
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device> {
@@ -132,6 +151,15 @@ pub fn device(arg: DeviceArg) -> Result<Device> {
             }
             Device::new_cuda(0).context("--device cuda: no usable CUDA device")
         }
+    }
+}
+
+/// `--text-encoder-device`: the main device itself when they name the same one.
+fn text_encoder_device(arg: DeviceArg, main: &Device) -> Result<Device> {
+    match (arg, main) {
+        (DeviceArg::Cpu, _) => Ok(Device::Cpu),
+        (DeviceArg::Cuda, Device::Cuda(_)) => Ok(main.clone()),
+        (DeviceArg::Cuda, _) => device(DeviceArg::Cuda).context("--text-encoder-device cuda"),
     }
 }
 
@@ -325,25 +353,63 @@ fn save_latents(run: &Denoised, path: &Path) -> Result<()> {
     res.with_context(|| format!("--save-latents: writing {}", path.display()))
 }
 
-/// Print the weights' size in `dtype` (local folders) and, on a CPU, stop before loading when
-/// they cannot fit in the available memory.
-fn check_weights_fit(source: &ModelSource, dtype: DType, device: &Device) -> Result<()> {
-    let Some(bytes) = veto::pipelines::memory::weights_bytes(source, dtype, device.is_cpu())? else {
-        return Ok(());
+/// The residency to load with, after printing the weights' sizes (local folders) and stopping
+/// before loading when even the chosen residency's peak cannot fit in the free memory.
+fn plan_memory(source: &ModelSource, opts: &LoadOptions, asked: MemoryArg) -> Result<Residency> {
+    use veto::pipelines::memory::{available_bytes, weights_plan};
+    let fixed = match asked {
+        MemoryArg::Auto => None,
+        MemoryArg::Resident => Some(Residency::Resident),
+        MemoryArg::Sequential => Some(Residency::Sequential),
+    };
+    let Some(plan) = weights_plan(source, opts)? else {
+        return Ok(fixed.unwrap_or_default());
     };
     let gb = |b: u64| b as f64 / 1e9;
-    eprintln!("weights: about {:.2} GB in {dtype:?} (plus one step's activations)", gb(bytes));
-    if let (true, Some(available)) = (device.is_cpu(), veto::pipelines::memory::available_host_bytes()) {
-        if bytes > available {
+    let available = available_bytes(&opts.device);
+    let residency = fixed.unwrap_or_else(|| plan.choose(available));
+    let peak = plan.device_peak(residency);
+    eprintln!(
+        "weights: about {:.2} GB in {:?} (text encoders {:.2}, denoiser {:.2}, VAE {:.2}); memory: {} \
+         (weights peak about {:.2} GB{}, plus activations)",
+        gb(plan.total()),
+        opts.dtype,
+        gb(plan.text_encoders),
+        gb(plan.denoiser),
+        gb(plan.vae),
+        match residency {
+            Residency::Resident => "resident",
+            Residency::Sequential => "sequential",
+        },
+        gb(peak),
+        available.map_or(String::new(), |a| format!(" of {:.1} GB free", gb(a))),
+    );
+    let where_ = if opts.device.is_cpu() { "memory" } else { "GPU memory" };
+    if let Some(free) = available.filter(|&free| peak > free) {
+        let hint = match residency {
+            Residency::Resident => "try --memory sequential, --dtype bf16, or a smaller model",
+            Residency::Sequential if !opts.device.is_cpu() && opts.text_encoder_device.is_none() => {
+                "try --text-encoder-device cpu, --dtype bf16, or a smaller model"
+            }
+            Residency::Sequential => "try --dtype bf16, a smaller model, or a machine with more memory",
+        };
+        bail!(
+            "the model's weights need about {:.1} GB of {where_} at once in {:?}, {:.1} GB are free; {hint}",
+            gb(peak),
+            opts.dtype,
+            gb(free)
+        );
+    }
+    if let (Some(te), Some(host)) = (Some(plan.text_device_peak()).filter(|&b| b > 0), available_bytes(&Device::Cpu)) {
+        if te > host {
             bail!(
-                "the model's weights need about {:.1} GB in {dtype:?}, {:.1} GB of memory are available; \
-                 try --dtype bf16, a smaller model, or a machine with more memory",
-                gb(bytes),
-                gb(available)
+                "--text-encoder-device cpu: the text encoders need about {:.1} GB of memory in f32, {:.1} GB are free",
+                gb(te),
+                gb(host)
             );
         }
     }
-    Ok(())
+    Ok(residency)
 }
 
 pub fn run(a: GenerateArgs) -> Result<()> {
@@ -378,9 +444,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
 
     let dtype = dtype(a.dtype.unwrap_or(if device.is_cpu() { DtypeArg::F32 } else { DtypeArg::Bf16 }));
-    check_weights_fit(&source, dtype, &device)?;
+    let mut opts = LoadOptions::new(&device, dtype);
+    opts.text_encoder_device = match a.text_encoder_device {
+        Some(arg) => Some(text_encoder_device(arg, &device)?),
+        None => None,
+    };
+    opts.residency = plan_memory(&source, &opts, a.memory)?;
     eprintln!("loading {} ({}) ...", a.model, family.title);
-    let pipe = Pipeline::load(&source, &device, dtype).map_err(flag_error)?;
+    let pipe = Pipeline::load_with(&source, &opts).map_err(flag_error)?;
     // The rest of the checks, against the loaded model; the seed does not change them.
     let planned = pipe.resolve(&req).map_err(flag_error)?;
     let steps = planned.sampler.timesteps.as_ref().map_or(planned.steps, Vec::len) as u64;

@@ -340,6 +340,7 @@ fn the_png_records_how_it_was_made_and_other_formats_write() {
     let stderr = run_tiny(&["--seed", "5", "--output", out.to_str().unwrap()]);
     assert!(stderr.contains("seed 5"), "{stderr}");
     assert!(stderr.contains("weights: about 0.") && stderr.contains("GB in F32"), "{stderr}");
+    assert!(stderr.contains("memory: resident"), "auto picks resident when it fits: {stderr}");
     let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap())).read_info().unwrap();
     let text = &reader.info().uncompressed_latin1_text;
     let parameters = &text.iter().find(|t| t.keyword == "parameters").expect("a parameters chunk").text;
@@ -359,6 +360,33 @@ fn the_png_records_how_it_was_made_and_other_formats_write() {
     for name in ["y-0.jpg", "y-1.jpg"] {
         let img = image::open(dir.path().join(name)).expect("a readable JPEG");
         assert_eq!((img.width(), img.height()), (64, 64));
+    }
+}
+
+/// `--memory sequential` and `--text-encoder-device cpu` make the same image as the default
+/// (resident), two images from one encoding.
+#[test]
+fn sequential_memory_and_text_encoder_device_make_the_same_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name).to_str().unwrap().to_string();
+    run_tiny(&["--seed", "9", "--num-images", "2", "--memory", "resident", "--output", &path("a.png")]);
+    let stderr = run_tiny(&[
+        "--seed",
+        "9",
+        "--num-images",
+        "2",
+        "--memory",
+        "sequential",
+        "--text-encoder-device",
+        "cpu",
+        "--output",
+        &path("b.png"),
+    ]);
+    assert!(stderr.contains("memory: sequential"), "{stderr}");
+    for k in 0..2 {
+        let a = image::open(path(&format!("a-{k}.png"))).unwrap().to_rgb8();
+        let b = image::open(path(&format!("b-{k}.png"))).unwrap().to_rgb8();
+        assert_eq!(a.as_raw(), b.as_raw(), "image {k}");
     }
 }
 

@@ -8,11 +8,12 @@
 use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
-use crate::pipelines::{flux, sd3, sdxl, Defaults, GenerateRequest, ResolvedRequest, SamplerOption, TextToImage};
-use candle_core::{DType, Device};
+use crate::pipelines::{
+    flux, sd3, sdxl, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
+};
 
 /// Loads a family's pipeline from a diffusers folder.
-pub type Loader = fn(&ModelSource, &Device, DType) -> Result<Box<dyn TextToImage>>;
+pub type Loader = fn(&ModelSource, &LoadOptions) -> Result<Box<dyn TextToImage>>;
 
 /// A model's defaults from its config files alone, before any weights load.
 pub type DefaultsReader = fn(&ModelSource) -> Result<Defaults>;
@@ -168,7 +169,7 @@ pub static FLUX: Family = Family {
     window: StepWindow::Threshold,
     sampler_options: &[],
     scheduler: "FlowMatchEulerDiscreteScheduler",
-    load: |s, d, t| Ok(Box::new(flux::FluxPipeline::load(s, d, t)?)),
+    load: |s, o| Ok(Box::new(flux::FluxPipeline::load_with(s, o)?)),
     defaults: flux::defaults_of,
     check_configs: flux::check_before_loading,
 };
@@ -187,7 +188,7 @@ pub static SD3: Family = Family {
     window: StepWindow::Threshold,
     sampler_options: &[],
     scheduler: "FlowMatchEulerDiscreteScheduler",
-    load: |s, d, t| Ok(Box::new(sd3::Sd3Pipeline::load(s, d, t)?)),
+    load: |s, o| Ok(Box::new(sd3::Sd3Pipeline::load_with(s, o)?)),
     defaults: sd3::defaults_of,
     check_configs: sd3::check_before_loading,
 };
@@ -205,8 +206,8 @@ pub static UNET: Family = Family {
     cfg_scale: CfgScaleSource::GuidanceScale,
     window: StepWindow::FlooredSticky,
     sampler_options: &[SamplerOption::Timesteps, SamplerOption::Eta, SamplerOption::PagLayers, SamplerOption::Scheduler],
-    scheduler: "EulerDiscrete, EulerAncestralDiscrete, PNDM, LCM, DDIM, TCD, DPMSolverMultistep, EDMEuler, EDMDPMSolverMultistep",
-    load: |s, d, t| Ok(Box::new(sdxl::StableDiffusionPipeline::load(s, d, t)?)),
+    scheduler: "EulerDiscrete, EulerAncestralDiscrete, PNDM, LCM, DDIM, TCD, DPMSolverMultistep, DPMSolverSDE, EDMEuler, EDMDPMSolverMultistep, HeunDiscrete, UniPCMultistep",
+    load: |s, o| Ok(Box::new(sdxl::StableDiffusionPipeline::load_with(s, o)?)),
     defaults: sdxl::defaults_of,
     check_configs: sdxl::check_before_loading,
 };

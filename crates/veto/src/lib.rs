@@ -44,7 +44,8 @@ pub use guidance::{GuidanceConfig, GuidancePlan, Method, NagNorm, NagParams, Nag
 pub use image_io::save_png;
 pub use loading::model_source::ModelSource;
 pub use pipelines::{
-    Defaults, Denoised, GenerateRequest, Generation, Pipeline, ResolvedRequest, SamplerOptions, StepEvent,
+    Defaults, Denoised, GenerateRequest, Generation, LoadOptions, Pipeline, Residency, ResolvedRequest, SamplerOptions,
+    StepEvent,
 };
 
 /// The README's Rust examples, compiled as doc-tests.

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{DType, Device};
 use common::fixtures;
-use veto::{GenerateRequest, ModelSource, Pipeline};
+use veto::{GenerateRequest, LoadOptions, ModelSource, Pipeline, Residency};
 
 const FOLDERS: [(&str, &str, &str); 6] = [
     ("flux", "schnell", "flux"),
@@ -63,4 +63,34 @@ fn folders_saved_by_the_official_nag_package_load() {
     std::fs::write(&index, r#"{"_class_name": "WanPipeline"}"#).unwrap();
     let e = veto::families::detect(&ModelSource::local(dir.path()).unwrap()).unwrap_err().to_string();
     assert!(e.contains("'WanPipeline' is not supported") && e.contains("StableDiffusionXLPipeline"), "{e}");
+}
+
+/// Sequential residency gives the same images as resident loading, and between generations
+/// only the denoiser stays in memory.
+#[test]
+fn sequential_residency_matches_resident_and_frees_the_rest() {
+    for (dir, model, _) in FOLDERS {
+        let source = ModelSource::local(fixtures(dir).join(model)).unwrap();
+        let req = GenerateRequest::new("a red circle").negative("a blue square").steps(2).size(64, 64).seed(3);
+        let resident = Pipeline::load(&source, &Device::Cpu, DType::F32).unwrap();
+        assert!(resident.loaded_components().iter().all(|(_, loaded)| *loaded), "{dir}/{model}");
+        let want = resident.generate(&req).unwrap();
+
+        let mut opts = LoadOptions::new(&Device::Cpu, DType::F32);
+        opts.residency = Residency::Sequential;
+        let sequential = Pipeline::load_with(&source, &opts).unwrap();
+        let denoiser = |name: &str| name == "transformer" || name == "unet";
+        for (name, loaded) in sequential.loaded_components() {
+            assert_eq!(loaded, name == "unet", "{dir}/{model}: {name} before the first generation");
+        }
+        for _ in 0..2 {
+            let got = sequential.generate(&req).unwrap();
+            common::assert_close(&format!("{dir}/{model} latents"), &got.latents, &want.latents, 1e-6);
+            common::assert_close(&format!("{dir}/{model} image"), &got.image, &want.image, 1e-6);
+            assert_eq!(got.warnings, want.warnings, "{dir}/{model}");
+            for (name, loaded) in sequential.loaded_components() {
+                assert_eq!(loaded, denoiser(name), "{dir}/{model}: {name} after a generation");
+            }
+        }
+    }
 }

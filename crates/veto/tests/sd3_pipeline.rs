@@ -240,6 +240,7 @@ fn cfg_with_vsf_runs_and_differs_from_each_alone() {
     let t = Tensor::new(&[1000f32], &Device::Cpu).unwrap();
     let call = |text: &veto::pipelines::sd3::Sd3Text, guidance| {
         pipe.transformer()
+            .unwrap()
             .forward(&MmditInputs { latents: x, timestep: &t, context: &text.embeds, pooled: &text.pooled, guidance })
             .unwrap()
     };

@@ -11,12 +11,14 @@ use crate::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, Text
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
 use crate::pipelines::request::vae_decoder_term;
+use crate::pipelines::residency::{Component, LoadOptions, PromptCache};
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
 use crate::schedulers::scheduler::Scheduler;
 use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use candle_core::{DType, Device, Tensor};
+use std::sync::Arc;
 
 /// CLIP always sees 77 tokens in Flux.
 const CLIP_LEN: usize = 77;
@@ -25,11 +27,14 @@ const VAE_SCALE: usize = 8;
 
 pub struct FluxPipeline {
     clip_tokenizer: ClipTokenizer,
-    clip: ClipTextEncoder,
+    clip: Component<ClipTextEncoder>,
     t5_tokenizer: T5Tokenizer,
-    t5: T5TextEncoder,
-    transformer: FluxTransformer,
-    vae: AutoencoderKl,
+    t5: Component<T5TextEncoder>,
+    prompts: PromptCache<TextConditioning>,
+    config: FluxConfig,
+    transformer: Component<FluxTransformer>,
+    vae_config: VaeConfig,
+    vae: Component<AutoencoderKl>,
     scheduler: FlowMatchEulerScheduler,
     device: Device,
     dtype: DType,
@@ -38,41 +43,85 @@ pub struct FluxPipeline {
 impl FluxPipeline {
     /// Load every component of a Flux diffusers folder (local or from the hub cache).
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(source, &LoadOptions::new(device, dtype))
+    }
+
+    /// As [`Self::load`], with the text encoders' device and the components' residency.
+    pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let (device, dtype, residency) = (opts.device.clone(), opts.dtype, opts.residency);
         let clip_tokenizer = clip_tokenizer(source, "tokenizer")?;
         let t5_tokenizer = T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer_2")?)?;
-        let clip = ClipTextEncoder::load_weights(&component_weights(source, "text_encoder", "model")?, device, dtype)?;
-        let t5 = T5TextEncoder::load_weights(&component_weights(source, "text_encoder_2", "model")?, device, dtype)?;
+        let (text_device, text_dtype) = (opts.text_device().clone(), opts.text_dtype());
+        let weights = component_weights(source, "text_encoder", "model")?;
+        let d = text_device.clone();
+        let clip = Component::with_residency("text_encoder", residency, false, move || {
+            ClipTextEncoder::load_weights(&weights, &d, text_dtype)
+        })?;
+        let weights = component_weights(source, "text_encoder_2", "model")?;
+        let t5 = Component::with_residency("text_encoder_2", residency, false, move || {
+            T5TextEncoder::load_weights(&weights, &text_device, text_dtype)
+        })?;
 
         let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
         let config = FluxConfig::from_file(weights.config_path())?;
-        let transformer = FluxTransformer::new(&config, weights.var_builder(dtype, device)?)
-            .map_err(|e| weights.mismatch("transformer", e))?;
+        let (c, d) = (config.clone(), device.clone());
+        let transformer = Component::with_residency("transformer", residency, true, move || {
+            FluxTransformer::new(&c, weights.var_builder(dtype, &d)?).map_err(|e| weights.mismatch("transformer", e))
+        })?;
 
-        let vae =
-            AutoencoderKl::load_weights(&component_weights(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
-        if vae.config().latent_channels != config.latent_channels() {
+        let weights = component_weights(source, "vae", "diffusion_pytorch_model")?;
+        let vae_config = VaeConfig::from_file(weights.config_path())?;
+        if vae_config.latent_channels != config.latent_channels() {
             return Err(Error::BadModelFile {
                 path: source.describe("vae"),
                 reason: format!(
                     "VAE has {} latent channels, the transformer expects {}",
-                    vae.config().latent_channels,
+                    vae_config.latent_channels,
                     config.latent_channels()
                 ),
             });
         }
+        let d = device.clone();
+        let vae = Component::with_residency("vae", residency, false, move || {
+            AutoencoderKl::load_weights(&weights, &d, dtype)
+        })?;
         let sched = source.file("scheduler/scheduler_config.json")?;
         let scheduler =
             FlowMatchEulerScheduler::from_config_file(&sched)?.with_sigma_source(SigmaSource::PipelineLinspace);
-        Ok(Self { clip_tokenizer, clip, t5_tokenizer, t5, transformer, vae, scheduler, device: device.clone(), dtype })
+        Ok(Self {
+            clip_tokenizer,
+            clip,
+            t5_tokenizer,
+            t5,
+            prompts: PromptCache::default(),
+            config,
+            transformer,
+            vae_config,
+            vae,
+            scheduler,
+            device,
+            dtype,
+        })
     }
 
-    pub fn transformer(&self) -> &FluxTransformer {
-        &self.transformer
+    /// The transformer (loaded now if it is not yet).
+    pub fn transformer(&self) -> Result<Arc<FluxTransformer>> {
+        self.transformer.get()
     }
 
     /// CLIP pooled vector (77 tokens) and T5 states (`max_sequence_length` tokens), as
     /// diffusers' `FluxPipeline.encode_prompt`.
     pub fn encode_prompt(
+        &self,
+        text: &str,
+        max_sequence_length: usize,
+        warnings: &mut Warnings,
+    ) -> Result<TextConditioning> {
+        let key = format!("{max_sequence_length}\u{0}{text}");
+        self.prompts.get_or_encode(key, warnings, |warnings| self.encode_uncached(text, max_sequence_length, warnings))
+    }
+
+    fn encode_uncached(
         &self,
         text: &str,
         max_sequence_length: usize,
@@ -85,7 +134,8 @@ impl FluxPipeline {
                 clip_ids.removed_text.clone().unwrap_or_default()
             ));
         }
-        let pooled = self.clip.encode_ids(&clip_ids.ids)?.pooled.to_dtype(self.dtype)?;
+        let pooled =
+            self.clip.get()?.encode_ids(&clip_ids.ids)?.pooled.to_device(&self.device)?.to_dtype(self.dtype)?;
         let t5_ids = self.t5_tokenizer.tokenize(text, max_sequence_length)?;
         if t5_ids.truncated {
             warnings.push(format!(
@@ -93,12 +143,12 @@ impl FluxPipeline {
                 t5_ids.removed_text.clone().unwrap_or_default()
             ));
         }
-        let hidden = self.t5.encode_ids(&t5_ids.ids)?.to_dtype(self.dtype)?;
+        let hidden = self.t5.get()?.encode_ids(&t5_ids.ids)?.to_device(&self.device)?.to_dtype(self.dtype)?;
         Ok(TextConditioning { hidden, pooled })
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        check_request(self.transformer.config(), self.vae.config(), req)
+        check_request(&self.config, &self.vae_config, req)
     }
 
     fn denoise(
@@ -108,7 +158,7 @@ impl FluxPipeline {
         warnings: &mut Warnings,
     ) -> Result<Denoised> {
         self.check(req)?;
-        let model_cfg = self.transformer.config();
+        let model_cfg = &self.config;
         if !model_cfg.guidance_embeds && req.guidance_scale != 0.0 {
             warnings.push(format!(
                 "this model has no guidance embedding; guidance_scale {} is ignored",
@@ -131,6 +181,10 @@ impl FluxPipeline {
         } else {
             None
         };
+        // Sequential residency: the text encoders go before the transformer comes.
+        self.clip.release();
+        self.t5.release();
+        let transformer = self.transformer.get()?;
         let n_train = self.scheduler.config().num_train_timesteps as f64;
         let mut planner = GuidancePlanner::new(g, FLUX.cfg_scale, req.guidance_scale, FLUX.window, n_train);
         let img_ids = latents::image_ids(lh, lw, &self.device)?;
@@ -153,7 +207,7 @@ impl FluxPipeline {
             // diffusers feeds `t / 1000` in the latents' dtype; the model scales it back.
             let timestep = (Tensor::new(&[t as f32], &self.device)? / 1000.0)?.to_dtype(self.dtype)?;
             let call = |text: &TextConditioning, negative: Option<&NegativeContext>| {
-                self.transformer.forward(&FluxInputs {
+                transformer.forward(&FluxInputs {
                     latents: &x,
                     img_ids: &img_ids,
                     txt_ids: &txt_ids,
@@ -233,7 +287,7 @@ pub fn flux_defaults(cfg: &FluxConfig) -> Defaults {
 
 impl TextToImage for FluxPipeline {
     fn defaults(&self) -> Defaults {
-        flux_defaults(self.transformer.config())
+        flux_defaults(&self.config)
     }
 
     fn validate(&self, req: &ResolvedRequest) -> Result<()> {
@@ -249,7 +303,19 @@ impl TextToImage for FluxPipeline {
         self.denoise(req, on_step, warnings)
     }
 
+    fn loaded_components(&self) -> Vec<(&'static str, bool)> {
+        vec![
+            ("text_encoder", self.clip.is_loaded()),
+            ("text_encoder_2", self.t5.is_loaded()),
+            ("transformer", self.transformer.is_loaded()),
+            ("vae", self.vae.is_loaded()),
+        ]
+    }
+
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae.decode_latents(latents)
+        let vae = self.vae.get()?;
+        let image = vae.decode_latents(latents);
+        self.vae.release();
+        image
     }
 }

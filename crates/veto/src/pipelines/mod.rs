@@ -5,10 +5,12 @@ pub mod flux;
 pub mod memory;
 pub mod noise;
 pub mod request;
+pub mod residency;
 pub mod sd3;
 pub mod sdxl;
 
 pub use request::{Defaults, GenerateRequest, ResolvedRequest, SamplerOption, SamplerOptions};
+pub use residency::{LoadOptions, Residency};
 
 use crate::error::Result;
 use crate::families::{self, Family};
@@ -63,6 +65,8 @@ pub trait TextToImage: Send + Sync {
     ) -> Result<Denoised>;
     /// Decode latents to an image tensor `[1, 3, H, W]` in about [-1, 1].
     fn decode(&self, latents: &Tensor) -> Result<Tensor>;
+    /// Each weighted component (diffusers' folder name) and whether it is in memory now.
+    fn loaded_components(&self) -> Vec<(&'static str, bool)>;
 }
 
 /// The warnings of a family whose CFG scale is `guidance_scale` (SD3, the UNet family): CFG asked
@@ -164,8 +168,14 @@ impl Pipeline {
 
     /// As [`from_pretrained`](Self::from_pretrained), from a resolved source.
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(source, &LoadOptions::new(device, dtype))
+    }
+
+    /// As [`load`](Self::load), with the text encoders' device and what stays in memory
+    /// ([`LoadOptions`]).
+    pub fn load_with(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
         let family = families::detect(source)?;
-        let inner = (family.load)(source, device, dtype)?;
+        let inner = (family.load)(source, options)?;
         let defaults = inner.defaults();
         Ok(Pipeline { family, inner, defaults })
     }
@@ -232,5 +242,10 @@ impl Pipeline {
     /// Decode latents `[1, C, H/f, W/f]` to an image tensor `[1, 3, H, W]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.inner.decode(latents)
+    }
+
+    /// Each weighted component and whether it is in memory now (see [`Residency`]).
+    pub fn loaded_components(&self) -> Vec<(&'static str, bool)> {
+        self.inner.loaded_components()
     }
 }

@@ -32,13 +32,21 @@ use crate::loading::safetensors_files::read_json;
 use crate::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::residency::{Component, LoadOptions, PromptCache};
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
 use crate::schedulers::scheduler::Scheduler;
-use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
+use crate::text::clip::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 use crate::text::TokenizedText;
 use candle_core::{DType, Device, Tensor, D};
+use std::sync::Arc;
+
+/// The one T5 config field SD3 checks before the encoder loads.
+#[derive(serde::Deserialize)]
+struct T5Width {
+    d_model: usize,
+}
 
 /// CLIP's context length (`tokenizer_max_length` in diffusers).
 const CLIP_LEN: usize = 77;
@@ -55,13 +63,27 @@ pub struct Sd3Text {
 /// A CLIP tokenizer and its encoder.
 struct Clip {
     tokenizer: ClipTokenizer,
-    encoder: ClipTextEncoder,
+    encoder: Component<ClipTextEncoder>,
+    config: ClipTextConfig,
     name: &'static str,
+}
+
+impl Clip {
+    fn load(source: &ModelSource, tokenizer: &str, name: &'static str, opts: &LoadOptions) -> Result<Self> {
+        let weights = component_weights(source, name, "model")?;
+        let config = ClipTextConfig::from_file(weights.config_path())?;
+        let (device, dtype) = (opts.text_device().clone(), opts.text_dtype());
+        let encoder = Component::with_residency(name, opts.residency, false, move || {
+            ClipTextEncoder::load_weights(&weights, &device, dtype)
+        })?;
+        Ok(Self { tokenizer: clip_tokenizer(source, tokenizer)?, encoder, config, name })
+    }
 }
 
 struct T5 {
     tokenizer: T5Tokenizer,
-    encoder: T5TextEncoder,
+    encoder: Component<T5TextEncoder>,
+    width: usize,
 }
 
 pub struct Sd3Pipeline {
@@ -69,8 +91,11 @@ pub struct Sd3Pipeline {
     clip_g: Clip,
     /// `None` when `model_index.json` has `text_encoder_3: [null, null]` (SD3 without T5).
     t5: Option<T5>,
-    transformer: MmditTransformer,
-    vae: AutoencoderKl,
+    prompts: PromptCache<Sd3Text>,
+    config: MmditConfig,
+    transformer: Component<MmditTransformer>,
+    vae_config: VaeConfig,
+    vae: Component<AutoencoderKl>,
     scheduler: FlowMatchEulerScheduler,
     turbo: bool,
     device: Device,
@@ -87,37 +112,29 @@ fn is_turbo(source: &ModelSource, index_path: &std::path::Path) -> bool {
 impl Sd3Pipeline {
     /// Load every component of an SD3 / SD3.5 diffusers folder (local or from the hub cache).
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(source, &LoadOptions::new(device, dtype))
+    }
+
+    /// As [`Self::load`], with the text encoders' device and the components' residency.
+    pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let (device, dtype, residency) = (opts.device.clone(), opts.dtype, opts.residency);
         let index_path = source.file("model_index.json")?;
         let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
-        let clip_l = Clip {
-            tokenizer: clip_tokenizer(source, "tokenizer")?,
-            encoder: ClipTextEncoder::load_weights(
-                &component_weights(source, "text_encoder", "model")?,
-                device,
-                dtype,
-            )?,
-            name: "text_encoder",
-        };
-        let clip_g = Clip {
-            tokenizer: clip_tokenizer(source, "tokenizer_2")?,
-            encoder: ClipTextEncoder::load_weights(
-                &component_weights(source, "text_encoder_2", "model")?,
-                device,
-                dtype,
-            )?,
-            name: "text_encoder_2",
-        };
+        let clip_l = Clip::load(source, "tokenizer", "text_encoder", opts)?;
+        let clip_g = Clip::load(source, "tokenizer_2", "text_encoder_2", opts)?;
         let t5 = if has_component(&index, "text_encoder_3") {
             for optional in ["tokenizer_config.json", "special_tokens_map.json"] {
                 source.try_file(&format!("tokenizer_3/{optional}"))?;
             }
+            let weights = component_weights(source, "text_encoder_3", "model")?;
+            let width = read_json::<T5Width>(weights.config_path(), "T5 config")?.d_model;
+            let (d, t) = (opts.text_device().clone(), opts.text_dtype());
             Some(T5 {
                 tokenizer: T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer_3")?)?,
-                encoder: T5TextEncoder::load_weights(
-                    &component_weights(source, "text_encoder_3", "model")?,
-                    device,
-                    dtype,
-                )?,
+                encoder: Component::with_residency("text_encoder_3", residency, false, move || {
+                    T5TextEncoder::load_weights(&weights, &d, t)
+                })?,
+                width,
             })
         } else {
             None
@@ -125,21 +142,26 @@ impl Sd3Pipeline {
 
         let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
         let config = MmditConfig::from_file(weights.config_path())?;
-        let transformer = MmditTransformer::new(&config, weights.var_builder(dtype, device)?)
-            .map_err(|e| weights.mismatch("transformer", e))?;
+        let (c, d) = (config.clone(), device.clone());
+        let transformer = Component::with_residency("transformer", residency, true, move || {
+            MmditTransformer::new(&c, weights.var_builder(dtype, &d)?).map_err(|e| weights.mismatch("transformer", e))
+        })?;
 
-        let vae =
-            AutoencoderKl::load_weights(&component_weights(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
-        if vae.config().latent_channels != config.in_channels {
+        let weights = component_weights(source, "vae", "diffusion_pytorch_model")?;
+        let vae_config = VaeConfig::from_file(weights.config_path())?;
+        if vae_config.latent_channels != config.in_channels {
             return Err(Error::BadModelFile {
                 path: source.describe("vae"),
                 reason: format!(
                     "VAE has {} latent channels, the transformer expects {}",
-                    vae.config().latent_channels,
-                    config.in_channels
+                    vae_config.latent_channels, config.in_channels
                 ),
             });
         }
+        let d = device.clone();
+        let vae = Component::with_residency("vae", residency, false, move || {
+            AutoencoderKl::load_weights(&weights, &d, dtype)
+        })?;
         let scheduler = FlowMatchEulerScheduler::from_config_file(source.file("scheduler/scheduler_config.json")?)?
             .with_sigma_source(SigmaSource::SchedulerDefault);
         if scheduler.config().invert_sigmas {
@@ -153,11 +175,14 @@ impl Sd3Pipeline {
             clip_l,
             clip_g,
             t5,
+            prompts: PromptCache::default(),
+            config,
             transformer,
+            vae_config,
             vae,
             scheduler,
             turbo: is_turbo(source, &index_path),
-            device: device.clone(),
+            device,
             dtype,
         };
         pipe.check_widths()?;
@@ -166,8 +191,8 @@ impl Sd3Pipeline {
 
     /// The text encoders must produce what the transformer consumes.
     fn check_widths(&self) -> Result<()> {
-        let cfg = self.transformer.config();
-        let proj = |c: &Clip| c.encoder.config().projection_dim.unwrap_or(0);
+        let cfg = &self.config;
+        let proj = |c: &Clip| c.config.projection_dim.unwrap_or(0);
         let pooled = proj(&self.clip_l) + proj(&self.clip_g);
         if pooled != cfg.pooled_projection_dim {
             return Err(Error::BadModelFile {
@@ -178,8 +203,8 @@ impl Sd3Pipeline {
                 ),
             });
         }
-        let clip_width = self.clip_l.encoder.hidden_size() + self.clip_g.encoder.hidden_size();
-        let t5_width = self.t5.as_ref().map_or(cfg.joint_attention_dim, |t| t.encoder.hidden_size());
+        let clip_width = self.clip_l.config.hidden_size + self.clip_g.config.hidden_size;
+        let t5_width = self.t5.as_ref().map_or(cfg.joint_attention_dim, |t| t.width);
         if t5_width != cfg.joint_attention_dim || clip_width > t5_width {
             return Err(Error::BadModelFile {
                 path: "text_encoder_3/config.json".into(),
@@ -193,8 +218,9 @@ impl Sd3Pipeline {
         Ok(())
     }
 
-    pub fn transformer(&self) -> &MmditTransformer {
-        &self.transformer
+    /// The transformer (loaded now if it is not yet).
+    pub fn transformer(&self) -> Result<Arc<MmditTransformer>> {
+        self.transformer.get()
     }
 
     /// Whether the defaults are the Turbo ones (see the module docs for the rule).
@@ -223,27 +249,40 @@ impl Sd3Pipeline {
         what: &str,
         warnings: &mut Warnings,
     ) -> Result<Sd3Text> {
+        let key = format!("{max_sequence_length}\u{0}{padded}\u{0}{what}\u{0}{text}");
+        self.prompts.get_or_encode(key, warnings, |w| self.encode_uncached(text, max_sequence_length, padded, what, w))
+    }
+
+    fn encode_uncached(
+        &self,
+        text: &str,
+        max_sequence_length: usize,
+        padded: bool,
+        what: &str,
+        warnings: &mut Warnings,
+    ) -> Result<Sd3Text> {
         let mut states = Vec::new();
         let mut pooled = Vec::new();
         for clip in [&self.clip_l, &self.clip_g] {
             let t = clip.tokenizer.tokenize(text, CLIP_LEN)?;
             Self::warn_truncated(warnings, what, "CLIP", CLIP_LEN, &t);
             let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
-            let out = clip.encoder.encode_ids(ids)?;
-            states.push(out.penultimate_hidden_state);
-            pooled.push(out.text_embeds.ok_or_else(|| Error::BadModelFile {
+            let out = clip.encoder.get()?.encode_ids(ids)?;
+            states.push(out.penultimate_hidden_state.to_device(&self.device)?);
+            let pooled_out = out.text_embeds.ok_or_else(|| Error::BadModelFile {
                 path: clip.name.into(),
                 reason: "SD3 needs CLIPTextModelWithProjection weights (no text_projection found)".into(),
-            })?);
+            })?;
+            pooled.push(pooled_out.to_device(&self.device)?);
         }
         let clip = Tensor::cat(&states, D::Minus1)?;
-        let width = self.transformer.config().joint_attention_dim;
+        let width = self.config.joint_attention_dim;
         let t5 = match &self.t5 {
             Some(t5) => {
                 let t = t5.tokenizer.tokenize(text, max_sequence_length)?;
                 Self::warn_truncated(warnings, what, "T5 (max_sequence_length)", max_sequence_length, &t);
                 let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
-                t5.encoder.encode_ids(ids)?
+                t5.encoder.get()?.encode_ids(ids)?.to_device(&self.device)?
             }
             // diffusers: zeros of CLIP's length when the pipeline has no T5.
             None => Tensor::zeros((1, CLIP_LEN, width), clip.dtype(), &self.device)?,
@@ -256,7 +295,7 @@ impl Sd3Pipeline {
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
-        check_request(self.transformer.config(), self.vae.config().downscale_factor(), req)
+        check_request(&self.config, self.vae_config.downscale_factor(), req)
     }
 
     fn denoise(
@@ -267,8 +306,8 @@ impl Sd3Pipeline {
     ) -> Result<Denoised> {
         self.check(req)?;
         super::warn_unused_cfg_and_negative(req, &SD3, warnings);
-        let model_cfg = self.transformer.config();
-        let f = self.vae.config().downscale_factor();
+        let model_cfg = &self.config;
+        let f = self.vae_config.downscale_factor();
         let (lh, lw) = (req.height / f, req.width / f);
         let init = match &req.init_latents {
             Some(t) => t.to_device(&self.device)?,
@@ -299,6 +338,13 @@ impl Sd3Pipeline {
             _ => &positive.pooled,
         };
         // CFG batches [uncond, cond]; built once.
+        // Sequential residency: the text encoders go before the transformer comes.
+        self.clip_l.encoder.release();
+        self.clip_g.encoder.release();
+        if let Some(t5) = &self.t5 {
+            t5.encoder.release();
+        }
+        let transformer = self.transformer.get()?;
         let batched = match (&negative, cfg_scale) {
             (Some(n), Some(_)) => Some(Sd3Text {
                 embeds: Tensor::cat(&[&n.embeds, &positive.embeds], 0)?,
@@ -322,7 +368,7 @@ impl Sd3Pipeline {
             let call = |latents: &Tensor, text: &Sd3Text, negative: Option<&NegativeContext>| -> Result<Tensor> {
                 let b = latents.dim(0)?;
                 let timestep = Tensor::from_vec(vec![t; b], b, &self.device)?;
-                self.transformer.forward(&MmditInputs {
+                transformer.forward(&MmditInputs {
                     latents,
                     timestep: &timestep,
                     context: &text.embeds,
@@ -442,7 +488,7 @@ pub fn sd3_defaults(cfg: &MmditConfig, turbo: bool, vae_factor: usize) -> Defaul
 
 impl TextToImage for Sd3Pipeline {
     fn defaults(&self) -> Defaults {
-        sd3_defaults(self.transformer.config(), self.turbo, self.vae.config().downscale_factor())
+        sd3_defaults(&self.config, self.turbo, self.vae_config.downscale_factor())
     }
 
     fn validate(&self, req: &ResolvedRequest) -> Result<()> {
@@ -458,8 +504,23 @@ impl TextToImage for Sd3Pipeline {
         self.denoise(req, on_step, warnings)
     }
 
+    fn loaded_components(&self) -> Vec<(&'static str, bool)> {
+        let mut out = vec![
+            ("text_encoder", self.clip_l.encoder.is_loaded()),
+            ("text_encoder_2", self.clip_g.encoder.is_loaded()),
+        ];
+        if let Some(t5) = &self.t5 {
+            out.push(("text_encoder_3", t5.encoder.is_loaded()));
+        }
+        out.extend([("transformer", self.transformer.is_loaded()), ("vae", self.vae.is_loaded())]);
+        out
+    }
+
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae.decode_latents(latents)
+        let vae = self.vae.get()?;
+        let image = vae.decode_latents(latents);
+        self.vae.release();
+        image
     }
 }
 

@@ -37,10 +37,11 @@ use crate::models::unet::{PagLayers, Perturbation, UNet2DConditionModel, UNetCon
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
 use crate::pipelines::request::vae_decoder_term;
+use crate::pipelines::residency::{Component, LoadOptions, PromptCache};
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::Scheduler;
 use crate::schedulers::{load_scheduler_and_config, scheduler_override};
-use crate::text::clip::{ClipTextEncoder, ClipTokenizer};
+use crate::text::clip::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
 
 /// CLIP's context length.
@@ -67,7 +68,8 @@ pub struct SdText {
 
 struct Clip {
     tokenizer: ClipTokenizer,
-    encoder: ClipTextEncoder,
+    encoder: Component<ClipTextEncoder>,
+    config: ClipTextConfig,
 }
 
 /// `vae/config.json`'s latent normalisation (Playground v2.5 has per-channel mean and std).
@@ -92,8 +94,10 @@ pub struct StableDiffusionPipeline {
     clip: Clip,
     /// SDXL's second encoder (CLIP-G with projection).
     clip_2: Option<Clip>,
+    prompts: PromptCache<SdText>,
     unet: UNet2DConditionModel,
-    vae: AutoencoderKl,
+    vae_config: VaeConfig,
+    vae: Component<AutoencoderKl>,
     latent_stats: VaeLatentStats,
     scheduler: Box<dyn Scheduler>,
     /// `scheduler_config.json` as read, the base of a `scheduler` override.
@@ -105,17 +109,28 @@ pub struct StableDiffusionPipeline {
     dtype: DType,
 }
 
-fn load_clip(source: &ModelSource, tokenizer: &str, encoder: &str, device: &Device, dtype: DType) -> Result<Clip> {
-    Ok(Clip {
-        tokenizer: clip_tokenizer(source, tokenizer)?,
-        encoder: ClipTextEncoder::load_weights(&component_weights(source, encoder, "model")?, device, dtype)?,
-    })
+fn load_clip(source: &ModelSource, tokenizer: &str, encoder: &'static str, opts: &LoadOptions) -> Result<Clip> {
+    let weights = component_weights(source, encoder, "model")?;
+    let config = ClipTextConfig::from_file(weights.config_path())?;
+    let (device, dtype) = (opts.text_device().clone(), opts.text_dtype());
+    let encoder = Component::with_residency(encoder, opts.residency, false, move || {
+        ClipTextEncoder::load_weights(&weights, &device, dtype)
+    })?;
+    Ok(Clip { tokenizer: clip_tokenizer(source, tokenizer)?, encoder, config })
 }
 
 impl StableDiffusionPipeline {
     /// Load a `StableDiffusionPipeline` or `StableDiffusionXLPipeline` folder (local or from the
     /// hub cache), as `model_index.json` declares it.
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with(source, &LoadOptions::new(device, dtype))
+    }
+
+    /// As [`Self::load`], with the text encoders' device and the components' residency. The
+    /// UNet (small next to a DiT) is always resident; the text encoders and the VAE follow
+    /// [`LoadOptions::residency`].
+    pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let (device, dtype) = (&opts.device, opts.dtype);
         let index_path = source.file("model_index.json")?;
         let index: serde_json::Value = read_json(&index_path, "model_index.json")?;
         let variant = variant_of(&index);
@@ -124,10 +139,10 @@ impl StableDiffusionPipeline {
             .and_then(|v| v.as_bool())
             .unwrap_or(variant == SdVariant::StableDiffusionXl);
 
-        let clip = load_clip(source, "tokenizer", "text_encoder", device, dtype)?;
+        let clip = load_clip(source, "tokenizer", "text_encoder", opts)?;
         let clip_2 = match variant {
             SdVariant::StableDiffusion => None,
-            SdVariant::StableDiffusionXl => Some(load_clip(source, "tokenizer_2", "text_encoder_2", device, dtype)?),
+            SdVariant::StableDiffusionXl => Some(load_clip(source, "tokenizer_2", "text_encoder_2", opts)?),
         };
 
         let weights = component_weights(source, "unet", "diffusion_pytorch_model")?;
@@ -136,7 +151,7 @@ impl StableDiffusionPipeline {
             .map_err(|e| weights.mismatch("UNet", e))?;
 
         // The text widths must fit the UNet.
-        let text_width = clip.encoder.hidden_size() + clip_2.as_ref().map_or(0, |c| c.encoder.hidden_size());
+        let text_width = clip.config.hidden_size + clip_2.as_ref().map_or(0, |c| c.config.hidden_size);
         if text_width != config.context_dim() {
             return Err(Error::BadModelFile {
                 path: source.describe("unet"),
@@ -159,7 +174,7 @@ impl StableDiffusionPipeline {
             _ => {}
         }
         if let (Some(c2), Some(pooled)) = (&clip_2, config.pooled_text_dim()) {
-            let proj = c2.encoder.config().projection_dim.unwrap_or(c2.encoder.hidden_size());
+            let proj = c2.config.projection_dim.unwrap_or(c2.config.hidden_size);
             if proj != pooled {
                 return Err(Error::BadModelFile {
                     path: source.describe("unet"),
@@ -174,34 +189,40 @@ impl StableDiffusionPipeline {
         let latent_stats: VaeLatentStats = read_json(vae_weights.config_path(), "VAE config")?;
         let vae_dtype =
             if dtype == DType::F16 && latent_stats.force_upcast.unwrap_or(true) { DType::F32 } else { dtype };
-        let vae = AutoencoderKl::load_weights(&vae_weights, device, vae_dtype)?;
-        if vae.config().latent_channels != config.in_channels {
+        let vae_config = VaeConfig::from_file(vae_weights.config_path())?;
+        if vae_config.latent_channels != config.in_channels {
             return Err(Error::BadModelFile {
                 path: source.describe("vae"),
                 reason: format!(
                     "VAE has {} latent channels, the UNet expects {}",
-                    vae.config().latent_channels,
-                    config.in_channels
+                    vae_config.latent_channels, config.in_channels
                 ),
             });
         }
+        let config_path = vae_weights.config_path().to_path_buf();
         for (key, v) in [("latents_mean", &latent_stats.latents_mean), ("latents_std", &latent_stats.latents_std)] {
             if let Some(v) = v {
                 if v.len() != config.in_channels {
                     return Err(Error::BadModelFile {
-                        path: vae_weights.config_path().display().to_string(),
+                        path: config_path.display().to_string(),
                         reason: format!("{key} has {} entries for {} latent channels", v.len(), config.in_channels),
                     });
                 }
             }
         }
+        let d = device.clone();
+        let vae = Component::with_residency("vae", opts.residency, false, move || {
+            AutoencoderKl::load_weights(&vae_weights, &d, vae_dtype)
+        })?;
         let (scheduler, scheduler_config) = folder_scheduler(source)?;
         let pag_layers = unet.pag_layers(&DEFAULT_PAG_LAYERS.map(String::from)).unwrap_or_default();
         Ok(Self {
             variant,
             clip,
             clip_2,
+            prompts: PromptCache::default(),
             unet,
+            vae_config,
             vae,
             latent_stats,
             scheduler,
@@ -248,11 +269,23 @@ impl StableDiffusionPipeline {
     /// diffusers' `encode_prompt` for one prompt. `padded`: 77 tokens (diffusers); unpadded:
     /// `[BOS, tokens, EOS]` only (VSF's negative prompt). `what` names it in warnings.
     pub fn encode_prompt(&self, text: &str, padded: bool, what: &str, warnings: &mut Warnings) -> Result<SdText> {
+        let key = format!("{padded}\u{0}{what}\u{0}{text}");
+        self.prompts.get_or_encode(key, warnings, |w| self.encode_uncached(text, padded, what, w))
+    }
+
+    fn encode_uncached(&self, text: &str, padded: bool, what: &str, warnings: &mut Warnings) -> Result<SdText> {
+        let device = &self.device;
         let mut encode = |clip: &Clip| -> Result<_> {
             let t = clip.tokenizer.tokenize(text, CLIP_LEN)?;
             Self::warn_truncated(warnings, what, &t);
             let ids = if padded { &t.ids[..] } else { &t.ids[..t.len] };
-            clip.encoder.encode_ids(ids)
+            let out = clip.encoder.get()?.encode_ids(ids)?;
+            Ok(crate::text::clip::ClipTextOutput {
+                last_hidden_state: out.last_hidden_state.to_device(device)?,
+                penultimate_hidden_state: out.penultimate_hidden_state.to_device(device)?,
+                pooled: out.pooled.to_device(device)?,
+                text_embeds: out.text_embeds.map(|t| t.to_device(device)).transpose()?,
+            })
         };
         let first = encode(&self.clip)?;
         match &self.clip_2 {
@@ -276,12 +309,12 @@ impl StableDiffusionPipeline {
     }
 
     fn vae_factor(&self) -> usize {
-        self.vae.config().downscale_factor()
+        self.vae_config.downscale_factor()
     }
 
     fn check(&self, req: &ResolvedRequest) -> Result<()> {
         let scheduler = self.scheduler_for(req)?;
-        check_request(self.unet.config(), self.vae.config(), scheduler.as_ref(), req)?;
+        check_request(self.unet.config(), &self.vae_config, scheduler.as_ref(), req)?;
         if let Some(layers) = &req.sampler.pag_layers {
             self.unet.pag_layers(layers)?;
         }
@@ -349,6 +382,11 @@ impl StableDiffusionPipeline {
         } else {
             None
         };
+        // Sequential residency: the text encoders are done.
+        self.clip.encoder.release();
+        if let Some(c) = &self.clip_2 {
+            c.encoder.release();
+        }
 
         // Rows: [uncond?, cond, perturbed?].
         let mut contexts = Vec::new();
@@ -426,10 +464,17 @@ impl StableDiffusionPipeline {
     /// Decode with the VAE's latent normalisation: `z / scaling` or, with `latents_mean` /
     /// `latents_std` (Playground v2.5), `z std / scaling + mean`.
     fn decode_latents(&self, latents: &Tensor) -> Result<Tensor> {
+        let vae = self.vae.get()?;
+        let image = self.decode_with(&vae, latents);
+        self.vae.release();
+        image
+    }
+
+    fn decode_with(&self, vae: &AutoencoderKl, latents: &Tensor) -> Result<Tensor> {
         let (Some(mean), Some(std)) = (&self.latent_stats.latents_mean, &self.latent_stats.latents_std) else {
-            return self.vae.decode_latents(latents);
+            return vae.decode_latents(latents);
         };
-        let scaling = self.latent_stats.scaling_factor.unwrap_or(self.vae.config().scaling_factor);
+        let scaling = self.latent_stats.scaling_factor.unwrap_or(self.vae_config.scaling_factor);
         let c = mean.len();
         let to = |v: Vec<f32>| Tensor::from_vec(v, (1, c, 1, 1), latents.device());
         let std_t = to(std.iter().map(|&s| s as f32).collect())?;
@@ -437,7 +482,7 @@ impl StableDiffusionPipeline {
         // AutoencoderKl divides by the scaling factor: pre-multiply so that the result is
         // `z std / scaling + mean`.
         let z = latents.to_dtype(DType::F32)?.broadcast_mul(&std_t)?.broadcast_add(&shift)?;
-        self.vae.decode_latents(&z)
+        vae.decode_latents(&z)
     }
 }
 
@@ -586,6 +631,15 @@ impl TextToImage for StableDiffusionPipeline {
         warnings: &mut Warnings,
     ) -> Result<Denoised> {
         self.denoise(req, on_step, warnings)
+    }
+
+    fn loaded_components(&self) -> Vec<(&'static str, bool)> {
+        let mut out = vec![("text_encoder", self.clip.encoder.is_loaded())];
+        if let Some(c) = &self.clip_2 {
+            out.push(("text_encoder_2", c.encoder.is_loaded()));
+        }
+        out.extend([("unet", true), ("vae", self.vae.is_loaded())]);
+        out
     }
 
     fn decode(&self, latents: &Tensor) -> Result<Tensor> {

@@ -388,18 +388,11 @@ pub struct ClipTextEncoder {
     dir: PathBuf,
 }
 
-impl ClipTextEncoder {
-    /// Load `dir/config.json` and `dir/model.safetensors` (or its sharded index), converting
-    /// weights to `dtype` on `device`.
-    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_weights(&ComponentWeights::from_dir(dir, "model", "CLIP text encoder")?, device, dtype)
-    }
-
-    /// Load from a component's config and weights, wherever they come from.
-    pub fn load_weights(weights: &ComponentWeights, device: &Device, dtype: DType) -> Result<Self> {
-        let dir = PathBuf::from(weights.origin());
-        let config_path = weights.config_path().to_path_buf();
-        let mut json: serde_json::Value = read_config(&config_path, "CLIP text config")?;
+impl ClipTextConfig {
+    /// Read and check a CLIP text `config.json` (a full CLIPModel config's `text_config` too),
+    /// without touching the weights.
+    pub fn from_file(config_path: &Path) -> Result<Self> {
+        let mut json: serde_json::Value = read_config(config_path, "CLIP text config")?;
         // A full CLIPModel config nests the text part.
         if let Some(text) = json.get("text_config").filter(|t| t.is_object()) {
             json = text.clone();
@@ -408,7 +401,6 @@ impl ClipTextEncoder {
             path: config_path.display().to_string(),
             reason: format!("invalid CLIP text config: {e}"),
         })?;
-        let activation = Activation::parse(&config.hidden_act, &config_path)?;
         if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
             return Err(Error::BadModelFile {
                 path: config_path.display().to_string(),
@@ -425,6 +417,24 @@ impl ClipTextEncoder {
             });
         }
 
+        Activation::parse(&config.hidden_act, config_path)?;
+        Ok(config)
+    }
+}
+
+impl ClipTextEncoder {
+    /// Load `dir/config.json` and `dir/model.safetensors` (or its sharded index), converting
+    /// weights to `dtype` on `device`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_weights(&ComponentWeights::from_dir(dir, "model", "CLIP text encoder")?, device, dtype)
+    }
+
+    /// Load from a component's config and weights, wherever they come from.
+    pub fn load_weights(weights: &ComponentWeights, device: &Device, dtype: DType) -> Result<Self> {
+        let dir = PathBuf::from(weights.origin());
+        let config_path = weights.config_path().to_path_buf();
+        let config = ClipTextConfig::from_file(&config_path)?;
+        let activation = Activation::parse(&config.hidden_act, &config_path)?;
         let root = weights.var_builder(dtype, device)?;
         let vb = if root.contains_tensor("text_model.embeddings.token_embedding.weight") {
             root.pp("text_model")
