@@ -11,6 +11,7 @@ use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextC
 use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 
+use crate::arithmetic;
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 
 #[derive(Args)]
@@ -177,19 +178,27 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             ],
         )?;
         let (none, nag_ms, cfg_ms) = (t[0], t[1], t[2]);
+        let limit = arithmetic::unet(&[320, 640, 1280], &[0, depths[1], depths[2]], 2, size / 8, 77, 2048, 16);
         println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, CFG {:+.0}%",
             size,
             none,
             nag_ms,
             pct(nag_ms, none),
             cfg_ms,
-            pct(cfg_ms, none)
+            pct(cfg_ms, none),
+            limit.nag * 100.0,
+            limit.cfg * 100.0
         );
     }
-    println!("\nPaper (NAG Table 4, SDXL, A100, full depth): NAG +22%, CFG +34% per step.");
+    println!("\n{LIMIT_NOTE}");
+    println!("Paper (NAG Table 4, SDXL, A100, full depth): NAG +22%, CFG +34% per step.");
     Ok(())
 }
+
+/// What the `limit` column means.
+const LIMIT_NOTE: &str = "limit: the method's extra multiply-adds per step over the baseline's, counted from the \
+shapes (linear layers, convolutions, attention products): what a perfect implementation would pay.";
 
 fn pct(x: f64, base: f64) -> f64 {
     (x / base - 1.0) * 100.0
@@ -258,8 +267,9 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             ],
         )?;
         let (none, nag_ms, vsf_ms, cfg_ms) = (times[0], times[1], times[2], times[3]);
+        let limit = arithmetic::mmdit(2432, a.sd3_blocks, (size / 16) * (size / 16), ctx_len, 16);
         println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%, CFG {:+.0}%",
             size,
             none,
             nag_ms,
@@ -267,10 +277,14 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             vsf_ms,
             pct(vsf_ms, none),
             cfg_ms,
-            pct(cfg_ms, none)
+            pct(cfg_ms, none),
+            limit.nag * 100.0,
+            limit.vsf.unwrap_or(0.0) * 100.0,
+            limit.cfg * 100.0
         );
     }
-    println!("\nPapers: NAG Table 4 (SD3.5-Large, A100, full depth) NAG +43%, CFG +95% per step;");
+    println!("\n{LIMIT_NOTE}");
+    println!("Papers: NAG Table 4 (SD3.5-Large, A100, full depth) NAG +43%, CFG +95% per step;");
     println!("VSF Table 2 (SD3.5-Large-Turbo, 8 steps) baseline 2.14 s, NAG 2.98 s (+39%), VSF 3.00 s (+40%).");
     Ok(())
 }
@@ -328,16 +342,20 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             ],
         )?;
         let (none, nag_ms, cfg_ms) = (times[0], times[1], times[2]);
+        let limit = arithmetic::flux(3072, a.double_blocks, a.single_blocks, (size / 16) * (size / 16), a.text_len);
         println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, CFG {:+.0}%",
             size,
             none,
             nag_ms,
             pct(nag_ms, none),
             cfg_ms,
-            pct(cfg_ms, none)
+            pct(cfg_ms, none),
+            limit.nag * 100.0,
+            limit.cfg * 100.0
         );
     }
-    println!("\nPaper (NAG Table 4, Flux, A100, full depth): NAG +87%, CFG +100% per step.");
+    println!("\n{LIMIT_NOTE}");
+    println!("Paper (NAG Table 4, Flux, A100, full depth): NAG +87%, CFG +100% per step.");
     Ok(())
 }

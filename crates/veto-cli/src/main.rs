@@ -1,6 +1,7 @@
 //! `veto`: negative prompts that work on few-step diffusion models. Argument parsing and
 //! printing only; the work is in the `veto` library.
 
+mod arithmetic;
 mod bench;
 mod generate;
 mod outputs;

@@ -1,0 +1,180 @@
+//! The arithmetic limit of each method's overhead: the multiply-adds a method adds to one
+//! denoising step divided by the baseline's, counted from the model's shape (linear layers,
+//! convolutions and the two attention products; norms, softmax, modulation and elementwise work
+//! are left out as small). A perfect implementation of the method would pay this much; `veto
+//! bench` prints it next to each measured ratio.
+
+/// Overheads as fractions of the baseline (0.5 = +50%); `None` where a method does not apply.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    pub nag: f64,
+    pub vsf: Option<f64>,
+    pub cfg: f64,
+}
+
+/// Multiply-adds of one token through a transformer block's linear layers: q, k, v and out
+/// projections (4d²) and an MLP of ratio `r` (2r·d²). Flux's single blocks fuse the same
+/// layers differently (d → 3d + r·d, then d + r·d → d): the same 4 + 2r.
+fn block_linear(d: f64, r: f64) -> f64 {
+    d * d * (4.0 + 2.0 * r)
+}
+
+/// Multiply-adds of attention of `nq` queries over `nk` keys at width `d` (scores and values).
+fn attention(nq: f64, nk: f64, d: f64) -> f64 {
+    2.0 * nq * nk * d
+}
+
+/// A joint (two-stream) block on `a` tokens of one stream and `b` of the other.
+fn joint_block(a: f64, b: f64, d: f64, r: f64) -> f64 {
+    (a + b) * block_linear(d, r) + attention(a + b, a + b, d)
+}
+
+/// A second text stream of `t` tokens beside `i` shared image tokens: its linear layers, the
+/// image queries over its keys, and its queries over the image and itself.
+fn negative_text(i: f64, t: f64, d: f64, r: f64) -> f64 {
+    t * block_linear(d, r) + attention(i, t, d) + attention(t, i + t, d)
+}
+
+/// Flux: `double` + `single` blocks of width `d`, `img` image and `txt` text tokens. NAG as the
+/// official code: a negative text stream in the double blocks, a whole second stream (its own
+/// image tokens and modulation) in the single blocks. CFG: a second pass.
+pub fn flux(d: usize, double: usize, single: usize, img: usize, txt: usize) -> Limits {
+    let (d, i, t, r) = (d as f64, img as f64, txt as f64, 4.0);
+    let block = joint_block(i, t, d, r);
+    let base = (double + single) as f64 * block;
+    let nag = double as f64 * negative_text(i, t, d, r) + single as f64 * block;
+    Limits { nag: nag / base, vsf: None, cfg: 1.0 }
+}
+
+/// SD3 MMDiT: `blocks` joint blocks of width `d`, `img` image and `ctx` context tokens; NAG adds
+/// a negative context stream of `ctx` tokens, VSF one of `vsf_tokens` (unpadded) whose values
+/// the image attends to; CFG batches a second row.
+pub fn mmdit(d: usize, blocks: usize, img: usize, ctx: usize, vsf_tokens: usize) -> Limits {
+    let (d, i, c, v, r) = (d as f64, img as f64, ctx as f64, vsf_tokens as f64, 4.0);
+    let base = blocks as f64 * joint_block(i, c, d, r);
+    let nag = blocks as f64 * negative_text(i, c, d, r);
+    let vsf = blocks as f64 * (v * block_linear(d, r) + attention(i, v, d) + attention(v, i + c + v, d));
+    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0 }
+}
+
+/// The SDXL-type UNet (diffusers' `UNet2DConditionModel`): `channels` per level, transformer
+/// `depths` per level (0: no attention), `layers` resnets per down level, a `side`² latent,
+/// `ctx` text tokens of width `ctx_dim`. NAG adds, in every cross-attention, the key/value
+/// projections of the negative text and the image queries over it; VSF the same for the
+/// unpadded negative of `vsf_tokens`.
+pub fn unet(
+    channels: &[usize],
+    depths: &[usize],
+    layers: usize,
+    side: usize,
+    ctx: usize,
+    ctx_dim: usize,
+    vsf_tokens: usize,
+) -> Limits {
+    let levels = channels.len();
+    let n_at = |level: usize| ((side >> level) * (side >> level)) as f64;
+    let resnet = |cin: usize, cout: usize, n: f64| {
+        let (ci, co) = (cin as f64, cout as f64);
+        9.0 * ci * co * n + 9.0 * co * co * n + if cin != cout { ci * co * n } else { 0.0 }
+    };
+    // One transformer model of `depth` basic blocks at width `c` over `n` tokens: proj in/out,
+    // self-attention, cross-attention (queries/out on the image; keys/values of the text),
+    // GEGLU feed-forward (c -> 8c, 4c -> c). `neg`: the extra of one more text of `t` tokens.
+    let transformer = |c: usize, n: f64, depth: usize, t: f64| {
+        let c = c as f64;
+        let block = 4.0 * c * c * n
+            + attention(n, n, c)
+            + 2.0 * c * c * n
+            + 2.0 * t * ctx_dim as f64 * c
+            + attention(n, t, c)
+            + 12.0 * c * c * n;
+        2.0 * c * c * n + depth as f64 * block
+    };
+    let extra_text = |c: usize, n: f64, depth: usize, t: f64| {
+        let c = c as f64;
+        depth as f64 * (2.0 * t * ctx_dim as f64 * c + attention(n, t, c))
+    };
+    let ctx = ctx as f64;
+    // conv_in (4 -> c0), counted with conv_out below.
+    let (mut base, mut nag, mut vsf) = (9.0 * 4.0 * channels[0] as f64 * n_at(0), 0.0, 0.0);
+    // A level's transformer (none at depth 0): (baseline, NAG extra, VSF extra).
+    let attend = |c: usize, n: f64, depth: usize| {
+        if depth == 0 {
+            return (0.0, 0.0, 0.0);
+        }
+        (transformer(c, n, depth, ctx), extra_text(c, n, depth, ctx), extra_text(c, n, depth, vsf_tokens as f64))
+    };
+    let mut add = |(b, g, v): (f64, f64, f64)| {
+        base += b;
+        nag += g;
+        vsf += v;
+    };
+    // Down path: the skip connections' channels, for the up path.
+    let mut skips = vec![channels[0]];
+    let mut cin = channels[0];
+    for (level, &c) in channels.iter().enumerate() {
+        let n = n_at(level);
+        for _ in 0..layers {
+            add((resnet(cin, c, n), 0.0, 0.0));
+            add(attend(c, n, depths[level]));
+            cin = c;
+            skips.push(c);
+        }
+        if level + 1 < levels {
+            add((9.0 * (c * c) as f64 * n_at(level + 1), 0.0, 0.0));
+            skips.push(c);
+        }
+    }
+    // Middle: resnet, transformer, resnet at the last level.
+    let last = levels - 1;
+    add((2.0 * resnet(channels[last], channels[last], n_at(last)), 0.0, 0.0));
+    add(attend(channels[last], n_at(last), depths[last]));
+    // Up path: `layers + 1` resnets per level on the concatenated skips, then an upsampler.
+    let mut prev = channels[last];
+    for level in (0..levels).rev() {
+        let (c, n) = (channels[level], n_at(level));
+        for _ in 0..=layers {
+            let skip = skips.pop().unwrap_or(c);
+            add((resnet(prev + skip, c, n), 0.0, 0.0));
+            add(attend(c, n, depths[level]));
+            prev = c;
+        }
+        if level > 0 {
+            add((9.0 * (c * c) as f64 * n_at(level - 1), 0.0, 0.0));
+        }
+    }
+    add((9.0 * channels[0] as f64 * 4.0 * n_at(0), 0.0, 0.0));
+    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real FLUX.1 at 512² (1024 image, 256 text tokens): the single blocks double, the double
+    /// blocks add a fifth — about +74% by construction, whatever the depth at the real 1:2 ratio.
+    #[test]
+    fn flux_nag_is_dominated_by_the_single_blocks() {
+        let real = flux(3072, 19, 38, 1024, 256);
+        let bench = flux(3072, 1, 2, 1024, 256);
+        assert!((real.nag - bench.nag).abs() < 1e-9);
+        assert!((0.70..0.78).contains(&real.nag), "{}", real.nag);
+        assert_eq!(real.cfg, 1.0);
+        assert!(flux(3072, 19, 0, 1024, 256).nag < 0.3, "double blocks alone add only the text");
+    }
+
+    #[test]
+    fn mmdit_shares_shrink_with_the_image() {
+        let small = mmdit(2432, 38, 1024, 333, 16);
+        let large = mmdit(2432, 38, 4096, 333, 16);
+        assert!(large.nag < small.nag && large.vsf.unwrap() < small.vsf.unwrap());
+        assert!(small.vsf.unwrap() < 0.05 && small.nag > 0.2, "{small:?}");
+    }
+
+    #[test]
+    fn unet_nag_is_a_few_percent() {
+        let sdxl = unet(&[320, 640, 1280], &[0, 2, 10], 2, 128, 77, 2048, 16);
+        assert!(sdxl.nag > 0.0 && sdxl.nag < 0.1, "{sdxl:?}");
+        assert!(sdxl.vsf.unwrap() < sdxl.nag);
+    }
+}
