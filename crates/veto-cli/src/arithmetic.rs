@@ -10,6 +10,8 @@ pub struct Limits {
     pub nag: f64,
     pub vsf: Option<f64>,
     pub cfg: f64,
+    /// The baseline's multiply-adds per step.
+    pub base_macs: f64,
 }
 
 /// Multiply-adds of one token through a transformer block's linear layers: q, k, v and out
@@ -43,7 +45,7 @@ pub fn flux(d: usize, double: usize, single: usize, img: usize, txt: usize) -> L
     let block = joint_block(i, t, d, r);
     let base = (double + single) as f64 * block;
     let nag = double as f64 * negative_text(i, t, d, r) + single as f64 * block;
-    Limits { nag: nag / base, vsf: None, cfg: 1.0 }
+    Limits { nag: nag / base, vsf: None, cfg: 1.0, base_macs: base }
 }
 
 /// SD3 MMDiT: `blocks` joint blocks of width `d`, `img` image and `ctx` context tokens; NAG adds
@@ -54,17 +56,19 @@ pub fn mmdit(d: usize, blocks: usize, img: usize, ctx: usize, vsf_tokens: usize)
     let base = blocks as f64 * joint_block(i, c, d, r);
     let nag = blocks as f64 * negative_text(i, c, d, r);
     let vsf = blocks as f64 * (v * block_linear(d, r) + attention(i, v, d) + attention(v, i + c + v, d));
-    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0 }
+    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0, base_macs: base }
 }
 
-/// The SDXL-type UNet (diffusers' `UNet2DConditionModel`): `channels` per level, transformer
-/// `depths` per level (0: no attention), `layers` resnets per down level, a `side`² latent,
+/// A diffusers `UNet2DConditionModel` (SD1.5, SDXL): `channels` per level, transformer `depths`
+/// per level (0: no attention) and in the middle, `layers` resnets per down level, a `side`² latent,
 /// `ctx` text tokens of width `ctx_dim`. NAG adds, in every cross-attention, the key/value
 /// projections of the negative text and the image queries over it; VSF the same for the
 /// unpadded negative of `vsf_tokens`.
+#[allow(clippy::too_many_arguments)]
 pub fn unet(
     channels: &[usize],
     depths: &[usize],
+    mid_depth: usize,
     layers: usize,
     side: usize,
     ctx: usize,
@@ -128,7 +132,7 @@ pub fn unet(
     // Middle: resnet, transformer, resnet at the last level.
     let last = levels - 1;
     add((2.0 * resnet(channels[last], channels[last], n_at(last)), 0.0, 0.0));
-    add(attend(channels[last], n_at(last), depths[last]));
+    add(attend(channels[last], n_at(last), mid_depth));
     // Up path: `layers + 1` resnets per level on the concatenated skips, then an upsampler.
     let mut prev = channels[last];
     for level in (0..levels).rev() {
@@ -144,7 +148,7 @@ pub fn unet(
         }
     }
     add((9.0 * channels[0] as f64 * 4.0 * n_at(0), 0.0, 0.0));
-    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0 }
+    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0, base_macs: base }
 }
 
 #[cfg(test)]
@@ -173,7 +177,7 @@ mod tests {
 
     #[test]
     fn unet_nag_is_a_few_percent() {
-        let sdxl = unet(&[320, 640, 1280], &[0, 2, 10], 2, 128, 77, 2048, 16);
+        let sdxl = unet(&[320, 640, 1280], &[0, 2, 10], 10, 2, 128, 77, 2048, 16);
         assert!(sdxl.nag > 0.0 && sdxl.nag < 0.1, "{sdxl:?}");
         assert!(sdxl.vsf.unwrap() < sdxl.nag);
     }

@@ -178,7 +178,8 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             ],
         )?;
         let (none, nag_ms, cfg_ms) = (t[0], t[1], t[2]);
-        let limit = arithmetic::unet(&[320, 640, 1280], &[0, depths[1], depths[2]], 2, size / 8, 77, 2048, 16);
+        let limit =
+            arithmetic::unet(&[320, 640, 1280], &[0, depths[1], depths[2]], depths[2], 2, size / 8, 77, 2048, 16);
         println!(
             "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, CFG {:+.0}%",
             size,
