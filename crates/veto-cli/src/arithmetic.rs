@@ -10,6 +10,8 @@ pub struct Limits {
     pub nag: f64,
     pub vsf: Option<f64>,
     pub cfg: f64,
+    /// Flux's shared-image NAG variant.
+    pub shared_image: Option<f64>,
     /// The baseline's multiply-adds per step.
     pub base_macs: f64,
 }
@@ -39,13 +41,15 @@ fn negative_text(i: f64, t: f64, d: f64, r: f64) -> f64 {
 
 /// Flux: `double` + `single` blocks of width `d`, `img` image and `txt` text tokens. NAG as the
 /// official code: a negative text stream in the double blocks, a whole second stream (its own
-/// image tokens and modulation) in the single blocks. CFG: a second pass.
+/// image tokens and modulation) in the single blocks; the shared-image variant: a negative text
+/// stream in every block. CFG: a second pass.
 pub fn flux(d: usize, double: usize, single: usize, img: usize, txt: usize) -> Limits {
     let (d, i, t, r) = (d as f64, img as f64, txt as f64, 4.0);
     let block = joint_block(i, t, d, r);
     let base = (double + single) as f64 * block;
     let nag = double as f64 * negative_text(i, t, d, r) + single as f64 * block;
-    Limits { nag: nag / base, vsf: None, cfg: 1.0, base_macs: base }
+    let shared = (double + single) as f64 * negative_text(i, t, d, r);
+    Limits { nag: nag / base, vsf: None, cfg: 1.0, shared_image: Some(shared / base), base_macs: base }
 }
 
 /// SD3 MMDiT: `blocks` joint blocks of width `d`, `img` image and `ctx` context tokens; NAG adds
@@ -56,7 +60,7 @@ pub fn mmdit(d: usize, blocks: usize, img: usize, ctx: usize, vsf_tokens: usize)
     let base = blocks as f64 * joint_block(i, c, d, r);
     let nag = blocks as f64 * negative_text(i, c, d, r);
     let vsf = blocks as f64 * (v * block_linear(d, r) + attention(i, v, d) + attention(v, i + c + v, d));
-    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0, base_macs: base }
+    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0, shared_image: None, base_macs: base }
 }
 
 /// A diffusers `UNet2DConditionModel` (SD1.5, SDXL): `channels` per level, transformer `depths`
@@ -148,7 +152,7 @@ pub fn unet(
         }
     }
     add((9.0 * channels[0] as f64 * 4.0 * n_at(0), 0.0, 0.0));
-    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0, base_macs: base }
+    Limits { nag: nag / base, vsf: Some(vsf / base), cfg: 1.0, shared_image: None, base_macs: base }
 }
 
 #[cfg(test)]

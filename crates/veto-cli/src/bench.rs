@@ -6,7 +6,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use std::time::Instant;
-use veto::guidance::{AttentionGuidance, GuidancePlan, NagNorm, NagParams, NegativeContext, VsfParams};
+use veto::guidance::{AttentionGuidance, GuidancePlan, NagNorm, NagParams, NagVariant, NegativeContext, VsfParams};
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
@@ -311,14 +311,17 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         a.double_blocks, a.single_blocks, a.text_len, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!("{:>6} {:>12} {:>18} {:>18}", "size", "none (ms)", "NAG (ms, ratio)", "CFG (ms, ratio)");
+    println!(
+        "{:>6} {:>12} {:>18} {:>18} {:>18}",
+        "size", "none (ms)", "NAG (ms, ratio)", "CFG (ms, ratio)", "NAG shared-image"
+    );
     for &size in &a.sizes {
         let (lh, lw) = (size / 8, size / 8);
         let x = latents::pack(&Tensor::randn(0f32, 1.0, (1, 16, lh, lw), &device)?.to_dtype(dtype)?)?;
         let img_ids = latents::image_ids(lh, lw, &device)?;
         let txt_ids = latents::text_ids(a.text_len, &device)?;
         let t = Tensor::new(&[0.75f32], &device)?.to_dtype(dtype)?;
-        let call = |p: &TextConditioning, negative: Option<&NegativeContext>| {
+        let call = |p: &TextConditioning, negative: Option<&NegativeContext>, variant: NagVariant| {
             model.forward(&FluxInputs {
                 latents: &x,
                 img_ids: &img_ids,
@@ -327,33 +330,38 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 guidance: None,
                 positive: p,
                 negative,
+                nag_variant: variant,
             })
         };
         let times = time_methods(
             a.iters,
             &device,
             vec![
-                Box::new(|| Ok(call(&pos, None)?)),
-                Box::new(|| Ok(call(&pos, Some(&nag_context))?)),
+                Box::new(|| Ok(call(&pos, None, NagVariant::Official)?)),
+                Box::new(|| Ok(call(&pos, Some(&nag_context), NagVariant::Official)?)),
                 Box::new(|| {
-                    let vp = call(&pos, None)?;
-                    let vn = call(&neg, None)?;
+                    let vp = call(&pos, None, NagVariant::Official)?;
+                    let vn = call(&neg, None, NagVariant::Official)?;
                     Ok(cfg.combine_outputs(&vp, Some(&vn), None)?)
                 }),
+                Box::new(|| Ok(call(&pos, Some(&nag_context), NagVariant::SharedImage)?)),
             ],
         )?;
-        let (none, nag_ms, cfg_ms) = (times[0], times[1], times[2]);
+        let (none, nag_ms, cfg_ms, shared_ms) = (times[0], times[1], times[2], times[3]);
         let limit = arithmetic::flux(3072, a.double_blocks, a.single_blocks, (size / 16) * (size / 16), a.text_len);
         println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, CFG {:+.0}%",
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, CFG {:+.0}%, shared-image {:+.0}%",
             size,
             none,
             nag_ms,
             pct(nag_ms, none),
             cfg_ms,
             pct(cfg_ms, none),
+            shared_ms,
+            pct(shared_ms, none),
             limit.nag * 100.0,
-            limit.cfg * 100.0
+            limit.cfg * 100.0,
+            limit.shared_image.unwrap_or(0.0) * 100.0
         );
     }
     println!("\n{LIMIT_NOTE}");

@@ -98,6 +98,9 @@ pub struct GenerateArgs {
     /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).
     #[arg(long)]
     pub nag_pooled: Option<String>,
+    /// Flux, NAG/NASA: `official` (default: the single blocks run a second image stream, as the official code) or `shared-image` (veto's variant: one image stream, only the negative text is extra; cheaper, not the official semantics).
+    #[arg(long)]
+    pub nag_variant: Option<String>,
     /// The pipeline's guidance_scale as diffusers means it: Flux-dev's embedded guidance; SD3/SDXL's CFG scale [default: per model].
     #[arg(long)]
     pub guidance_scale: Option<f64>,
@@ -230,6 +233,9 @@ fn guidance_config(a: &GenerateArgs, defaults: &Defaults) -> Result<GuidanceConf
         Some("negative") => NagPooled::Negative,
         Some(other) => bail!("--nag-pooled: unknown value '{other}' (expected positive or negative)"),
     };
+    if let Some(v) = &a.nag_variant {
+        cfg.nag_variant = v.parse().map_err(|e: String| anyhow::anyhow!("--nag-variant: {e}"))?;
+    }
     cfg.validate().map_err(flag_error)?;
     Ok(cfg)
 }
@@ -277,6 +283,13 @@ fn check_flags(a: &GenerateArgs, family: &Family, method: Method) -> Result<()> 
         format!("{} has no pooled vector modulating the NAG stream", family.title),
     )?;
     given(a.nag_pooled.is_some(), "--nag-pooled", nag || att == Some(AttentionMethod::Nasa), needs("nag or nasa"))?;
+    given(
+        a.nag_variant.is_some(),
+        "--nag-variant",
+        family.nag_variants.len() > 1,
+        format!("{} has only the official NAG data flow", family.title),
+    )?;
+    given(a.nag_variant.is_some(), "--nag-variant", nag || att == Some(AttentionMethod::Nasa), needs("nag or nasa"))?;
     given(
         a.true_cfg_scale.is_some(),
         "--true-cfg-scale",

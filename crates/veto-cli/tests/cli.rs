@@ -390,6 +390,22 @@ fn sequential_memory_and_text_encoder_device_make_the_same_image() {
     }
 }
 
+/// `--nag-variant shared-image` runs on Flux and is recorded; other families and methods
+/// refuse it before loading.
+#[test]
+fn nag_variant_is_flux_and_nag_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("v.png");
+    run_tiny(&["--nag-variant", "shared-image", "--output", out.to_str().unwrap()]);
+    let reader = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap())).read_info().unwrap();
+    let parameters = &reader.info().uncompressed_latin1_text.iter().find(|t| t.keyword == "parameters").unwrap().text;
+    assert!(parameters.contains("NAG variant: shared-image"), "{parameters}");
+    expect_failure(&["--nag-variant", "sideways"], "--nag-variant: unknown NAG variant 'sideways'");
+    expect_failure(&["--nag-variant", "shared-image", "--guidance", "cfg"], "--nag-variant does not apply");
+    let sd3 = fixtures_of("sd3").join("large");
+    expect_failure_on(&sd3, &["--nag-variant", "shared-image"], "SD3 has only the official NAG data flow");
+}
+
 #[test]
 fn outputs_are_checked_before_the_model_loads() {
     expect_failure(&["--output", "x.gif"], "--output: x.gif has no image extension veto writes");

@@ -6,7 +6,7 @@
 //! Adding a family: a model under `models/`, a pipeline under `pipelines/`, and one entry here.
 
 use crate::error::{Error, Result};
-use crate::guidance::{AttentionMethod, CfgScaleSource, Method, StepWindow, VsfLayout};
+use crate::guidance::{AttentionMethod, CfgScaleSource, Method, NagVariant, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
 use crate::pipelines::{
     flux, sd3, sdxl, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
@@ -74,6 +74,8 @@ pub struct Family {
     pub vsf_layouts: &'static [VsfLayout],
     /// Whether `nag_pooled` (which pooled vector modulates the NAG stream) applies.
     pub nag_pooled: bool,
+    /// The NAG data flows the family has (`nag_variant`; every family has the official one).
+    pub nag_variants: &'static [NagVariant],
     /// Whether `max_sequence_length` applies (a T5 text encoder).
     pub t5_tokens: bool,
     /// Where its CFG scale comes from.
@@ -145,6 +147,12 @@ impl Family {
                 ),
             ));
         }
+        if !self.nag_variants.contains(&req.guidance.nag_variant) {
+            return Err(Error::parameter(
+                "nag_variant",
+                format!("'{}' is not available for {} (it has the official one)", req.guidance.nag_variant, self.title),
+            ));
+        }
         if let Some(bad) = req.sampler.given().into_iter().find(|o| !self.sampler_options.contains(o)) {
             return Err(Error::parameter(bad.name(), format!("not supported for {}", self.title)));
         }
@@ -164,6 +172,7 @@ pub static FLUX: Family = Family {
     methods: Methods { attention: CONTRAST, cfg: true, pag: false },
     vsf_layouts: &[],
     nag_pooled: false,
+    nag_variants: &[NagVariant::Official, NagVariant::SharedImage],
     t5_tokens: true,
     cfg_scale: CfgScaleSource::TrueCfgScale,
     window: StepWindow::Threshold,
@@ -183,6 +192,7 @@ pub static SD3: Family = Family {
     methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: false },
     vsf_layouts: &[VsfLayout::Paper, VsfLayout::Official],
     nag_pooled: true,
+    nag_variants: &[NagVariant::Official],
     t5_tokens: true,
     cfg_scale: CfgScaleSource::GuidanceScale,
     window: StepWindow::Threshold,
@@ -202,6 +212,7 @@ pub static UNET: Family = Family {
     methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: true },
     vsf_layouts: &[VsfLayout::Paper],
     nag_pooled: false,
+    nag_variants: &[NagVariant::Official],
     t5_tokens: false,
     cfg_scale: CfgScaleSource::GuidanceScale,
     window: StepWindow::FlooredSticky,

@@ -39,6 +39,10 @@ fn bad_requests_stop_before_the_weights_load() {
     g.nag.alpha = 2.0;
     let e = Pipeline::check_before_loading(&source, &GenerateRequest::new("a cat").guidance(g)).unwrap_err();
     assert!(matches!(e, veto::Error::InvalidParameter { name: "nag_alpha", .. }), "{e}");
+    let mut g = veto::GuidanceConfig::nag_default();
+    g.nag_variant = veto::guidance::NagVariant::SharedImage;
+    let e = Pipeline::check_before_loading(&source, &GenerateRequest::new("a cat").guidance(g)).unwrap_err();
+    assert!(matches!(e, veto::Error::InvalidParameter { name: "nag_variant", .. }), "{e}");
     let (family, defaults, resolved) = Pipeline::check_before_loading(&source, &GenerateRequest::new("a cat")).unwrap();
     assert_eq!(family.name, "sd3");
     assert_eq!(resolved.steps, defaults.steps);

@@ -38,6 +38,7 @@ fn check(model: &str, case: &str) {
         guidance: fx.get("guidance"),
         positive: &positive,
         negative: negative_context.as_ref(),
+        nag_variant: Default::default(),
     };
     let mut trace = Vec::new();
     let out = flux.forward_traced(&inputs, Some(&mut trace)).unwrap();
@@ -102,6 +103,7 @@ fn unsupported_negative_contexts_are_errors() {
             guidance: None,
             positive: &positive,
             negative: Some(&negative),
+            nag_variant: Default::default(),
         };
         match flux.forward(&inputs) {
             Ok(_) => String::new(),
@@ -113,4 +115,53 @@ fn unsupported_negative_contexts_are_errors() {
     let nag = guide_of(&fx).unwrap();
     assert!(run(&nag, 1..2).contains("guided rows"));
     assert_eq!(run(&nag, 0..1), "");
+}
+
+/// `NagVariant::SharedImage` (veto's opt-in variant, no official counterpart): the double
+/// blocks are the official ones; with the negative prompt equal to the positive one the
+/// contrast vanishes and the output is the unguided one (as for the official data flow); with
+/// another negative prompt it differs from both the unguided and the official output.
+#[test]
+fn shared_image_variant() {
+    use veto::guidance::NagVariant;
+    let fx = Fixture::load("flux", "transformer_schnell_nag_l1.safetensors");
+    let flux = load_model("schnell");
+    let positive = TextConditioning { hidden: fx.t("encoder_hidden_states").clone(), pooled: fx.t("pooled").clone() };
+    let negative =
+        TextConditioning { hidden: fx.t("neg_encoder_hidden_states").clone(), pooled: fx.t("neg_pooled").clone() };
+    let nag = guide_of(&fx).unwrap();
+    let nasa = AttentionGuidance::Contrast(veto::guidance::Contrast::Nasa { scale: 0.5 });
+    let run = |neg: Option<(&TextConditioning, &AttentionGuidance)>, variant: NagVariant| {
+        let context =
+            neg.map(|(n, method)| NegativeContext { method, states: &n.hidden, pooled: Some(&n.pooled), rows: 0..1 });
+        let inputs = FluxInputs {
+            latents: fx.t("hidden_states"),
+            img_ids: fx.t("img_ids"),
+            txt_ids: fx.t("txt_ids"),
+            timestep: fx.t("timestep"),
+            guidance: None,
+            positive: &positive,
+            negative: context.as_ref(),
+            nag_variant: variant,
+        };
+        let mut trace = Vec::new();
+        let out = flux.forward_traced(&inputs, Some(&mut trace)).unwrap();
+        (out, trace)
+    };
+    let (none, _) = run(None, NagVariant::SharedImage);
+    let (same, _) = run(Some((&positive, &nag)), NagVariant::SharedImage);
+    assert_close("shared-image, negative = positive", &same, &none, 1e-5);
+
+    let (official, official_trace) = run(Some((&negative, &nag)), NagVariant::Official);
+    let (shared, shared_trace) = run(Some((&negative, &nag)), NagVariant::SharedImage);
+    for ((name, a), (_, b)) in official_trace.iter().zip(&shared_trace).filter(|((n, _), _)| n.starts_with("double_")) {
+        assert_close(name, b, a, 1e-6);
+    }
+    let differs = |a: &candle_core::Tensor, b: &candle_core::Tensor| common::rel_diff(a, b) > 1e-3;
+    assert!(differs(&shared, &official) && differs(&shared, &none), "the variant guides, differently");
+    let (nasa_out, _) = run(Some((&negative, &nasa)), NagVariant::SharedImage);
+    assert!(
+        differs(&nasa_out, &shared)
+            && nasa_out.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite())
+    );
 }

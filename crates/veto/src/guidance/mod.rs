@@ -23,7 +23,7 @@ pub mod window;
 
 pub use config::{
     AttentionGuidance, AttentionMethod, CfgScaleSource, Contrast, GuidanceConfig, GuidancePlan, GuidancePlanner,
-    Method, NagPooled,
+    Method, NagPooled, NagVariant,
 };
 pub use guided_attention::{guided_attention, GuidedAttention, KeyValues, NegativeContext, NegativeKeyValues};
 pub use nag::{NagNorm, NagParams};

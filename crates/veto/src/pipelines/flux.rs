@@ -215,6 +215,7 @@ impl FluxPipeline {
                     guidance: guidance.as_ref(),
                     positive: text,
                     negative,
+                    nag_variant: req.guidance.nag_variant,
                 })
             };
             let guided = match (&plan.attention, &negative) {

@@ -401,6 +401,10 @@ impl ResolvedRequest {
             "veto_version": env!("CARGO_PKG_VERSION"),
         });
         let mut set = |key: &str, value: serde_json::Value| json[key] = value;
+        if g.nag_variant != crate::guidance::NagVariant::Official && g.uses_contrast() {
+            fields.push(("NAG variant", g.nag_variant.to_string()));
+            set("nag_variant", g.nag_variant.to_string().into());
+        }
         match g.attention() {
             Some(AttentionGuidance::Contrast(Contrast::Nag(p))) => {
                 fields.extend([

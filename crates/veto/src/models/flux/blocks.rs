@@ -9,6 +9,9 @@
 //! - single blocks: two halves `[text+ ; image]` and `[text- ; image']`, stacked on the batch,
 //!   each with its own modulation, MLP and residual; in attention the image rows of both halves
 //!   are replaced by `contrast(Z+, Z-)`.
+//! - single blocks, `NagVariant::SharedImage` (veto's opt-in variant, not the official data
+//!   flow): one image stream as in the double blocks; the negative text is a stream of its own
+//!   (its modulation, MLP and residual) whose keys the image queries also attend to.
 
 use crate::attention::{merge_heads, sdpa};
 use crate::guidance::{guided_attention, AttentionGuidance, Contrast, GuidedAttention, KeyValues, NegativeKeyValues};
@@ -219,5 +222,60 @@ impl SingleBlock {
         }
         let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
         x + out.broadcast_mul(&m[2].unsqueeze(1)?)?
+    }
+
+    /// The shared-image variant: `x` `[B, text_len + image_len, dim]` is the positive half only,
+    /// `neg_txt` `[B, text_len, dim]` the negative text stream (modulated by `temb_neg`). The
+    /// image queries attend to `[image ; text+]` and `[image ; text-]` (image-over-image once),
+    /// combined by `method`; the negative text attends to `[text- ; image]`. Returns both
+    /// updated streams.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_shared_image(
+        &self,
+        x: &Tensor,
+        neg_txt: &Tensor,
+        temb_pos: &Tensor,
+        temb_neg: &Tensor,
+        rope: &Rope,
+        rope_txt: &Rope,
+        method: &AttentionGuidance,
+    ) -> Result<(Tensor, Tensor)> {
+        let scale = 1.0 / ((x.dim(D::Minus1)? / self.heads) as f64).sqrt();
+        let (b, seq, _) = x.dims3()?;
+        let text_len = neg_txt.dim(1)?;
+        let image_len = seq - text_len;
+        let m = self.norm.chunks(temb_pos)?;
+        let mn = self.norm.chunks(temb_neg)?;
+        let h = norm_and_modulate(x, &m[0], &m[1])?;
+        let hn = norm_and_modulate(neg_txt, &mn[0], &mn[1])?;
+        let pos = self.qkv.heads(&h, self.heads, rope)?;
+        let neg = self.qkv.heads(&hn, self.heads, rope_txt)?;
+        let part = |t: &Tensor, start: usize, len: usize| t.narrow(2, start, len)?.contiguous();
+        let (txt_k, txt_v) = (part(&pos.k, 0, text_len)?, part(&pos.v, 0, text_len)?);
+        let (img_k, img_v) = (part(&pos.k, text_len, image_len)?, part(&pos.v, text_len, image_len)?);
+        // Positive text rows: plain attention over [text+ ; image].
+        let txt_attn = merge_heads(&sdpa(&part(&pos.q, 0, text_len)?, &pos.k, &pos.v, scale)?)?;
+        let img_attn = guided_attention(
+            &GuidedAttention {
+                q: &part(&pos.q, text_len, image_len)?,
+                shared: Some(KeyValues { k: &img_k, v: &img_v }),
+                positive: KeyValues { k: &txt_k, v: &txt_v },
+                negative: Some(NegativeKeyValues { kv: KeyValues { k: &neg.k, v: &neg.v }, rows: 0..b }),
+                scale,
+            },
+            Some(method),
+        )?;
+        let attn = Tensor::cat(&[&txt_attn, &img_attn], 1)?;
+        let mlp = self.proj_mlp.forward(&h)?.gelu()?;
+        let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
+        let x = (x + out.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
+        // The negative text stream over [text- ; image].
+        let k = Tensor::cat(&[&neg.k, &img_k], 2)?;
+        let v = Tensor::cat(&[&neg.v, &img_v], 2)?;
+        let neg_attn = merge_heads(&sdpa(&neg.q, &k, &v, scale)?)?;
+        let neg_mlp = self.proj_mlp.forward(&hn)?.gelu()?;
+        let neg_out = self.proj_out.forward(&Tensor::cat(&[&neg_attn, &neg_mlp], D::Minus1)?)?;
+        let neg_txt = (neg_txt + neg_out.broadcast_mul(&mn[2].unsqueeze(1)?)?)?;
+        Ok((x, neg_txt))
     }
 }

@@ -7,7 +7,7 @@ pub mod embeddings;
 pub mod latents;
 
 use crate::error::Result;
-use crate::guidance::NegativeContext;
+use crate::guidance::{NagVariant, NegativeContext};
 use crate::loading::config::read_checked_config;
 use crate::models::layers::{AdaNormContinuous, TimeTextEmbed};
 use blocks::{DoubleBlock, SingleBlock, Temb, TextStreams};
@@ -130,6 +130,8 @@ pub struct FluxInputs<'a> {
     /// The negative prompt (T5 states and pooled CLIP vector) and this step's attention
     /// method (NAG or NASA), guiding every row of the batch.
     pub negative: Option<&'a NegativeContext<'a>>,
+    /// The data flow of the negative branch in the single blocks (official by default).
+    pub nag_variant: NagVariant,
 }
 
 /// Named intermediate tensors, for parity tests and debugging.
@@ -259,8 +261,22 @@ impl FluxTransformer {
             }
         }
 
-        // Single blocks: [text ; image] per half; under guidance the halves stack on the batch.
         let pos_seq = Tensor::cat(&[&txt.pos, &img], 1)?;
+        // Shared-image variant: one image stream, the negative text beside it.
+        if let (NagVariant::SharedImage, Some(method), Some(neg), Some(tn)) =
+            (inputs.nag_variant, method, &txt.neg, &temb_neg)
+        {
+            let (mut x, mut neg_txt) = (pos_seq, neg.clone());
+            for (i, block) in self.single_blocks.iter().enumerate() {
+                (x, neg_txt) = block.forward_shared_image(&x, &neg_txt, &temb_pos, tn, &rope, &rope_txt, method)?;
+                if let Some(tr) = trace.as_deref_mut() {
+                    tr.push((format!("single_{i}"), x.clone()));
+                }
+            }
+            let img = x.narrow(1, text_len, image_len)?;
+            return self.proj_out.forward(&self.norm_out.forward(&img, &temb_pos)?);
+        }
+        // Single blocks: [text ; image] per half; under guidance the halves stack on the batch.
         let (mut x, temb_single) = match (&txt.neg, &temb_neg) {
             (Some(neg), Some(tn)) => {
                 (Tensor::cat(&[&pos_seq, &Tensor::cat(&[neg, &img], 1)?], 0)?, Tensor::cat(&[&temb_pos, tn], 0)?)
