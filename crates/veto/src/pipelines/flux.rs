@@ -45,8 +45,7 @@ impl FluxPipeline {
 
         let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
         let config = FluxConfig::from_file(weights.config_path())?;
-        let transformer = FluxTransformer::new(&config, weights.var_builder(dtype, device)?)
-            .map_err(|e| weights.mismatch("transformer", e))?;
+        let transformer = FluxTransformer::load(&config, &weights, dtype, device)?;
 
         let vae =
             AutoencoderKl::load_weights(&component_weights(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;

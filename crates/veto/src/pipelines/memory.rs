@@ -20,6 +20,11 @@ pub fn weights_bytes(source: &ModelSource, dtype: DType, cpu: bool) -> Result<Op
     };
     let mut total = 0u64;
     for component in COMPONENTS {
+        // A replaced component (a GGUF file) keeps about its file size in memory.
+        if let Some(file) = source.component_file(component) {
+            total += std::fs::metadata(file)?.len();
+            continue;
+        }
         let dir = root.join(component);
         if !dir.is_dir() {
             continue;

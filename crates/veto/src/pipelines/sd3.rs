@@ -125,8 +125,7 @@ impl Sd3Pipeline {
 
         let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
         let config = MmditConfig::from_file(weights.config_path())?;
-        let transformer = MmditTransformer::new(&config, weights.var_builder(dtype, device)?)
-            .map_err(|e| weights.mismatch("transformer", e))?;
+        let transformer = MmditTransformer::load(&config, &weights, dtype, device)?;
 
         let vae =
             AutoencoderKl::load_weights(&component_weights(source, "vae", "diffusion_pytorch_model")?, device, dtype)?;
