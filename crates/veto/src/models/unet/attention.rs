@@ -49,11 +49,11 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// `(heads, head_dim)`: the number of heads and their width.
     fn new(
         query_dim: usize,
         context_dim: usize,
-        heads: usize,
-        head_dim: usize,
+        (heads, head_dim): (usize, usize),
         upcast: bool,
         name: String,
         vb: VarBuilder,
@@ -247,8 +247,7 @@ impl SpatialTransformer {
                     attn1: Attention::new(
                         c,
                         c,
-                        spec.heads,
-                        head_dim,
+                        (spec.heads, head_dim),
                         spec.upcast_attention,
                         format!("{base}.attn1"),
                         bvb.pp("attn1"),
@@ -258,8 +257,7 @@ impl SpatialTransformer {
                     attn2: Attention::new(
                         c,
                         spec.cross_attention_dim,
-                        spec.heads,
-                        head_dim,
+                        (spec.heads, head_dim),
                         spec.upcast_attention,
                         format!("{base}.attn2"),
                         bvb.pp("attn2"),

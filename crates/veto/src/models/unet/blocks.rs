@@ -227,11 +227,10 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
-    /// `prev`: channels coming from below; `skip_channels(j)`: channels of the j-th skip this
-    /// block consumes. `name`: `up_blocks.{i}`.
+    /// `(prev, cout)`: channels coming from below and going out; `skip_channels(j)`: channels of
+    /// the j-th skip this block consumes. `name`: `up_blocks.{i}`.
     pub fn new(
-        prev: usize,
-        cout: usize,
+        (prev, cout): (usize, usize),
         skip_channels: &[usize],
         add_upsample: bool,
         spec: &BlockSpec,

@@ -503,7 +503,7 @@ impl UNet2DConditionModel {
             let cross = config.up_block_types[i] == "CrossAttnUpBlock2D";
             let name = format!("up_blocks.{i}");
             let s = spec(level, cross, layers, r.up_depths[i].clone());
-            up_blocks.push(UpBlock::new(prev, cout, &take, i + 1 < n, &s, &name, vb.pp(&name), q)?);
+            up_blocks.push(UpBlock::new((prev, cout), &take, i + 1 < n, &s, &name, vb.pp(&name), q)?);
             prev = cout;
         }
         Ok(Self {
