@@ -38,9 +38,15 @@ pub enum DtypeArg {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell) or a local diffusers folder.
+    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell), a local diffusers folder, or a
+    /// GGUF transformer/UNet (city96's FLUX, SD3.5, SDXL files), run with the base model its
+    /// architecture names (FLUX.1-dev/schnell, SD3.5 Large/Medium, SDXL base).
     #[arg(long)]
     pub model: String,
+    /// A GGUF file (F16, Q8_0, Q5_K, Q4_K, ...) replacing the transformer (Flux, SD3) or UNet
+    /// (SDXL) of --model; its matrices stay quantized in memory.
+    #[arg(long)]
+    pub transformer: Option<PathBuf>,
     /// What the image should show.
     #[arg(long)]
     pub prompt: String,
@@ -425,6 +431,29 @@ fn plan_memory(source: &ModelSource, opts: &LoadOptions, asked: MemoryArg) -> Re
     Ok(residency)
 }
 
+/// `--model`, with the component `--transformer` (or a GGUF `--model`) replaces.
+fn model_source(a: &GenerateArgs) -> Result<ModelSource> {
+    let is_gguf = |p: &Path| p.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if is_gguf(Path::new(&a.model)) {
+        if a.transformer.is_some() {
+            bail!("--model is already a GGUF file; --transformer replaces the transformer of a diffusers model");
+        }
+        let file = veto::loading::gguf::GgufFile::open(Path::new(&a.model))?;
+        let (base, component) = file.default_base_model()?;
+        eprintln!("{}: the {component} from the GGUF file, everything else from {base}", a.model);
+        return Ok(ModelSource::resolve(base)?.with_component_file(component, &a.model)?);
+    }
+    let source = ModelSource::resolve(&a.model)?;
+    let Some(file) = &a.transformer else {
+        return Ok(source);
+    };
+    if !is_gguf(file) {
+        bail!("--transformer {}: expected a .gguf file", file.display());
+    }
+    let component = if veto::families::detect(&source)?.name == "unet" { "unet" } else { "transformer" };
+    Ok(source.with_component_file(component, file)?)
+}
+
 pub fn run(a: GenerateArgs) -> Result<()> {
     // Everything that can be checked without the model is checked first.
     let generic = Defaults {
@@ -447,7 +476,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let init = a.init_latents.as_deref().map(load_init_latents).transpose()?.unwrap_or_default();
     let device = device(a.device)?;
-    let source = ModelSource::resolve(&a.model)?;
+    let source = model_source(&a)?;
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;

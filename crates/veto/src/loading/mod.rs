@@ -2,7 +2,9 @@
 
 pub mod components;
 pub mod config;
+pub mod gguf;
 pub mod model_index;
 pub mod model_source;
+pub mod quantized;
 pub mod safetensors_files;
 pub mod weights;

@@ -133,6 +133,8 @@ fn is_truthy(value: &str) -> bool {
 #[derive(Debug)]
 pub struct ModelSource {
     inner: Inner,
+    /// Components whose weights come from a file of their own (`--transformer x.gguf`).
+    component_files: Vec<(String, PathBuf)>,
 }
 
 #[derive(Debug)]
@@ -198,7 +200,7 @@ impl ModelSource {
                 path: index.display().to_string(),
             });
         }
-        Ok(Self { inner: Inner::Local(folder.to_path_buf()) })
+        Ok(Self { inner: Inner::Local(folder.to_path_buf()), component_files: Vec::new() })
     }
 
     /// A hub repo read through the cache in `options`. Fetches `model_index.json` right away
@@ -222,7 +224,7 @@ impl ModelSource {
         };
         let hub = HubSource { repo_id: repo_id.to_string(), options, api, reachable: OnceLock::new() };
         hub.file(MODEL_INDEX)?;
-        Ok(Self { inner: Inner::Hub(Box::new(hub)) })
+        Ok(Self { inner: Inner::Hub(Box::new(hub)), component_files: Vec::new() })
     }
 
     /// The local path of a file, by path relative to the model root (`/`-separated). Local
@@ -298,6 +300,26 @@ impl ModelSource {
             (None, Some(repo)) => format!("{repo}/{component}"),
             _ => component.to_string(),
         }
+    }
+
+    /// Take `component`'s weights from `file` (a GGUF file, e.g. city96's quantized
+    /// transformers) instead of the model's own; its config still comes from the model.
+    pub fn with_component_file(mut self, component: &str, file: impl Into<PathBuf>) -> Result<Self> {
+        let file = file.into();
+        if !file.is_file() {
+            return Err(Error::MissingFile {
+                what: format!("{component} weights file not found"),
+                path: file.display().to_string(),
+            });
+        }
+        self.component_files.retain(|(c, _)| c != component);
+        self.component_files.push((component.to_string(), file));
+        Ok(self)
+    }
+
+    /// The file `component`'s weights come from when it was replaced.
+    pub fn component_file(&self, component: &str) -> Option<&Path> {
+        self.component_files.iter().find(|(c, _)| c == component).map(|(_, f)| f.as_path())
     }
 
     /// The repo id for hub models.

@@ -7,10 +7,13 @@
 //! came from.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::gguf::GgufFile;
+use super::quantized::{quantized_var_builder, QuantizedWeights};
 use super::safetensors_files::{var_builder, weight_files};
 use crate::error::{Error, Result};
 
@@ -26,6 +29,8 @@ pub struct ComponentWeights {
 enum Backend {
     /// Safetensors files whose tensor names are already diffusers' names.
     Safetensors(Vec<PathBuf>),
+    /// A GGUF file (checked when opened) whose tensors carry diffusers' names.
+    Gguf(Arc<GgufFile>),
 }
 
 impl ComponentWeights {
@@ -54,6 +59,13 @@ impl ComponentWeights {
         Self { config_path, origin: origin.into(), backend: Backend::Safetensors(files) }
     }
 
+    /// A GGUF file (quantized or not) with diffusers tensor names, configured by `config_path`.
+    /// The header and every tensor's extent are checked here, before any weights are read.
+    pub fn from_gguf(config_path: PathBuf, file: &Path) -> Result<Self> {
+        let gguf = GgufFile::open(file)?;
+        Ok(Self { config_path, origin: file.display().to_string(), backend: Backend::Gguf(Arc::new(gguf)) })
+    }
+
     /// The component's `config.json`.
     pub fn config_path(&self) -> &Path {
         &self.config_path
@@ -68,6 +80,20 @@ impl ComponentWeights {
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         match &self.backend {
             Backend::Safetensors(files) => var_builder(files, dtype, device),
+            Backend::Gguf(_) => Ok(self.model_weights(dtype, device)?.0),
+        }
+    }
+
+    /// The weights for a model that can run quantized layers: the `VarBuilder` serves every
+    /// tensor dense in `dtype`, and [`QuantizedWeights`] offers the matrices a quantized
+    /// checkpoint keeps in ggml blocks (none for safetensors).
+    pub fn model_weights(&self, dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, QuantizedWeights)> {
+        match &self.backend {
+            Backend::Safetensors(files) => Ok((var_builder(files, dtype, device)?, QuantizedWeights::none())),
+            Backend::Gguf(file) => {
+                let tensors = file.read_all()?;
+                Ok(quantized_var_builder(tensors, self.origin.clone(), dtype, device))
+            }
         }
     }
 

@@ -1,9 +1,113 @@
-//! Building blocks shared by the Flux and MMDiT transformers: the adaptive-norm modulation
-//! heads (diffusers `AdaLayerNormZero`, `AdaLayerNormContinuous`), the GELU feed-forward, and
-//! the timestep + pooled-text conditioning embedding.
+//! Building blocks shared by the models: the linear layer that may be quantized ([`Linear`],
+//! used for every big matmul of the Flux transformer, the MMDiT and the UNet), and for the two
+//! transformers the adaptive-norm modulation heads (diffusers `AdaLayerNormZero`,
+//! `AdaLayerNormContinuous`), the GELU feed-forward, and the timestep + pooled-text
+//! conditioning embedding.
 
-use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use std::sync::Arc;
+
+use candle_core::quantized::{QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+pub use crate::loading::quantized::QuantizedWeights;
+
+/// A linear layer whose weight is dense (any dtype) or kept in ggml blocks (GGUF Q8_0, Q4_K, …)
+/// and multiplied by candle's quantized matmul. The bias is always dense.
+#[derive(Clone, Debug)]
+pub enum Linear {
+    Dense(candle_nn::Linear),
+    Quantized { weight: Arc<QTensor>, matmul: QMatMul, bias: Option<Tensor>, dtype: DType },
+}
+
+/// `Linear(in_dim, out_dim)` with bias under `vb` (`weight`, `bias`): quantized when `quantized`
+/// holds `<prefix>.weight` in ggml blocks, dense otherwise.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder, quantized: &QuantizedWeights) -> Result<Linear> {
+    build_linear(in_dim, out_dim, true, vb, quantized)
+}
+
+/// [`linear`] without bias.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder, quantized: &QuantizedWeights) -> Result<Linear> {
+    build_linear(in_dim, out_dim, false, vb, quantized)
+}
+
+fn build_linear(
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    vb: VarBuilder,
+    quantized: &QuantizedWeights,
+) -> Result<Linear> {
+    let name = format!("{}.weight", vb.prefix());
+    let Some(weight) = quantized.matrix(&name) else {
+        let weight = vb.get((out_dim, in_dim), "weight")?;
+        let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+        return Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)));
+    };
+    let weight = weight?;
+    if weight.shape().dims() != [out_dim, in_dim] {
+        return Err(candle_core::Error::UnexpectedShape {
+            msg: format!("shape mismatch for {name}"),
+            expected: (out_dim, in_dim).into(),
+            got: weight.shape().clone(),
+        });
+    }
+    let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
+    Ok(Linear::Quantized { matmul: QMatMul::QTensor(weight.clone()), weight, bias, dtype: vb.dtype() })
+}
+
+impl Linear {
+    /// The dtype the layer computes in (a quantized layer's is the run dtype).
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::Dense(l) => l.weight().dtype(),
+            Self::Quantized { dtype, .. } => *dtype,
+        }
+    }
+
+    /// Whether the weight is kept in ggml blocks.
+    pub fn is_quantized(&self) -> bool {
+        matches!(self, Self::Quantized { .. })
+    }
+
+    /// The quantized weight, if any (for tests and memory accounting).
+    pub fn quantized_weight(&self) -> Option<&QTensor> {
+        match self {
+            Self::Dense(_) => None,
+            Self::Quantized { weight, .. } => Some(weight),
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(x),
+            Self::Quantized { matmul, bias, .. } => quantized_forward(matmul, bias.as_ref(), x),
+        }
+    }
+}
+
+fn quantized_forward(matmul: &QMatMul, bias: Option<&Tensor>, x: &Tensor) -> Result<Tensor> {
+    // The quantized kernels take one contiguous matrix of rows: fold the leading dims (free on
+    // a contiguous input) and unfold them after.
+    let dims = x.dims();
+    let (&k, lead) = dims.split_last().ok_or_else(|| candle_core::Error::Msg("linear of a scalar".into()))?;
+    let rows = x.contiguous()?.reshape((lead.iter().product::<usize>(), k))?;
+    // On the CPU the kernels read f32, bf16 and f16 directly; elsewhere they want f32.
+    let y = match x.device() {
+        Device::Cpu => matmul.forward(&rows)?,
+        _ if x.dtype() == DType::F32 => matmul.forward(&rows)?,
+        _ => matmul.forward(&rows.to_dtype(DType::F32)?)?.to_dtype(x.dtype())?,
+    };
+    let mut out_dims = lead.to_vec();
+    out_dims.push(y.dim(1)?);
+    let y = y.reshape(out_dims)?;
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
 
 /// LayerNorm without affine parameters, eps 1e-6 (every norm of both transformers).
 pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
@@ -38,8 +142,8 @@ pub struct Modulation {
 }
 
 impl Modulation {
-    pub fn new(dim: usize, n: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { linear: candle_nn::linear(dim, n * dim, vb.pp("linear"))?, n })
+    pub fn new(dim: usize, n: usize, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
+        Ok(Self { linear: linear(dim, n * dim, vb.pp("linear"), q)?, n })
     }
 
     pub fn chunks(&self, temb: &Tensor) -> Result<Vec<Tensor>> {
@@ -54,8 +158,8 @@ pub struct AdaNormContinuous {
 }
 
 impl AdaNormContinuous {
-    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Self { modulation: Modulation::new(dim, 2, vb)? })
+    pub fn new(dim: usize, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
+        Ok(Self { modulation: Modulation::new(dim, 2, vb, q)? })
     }
 
     /// `x` `[B, S, dim]` conditioned on `temb` `[B, dim]`.
@@ -72,10 +176,10 @@ pub struct FeedForward {
 }
 
 impl FeedForward {
-    pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         Ok(Self {
-            proj_in: candle_nn::linear(dim, 4 * dim, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(4 * dim, dim, vb.pp("net.2"))?,
+            proj_in: linear(dim, 4 * dim, vb.pp("net.0.proj"), q)?,
+            proj_out: linear(4 * dim, dim, vb.pp("net.2"), q)?,
         })
     }
 }
@@ -106,10 +210,10 @@ pub struct MlpEmbedder {
 }
 
 impl MlpEmbedder {
-    pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(in_dim: usize, dim: usize, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+            linear_1: linear(in_dim, dim, vb.pp("linear_1"), q)?,
+            linear_2: linear(dim, dim, vb.pp("linear_2"), q)?,
         })
     }
 }
@@ -129,13 +233,13 @@ pub struct TimeTextEmbed {
 }
 
 impl TimeTextEmbed {
-    pub fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, pooled_dim: usize, guidance: bool, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         let guidance_embedder =
-            if guidance { Some(MlpEmbedder::new(256, dim, vb.pp("guidance_embedder"))?) } else { None };
+            if guidance { Some(MlpEmbedder::new(256, dim, vb.pp("guidance_embedder"), q)?) } else { None };
         Ok(Self {
-            timestep_embedder: MlpEmbedder::new(256, dim, vb.pp("timestep_embedder"))?,
+            timestep_embedder: MlpEmbedder::new(256, dim, vb.pp("timestep_embedder"), q)?,
             guidance_embedder,
-            text_embedder: MlpEmbedder::new(pooled_dim, dim, vb.pp("text_embedder"))?,
+            text_embedder: MlpEmbedder::new(pooled_dim, dim, vb.pp("text_embedder"), q)?,
         })
     }
 

@@ -66,7 +66,7 @@ impl FluxPipeline {
         let config = FluxConfig::from_file(weights.config_path())?;
         let (c, d) = (config.clone(), device.clone());
         let transformer = Component::with_residency("transformer", residency, true, move || {
-            FluxTransformer::new(&c, weights.var_builder(dtype, &d)?).map_err(|e| weights.mismatch("transformer", e))
+            FluxTransformer::load(&c, &weights, dtype, &d)
         })?;
 
         let weights = component_weights(source, "vae", "diffusion_pytorch_model")?;

@@ -21,6 +21,11 @@ pub fn weights_bytes(source: &ModelSource, dtype: DType, cpu: bool) -> Result<Op
     };
     let mut total = 0u64;
     for component in COMPONENTS {
+        // A replaced component (a GGUF file) keeps about its file size in memory.
+        if let Some(file) = source.component_file(component) {
+            total += std::fs::metadata(file)?.len();
+            continue;
+        }
         let in_dtype = if component == "vae" && cpu { DType::F32 } else { dtype };
         total += folder_elements(&root.join(component))? * in_dtype.size_in_bytes() as u64;
     }
@@ -111,7 +116,11 @@ pub fn weights_plan(source: &ModelSource, opts: &LoadOptions) -> Result<Option<W
             "transformer" | "unet" => (opts.dtype, &mut plan.denoiser),
             _ => (opts.text_dtype(), &mut plan.text_encoders),
         };
-        *slot += folder_elements(&root.join(component))? * in_dtype.size_in_bytes() as u64;
+        *slot += match source.component_file(component) {
+            // A replaced component (a GGUF file) keeps about its file size in memory.
+            Some(file) => std::fs::metadata(file)?.len(),
+            None => folder_elements(&root.join(component))? * in_dtype.size_in_bytes() as u64,
+        };
     }
     Ok(Some(plan))
 }

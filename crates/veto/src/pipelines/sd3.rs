@@ -144,7 +144,7 @@ impl Sd3Pipeline {
         let config = MmditConfig::from_file(weights.config_path())?;
         let (c, d) = (config.clone(), device.clone());
         let transformer = Component::with_residency("transformer", residency, true, move || {
-            MmditTransformer::new(&c, weights.var_builder(dtype, &d)?).map_err(|e| weights.mismatch("transformer", e))
+            MmditTransformer::load(&c, &weights, dtype, &d)
         })?;
 
         let weights = component_weights(source, "vae", "diffusion_pytorch_model")?;

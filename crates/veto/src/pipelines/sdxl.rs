@@ -147,8 +147,7 @@ impl StableDiffusionPipeline {
 
         let weights = component_weights(source, "unet", "diffusion_pytorch_model")?;
         let config = UNetConfig::from_file(weights.config_path())?;
-        let unet = UNet2DConditionModel::new(&config, weights.var_builder(dtype, device)?)
-            .map_err(|e| weights.mismatch("UNet", e))?;
+        let unet = UNet2DConditionModel::load(&config, &weights, dtype, device)?;
 
         // The text widths must fit the UNet.
         let text_width = clip.config.hidden_size + clip_2.as_ref().map_or(0, |c| c.config.hidden_size);

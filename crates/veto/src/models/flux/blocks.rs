@@ -16,10 +16,10 @@
 use crate::attention::{merge_heads, sdpa};
 use crate::guidance::{guided_attention, AttentionGuidance, Contrast, GuidedAttention, KeyValues, NegativeKeyValues};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
 use super::embeddings::Rope;
-use crate::models::layers::{gated_add, norm_and_modulate, FeedForward, Modulation};
+use crate::models::layers::{gated_add, linear, norm_and_modulate, FeedForward, Linear, Modulation, QuantizedWeights};
 
 /// q/k/v projections of one token stream with per-head RMSNorm on q and k.
 struct Qkv {
@@ -38,11 +38,11 @@ struct Heads {
 }
 
 impl Qkv {
-    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder) -> Result<Self> {
+    fn new(dim: usize, head_dim: usize, names: [&str; 5], vb: &VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         Ok(Self {
-            q: candle_nn::linear(dim, dim, vb.pp(names[0]))?,
-            k: candle_nn::linear(dim, dim, vb.pp(names[1]))?,
-            v: candle_nn::linear(dim, dim, vb.pp(names[2]))?,
+            q: linear(dim, dim, vb.pp(names[0]), q)?,
+            k: linear(dim, dim, vb.pp(names[1]), q)?,
+            v: linear(dim, dim, vb.pp(names[2]), q)?,
             norm_q: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[3]))?,
             norm_k: candle_nn::rms_norm(head_dim, 1e-6, vb.pp(names[4]))?,
         })
@@ -83,23 +83,24 @@ pub struct DoubleBlock {
 }
 
 impl DoubleBlock {
-    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, heads: usize, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         let head_dim = dim / heads;
         let attn = vb.pp("attn");
         Ok(Self {
-            norm1: Modulation::new(dim, 6, vb.pp("norm1"))?,
-            norm1_context: Modulation::new(dim, 6, vb.pp("norm1_context"))?,
-            img_qkv: Qkv::new(dim, head_dim, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn)?,
+            norm1: Modulation::new(dim, 6, vb.pp("norm1"), q)?,
+            norm1_context: Modulation::new(dim, 6, vb.pp("norm1_context"), q)?,
+            img_qkv: Qkv::new(dim, head_dim, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &attn, q)?,
             txt_qkv: Qkv::new(
                 dim,
                 head_dim,
                 ["add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"],
                 &attn,
+                q,
             )?,
-            to_out: candle_nn::linear(dim, dim, attn.pp("to_out.0"))?,
-            to_add_out: candle_nn::linear(dim, dim, attn.pp("to_add_out"))?,
-            ff: FeedForward::new(dim, vb.pp("ff"))?,
-            ff_context: FeedForward::new(dim, vb.pp("ff_context"))?,
+            to_out: linear(dim, dim, attn.pp("to_out.0"), q)?,
+            to_add_out: linear(dim, dim, attn.pp("to_add_out"), q)?,
+            ff: FeedForward::new(dim, vb.pp("ff"), q)?,
+            ff_context: FeedForward::new(dim, vb.pp("ff_context"), q)?,
             heads,
         })
     }
@@ -183,13 +184,13 @@ pub struct SingleBlock {
 }
 
 impl SingleBlock {
-    pub fn new(dim: usize, heads: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, heads: usize, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
-            norm: Modulation::new(dim, 3, vb.pp("norm"))?,
-            qkv: Qkv::new(dim, head_dim, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &vb.pp("attn"))?,
-            proj_mlp: candle_nn::linear(dim, 4 * dim, vb.pp("proj_mlp"))?,
-            proj_out: candle_nn::linear(5 * dim, dim, vb.pp("proj_out"))?,
+            norm: Modulation::new(dim, 3, vb.pp("norm"), q)?,
+            qkv: Qkv::new(dim, head_dim, ["to_q", "to_k", "to_v", "norm_q", "norm_k"], &vb.pp("attn"), q)?,
+            proj_mlp: linear(dim, 4 * dim, vb.pp("proj_mlp"), q)?,
+            proj_out: linear(5 * dim, dim, vb.pp("proj_out"), q)?,
             heads,
         })
     }

@@ -9,10 +9,11 @@ pub mod latents;
 use crate::error::Result;
 use crate::guidance::{NagVariant, NegativeContext};
 use crate::loading::config::read_checked_config;
-use crate::models::layers::{AdaNormContinuous, TimeTextEmbed};
+use crate::loading::weights::ComponentWeights;
+use crate::models::layers::{linear, AdaNormContinuous, Linear, QuantizedWeights, TimeTextEmbed};
 use blocks::{DoubleBlock, SingleBlock, Temb, TextStreams};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use embeddings::Rope;
 use serde::Deserialize;
 use std::path::Path;
@@ -149,28 +150,46 @@ pub struct FluxTransformer {
 }
 
 impl FluxTransformer {
+    /// The model with dense weights from `vb`.
     pub fn new(config: &FluxConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::new_quantized(config, vb, &QuantizedWeights::none())
+    }
+
+    /// The model from a component's weights (quantized layers where the checkpoint is).
+    pub fn load(
+        config: &FluxConfig,
+        weights: &ComponentWeights,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let (vb, q) = weights.model_weights(dtype, device)?;
+        Self::new_quantized(config, vb, &q).map_err(|e| weights.mismatch("transformer", e))
+    }
+
+    /// The model with its big matmuls taken from `q` where it holds them in ggml blocks.
+    pub fn new_quantized(config: &FluxConfig, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
         let dim = config.inner_dim();
         let heads = config.num_attention_heads;
         let double_blocks = (0..config.num_layers)
-            .map(|i| DoubleBlock::new(dim, heads, vb.pp(format!("transformer_blocks.{i}"))))
+            .map(|i| DoubleBlock::new(dim, heads, vb.pp(format!("transformer_blocks.{i}")), q))
             .collect::<candle_core::Result<_>>()?;
         let single_blocks = (0..config.num_single_layers)
-            .map(|i| SingleBlock::new(dim, heads, vb.pp(format!("single_transformer_blocks.{i}"))))
+            .map(|i| SingleBlock::new(dim, heads, vb.pp(format!("single_transformer_blocks.{i}")), q))
             .collect::<candle_core::Result<_>>()?;
         Ok(Self {
-            x_embedder: candle_nn::linear(config.in_channels, dim, vb.pp("x_embedder"))?,
+            x_embedder: linear(config.in_channels, dim, vb.pp("x_embedder"), q)?,
             time_text_embed: TimeTextEmbed::new(
                 dim,
                 config.pooled_projection_dim,
                 config.guidance_embeds,
                 vb.pp("time_text_embed"),
+                q,
             )?,
-            context_embedder: candle_nn::linear(config.joint_attention_dim, dim, vb.pp("context_embedder"))?,
+            context_embedder: linear(config.joint_attention_dim, dim, vb.pp("context_embedder"), q)?,
             double_blocks,
             single_blocks,
-            norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"))?,
-            proj_out: candle_nn::linear(dim, config.out_channels(), vb.pp("proj_out"))?,
+            norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"), q)?,
+            proj_out: linear(dim, config.out_channels(), vb.pp("proj_out"), q)?,
             config: config.clone(),
         })
     }
@@ -295,6 +314,6 @@ impl FluxTransformer {
     }
 
     pub fn dtype_hint(&self) -> DType {
-        self.proj_out.weight().dtype()
+        self.proj_out.dtype()
     }
 }

@@ -21,9 +21,12 @@ use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa};
 use crate::guidance::vsf;
 use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, RmsNorm, VarBuilder};
+use candle_nn::{RmsNorm, VarBuilder};
 
-use crate::models::layers::{gated_add, layer_norm, modulate_normed, norm_and_modulate, FeedForward, Modulation};
+use crate::models::layers::{
+    gated_add, layer_norm, linear, modulate_normed, norm_and_modulate, FeedForward, Linear, Modulation,
+    QuantizedWeights,
+};
 
 /// q/k/v projections of one token stream, with the optional per-head RMSNorm of q and k
 /// (`qk_norm: "rms_norm"`). `q` is absent where no query is ever needed (the text side of a
@@ -71,6 +74,7 @@ impl Projections {
         with_q: bool,
         names: [&str; 5],
         vb: &VarBuilder,
+        q: &QuantizedWeights,
     ) -> Result<Self> {
         let norm = |name: &str, wanted: bool| -> Result<Option<RmsNorm>> {
             if qk_norm && wanted {
@@ -80,9 +84,9 @@ impl Projections {
             }
         };
         Ok(Self {
-            q: if with_q { Some(candle_nn::linear(dim, dim, vb.pp(names[0]))?) } else { None },
-            k: candle_nn::linear(dim, dim, vb.pp(names[1]))?,
-            v: candle_nn::linear(dim, dim, vb.pp(names[2]))?,
+            q: if with_q { Some(linear(dim, dim, vb.pp(names[0]), q)?) } else { None },
+            k: linear(dim, dim, vb.pp(names[1]), q)?,
+            v: linear(dim, dim, vb.pp(names[2]), q)?,
             norm_q: norm(names[3], with_q)?,
             norm_k: norm(names[4], true)?,
         })
@@ -160,6 +164,7 @@ impl JointBlock {
         context_pre_only: bool,
         dual_attention: bool,
         vb: VarBuilder,
+        q: &QuantizedWeights,
     ) -> Result<Self> {
         let head_dim = dim / heads;
         let attn = vb.pp("attn");
@@ -167,16 +172,16 @@ impl JointBlock {
         let attn2 = if dual_attention {
             let a2 = vb.pp("attn2");
             Some((
-                Projections::new(dim, head_dim, qk_norm, true, img_names, &a2)?,
-                candle_nn::linear(dim, dim, a2.pp("to_out.0"))?,
+                Projections::new(dim, head_dim, qk_norm, true, img_names, &a2, q)?,
+                linear(dim, dim, a2.pp("to_out.0"), q)?,
             ))
         } else {
             None
         };
         Ok(Self {
-            norm1: Modulation::new(dim, if dual_attention { 9 } else { 6 }, vb.pp("norm1"))?,
-            norm1_context: Modulation::new(dim, if context_pre_only { 2 } else { 6 }, vb.pp("norm1_context"))?,
-            img: Projections::new(dim, head_dim, qk_norm, true, img_names, &attn)?,
+            norm1: Modulation::new(dim, if dual_attention { 9 } else { 6 }, vb.pp("norm1"), q)?,
+            norm1_context: Modulation::new(dim, if context_pre_only { 2 } else { 6 }, vb.pp("norm1_context"), q)?,
+            img: Projections::new(dim, head_dim, qk_norm, true, img_names, &attn, q)?,
             txt: Projections::new(
                 dim,
                 head_dim,
@@ -184,12 +189,13 @@ impl JointBlock {
                 !context_pre_only,
                 ["add_q_proj", "add_k_proj", "add_v_proj", "norm_added_q", "norm_added_k"],
                 &attn,
+                q,
             )?,
-            to_out: candle_nn::linear(dim, dim, attn.pp("to_out.0"))?,
-            to_add_out: if context_pre_only { None } else { Some(candle_nn::linear(dim, dim, attn.pp("to_add_out"))?) },
+            to_out: linear(dim, dim, attn.pp("to_out.0"), q)?,
+            to_add_out: if context_pre_only { None } else { Some(linear(dim, dim, attn.pp("to_add_out"), q)?) },
             attn2,
-            ff: FeedForward::new(dim, vb.pp("ff"))?,
-            ff_context: if context_pre_only { None } else { Some(FeedForward::new(dim, vb.pp("ff_context"))?) },
+            ff: FeedForward::new(dim, vb.pp("ff"), q)?,
+            ff_context: if context_pre_only { None } else { Some(FeedForward::new(dim, vb.pp("ff_context"), q)?) },
             heads,
             context_pre_only,
         })

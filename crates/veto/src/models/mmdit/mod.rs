@@ -10,10 +10,11 @@ use crate::error::Result;
 use crate::guidance::vsf;
 use crate::guidance::{AttentionGuidance, NegativeContext};
 use crate::loading::config::read_checked_config;
-use crate::models::layers::{AdaNormContinuous, TimeTextEmbed};
+use crate::loading::weights::ComponentWeights;
+use crate::models::layers::{linear, AdaNormContinuous, Linear, QuantizedWeights, TimeTextEmbed};
 use blocks::{BlockGuide, JointBlock};
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use embeddings::PatchEmbed;
 use serde::Deserialize;
 use std::path::Path;
@@ -155,7 +156,24 @@ pub struct MmditTransformer {
 }
 
 impl MmditTransformer {
+    /// The model with dense weights from `vb`.
     pub fn new(config: &MmditConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        Self::new_quantized(config, vb, &QuantizedWeights::none())
+    }
+
+    /// The model from a component's weights (quantized layers where the checkpoint is).
+    pub fn load(
+        config: &MmditConfig,
+        weights: &ComponentWeights,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let (vb, q) = weights.model_weights(dtype, device)?;
+        Self::new_quantized(config, vb, &q).map_err(|e| weights.mismatch("transformer", e))
+    }
+
+    /// The model with its big matmuls taken from `q` where it holds them in ggml blocks.
+    pub fn new_quantized(config: &MmditConfig, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
         let dim = config.inner_dim();
         let n = config.num_layers;
         let blocks = (0..n)
@@ -167,6 +185,7 @@ impl MmditTransformer {
                     i + 1 == n,
                     config.dual_attention_layers.contains(&i),
                     vb.pp(format!("transformer_blocks.{i}")),
+                    q,
                 )
             })
             .collect::<candle_core::Result<_>>()?;
@@ -179,19 +198,16 @@ impl MmditTransformer {
                 config.sample_size / config.patch_size,
                 vb.pp("pos_embed"),
             )?,
-            time_text_embed: TimeTextEmbed::new(dim, config.pooled_projection_dim, false, vb.pp("time_text_embed"))?,
-            context_embedder: candle_nn::linear(
+            time_text_embed: TimeTextEmbed::new(dim, config.pooled_projection_dim, false, vb.pp("time_text_embed"), q)?,
+            context_embedder: linear(
                 config.joint_attention_dim,
                 config.caption_projection_dim,
                 vb.pp("context_embedder"),
+                q,
             )?,
             blocks,
-            norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"))?,
-            proj_out: candle_nn::linear(
-                dim,
-                config.patch_size * config.patch_size * config.out_channels(),
-                vb.pp("proj_out"),
-            )?,
+            norm_out: AdaNormContinuous::new(dim, vb.pp("norm_out"), q)?,
+            proj_out: linear(dim, config.patch_size * config.patch_size * config.out_channels(), vb.pp("proj_out"), q)?,
             config: config.clone(),
         })
     }
@@ -201,7 +217,7 @@ impl MmditTransformer {
     }
 
     pub fn dtype(&self) -> DType {
-        self.proj_out.weight().dtype()
+        self.proj_out.dtype()
     }
 
     /// Predicted velocity `[B, out_channels, h, w]`.

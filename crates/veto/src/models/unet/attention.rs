@@ -13,10 +13,11 @@
 use std::ops::Range;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
 
 use crate::attention::{merge_heads, sdpa, split_heads};
 use crate::guidance::{guided_attention, GuidedAttention, KeyValues, NegativeContext, NegativeKeyValues};
+use crate::models::layers::{linear, linear_no_bias, Linear, QuantizedWeights};
 
 /// PAG: rows whose selected self-attention layers become identity.
 #[derive(Clone)]
@@ -48,21 +49,22 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// `(heads, head_dim)`: the number of heads and their width.
     fn new(
         query_dim: usize,
         context_dim: usize,
-        heads: usize,
-        head_dim: usize,
+        (heads, head_dim): (usize, usize),
         upcast: bool,
         name: String,
         vb: VarBuilder,
+        q: &QuantizedWeights,
     ) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out.0"))?,
+            to_q: linear_no_bias(query_dim, inner, vb.pp("to_q"), q)?,
+            to_k: linear_no_bias(context_dim, inner, vb.pp("to_k"), q)?,
+            to_v: linear_no_bias(context_dim, inner, vb.pp("to_v"), q)?,
+            to_out: linear(inner, query_dim, vb.pp("to_out.0"), q)?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             upcast,
@@ -155,11 +157,11 @@ struct FeedForward {
 }
 
 impl FeedForward {
-    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(dim: usize, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, 2 * inner, vb.pp("net.0.proj"))?,
-            proj_out: candle_nn::linear(inner, dim, vb.pp("net.2"))?,
+            proj_in: linear(dim, 2 * inner, vb.pp("net.0.proj"), q)?,
+            proj_out: linear(inner, dim, vb.pp("net.2"), q)?,
         })
     }
 }
@@ -223,7 +225,7 @@ pub struct TransformerSpec {
 }
 
 impl SpatialTransformer {
-    pub fn new(spec: &TransformerSpec, vb: VarBuilder) -> Result<Self> {
+    pub fn new(spec: &TransformerSpec, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         let c = spec.channels;
         if spec.heads == 0 || !c.is_multiple_of(spec.heads) {
             candle_core::bail!("{}: {} channels do not split into {} heads", spec.name, c, spec.heads);
@@ -231,7 +233,7 @@ impl SpatialTransformer {
         let head_dim = c / spec.heads;
         let proj = |name: &str, vb: &VarBuilder| -> Result<Projection> {
             Ok(if spec.use_linear_projection {
-                Projection::Linear(candle_nn::linear(c, c, vb.pp(name))?)
+                Projection::Linear(linear(c, c, vb.pp(name), q)?)
             } else {
                 Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?)
             })
@@ -245,24 +247,24 @@ impl SpatialTransformer {
                     attn1: Attention::new(
                         c,
                         c,
-                        spec.heads,
-                        head_dim,
+                        (spec.heads, head_dim),
                         spec.upcast_attention,
                         format!("{base}.attn1"),
                         bvb.pp("attn1"),
+                        q,
                     )?,
                     norm2: candle_nn::layer_norm(c, 1e-5, bvb.pp("norm2"))?,
                     attn2: Attention::new(
                         c,
                         spec.cross_attention_dim,
-                        spec.heads,
-                        head_dim,
+                        (spec.heads, head_dim),
                         spec.upcast_attention,
                         format!("{base}.attn2"),
                         bvb.pp("attn2"),
+                        q,
                     )?,
                     norm3: candle_nn::layer_norm(c, 1e-5, bvb.pp("norm3"))?,
-                    ff: FeedForward::new(c, bvb.pp("ff"))?,
+                    ff: FeedForward::new(c, bvb.pp("ff"), q)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

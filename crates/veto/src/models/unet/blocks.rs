@@ -5,7 +5,9 @@
 //! transformer after each resnet).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+
+use crate::models::layers::{linear, Linear, QuantizedWeights};
 
 use super::attention::{BlockContext, SpatialTransformer, TransformerSpec};
 
@@ -36,7 +38,7 @@ pub struct ResnetSpec {
 }
 
 impl ResnetBlock {
-    pub fn new(cin: usize, cout: usize, spec: ResnetSpec, vb: VarBuilder) -> Result<Self> {
+    pub fn new(cin: usize, cout: usize, spec: ResnetSpec, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
         let shortcut = if cin != cout {
             Some(candle_nn::conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))?)
         } else {
@@ -45,7 +47,7 @@ impl ResnetBlock {
         Ok(Self {
             norm1: candle_nn::group_norm(spec.groups, cin, spec.eps, vb.pp("norm1"))?,
             conv1: conv3x3(cin, cout, 1, vb.pp("conv1"))?,
-            time_emb_proj: candle_nn::linear(spec.temb_channels, cout, vb.pp("time_emb_proj"))?,
+            time_emb_proj: linear(spec.temb_channels, cout, vb.pp("time_emb_proj"), q)?,
             norm2: candle_nn::group_norm(spec.groups, cout, spec.eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, vb.pp("conv2"))?,
             shortcut,
@@ -131,6 +133,7 @@ impl DownBlock {
         spec: &BlockSpec,
         name: &str,
         vb: VarBuilder,
+        q: &QuantizedWeights,
     ) -> Result<Self> {
         let layers = (0..spec.layers)
             .map(|j| {
@@ -139,10 +142,15 @@ impl DownBlock {
                     cout,
                     spec.resnet,
                     vb.pp(format!("resnets.{j}")),
+                    q,
                 )?;
                 let attention = if spec.cross_attention {
                     let aname = format!("{name}.attentions.{j}");
-                    Some(SpatialTransformer::new(&spec.transformer(cout, j, aname), vb.pp(format!("attentions.{j}")))?)
+                    Some(SpatialTransformer::new(
+                        &spec.transformer(cout, j, aname),
+                        vb.pp(format!("attentions.{j}")),
+                        q,
+                    )?)
                 } else {
                     None
                 };
@@ -182,15 +190,16 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
-    pub fn new(channels: usize, spec: &BlockSpec, vb: VarBuilder) -> Result<Self> {
-        let first = ResnetBlock::new(channels, channels, spec.resnet, vb.pp("resnets.0"))?;
+    pub fn new(channels: usize, spec: &BlockSpec, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
+        let first = ResnetBlock::new(channels, channels, spec.resnet, vb.pp("resnets.0"), q)?;
         let layers = (0..spec.layers)
             .map(|j| {
                 let t = SpatialTransformer::new(
                     &spec.transformer(channels, j, format!("mid_block.attentions.{j}")),
                     vb.pp(format!("attentions.{j}")),
+                    q,
                 )?;
-                let r = ResnetBlock::new(channels, channels, spec.resnet, vb.pp(format!("resnets.{}", j + 1)))?;
+                let r = ResnetBlock::new(channels, channels, spec.resnet, vb.pp(format!("resnets.{}", j + 1)), q)?;
                 Ok((t, r))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -218,24 +227,28 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
-    /// `prev`: channels coming from below; `skip_channels(j)`: channels of the j-th skip this
-    /// block consumes. `name`: `up_blocks.{i}`.
+    /// `(prev, cout)`: channels coming from below and going out; `skip_channels(j)`: channels of
+    /// the j-th skip this block consumes. `name`: `up_blocks.{i}`.
     pub fn new(
-        prev: usize,
-        cout: usize,
+        (prev, cout): (usize, usize),
         skip_channels: &[usize],
         add_upsample: bool,
         spec: &BlockSpec,
         name: &str,
         vb: VarBuilder,
+        q: &QuantizedWeights,
     ) -> Result<Self> {
         let layers = (0..spec.layers)
             .map(|j| {
                 let cin = if j == 0 { prev } else { cout } + skip_channels[j];
-                let resnet = ResnetBlock::new(cin, cout, spec.resnet, vb.pp(format!("resnets.{j}")))?;
+                let resnet = ResnetBlock::new(cin, cout, spec.resnet, vb.pp(format!("resnets.{j}")), q)?;
                 let attention = if spec.cross_attention {
                     let aname = format!("{name}.attentions.{j}");
-                    Some(SpatialTransformer::new(&spec.transformer(cout, j, aname), vb.pp(format!("attentions.{j}")))?)
+                    Some(SpatialTransformer::new(
+                        &spec.transformer(cout, j, aname),
+                        vb.pp(format!("attentions.{j}")),
+                        q,
+                    )?)
                 } else {
                     None
                 };

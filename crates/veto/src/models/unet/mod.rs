@@ -25,7 +25,8 @@ use embeddings::sinusoidal;
 
 use crate::error::{Error, Result};
 use crate::loading::config::read_checked_config;
-use crate::models::layers::MlpEmbedder;
+use crate::loading::weights::ComponentWeights;
+use crate::models::layers::{MlpEmbedder, QuantizedWeights};
 
 /// A config value that is either one value for every block or one per block.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -420,10 +421,22 @@ impl UNet2DConditionModel {
     /// Build from a config and weights whose names are diffusers' (`down_blocks.0.resnets.0...`).
     pub fn new(config: &UNetConfig, vb: VarBuilder) -> Result<Self> {
         let r = config.resolve().map_err(|reason| Error::BadModelFile { path: "unet/config.json".into(), reason })?;
-        Ok(Self::build(config, &r, vb)?)
+        Ok(Self::build(config, &r, vb, &QuantizedWeights::none())?)
     }
 
-    fn build(config: &UNetConfig, r: &Resolved, vb: VarBuilder) -> candle_core::Result<Self> {
+    /// Build from a component's weights (quantized layers where the checkpoint is).
+    pub fn load(
+        config: &UNetConfig,
+        weights: &ComponentWeights,
+        dtype: DType,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let r = config.resolve().map_err(|reason| Error::BadModelFile { path: "unet/config.json".into(), reason })?;
+        let (vb, q) = weights.model_weights(dtype, device)?;
+        Self::build(config, &r, vb, &q).map_err(|e| weights.mismatch("UNet", e))
+    }
+
+    fn build(config: &UNetConfig, r: &Resolved, vb: VarBuilder, q: &QuantizedWeights) -> candle_core::Result<Self> {
         let ch = &config.block_out_channels;
         let n = ch.len();
         let temb_dim = ch[0] * 4;
@@ -435,9 +448,9 @@ impl UNet2DConditionModel {
             pad(config.conv_in_kernel),
             vb.pp("conv_in"),
         )?;
-        let time_embedding = MlpEmbedder::new(ch[0], temb_dim, vb.pp("time_embedding"))?;
+        let time_embedding = MlpEmbedder::new(ch[0], temb_dim, vb.pp("time_embedding"), q)?;
         let add_embedding = match r.text_time {
-            Some((_, proj)) => Some(MlpEmbedder::new(proj, temb_dim, vb.pp("add_embedding"))?),
+            Some((_, proj)) => Some(MlpEmbedder::new(proj, temb_dim, vb.pp("add_embedding"), q)?),
             None => None,
         };
         let resnet = ResnetSpec {
@@ -466,7 +479,7 @@ impl UNet2DConditionModel {
             let cross = config.down_block_types[i] == "CrossAttnDownBlock2D";
             let name = format!("down_blocks.{i}");
             let s = spec(i, cross, r.layers[i], r.down_depths[i].clone());
-            down_blocks.push(DownBlock::new(cin, ch[i], !last, &s, &name, vb.pp(&name))?);
+            down_blocks.push(DownBlock::new(cin, ch[i], !last, &s, &name, vb.pp(&name), q)?);
             skips.extend(std::iter::repeat_n(ch[i], r.layers[i] + usize::from(!last)));
         }
 
@@ -474,7 +487,7 @@ impl UNet2DConditionModel {
             Some(_) => {
                 let mut s = spec(n - 1, true, 1, r.mid_depths.clone());
                 s.resnet.output_scale_factor = config.mid_block_scale_factor;
-                Some(MidBlock::new(ch[n - 1], &s, vb.pp("mid_block"))?)
+                Some(MidBlock::new(ch[n - 1], &s, vb.pp("mid_block"), q)?)
             }
             None => None,
         };
@@ -490,7 +503,7 @@ impl UNet2DConditionModel {
             let cross = config.up_block_types[i] == "CrossAttnUpBlock2D";
             let name = format!("up_blocks.{i}");
             let s = spec(level, cross, layers, r.up_depths[i].clone());
-            up_blocks.push(UpBlock::new(prev, cout, &take, i + 1 < n, &s, &name, vb.pp(&name))?);
+            up_blocks.push(UpBlock::new((prev, cout), &take, i + 1 < n, &s, &name, vb.pp(&name), q)?);
             prev = cout;
         }
         Ok(Self {
