@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use veto::guidance::{AttentionMethod, CfgScaleSource, GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
-use veto::{Defaults, Denoised, Family, GenerateRequest, ModelSource, Pipeline, SamplerOptions};
+use veto::{Defaults, Denoised, Family, GenerateRequest, LoraSpec, ModelSource, Pipeline, SamplerOptions};
 
 use crate::outputs::OutputPlan;
 
@@ -28,6 +28,9 @@ pub struct GenerateArgs {
     /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell) or a local diffusers folder.
     #[arg(long)]
     pub model: String,
+    /// LoRA merged into the weights at load time: FILE or FILE:SCALE (scale default 1), repeatable. Layouts: diffusers/PEFT, kohya/A1111, ComfyUI/BFL, XLabs; Flux, SD3/SD3.5, SDXL, SD1.5 (denoiser and text encoders).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub lora: Vec<LoraSpec>,
     /// What the image should show.
     #[arg(long)]
     pub prompt: String,
@@ -121,6 +124,14 @@ pub struct GenerateArgs {
     /// Precision of the weights and activations: f32, bf16 (NAG's norms stay f32) or f16 [default: f32 on cpu, bf16 on cuda].
     #[arg(long, value_enum)]
     pub dtype: Option<DtypeArg>,
+}
+
+/// `--lora FILE[:SCALE]`; clap names the flag in the error.
+fn parse_lora(arg: &str) -> std::result::Result<LoraSpec, String> {
+    LoraSpec::parse(arg).map_err(|e| match e {
+        veto::Error::InvalidParameter { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device> {
@@ -368,7 +379,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let init = a.init_latents.as_deref().map(load_init_latents).transpose()?.unwrap_or_default();
     let device = device(a.device)?;
-    let source = ModelSource::resolve(&a.model)?;
+    let source = ModelSource::resolve(&a.model)?.with_loras(a.lora.clone());
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;
@@ -376,6 +387,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let req = request(&a, &defaults, init)?;
     check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
+    for lora in veto::loading::lora::check(&source).map_err(flag_error)? {
+        eprintln!("{lora}");
+    }
 
     let dtype = dtype(a.dtype.unwrap_or(if device.is_cpu() { DtypeArg::F32 } else { DtypeArg::Bf16 }));
     check_weights_fit(&source, dtype, &device)?;

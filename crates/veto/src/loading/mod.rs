@@ -2,6 +2,7 @@
 
 pub mod components;
 pub mod config;
+pub mod lora;
 pub mod model_index;
 pub mod model_source;
 pub mod safetensors_files;

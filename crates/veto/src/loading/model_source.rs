@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
+use super::lora::LoraSpec;
 use super::model_index::ModelIndex;
 use crate::error::{Error, Result};
 
@@ -133,6 +134,8 @@ fn is_truthy(value: &str) -> bool {
 #[derive(Debug)]
 pub struct ModelSource {
     inner: Inner,
+    /// LoRAs merged into the components' weights as they load.
+    loras: Vec<LoraSpec>,
 }
 
 #[derive(Debug)]
@@ -198,7 +201,7 @@ impl ModelSource {
                 path: index.display().to_string(),
             });
         }
-        Ok(Self { inner: Inner::Local(folder.to_path_buf()) })
+        Ok(Self { inner: Inner::Local(folder.to_path_buf()), loras: Vec::new() })
     }
 
     /// A hub repo read through the cache in `options`. Fetches `model_index.json` right away
@@ -222,7 +225,7 @@ impl ModelSource {
         };
         let hub = HubSource { repo_id: repo_id.to_string(), options, api, reachable: OnceLock::new() };
         hub.file(MODEL_INDEX)?;
-        Ok(Self { inner: Inner::Hub(Box::new(hub)) })
+        Ok(Self { inner: Inner::Hub(Box::new(hub)), loras: Vec::new() })
     }
 
     /// The local path of a file, by path relative to the model root (`/`-separated). Local
@@ -306,6 +309,18 @@ impl ModelSource {
             Inner::Local(_) => None,
             Inner::Hub(hub) => Some(&hub.repo_id),
         }
+    }
+
+    /// This source with `loras` merged into its weights as each component loads, in order
+    /// (see [`crate::loading::lora`]).
+    pub fn with_loras(mut self, loras: Vec<LoraSpec>) -> Self {
+        self.loras = loras;
+        self
+    }
+
+    /// The LoRAs merged into this source's weights.
+    pub fn loras(&self) -> &[LoraSpec] {
+        &self.loras
     }
 }
 

@@ -6,11 +6,14 @@
 //! formats plug in here as further backends, so the loaders never see where the weights
 //! came from.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
+use super::lora::merge::LoraDeltas;
 use super::safetensors_files::{var_builder, weight_files};
 use crate::error::{Error, Result};
 
@@ -26,6 +29,30 @@ pub struct ComponentWeights {
 enum Backend {
     /// Safetensors files whose tensor names are already diffusers' names.
     Safetensors(Vec<PathBuf>),
+    /// Another backend with LoRA deltas merged into the weights they target as they are read.
+    Lora(Box<Backend>, Arc<LoraDeltas>),
+}
+
+impl Backend {
+    fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        match self {
+            Backend::Safetensors(files) => var_builder(files, dtype, device),
+            Backend::Lora(base, deltas) => Ok(deltas.wrap(base.var_builder(dtype, device)?, dtype, device)),
+        }
+    }
+
+    fn tensor_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        match self {
+            Backend::Safetensors(files) => {
+                let mut shapes = BTreeMap::new();
+                for f in files {
+                    shapes.extend(super::lora::header::read_header(f)?.shapes);
+                }
+                Ok(shapes)
+            }
+            Backend::Lora(base, _) => base.tensor_shapes(),
+        }
+    }
 }
 
 impl ComponentWeights {
@@ -66,9 +93,19 @@ impl ComponentWeights {
 
     /// The weights, converted to `dtype` on `device`, under their diffusers names.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        match &self.backend {
-            Backend::Safetensors(files) => var_builder(files, dtype, device),
-        }
+        self.backend.var_builder(dtype, device)
+    }
+
+    /// Every weight's diffusers name and shape, read from headers only (LoRA matching and
+    /// shape checks happen before anything is loaded).
+    pub fn tensor_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        self.backend.tensor_shapes()
+    }
+
+    /// These weights with LoRA `deltas` merged in as they are read.
+    pub fn with_lora(mut self, deltas: Arc<LoraDeltas>) -> Self {
+        self.backend = Backend::Lora(Box::new(self.backend), deltas);
+        self
     }
 
     /// An error saying the weights do not fit the config, naming where they came from.

@@ -165,6 +165,7 @@ impl Pipeline {
     /// As [`from_pretrained`](Self::from_pretrained), from a resolved source.
     pub fn load(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
         let family = families::detect(source)?;
+        crate::loading::lora::check(source)?;
         let inner = (family.load)(source, device, dtype)?;
         let defaults = inner.defaults();
         Ok(Pipeline { family, inner, defaults })
