@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use common::{assert_close, fixtures, Fixture};
@@ -156,14 +156,13 @@ fn tmp(name: &str) -> PathBuf {
     d.join(name)
 }
 
-fn write(path: &PathBuf, tensors: &[(&str, Tensor)]) {
+fn write(path: &Path, tensors: &[(&str, Tensor)]) {
     let map: HashMap<String, Tensor> = tensors.iter().map(|(k, t)| (k.to_string(), t.clone())).collect();
     candle_core::safetensors::save(&map, path).unwrap();
 }
 
-fn err_with(file: &PathBuf) -> String {
-    let src =
-        ModelSource::local(model_dir("flux", "schnell")).unwrap().with_loras(vec![LoraSpec::new(file.clone(), 1.0)]);
+fn err_with(file: &Path) -> String {
+    let src = ModelSource::local(model_dir("flux", "schnell")).unwrap().with_loras(vec![LoraSpec::new(file, 1.0)]);
     check(&src).unwrap_err().to_string()
 }
 
