@@ -7,7 +7,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use veto::guidance::{AttentionMethod, CfgScaleSource, GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
 use veto::{
-    Defaults, Denoised, Family, GenerateRequest, LoadOptions, ModelSource, Pipeline, Residency, SamplerOptions,
+    Defaults, Denoised, Family, GenerateRequest, LoadOptions, LoraSpec, ModelSource, Pipeline, Residency,
+    SamplerOptions,
 };
 
 use crate::outputs::OutputPlan;
@@ -47,6 +48,9 @@ pub struct GenerateArgs {
     /// (SDXL) of --model; its matrices stay quantized in memory.
     #[arg(long)]
     pub transformer: Option<PathBuf>,
+    /// LoRA merged into the weights at load time: FILE or FILE:SCALE (scale default 1), repeatable. Layouts: diffusers/PEFT, kohya/A1111, ComfyUI/BFL, XLabs; Flux, SD3/SD3.5, SDXL, SD1.5 (denoiser and text encoders).
+    #[arg(long = "lora", value_name = "FILE[:SCALE]", value_parser = parse_lora)]
+    pub lora: Vec<LoraSpec>,
     /// What the image should show.
     #[arg(long)]
     pub prompt: String,
@@ -149,6 +153,14 @@ pub struct GenerateArgs {
     /// What stays in memory: `resident` (all components at once: fastest for many prompts), `sequential` (text encoders, then the denoiser, then the VAE: the peak is the largest stage, not the sum) or `auto` (resident if it fits in the free memory, else sequential).
     #[arg(long, value_enum, default_value = "auto")]
     pub memory: MemoryArg,
+}
+
+/// `--lora FILE[:SCALE]`; clap names the flag in the error.
+fn parse_lora(arg: &str) -> std::result::Result<LoraSpec, String> {
+    LoraSpec::parse(arg).map_err(|e| match e {
+        veto::Error::InvalidParameter { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 pub fn device(arg: DeviceArg) -> Result<Device> {
@@ -476,7 +488,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let init = a.init_latents.as_deref().map(load_init_latents).transpose()?.unwrap_or_default();
     let device = device(a.device)?;
-    let source = model_source(&a)?;
+    let source = model_source(&a)?.with_loras(a.lora.clone());
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;
@@ -484,6 +496,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let req = request(&a, &defaults, init)?;
     check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
+    for lora in veto::loading::lora::check(&source).map_err(flag_error)? {
+        eprintln!("{lora}");
+    }
 
     let dtype = dtype(a.dtype.unwrap_or(if device.is_cpu() { DtypeArg::F32 } else { DtypeArg::Bf16 }));
     let mut opts = LoadOptions::new(&device, dtype);

@@ -642,3 +642,40 @@ fn step_noise_for_a_deterministic_sampler_is_a_warning() {
 fn absurd_sizes_stop_before_loading_with_an_estimate() {
     expect_failure(&["--height", "100000", "--width", "100000"], "--height: a 100000x100000 image needs about");
 }
+
+#[test]
+fn lora_end_to_end() {
+    // tests/fixtures/lora: diffusers' FluxPipeline with the kohya LoRA fused at 0.5.
+    let fixture = "expected_flux_scale05.safetensors";
+    let (dir, init) = workdir_of("lora", fixture);
+    let (out, saved) = (dir.path().join("out.png"), dir.path().join("final.safetensors"));
+    let model = fixtures().join("schnell");
+    let lora = fixtures_of("lora").join("flux_kohya.safetensors");
+    let lora = format!("{}:0.5", lora.display());
+    #[rustfmt::skip]
+    let args = [
+        "generate", "--model", model.to_str().unwrap(), "--lora", &lora,
+        "--prompt", "a photo of a cat wearing glasses", "--guidance", "none", "--guidance-scale", "0",
+        "--steps", "2", "--height", "64", "--width", "64", "--max-sequence-length", "16",
+        "--init-latents", init.to_str().unwrap(), "--save-latents", saved.to_str().unwrap(),
+        "--output", out.to_str().unwrap(),
+    ];
+    let o = veto(&args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "veto failed: {stderr}");
+    assert!(
+        stderr.contains("lora flux_kohya.safetensors (kohya, 114 tensors, scale 0.5) → transformer, text_encoder"),
+        "{stderr}"
+    );
+    let want = Fixture::load("lora", fixture);
+    let d = rel_diff(&load(&saved)["latents"], want.t("final_latents"));
+    assert!(d <= 1e-4, "saved latents differ from diffusers' fused LoRA run by {d:e}");
+}
+
+#[test]
+fn lora_errors() {
+    expect_failure(&["--lora", "x.safetensors:strong"], "--lora");
+    let sdxl = fixtures_of("lora").join("sdxl_kohya.safetensors");
+    expect_failure(&["--lora", sdxl.to_str().unwrap()], "probably made for another model family");
+    expect_failure(&["--lora", "missing.safetensors"], "LoRA file not found");
+}

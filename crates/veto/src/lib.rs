@@ -43,6 +43,7 @@ pub use error::{Error, Result};
 pub use families::{Family, FAMILIES};
 pub use guidance::{GuidanceConfig, GuidancePlan, Method, NagNorm, NagParams, NagPooled, VsfLayout, VsfParams};
 pub use image_io::save_png;
+pub use loading::lora::LoraSpec;
 pub use loading::model_source::ModelSource;
 pub use pipelines::{
     Defaults, Denoised, GenerateRequest, Generation, LoadOptions, Pipeline, Residency, ResolvedRequest, SamplerOptions,

@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
 use hf_hub::{Cache, Repo, RepoType};
 
+use super::lora::LoraSpec;
 use super::model_index::ModelIndex;
 use crate::error::{Error, Result};
 
@@ -135,6 +136,8 @@ pub struct ModelSource {
     inner: Inner,
     /// Components whose weights come from a file of their own (`--transformer x.gguf`).
     component_files: Vec<(String, PathBuf)>,
+    /// LoRAs merged into the components' weights as they load.
+    loras: Vec<LoraSpec>,
 }
 
 #[derive(Debug)]
@@ -200,7 +203,7 @@ impl ModelSource {
                 path: index.display().to_string(),
             });
         }
-        Ok(Self { inner: Inner::Local(folder.to_path_buf()), component_files: Vec::new() })
+        Ok(Self { inner: Inner::Local(folder.to_path_buf()), component_files: Vec::new(), loras: Vec::new() })
     }
 
     /// A hub repo read through the cache in `options`. Fetches `model_index.json` right away
@@ -224,7 +227,7 @@ impl ModelSource {
         };
         let hub = HubSource { repo_id: repo_id.to_string(), options, api, reachable: OnceLock::new() };
         hub.file(MODEL_INDEX)?;
-        Ok(Self { inner: Inner::Hub(Box::new(hub)), component_files: Vec::new() })
+        Ok(Self { inner: Inner::Hub(Box::new(hub)), component_files: Vec::new(), loras: Vec::new() })
     }
 
     /// The local path of a file, by path relative to the model root (`/`-separated). Local
@@ -328,6 +331,18 @@ impl ModelSource {
             Inner::Local(_) => None,
             Inner::Hub(hub) => Some(&hub.repo_id),
         }
+    }
+
+    /// This source with `loras` merged into its weights as each component loads, in order
+    /// (see [`crate::loading::lora`]).
+    pub fn with_loras(mut self, loras: Vec<LoraSpec>) -> Self {
+        self.loras = loras;
+        self
+    }
+
+    /// The LoRAs merged into this source's weights.
+    pub fn loras(&self) -> &[LoraSpec] {
+        &self.loras
     }
 }
 

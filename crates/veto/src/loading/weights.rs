@@ -6,6 +6,7 @@
 //! formats plug in here as further backends, so the loaders never see where the weights
 //! came from.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -13,6 +14,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::gguf::GgufFile;
+use super::lora::merge::LoraDeltas;
 use super::quantized::{quantized_var_builder, QuantizedWeights};
 use super::safetensors_files::{var_builder, weight_files};
 use crate::error::{Error, Result};
@@ -31,6 +33,35 @@ enum Backend {
     Safetensors(Vec<PathBuf>),
     /// A GGUF file (checked when opened) whose tensors carry diffusers' names.
     Gguf(Arc<GgufFile>),
+    /// Another backend with LoRA deltas merged into the weights they target as they are read.
+    Lora(Box<Backend>, Arc<LoraDeltas>),
+}
+
+impl Backend {
+    /// Every tensor dense in `dtype`, under diffusers' names.
+    fn var_builder(&self, dtype: DType, device: &Device, origin: &str) -> Result<VarBuilder<'static>> {
+        match self {
+            Backend::Safetensors(files) => var_builder(files, dtype, device),
+            Backend::Gguf(file) => Ok(quantized_var_builder(file.read_all()?, origin.to_string(), dtype, device).0),
+            Backend::Lora(base, deltas) => Ok(deltas.wrap(base.var_builder(dtype, device, origin)?, dtype, device)),
+        }
+    }
+
+    fn tensor_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        match self {
+            Backend::Safetensors(files) => {
+                let mut shapes = BTreeMap::new();
+                for f in files {
+                    shapes.extend(super::lora::header::read_header(f)?.shapes);
+                }
+                Ok(shapes)
+            }
+            Backend::Gguf(file) => {
+                Ok(file.names().iter().filter_map(|n| file.shape(n).map(|s| (n.clone(), s))).collect())
+            }
+            Backend::Lora(base, _) => base.tensor_shapes(),
+        }
+    }
 }
 
 impl ComponentWeights {
@@ -78,23 +109,30 @@ impl ComponentWeights {
 
     /// The weights, converted to `dtype` on `device`, under their diffusers names.
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
-        match &self.backend {
-            Backend::Safetensors(files) => var_builder(files, dtype, device),
-            Backend::Gguf(_) => Ok(self.model_weights(dtype, device)?.0),
-        }
+        self.backend.var_builder(dtype, device, &self.origin)
     }
 
     /// The weights for a model that can run quantized layers: the `VarBuilder` serves every
     /// tensor dense in `dtype`, and [`QuantizedWeights`] offers the matrices a quantized
-    /// checkpoint keeps in ggml blocks (none for safetensors).
+    /// checkpoint keeps in ggml blocks (none for safetensors). A LoRA over a GGUF file merges into
+    /// dequantized weights: correct, but that component is then dense in `dtype`.
     pub fn model_weights(&self, dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, QuantizedWeights)> {
         match &self.backend {
-            Backend::Safetensors(files) => Ok((var_builder(files, dtype, device)?, QuantizedWeights::none())),
-            Backend::Gguf(file) => {
-                let tensors = file.read_all()?;
-                Ok(quantized_var_builder(tensors, self.origin.clone(), dtype, device))
-            }
+            Backend::Gguf(file) => Ok(quantized_var_builder(file.read_all()?, self.origin.clone(), dtype, device)),
+            other => Ok((other.var_builder(dtype, device, &self.origin)?, QuantizedWeights::none())),
         }
+    }
+
+    /// Every weight's diffusers name and shape, read from headers only (LoRA matching and
+    /// shape checks happen before anything is loaded).
+    pub fn tensor_shapes(&self) -> Result<BTreeMap<String, Vec<usize>>> {
+        self.backend.tensor_shapes()
+    }
+
+    /// These weights with LoRA `deltas` merged in as they are read.
+    pub fn with_lora(mut self, deltas: Arc<LoraDeltas>) -> Self {
+        self.backend = Backend::Lora(Box::new(self.backend), deltas);
+        self
     }
 
     /// An error saying the weights do not fit the config, naming where they came from.

@@ -175,6 +175,7 @@ impl Pipeline {
     /// ([`LoadOptions`]).
     pub fn load_with(source: &ModelSource, options: &LoadOptions) -> Result<Self> {
         let family = families::detect(source)?;
+        crate::loading::lora::check(source)?;
         let inner = (family.load)(source, options)?;
         let defaults = inner.defaults();
         Ok(Pipeline { family, inner, defaults })
