@@ -76,7 +76,7 @@ pub fn t5_tokenizer_dir(source: &ModelSource, component: &str) -> Result<PathBuf
 pub fn component_weights(source: &ModelSource, component: &str, stem: &str) -> Result<ComponentWeights> {
     if let Some(file) = source.component_file(component) {
         let config = source.file(&format!("{component}/config.json"))?;
-        return ComponentWeights::from_gguf(config, file);
+        return super::lora::apply(source, component, ComponentWeights::from_gguf(config, file)?);
     }
     let dir = weights_dir(source, component, stem)?;
     let weights = ComponentWeights::from_dir(&dir, stem, component)?;
