@@ -149,7 +149,7 @@ def build_vae() -> AutoencoderKL:
         out_channels=3,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        block_out_channels=(8, 8, 8, 8),
         layers_per_block=1,
         act_fn="silu",
         latent_channels=4,
