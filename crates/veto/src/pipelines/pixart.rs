@@ -294,9 +294,10 @@ impl PixArtSigmaPipeline {
             rows.push(&positive.states);
         }
         let (caption, lens) = pad_rows(&rows)?;
-        let pag = match &req.sampler.pag_layers {
-            Some(layers) => pag_blocks(&self.config, layers)?,
-            None => pag_blocks(&self.config, &DEFAULT_PAG_LAYERS.map(String::from))?,
+        let pag = match (&req.sampler.pag_layers, pag_scale) {
+            (_, None) => Vec::new(),
+            (Some(layers), Some(_)) => pag_blocks(&self.config, layers)?,
+            (None, Some(_)) => pag_blocks(&self.config, &DEFAULT_PAG_LAYERS.map(String::from))?,
         };
 
         let timesteps = scheduler.timesteps().to_vec();
@@ -410,11 +411,6 @@ fn check_request(config: &PixArtConfig, vae: &VaeConfig, scheduler: &dyn Schedul
     let mut probe = scheduler.clone_box();
     if let Some(ts) = &req.sampler.timesteps {
         probe.set_custom_timesteps(ts).map_err(|e| Error::parameter("timesteps", e.to_string()))?;
-    }
-    if let Some(eta) = req.sampler.eta {
-        if !probe.takes_eta() {
-            return Err(Error::parameter("eta", format!("{} takes no eta (DDIM and TCD do)", probe.class_name())));
-        }
     }
     let latent = [1, config.in_channels, height / f, width / f];
     sized.check_init_latents(&latent, f)?;

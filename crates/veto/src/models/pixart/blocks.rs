@@ -133,7 +133,7 @@ impl Attention {
             outs.push(z);
             start = end;
         }
-        let z = if outs.len() == 1 { outs.pop().unwrap_or_else(|| unreachable!()) } else { Tensor::cat(&outs, 0)? };
+        let z = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
         self.to_out.forward(&z)
     }
 }
