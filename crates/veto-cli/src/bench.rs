@@ -225,7 +225,10 @@ fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         a.pixart_blocks, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!("{:>6} {:>12} {:>18} {:>18} {:>18}", "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)");
+    println!(
+        "{:>6} {:>12} {:>18} {:>18} {:>18}",
+        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
+    );
     for &size in &a.sizes {
         let x = randn(&[1, 4, size / 8, size / 8])?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;

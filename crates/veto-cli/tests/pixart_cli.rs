@@ -18,8 +18,11 @@ fn pixart_cfg_nag_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let fx = Fixture::load("pixart", "pipeline_cfg_nag.safetensors");
     let init = dir.path().join("init.safetensors");
-    candle_core::safetensors::save(&std::collections::HashMap::from([("latents", fx.t("init_latents").clone())]), &init)
-        .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("latents", fx.t("init_latents").clone())]),
+        &init,
+    )
+    .unwrap();
     let (out, saved) = (dir.path().join("out.png"), dir.path().join("final.safetensors"));
     let model = fixtures("pixart").join("sigma");
     let o = veto(&[

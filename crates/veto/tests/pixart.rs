@@ -179,10 +179,7 @@ fn prompts_longer_than_the_token_limit_warn_with_what_was_cut() {
     let mut req = tiny_request(&pipe);
     req.prompt = format!("{} purple elephant", "a photo of a cat wearing glasses ".repeat(60));
     let (_, warnings) = common::generate(&pipe, &PIXART, &req, &mut |_| {}).unwrap();
-    assert!(
-        warnings.iter().any(|w| w.contains("300 tokens") && w.contains("elephant")),
-        "{warnings:?}"
-    );
+    assert!(warnings.iter().any(|w| w.contains("300 tokens") && w.contains("elephant")), "{warnings:?}");
     // A shorter limit cuts more and says so.
     req.max_sequence_length = 8;
     let (_, warnings) = common::generate(&pipe, &PIXART, &req, &mut |_| {}).unwrap();

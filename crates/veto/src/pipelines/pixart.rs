@@ -132,7 +132,8 @@ impl PixArtSigmaPipeline {
         }
         let (c, d) = (config.clone(), device.clone());
         let transformer = Component::with_residency("transformer", opts.residency, true, move || {
-            PixArtTransformer2DModel::new(&c, weights.var_builder(dtype, &d)?).map_err(|e| weights.mismatch("transformer", e))
+            PixArtTransformer2DModel::new(&c, weights.var_builder(dtype, &d)?)
+                .map_err(|e| weights.mismatch("transformer", e))
         })?;
 
         let vae_weights = component_weights(source, "vae", "diffusion_pytorch_model")?;
@@ -329,7 +330,13 @@ impl PixArtSigmaPipeline {
             let eps = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
             x = scheduler.step(&eps, &x, &mut noise)?;
             super::ensure_finite(&x, (i, total, t), req, &PIXART)?;
-            on_step(StepEvent { index: i, total, timestep: t, attention_guided: plan.attention.is_some(), latents: &x });
+            on_step(StepEvent {
+                index: i,
+                total,
+                timestep: t,
+                attention_guided: plan.attention.is_some(),
+                latents: &x,
+            });
         }
         let step_noise = noise.finish(&describe(scheduler.as_ref(), req), warnings)?;
         Ok(Denoised { latents: x, init_latents: init, step_noise })
@@ -396,7 +403,12 @@ fn run_size(config: &PixArtConfig, req: &ResolvedRequest) -> (usize, usize, Opti
 
 /// Check a request against the transformer config, the VAE and the scheduler, at the size it
 /// runs at.
-fn check_request(config: &PixArtConfig, vae: &VaeConfig, scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<()> {
+fn check_request(
+    config: &PixArtConfig,
+    vae: &VaeConfig,
+    scheduler: &dyn Scheduler,
+    req: &ResolvedRequest,
+) -> Result<()> {
     let f = vae.downscale_factor();
     let (height, width, _) = run_size(config, req);
     let sized = ResolvedRequest { height, width, ..req.clone() };

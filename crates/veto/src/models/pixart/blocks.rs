@@ -65,7 +65,8 @@ impl Attention {
     /// Self-attention; the rows `identity` get the identity attention map (PAG).
     fn forward_self(&self, x: &Tensor, identity: Option<&Range<usize>>) -> Result<Tensor> {
         let plain = |x: &Tensor| -> Result<Tensor> {
-            let (q, k, v) = (self.heads_of(&self.to_q, x)?, self.heads_of(&self.to_k, x)?, self.heads_of(&self.to_v, x)?);
+            let (q, k, v) =
+                (self.heads_of(&self.to_q, x)?, self.heads_of(&self.to_k, x)?, self.heads_of(&self.to_v, x)?);
             merge_heads(&sdpa(&q, &k, &v, self.scale)?)
         };
         let Some(rows) = identity.filter(|r| !r.is_empty()) else {
@@ -103,8 +104,11 @@ impl Attention {
             let len = caption.lens[start];
             let end = (start..b).find(|&i| caption.lens[i] != len).unwrap_or(b);
             let rows = end - start;
-            let (qr, kr, vr) =
-                (q.narrow(0, start, rows)?, k.narrow(0, start, rows)?.narrow(2, 0, len)?, v.narrow(0, start, rows)?.narrow(2, 0, len)?);
+            let (qr, kr, vr) = (
+                q.narrow(0, start, rows)?,
+                k.narrow(0, start, rows)?.narrow(2, 0, len)?,
+                v.narrow(0, start, rows)?.narrow(2, 0, len)?,
+            );
             // The guided rows inside this run, relative to it and to the negative's rows.
             let guided = match (negative, &neg) {
                 (Some(n), Some((kn, vn))) => {
