@@ -9,6 +9,7 @@ use std::time::Instant;
 use veto::guidance::{AttentionGuidance, GuidancePlan, NagNorm, NagParams, NagVariant, NegativeContext, VsfParams};
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
+use veto::models::pixart::{PixArtConfig, PixArtInputs, PixArtTransformer2DModel};
 use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 
 use crate::arithmetic;
@@ -17,7 +18,7 @@ use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Which model family to time: flux (FLUX.1 width 3072: none / NAG / CFG), sd3 (SD3.5-Large
-    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG).
+    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG), pixart (PixArt-Sigma width 1152: none / NAG / VSF / CFG).
     #[arg(long, default_value = "flux")]
     pub family: String,
     /// Image sizes (square, pixels) to time.
@@ -35,6 +36,9 @@ pub struct BenchArgs {
     /// SDXL transformer layers of the three levels; the real model has 1,2,10.
     #[arg(long, value_delimiter = ',', default_value = "1,1,2")]
     pub sdxl_depths: Vec<usize>,
+    /// PixArt-Sigma transformer blocks; the real model has 28.
+    #[arg(long, default_value_t = 2)]
+    pub pixart_blocks: usize,
     /// T5 tokens (Flux-schnell and SD3 default 256).
     #[arg(long, default_value_t = 256)]
     pub text_len: usize,
@@ -108,6 +112,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "flux" => run_flux(&a, &device, dtype),
         "sd3" => run_sd3(&a, &device, dtype),
         "unet" => run_sdxl(&a, &device, dtype),
+        "pixart" => run_pixart(&a, &device, dtype),
         other => bail!("--family: no benchmark for {other} yet"),
     }
 }
@@ -200,6 +205,88 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
 /// What the `limit` column means.
 const LIMIT_NOTE: &str = "limit: the method's extra multiply-adds per step over the baseline's, counted from the \
 shapes (linear layers, convolutions, attention products): what a perfect implementation would pay.";
+
+/// PixArt-Sigma at the real width (1152 = 16 heads x 72) with reduced depth: none / NAG / VSF
+/// (cross-attention of the cond row also over the negative caption) / CFG (batched
+/// [uncond, cond], as diffusers). Captions of `--text-len` real tokens (the pipeline attends only
+/// those; diffusers pads to 300 and masks).
+fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
+    if a.pixart_blocks == 0 {
+        bail!("--pixart-blocks must be at least 1 (the real model has 28)");
+    }
+    let cfg: PixArtConfig = serde_json::from_value(serde_json::json!({
+        "num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "out_channels": 8,
+        "num_layers": a.pixart_blocks, "cross_attention_dim": 1152, "sample_size": 128,
+        "patch_size": 2, "interpolation_scale": 2, "use_additional_conditions": false,
+        "caption_channels": 4096
+    }))?;
+    let varmap = candle_nn::VarMap::new();
+    let model = PixArtTransformer2DModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let randn = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?) };
+    let len = a.text_len.clamp(1, 300);
+    let caption = randn(&[1, len, 4096])?;
+    let negative = randn(&[1, len.min(16), 4096])?;
+    let both_caption = Tensor::cat(&[&caption, &caption], 0)?;
+    let nag = AttentionGuidance::nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.375, norm: NagNorm::L1 });
+    let vsf = AttentionGuidance::Vsf(VsfParams { scale: 1.2, bias: 0.2, ..Default::default() });
+    let cfg_plan = GuidancePlan { cfg_scale: Some(4.5), ..GuidancePlan::none() };
+    println!(
+        "PixArt-Sigma transformer, random weights, width 1152 (16 heads x 72), {} blocks (real 28), {len} caption tokens, {:?} on {:?}",
+        a.pixart_blocks, dtype, device
+    );
+    println!("one denoising step, median of {} runs\n", a.iters);
+    println!(
+        "{:>6} {:>12} {:>18} {:>18} {:>18}",
+        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
+    );
+    for &size in &a.sizes {
+        let x = randn(&[1, 4, size / 8, size / 8])?;
+        let x2 = Tensor::cat(&[&x, &x], 0)?;
+        let call = |latents: &Tensor, caption: &Tensor, lens: &[usize], guidance: Option<&NegativeContext>| {
+            model.forward(&PixArtInputs {
+                latents,
+                timestep: 750.0,
+                caption,
+                caption_lens: lens,
+                guidance,
+                perturbation: None,
+            })
+        };
+        let t = time_methods(
+            a.iters,
+            device,
+            vec![
+                Box::new(|| Ok(call(&x, &caption, &[len], None)?)),
+                Box::new(|| {
+                    let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &caption, &[len], Some(&g))?)
+                }),
+                Box::new(|| {
+                    let g = NegativeContext { method: &vsf, states: &negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &caption, &[len], Some(&g))?)
+                }),
+                Box::new(|| {
+                    let v = call(&x2, &both_caption, &[len, len], None)?;
+                    Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
+                }),
+            ],
+        )?;
+        let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
+        println!(
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)",
+            size,
+            none,
+            nag_ms,
+            pct(nag_ms, none),
+            vsf_ms,
+            pct(vsf_ms, none),
+            cfg_ms,
+            pct(cfg_ms, none)
+        );
+    }
+    println!("\nTarget (issue 9): NAG <= +8%, VSF <= +5% per step; the NAG paper (Table 4) has no PixArt timing.");
+    Ok(())
+}
 
 fn pct(x: f64, base: f64) -> f64 {
     (x / base - 1.0) * 100.0

@@ -117,10 +117,10 @@ pub struct GenerateArgs {
     /// Denoising steps [default: schnell 4, dev 25].
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Image height in pixels: a multiple of 16 (Flux, SD3) or 8 (UNet family) [default: per model].
+    /// Image height in pixels: a multiple of 16 (Flux, SD3) or 8 (UNet family); PixArt-Σ runs at the nearest aspect-ratio bin [default: per model].
     #[arg(long)]
     pub height: Option<usize>,
-    /// Image width in pixels: a multiple of 16 (Flux, SD3) or 8 (UNet family) [default: per model].
+    /// Image width in pixels: a multiple of 16 (Flux, SD3) or 8 (UNet family); PixArt-Σ runs at the nearest aspect-ratio bin [default: per model].
     #[arg(long)]
     pub width: Option<usize>,
     /// T5 tokens [default: schnell 256, dev 512].

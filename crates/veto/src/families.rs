@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, NagVariant, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
 use crate::pipelines::{
-    flux, sd3, sdxl, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
+    flux, pixart, sd3, sdxl, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
 };
 
 /// Loads a family's pipeline from a diffusers folder.
@@ -223,8 +223,28 @@ pub static UNET: Family = Family {
     check_configs: sdxl::check_before_loading,
 };
 
+/// PixArt-Sigma (DiT with adaLN-single, T5 captions).
+pub static PIXART: Family = Family {
+    name: "pixart",
+    aliases: &["pixart-sigma"],
+    title: "PixArt-Sigma",
+    accepts: &["PixArtSigmaPipeline", "PixArtSigmaPAGPipeline"],
+    methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: true },
+    vsf_layouts: &[VsfLayout::Paper],
+    nag_pooled: false,
+    nag_variants: &[NagVariant::Official],
+    t5_tokens: true,
+    cfg_scale: CfgScaleSource::GuidanceScale,
+    window: StepWindow::FlooredSticky,
+    sampler_options: &[SamplerOption::Timesteps, SamplerOption::PagLayers, SamplerOption::Scheduler],
+    scheduler: "DPMSolverMultistepScheduler (and the UNet family's schedulers by --scheduler)",
+    load: |s, o| Ok(Box::new(pixart::PixArtSigmaPipeline::load_with(s, o)?)),
+    defaults: pixart::defaults_of,
+    check_configs: pixart::check_before_loading,
+};
+
 /// Every family veto has.
-pub static FAMILIES: &[&Family] = &[&FLUX, &SD3, &UNET];
+pub static FAMILIES: &[&Family] = &[&FLUX, &SD3, &UNET, &PIXART];
 
 /// The family that loads pipeline class `class`.
 pub fn for_class(class: &str) -> Option<&'static Family> {
@@ -257,6 +277,8 @@ mod tests {
         assert_eq!(for_class("NAGStableDiffusion3Pipeline").unwrap().name, "sd3");
         assert_eq!(for_class("NagStableDiffusionXLPipeline").unwrap().name, "unet");
         assert!(for_class("WanPipeline").is_none());
+        assert_eq!(for_class("PixArtSigmaPipeline").unwrap().name, "pixart");
+        assert_eq!(named("pixart").unwrap().name, "pixart");
         assert_eq!(named("SDXL").unwrap().name, "unet");
         assert!(supported_classes().contains("StableDiffusion3Pipeline"));
     }

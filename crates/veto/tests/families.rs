@@ -8,13 +8,14 @@ use candle_core::{DType, Device};
 use common::fixtures;
 use veto::{GenerateRequest, LoadOptions, ModelSource, Pipeline, Residency};
 
-const FOLDERS: [(&str, &str, &str); 6] = [
+const FOLDERS: [(&str, &str, &str); 7] = [
     ("flux", "schnell", "flux"),
     ("flux", "dev", "flux"),
     ("sd3", "large", "sd3"),
     ("sd3", "medium", "sd3"),
     ("unet", "sd15", "unet"),
     ("unet", "sdxl", "unet"),
+    ("pixart", "sigma", "pixart"),
 ];
 
 #[test]

@@ -3,5 +3,6 @@
 pub mod flux;
 pub mod layers;
 pub mod mmdit;
+pub mod pixart;
 pub mod unet;
 pub mod vae;

@@ -4,6 +4,8 @@
 pub mod flux;
 pub mod memory;
 pub mod noise;
+pub mod pixart;
+pub mod pixart_bins;
 pub mod request;
 pub mod residency;
 pub mod sd3;

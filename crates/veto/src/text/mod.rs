@@ -1,5 +1,6 @@
 //! Text encoders and tokenizers (CLIP, T5).
 
+pub mod caption;
 pub mod clip;
 pub mod t5;
 
