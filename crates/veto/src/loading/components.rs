@@ -74,6 +74,9 @@ pub fn t5_tokenizer_dir(source: &ModelSource, component: &str) -> Result<PathBuf
 /// A component's config and weights from `source`: the one place every pipeline gets the
 /// weights of a text encoder, VAE, transformer or UNet.
 pub fn component_weights(source: &ModelSource, component: &str, stem: &str) -> Result<ComponentWeights> {
+    if let Some(weights) = source.single_file_weights(component)? {
+        return Ok(weights);
+    }
     let dir = weights_dir(source, component, stem)?;
     ComponentWeights::from_dir(&dir, stem, component)
 }

@@ -5,4 +5,5 @@ pub mod config;
 pub mod model_index;
 pub mod model_source;
 pub mod safetensors_files;
+pub mod single_file;
 pub mod weights;

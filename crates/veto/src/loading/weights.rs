@@ -12,6 +12,7 @@ use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 use super::safetensors_files::{var_builder, weight_files};
+use super::single_file::RemappedTensors;
 use crate::error::{Error, Result};
 
 /// A component's config file and its weights.
@@ -26,6 +27,8 @@ pub struct ComponentWeights {
 enum Backend {
     /// Safetensors files whose tensor names are already diffusers' names.
     Safetensors(Vec<PathBuf>),
+    /// Tensors of an original-layout single file, served under diffusers names.
+    Remapped(RemappedTensors),
 }
 
 impl ComponentWeights {
@@ -54,6 +57,12 @@ impl ComponentWeights {
         Self { config_path, origin: origin.into(), backend: Backend::Safetensors(files) }
     }
 
+    /// Tensors of a single-file checkpoint mapped to diffusers names, configured by
+    /// `config_path`.
+    pub fn from_remapped(config_path: PathBuf, origin: impl Into<String>, tensors: RemappedTensors) -> Self {
+        Self { config_path, origin: origin.into(), backend: Backend::Remapped(tensors) }
+    }
+
     /// The component's `config.json`.
     pub fn config_path(&self) -> &Path {
         &self.config_path
@@ -68,6 +77,7 @@ impl ComponentWeights {
     pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
         match &self.backend {
             Backend::Safetensors(files) => var_builder(files, dtype, device),
+            Backend::Remapped(tensors) => Ok(tensors.var_builder(dtype, device)),
         }
     }
 

