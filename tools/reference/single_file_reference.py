@@ -151,6 +151,57 @@ def flux_to_bfl(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def sd3_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """SD3Transformer2DModel -> Stability's MMDiT layout."""
+    used: set[str] = set()
+    out: dict[str, torch.Tensor] = {}
+
+    def layer(orig: str, diff: str, swap: bool = False) -> None:
+        for p in ("weight", "bias"):
+            t = take(sd, used, f"{diff}.{p}")
+            out[f"{orig}.{p}"] = swap_halves(t) if swap else t
+
+    def fused(orig: str, diffs: list[str]) -> None:
+        for p in ("weight", "bias"):
+            out[f"{orig}.{p}"] = torch.cat([take(sd, used, f"{d}.{p}") for d in diffs], dim=0)
+
+    out["pos_embed"] = take(sd, used, "pos_embed.pos_embed")
+    layer("x_embedder.proj", "pos_embed.proj")
+    layer("context_embedder", "context_embedder")
+    for orig, diff in [("t_embedder", "timestep_embedder"), ("y_embedder", "text_embedder")]:
+        layer(f"{orig}.mlp.0", f"time_text_embed.{diff}.linear_1")
+        layer(f"{orig}.mlp.2", f"time_text_embed.{diff}.linear_2")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    for i in range(depth):
+        d, x, c = f"transformer_blocks.{i}.", f"joint_blocks.{i}.x_block.", f"joint_blocks.{i}.context_block."
+        last = i == depth - 1
+        fused(x + "attn.qkv", [d + "attn.to_q", d + "attn.to_k", d + "attn.to_v"])
+        fused(c + "attn.qkv", [d + "attn.add_q_proj", d + "attn.add_k_proj", d + "attn.add_v_proj"])
+        if d + "attn.norm_q.weight" in sd:
+            for orig, diff in [(x + "attn.ln_q", "norm_q"), (x + "attn.ln_k", "norm_k"),
+                               (c + "attn.ln_q", "norm_added_q"), (c + "attn.ln_k", "norm_added_k")]:
+                out[orig + ".weight"] = take(sd, used, f"{d}attn.{diff}.weight")
+        layer(x + "attn.proj", d + "attn.to_out.0")
+        if d + "attn2.to_q.weight" in sd:
+            fused(x + "attn2.qkv", [d + "attn2.to_q", d + "attn2.to_k", d + "attn2.to_v"])
+            if d + "attn2.norm_q.weight" in sd:
+                out[x + "attn2.ln_q.weight"] = take(sd, used, d + "attn2.norm_q.weight")
+                out[x + "attn2.ln_k.weight"] = take(sd, used, d + "attn2.norm_k.weight")
+            layer(x + "attn2.proj", d + "attn2.to_out.0")
+        layer(x + "adaLN_modulation.1", d + "norm1.linear")
+        layer(c + "adaLN_modulation.1", d + "norm1_context.linear", swap=last)
+        layer(x + "mlp.fc1", d + "ff.net.0.proj")
+        layer(x + "mlp.fc2", d + "ff.net.2")
+        if not last:
+            layer(c + "attn.proj", d + "attn.to_add_out")
+            layer(c + "mlp.fc1", d + "ff_context.net.0.proj")
+            layer(c + "mlp.fc2", d + "ff_context.net.2")
+    layer("final_layer.adaLN_modulation.1", "norm_out.linear", swap=True)
+    layer("final_layer.linear", "proj_out")
+    check_all_used(sd, used, "sd3 transformer")
+    return out
+
+
 def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """AutoencoderKL -> the LDM autoencoder layout (mid attention as 1x1 convolutions)."""
     n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
@@ -207,6 +258,26 @@ def vae_from_single_file(path: Path, folder: Path) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+def sd3_from_single_file(path: Path, folder: Path) -> dict[str, torch.Tensor]:
+    model = SD3Transformer2DModel.from_single_file(str(path), config=str(folder), subfolder="transformer",
+                                                   torch_dtype=torch.float32)
+    return model.state_dict()
+
+
+def text_encoders_from_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers' converters for the ComfyUI text encoder prefixes (what `from_single_file`
+    of SD3/FLUX pipelines runs on them)."""
+    ckpt = load_file(path)
+    out = {}
+    for name, prefix in [("clip_l", "text_encoders.clip_l.transformer."), ("clip_g", "text_encoders.clip_g.transformer.")]:
+        if any(k.startswith(prefix) for k in ckpt):
+            only = {k: v for k, v in ckpt.items() if k.startswith(prefix)}
+            out[name] = sfu.convert_ldm_clip_checkpoint(only, remove_prefix=prefix)
+    if sfu.is_t5_in_single_file(ckpt):
+        out["t5xxl"] = sfu.convert_sd3_t5_checkpoint_to_diffusers(ckpt)
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # The files.
 # --------------------------------------------------------------------------------------------
@@ -235,12 +306,46 @@ def write_flux(out: Path) -> list[str]:
     return written
 
 
+def write_sd3(out: Path) -> list[str]:
+    written = []
+    large, medium = FIXTURES / "sd3" / "large", FIXTURES / "sd3" / "medium"
+
+    # SD3.5 Large as ComfyUI / Stability ship it with everything inside.
+    path = out / "sd35_large_all_in_one.safetensors"
+    want_t = folder_state(large / "transformer")
+    want_v = folder_state(large / "vae")
+    encoders = {
+        "clip_l": folder_state(large / "text_encoder"),
+        "clip_g": folder_state(large / "text_encoder_2"),
+        "t5xxl": folder_state(large / "text_encoder_3"),
+    }
+    tensors = prefixed("model.diffusion_model.", sd3_to_original(want_t)) | prefixed("first_stage_model.", vae_to_ldm(want_v))
+    for name, sd in encoders.items():
+        tensors |= prefixed(f"text_encoders.{name}.transformer.", sd)
+    write_safetensors(path, tensors, {"layout": "sd3", "from": "tests/fixtures/sd3/large"})
+    assert_same_state(sd3_from_single_file(path, large), want_t, path.name + " transformer")
+    assert_same_state(vae_from_single_file(path, large), want_v, path.name + " vae")
+    got = text_encoders_from_file(path)
+    for name, sd in encoders.items():
+        assert_same_state(got[name], sd, f"{path.name} {name}")
+    written.append(path.name)
+
+    # SD3.5 Medium (MMDiT-X: attn2 in the first blocks), transformer only.
+    path = out / "sd35_medium_transformer.safetensors"
+    want = folder_state(medium / "transformer")
+    write_safetensors(path, prefixed("model.diffusion_model.", sd3_to_original(want)),
+                      {"layout": "sd3", "from": "tests/fixtures/sd3/medium/transformer"})
+    assert_same_state(sd3_from_single_file(path, medium), want, path.name)
+    written.append(path.name)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=FIXTURES / "single_file")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    written = write_flux(args.out)
+    written = write_flux(args.out) + write_sd3(args.out)
     for name in written:
         print(f"wrote {args.out / name} ({(args.out / name).stat().st_size} bytes)")
 
