@@ -163,3 +163,44 @@ fn truncated_foreign_and_misshapen_files_are_clear_errors() {
     assert!(err.contains("bad_shape.safetensors") && err.contains("double_blocks.0.img_mlp.2.weight"), "{err}");
     assert!(err.contains("ff.net.2.weight"), "{err}");
 }
+
+fn sd3_request() -> GenerateRequest {
+    GenerateRequest::new("a photo of a cat wearing glasses")
+        .negative("glasses, blurry")
+        .size(64, 64)
+        .max_sequence_length(16)
+        .steps(2)
+        .seed(5)
+}
+
+#[test]
+fn sd35_large_with_text_encoders_and_vae() {
+    let base = fixtures("sd3").join("large");
+    let source = same_as_folder("sd35_large_all_in_one.safetensors", &base, &sd3_request());
+    let file = source.single_file_checkpoint().unwrap();
+    assert_eq!(file.detected().variant, "SD3.5 Large");
+    assert_eq!(
+        file.components().collect::<Vec<_>>(),
+        ["transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"]
+    );
+    let summary = source.parts_summary().unwrap();
+    assert!(summary.contains("text_encoder_3: sd35_large_all_in_one.safetensors (T5 encoder)"), "{summary}");
+    assert!(summary.contains("tokenizer_3") && !summary.contains(", text_encoder,"), "{summary}");
+}
+
+#[test]
+fn sd35_medium_dual_attention_transformer() {
+    let base = fixtures("sd3").join("medium");
+    let source = same_as_folder("sd35_medium_transformer.safetensors", &base, &sd3_request());
+    assert_eq!(
+        source.single_file_checkpoint().unwrap().detected().default_base,
+        "stabilityai/stable-diffusion-3.5-medium"
+    );
+    // Over the Large folder the second attention layers do not fit.
+    let err = source_err("sd35_medium_transformer.safetensors", &fixtures("sd3").join("large"));
+    assert!(err.contains("dual_attention_layers") && err.contains("stable-diffusion-3.5-medium"), "{err}");
+}
+
+fn source_err(file: &str, base: &Path) -> String {
+    source(&single(file), base).err().unwrap().to_string()
+}

@@ -24,8 +24,12 @@ pub fn build(p: &str, header: &Header) -> Result<KeyMap> {
         let renamed = match rest {
             ["down", i, "block", j, ..] => format!("down_blocks.{i}.resnets.{j}.{}", tail(4)),
             ["down", i, "downsample", ..] => format!("down_blocks.{i}.downsamplers.0.{}", tail(3)),
-            ["up", i, "block", j, ..] => format!("up_blocks.{}.resnets.{j}.{}", up - 1 - i.parse::<usize>().ok()?, tail(4)),
-            ["up", i, "upsample", ..] => format!("up_blocks.{}.upsamplers.0.{}", up - 1 - i.parse::<usize>().ok()?, tail(3)),
+            ["up", i, "block", j, ..] => {
+                format!("up_blocks.{}.resnets.{j}.{}", up - 1 - i.parse::<usize>().ok()?, tail(4))
+            }
+            ["up", i, "upsample", ..] => {
+                format!("up_blocks.{}.upsamplers.0.{}", up - 1 - i.parse::<usize>().ok()?, tail(3))
+            }
             ["mid", block, ..] if block.starts_with("block_") => {
                 let k: usize = block.strip_prefix("block_")?.parse().ok()?;
                 format!("mid_block.resnets.{}.{}", k.checked_sub(1)?, tail(2))

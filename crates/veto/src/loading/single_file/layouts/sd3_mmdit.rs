@@ -29,7 +29,12 @@ pub fn build(p: &str, header: &Header) -> Result<KeyMap> {
         let (x, c) = (format!("{p}joint_blocks.{i}.x_block."), format!("{p}joint_blocks.{i}.context_block."));
         let last = i + 1 == depth;
         m.split_layer(&d, &["attn.to_q", "attn.to_k", "attn.to_v"], &format!("{x}attn.qkv"), &[inner; 3]);
-        m.split_layer(&d, &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"], &format!("{c}attn.qkv"), &[inner; 3]);
+        m.split_layer(
+            &d,
+            &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+            &format!("{c}attn.qkv"),
+            &[inner; 3],
+        );
         if header.contains(&format!("{x}attn.ln_q.weight")) {
             m.whole(format!("{d}attn.norm_q.weight"), format!("{x}attn.ln_q.weight"));
             m.whole(format!("{d}attn.norm_k.weight"), format!("{x}attn.ln_k.weight"));
@@ -62,4 +67,3 @@ pub fn build(p: &str, header: &Header) -> Result<KeyMap> {
     m.layer("proj_out", &format!("{p}final_layer.linear"));
     Ok(m)
 }
-
