@@ -202,6 +202,81 @@ def sd3_to_original(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def unet_to_ldm(sd: dict[str, torch.Tensor], config: dict) -> dict[str, torch.Tensor]:
+    """UNet2DConditionModel -> the LDM UNet layout (input/middle/output blocks numbered over
+    all layers)."""
+    per_block = config["layers_per_block"]
+    resnet = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+              ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+
+    def resnet_name(rest: str) -> str:
+        for diff, ldm in resnet:
+            if rest.startswith(diff + "."):
+                return ldm + rest[len(diff):]
+        raise KeyError(rest)
+
+    top = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+           "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+           "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        layer, param = k.rsplit(".", 1)
+        if layer in top:
+            out[f"{top[layer]}.{param}"] = v
+            continue
+        parts = k.split(".")
+        if parts[0] == "down_blocks":
+            b, kind = int(parts[1]), parts[2]
+            if kind == "downsamplers":
+                n = f"input_blocks.{1 + b * (per_block + 1) + per_block}.0.op.{param}"
+            else:
+                j, rest = int(parts[3]), ".".join(parts[4:])
+                k_ldm = 1 + b * (per_block + 1) + j
+                n = (f"input_blocks.{k_ldm}.0.{resnet_name(rest)}" if kind == "resnets"
+                     else f"input_blocks.{k_ldm}.1.{rest}")
+        elif parts[0] == "mid_block":
+            j, rest = int(parts[2]), ".".join(parts[3:])
+            n = f"middle_block.{2 * j}.{resnet_name(rest)}" if parts[1] == "resnets" else f"middle_block.1.{rest}"
+        elif parts[0] == "up_blocks":
+            b, kind = int(parts[1]), parts[2]
+            if kind == "upsamplers":
+                last = b * (per_block + 1) + per_block
+                has_attn = any(x.startswith(f"up_blocks.{b}.attentions.") for x in sd)
+                n = f"output_blocks.{last}.{2 if has_attn else 1}.conv.{param}"
+            else:
+                j, rest = int(parts[3]), ".".join(parts[4:])
+                k_ldm = b * (per_block + 1) + j
+                n = (f"output_blocks.{k_ldm}.0.{resnet_name(rest)}" if kind == "resnets"
+                     else f"output_blocks.{k_ldm}.1.{rest}")
+        else:
+            raise KeyError(k)
+        out[n] = v
+    return out
+
+
+def clip_to_open_clip(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CLIPTextModelWithProjection -> OpenCLIP's text tower (fused in_proj, x @ W projection)."""
+    out: dict[str, torch.Tensor] = {}
+    t = "text_model."
+    fixed = {f"{t}embeddings.token_embedding.weight": "token_embedding.weight",
+             f"{t}embeddings.position_embedding.weight": "positional_embedding",
+             f"{t}final_layer_norm.weight": "ln_final.weight", f"{t}final_layer_norm.bias": "ln_final.bias"}
+    layers = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(f"{t}encoder.layers."))
+    used = set()
+    for k, n in fixed.items():
+        out[n] = take(sd, used, k)
+    out["text_projection"] = take(sd, used, "text_projection.weight").T.contiguous()
+    for i in range(layers):
+        d, o = f"{t}encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{o}attn.in_proj_{p}"] = torch.cat([take(sd, used, f"{d}self_attn.{x}_proj.{p}") for x in "qkv"])
+            for diff, ldm in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                              ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+                out[f"{o}{ldm}.{p}"] = take(sd, used, f"{d}{diff}.{p}")
+    check_all_used(sd, used, "open clip")
+    return out
+
+
 def vae_to_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """AutoencoderKL -> the LDM autoencoder layout (mid attention as 1x1 convolutions)."""
     n_up = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.up_blocks."))
@@ -278,6 +353,12 @@ def text_encoders_from_file(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def unet_from_single_file(path: Path, folder: Path) -> dict[str, torch.Tensor]:
+    model = UNet2DConditionModel.from_single_file(str(path), config=str(folder), subfolder="unet",
+                                                  torch_dtype=torch.float32)
+    return model.state_dict()
+
+
 # --------------------------------------------------------------------------------------------
 # The files.
 # --------------------------------------------------------------------------------------------
@@ -340,12 +421,51 @@ def write_sd3(out: Path) -> list[str]:
     return written
 
 
+def write_unet(out: Path) -> list[str]:
+    from transformers import CLIPTextModelWithProjection
+
+    written = []
+    # SD1.5 as A1111 saves it: UNet, VAE and CLIP-L.
+    sd15 = FIXTURES / "unet" / "sd15"
+    path = out / "sd15_a1111.safetensors"
+    want_u, want_v, want_c = (folder_state(sd15 / c) for c in ("unet", "vae", "text_encoder"))
+    config = json.loads((sd15 / "unet" / "config.json").read_text())
+    tensors = (prefixed("model.diffusion_model.", unet_to_ldm(want_u, config))
+               | prefixed("first_stage_model.", vae_to_ldm(want_v))
+               | prefixed("cond_stage_model.transformer.", want_c))
+    write_safetensors(path, tensors, {"layout": "a1111", "from": "tests/fixtures/unet/sd15"})
+    assert_same_state(unet_from_single_file(path, sd15), want_u, path.name + " unet")
+    assert_same_state(vae_from_single_file(path, sd15), want_v, path.name + " vae")
+    assert_same_state(sfu.convert_ldm_clip_checkpoint(load_file(path)), want_c, path.name + " text_encoder")
+    written.append(path.name)
+
+    # SDXL: UNet, CLIP-L and the OpenCLIP text tower (the VAE, the same LDM layout as above,
+    # is left to the base model to keep the file small).
+    sdxl = FIXTURES / "unet" / "sdxl"
+    path = out / "sdxl_a1111.safetensors"
+    want_u, want_c, want_g = (folder_state(sdxl / c) for c in ("unet", "text_encoder", "text_encoder_2"))
+    config = json.loads((sdxl / "unet" / "config.json").read_text())
+    tensors = (prefixed("model.diffusion_model.", unet_to_ldm(want_u, config))
+               | prefixed("conditioner.embedders.0.transformer.", want_c)
+               | prefixed("conditioner.embedders.1.model.", clip_to_open_clip(want_g)))
+    write_safetensors(path, tensors, {"layout": "a1111", "from": "tests/fixtures/unet/sdxl"})
+    assert_same_state(unet_from_single_file(path, sdxl), want_u, path.name + " unet")
+    ckpt = load_file(path)
+    clip_l = {k: v for k, v in ckpt.items() if k.startswith("conditioner.embedders.0.")}
+    assert_same_state(sfu.convert_ldm_clip_checkpoint(clip_l), want_c, path.name + " text_encoder")
+    model = CLIPTextModelWithProjection.from_pretrained(sdxl / "text_encoder_2")
+    got = sfu.convert_open_clip_checkpoint(model, ckpt, prefix="conditioner.embedders.1.model.")
+    assert_same_state(got, want_g, path.name + " text_encoder_2")
+    written.append(path.name)
+    return written
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=FIXTURES / "single_file")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    written = write_flux(args.out) + write_sd3(args.out)
+    written = write_flux(args.out) + write_sd3(args.out) + write_unet(args.out)
     for name in written:
         print(f"wrote {args.out / name} ({(args.out / name).stat().st_size} bytes)")
 

@@ -204,3 +204,31 @@ fn sd35_medium_dual_attention_transformer() {
 fn source_err(file: &str, base: &Path) -> String {
     source(&single(file), base).err().unwrap().to_string()
 }
+
+fn unet_request() -> GenerateRequest {
+    GenerateRequest::new("a photo of a cat wearing glasses").negative("glasses, blurry").size(64, 64).steps(2).seed(7)
+}
+
+#[test]
+fn sd15_a1111_unet_vae_and_clip() {
+    let base = fixtures("unet").join("sd15");
+    let source = same_as_folder("sd15_a1111.safetensors", &base, &unet_request());
+    let file = source.single_file_checkpoint().unwrap();
+    assert_eq!(file.detected().variant, "SD1.5");
+    assert_eq!(file.components().collect::<Vec<_>>(), ["unet", "vae", "text_encoder"]);
+    // Over the SDXL folder: another pipeline class.
+    let err = source_err("sd15_a1111.safetensors", &fixtures("unet").join("sdxl"));
+    assert!(err.contains("SD1.5") && err.contains("StableDiffusionXLPipeline"), "{err}");
+}
+
+#[test]
+fn sdxl_a1111_unet_and_both_text_encoders() {
+    let base = fixtures("unet").join("sdxl");
+    let source = same_as_folder("sdxl_a1111.safetensors", &base, &unet_request());
+    let file = source.single_file_checkpoint().unwrap();
+    assert_eq!(file.detected().default_base, "stabilityai/stable-diffusion-xl-base-1.0");
+    assert_eq!(file.components().collect::<Vec<_>>(), ["unet", "text_encoder", "text_encoder_2"]);
+    let summary = source.parts_summary().unwrap();
+    assert!(summary.contains("text_encoder_2: sdxl_a1111.safetensors (OpenCLIP text model)"), "{summary}");
+    assert!(summary.contains(", vae"), "{summary}");
+}

@@ -130,7 +130,14 @@ pub fn check(layout: Layout, map: &KeyMap, header: &Header, config: &Value) -> O
                     if sdxl { "is SDXL" } else { "is not SDXL" }
                 ));
             }
-            compare(config, &[("in_channels", dim(map, header, "conv_in.weight", 1))])
+            let cross = map.iter().find(|(k, _)| k.ends_with("attn2.to_k.weight")).map(|(k, _)| k.to_string());
+            compare(
+                config,
+                &[
+                    ("in_channels", dim(map, header, "conv_in.weight", 1)),
+                    ("cross_attention_dim", cross.and_then(|k| dim(map, header, &k, 1))),
+                ],
+            )
         }
         _ => None,
     }

@@ -1,13 +1,14 @@
 //! One key map per original layout.
 
 pub mod flux_bfl;
+pub mod ldm_unet;
 pub mod ldm_vae;
 pub mod sd3_mmdit;
 pub mod text_encoders;
 
 use super::header::Header;
 use super::key_map::{KeyMap, Layout, Op};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// A layout's anchor tensor (present in every file of that layout, and in no other) and the
 /// prefixes it is found under.
@@ -19,7 +20,7 @@ pub fn anchor(layout: Layout) -> (&'static str, &'static [&'static str]) {
         Layout::HfClip => text_encoders::CLIP_ANCHOR,
         Layout::HfT5 => text_encoders::T5_ANCHOR,
         Layout::OpenClip => text_encoders::OPEN_CLIP_ANCHOR,
-        Layout::LdmUnet => ("input_blocks.0.0.weight", &["model.diffusion_model."]),
+        Layout::LdmUnet => ldm_unet::ANCHOR,
     }
 }
 
@@ -31,7 +32,7 @@ pub fn build(layout: Layout, prefix: &str, header: &Header) -> Result<KeyMap> {
         Layout::LdmVae => ldm_vae::build(prefix, header),
         Layout::HfClip | Layout::HfT5 => text_encoders::build_hf(prefix, header),
         Layout::OpenClip => text_encoders::build_open_clip(prefix, header),
-        other => Err(Error::invalid(format!("{other} is not supported yet"))),
+        Layout::LdmUnet => ldm_unet::build(prefix, header),
     }
 }
 
