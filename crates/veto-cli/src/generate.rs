@@ -25,9 +25,12 @@ pub enum DtypeArg {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell) or a local diffusers folder.
+    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell), a local diffusers folder, or a single-file checkpoint (.safetensors: FLUX.1 BFL/ComfyUI, SD3/SD3.5, SDXL/SD1.5 A1111/ComfyUI).
     #[arg(long)]
     pub model: String,
+    /// With a single-file --model: the diffusers model (hub id or folder) giving the configs, scheduler, tokenizers and the components the file lacks [default: the official repo of the file's variant, e.g. black-forest-labs/FLUX.1-dev].
+    #[arg(long)]
+    pub base_model: Option<String>,
     /// What the image should show.
     #[arg(long)]
     pub prompt: String,
@@ -368,7 +371,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let init = a.init_latents.as_deref().map(load_init_latents).transpose()?.unwrap_or_default();
     let device = device(a.device)?;
-    let source = ModelSource::resolve(&a.model)?;
+    let source = ModelSource::resolve_with_base(&a.model, a.base_model.as_deref())?;
+    if let Some(parts) = source.parts_summary() {
+        eprintln!("single-file checkpoint: {parts}");
+    }
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;

@@ -189,7 +189,7 @@ impl ModelSource {
         if !is_single_file(path) {
             if let Some(base) = base {
                 return Err(Error::InvalidInput(format!(
-                    "a base model ({base}) only applies to a single-file checkpoint (.safetensors); {model} is a \
+                    "a base model (--base-model {base}) only applies to a single-file checkpoint (.safetensors); {model} is a \
                      diffusers model with its own configs and components"
                 )));
             }
