@@ -90,7 +90,8 @@ fn flux_single_file_end_to_end() {
     let flags = ["--base-model", base.to_str().unwrap(), "--guidance", "nag", "--nag-norm", "l1"];
     let stderr = end_to_end_on("flux", &file, "schnell", "nag_l1", &flags);
     assert!(
-        stderr.contains("single-file checkpoint: transformer: flux_schnell_bfl.safetensors (BFL layout, FLUX.1-schnell)"),
+        stderr
+            .contains("single-file checkpoint: transformer: flux_schnell_bfl.safetensors (BFL layout, FLUX.1-schnell)"),
         "{stderr}"
     );
 }
