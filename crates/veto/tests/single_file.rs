@@ -232,3 +232,19 @@ fn sdxl_a1111_unet_and_both_text_encoders() {
     assert!(summary.contains("text_encoder_2: sdxl_a1111.safetensors (OpenCLIP text model)"), "{summary}");
     assert!(summary.contains(", vae"), "{summary}");
 }
+
+#[test]
+fn without_a_base_model_the_variants_official_repo_is_used() {
+    // Offline with an empty cache: the error names the default base the file's shapes chose.
+    for (file, repo) in [
+        ("flux_schnell_bfl.safetensors", "black-forest-labs/FLUX.1-schnell"),
+        ("flux_dev_comfy.safetensors", "black-forest-labs/FLUX.1-dev"),
+        ("sd35_large_all_in_one.safetensors", "stabilityai/stable-diffusion-3.5-large"),
+        ("sd15_a1111.safetensors", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    ] {
+        let err = ModelSource::resolve_with_base_and(single(file).to_str().unwrap(), None, &offline())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(repo) && err.contains("model_index.json"), "{file}: {err}");
+    }
+}
