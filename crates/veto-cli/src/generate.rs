@@ -39,11 +39,12 @@ pub enum DtypeArg {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell), a local diffusers folder, or a
-    /// GGUF transformer/UNet (city96's FLUX, SD3.5, SDXL files), run with the base model its
-    /// architecture names (FLUX.1-dev/schnell, SD3.5 Large/Medium, SDXL base).
+    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell), a local diffusers folder, a single-file checkpoint (.safetensors: FLUX.1 BFL/ComfyUI, SD3/SD3.5, SDXL/SD1.5 A1111/ComfyUI) or a GGUF transformer/UNet (city96-style FLUX, SD3.5, SDXL files with diffusers tensor names).
     #[arg(long)]
     pub model: String,
+    /// With a single-file or GGUF --model: the diffusers model (hub id or folder) giving the configs, scheduler, tokenizers and the components the file lacks [default: the official repo of the file's variant, e.g. black-forest-labs/FLUX.1-dev].
+    #[arg(long)]
+    pub base_model: Option<String>,
     /// A GGUF file (F16, Q8_0, Q5_K, Q4_K, ...) replacing the transformer (Flux, SD3) or UNet
     /// (SDXL) of --model; its matrices stay quantized in memory.
     #[arg(long)]
@@ -451,11 +452,12 @@ fn model_source(a: &GenerateArgs) -> Result<ModelSource> {
             bail!("--model is already a GGUF file; --transformer replaces the transformer of a diffusers model");
         }
         let file = veto::loading::gguf::GgufFile::open(Path::new(&a.model))?;
-        let (base, component) = file.default_base_model()?;
+        let (default_base, component) = file.default_base_model()?;
+        let base = a.base_model.as_deref().unwrap_or(default_base);
         eprintln!("{}: the {component} from the GGUF file, everything else from {base}", a.model);
         return Ok(ModelSource::resolve(base)?.with_component_file(component, &a.model)?);
     }
-    let source = ModelSource::resolve(&a.model)?;
+    let source = ModelSource::resolve_with_base(&a.model, a.base_model.as_deref())?;
     let Some(file) = &a.transformer else {
         return Ok(source);
     };
@@ -489,6 +491,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let init = a.init_latents.as_deref().map(load_init_latents).transpose()?.unwrap_or_default();
     let device = device(a.device)?;
     let source = model_source(&a)?.with_loras(a.lora.clone());
+    if let Some(parts) = source.parts_summary() {
+        eprintln!("single-file checkpoint: {parts}");
+    }
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;

@@ -38,11 +38,16 @@ fn workdir_of(family: &str, fixture: &str) -> (tempfile::TempDir, PathBuf) {
 /// `veto generate` on a tiny pipeline folder `family/model` with `flags`; the saved latents
 /// must equal the reference pipeline fixture `pipeline_{model}_{case}`.
 fn end_to_end(family: &str, model: &str, case: &str, flags: &[&str]) {
+    end_to_end_on(family, &fixtures_of(family).join(model), model, case, flags);
+}
+
+/// As [`end_to_end`], with `--model path` (a folder or a single file); returns stderr.
+fn end_to_end_on(family: &str, path: &Path, model: &str, case: &str, flags: &[&str]) -> String {
     let fixture = format!("pipeline_{model}_{case}.safetensors");
     let (dir, init) = workdir_of(family, &fixture);
     let out = dir.path().join("out.png");
     let saved = dir.path().join("final.safetensors");
-    let model = fixtures_of(family).join(model);
+    let model = path;
     let mut args = vec![
         "generate",
         "--model",
@@ -75,6 +80,25 @@ fn end_to_end(family: &str, model: &str, case: &str, flags: &[&str]) {
     let want = Fixture::load(family, &fixture);
     let d = rel_diff(&load(&saved)["latents"], want.t("final_latents"));
     assert!(d <= 1e-4, "{case}: saved latents differ from the reference by {d:e}");
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn flux_single_file_end_to_end() {
+    let file = fixtures_of("single_file").join("flux_schnell_bfl.safetensors");
+    let base = fixtures().join("schnell");
+    let flags = ["--base-model", base.to_str().unwrap(), "--guidance", "nag", "--nag-norm", "l1"];
+    let stderr = end_to_end_on("flux", &file, "schnell", "nag_l1", &flags);
+    assert!(
+        stderr
+            .contains("single-file checkpoint: transformer: flux_schnell_bfl.safetensors (BFL layout, FLUX.1-schnell)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn base_model_needs_a_single_file() {
+    expect_failure(&["--base-model", "black-forest-labs/FLUX.1-dev"], "only applies to a single-file checkpoint");
 }
 
 #[test]

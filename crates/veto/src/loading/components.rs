@@ -74,6 +74,9 @@ pub fn t5_tokenizer_dir(source: &ModelSource, component: &str) -> Result<PathBuf
 /// A component's config and weights from `source`: the one place every pipeline gets the
 /// weights of a text encoder, VAE, transformer or UNet (with the source's LoRAs merged in).
 pub fn component_weights(source: &ModelSource, component: &str, stem: &str) -> Result<ComponentWeights> {
+    if let Some(weights) = source.single_file_weights(component)? {
+        return super::lora::apply(source, component, weights);
+    }
     if let Some(file) = source.component_file(component) {
         let config = source.file(&format!("{component}/config.json"))?;
         return super::lora::apply(source, component, ComponentWeights::from_gguf(config, file)?);

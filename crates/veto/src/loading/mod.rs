@@ -8,4 +8,5 @@ pub mod model_index;
 pub mod model_source;
 pub mod quantized;
 pub mod safetensors_files;
+pub mod single_file;
 pub mod weights;

@@ -24,6 +24,8 @@ use hf_hub::{Cache, Repo, RepoType};
 
 use super::lora::LoraSpec;
 use super::model_index::ModelIndex;
+use super::single_file::{is_single_file, SingleFile};
+use super::weights::ComponentWeights;
 use crate::error::{Error, Result};
 
 /// The public Hugging Face hub.
@@ -144,6 +146,14 @@ pub struct ModelSource {
 enum Inner {
     Local(PathBuf),
     Hub(Box<HubSource>),
+    /// A single-file checkpoint over a base model that provides the rest.
+    SingleFile(Box<SingleFileSource>),
+}
+
+#[derive(Debug)]
+struct SingleFileSource {
+    file: SingleFile,
+    base: ModelSource,
 }
 
 #[derive(Debug)]
@@ -160,19 +170,60 @@ impl ModelSource {
     /// Resolves `--model` with hub options taken from the environment
     /// ([`HubOptions::from_env`]).
     pub fn resolve(model: &str) -> Result<Self> {
-        if Path::new(model).exists() {
+        Self::resolve_with_base(model, None)
+    }
+
+    /// Resolves `--model` and `--base-model` (hub options from the environment). A
+    /// single-file checkpoint takes its configs, scheduler, tokenizers and missing components
+    /// from `base`, by default the official repo of the variant its tensors say; a base is
+    /// refused for a diffusers folder or repo, which has all of these itself.
+    pub fn resolve_with_base(model: &str, base: Option<&str>) -> Result<Self> {
+        let path = Path::new(model);
+        if base.is_none() && path.exists() && !is_single_file(path) {
             return Self::local(model);
         }
-        if !is_hub_repo_id(model) {
+        if !path.exists() && !is_hub_repo_id(model) {
             return Err(not_found(model));
         }
-        Self::resolve_with(model, &HubOptions::from_env()?)
+        Self::resolve_with_base_and(model, base, &HubOptions::from_env()?)
+    }
+
+    /// [`ModelSource::resolve_with_base`] with explicit hub options.
+    pub fn resolve_with_base_and(model: &str, base: Option<&str>, options: &HubOptions) -> Result<Self> {
+        let path = Path::new(model);
+        if !is_single_file(path) {
+            if let Some(base) = base {
+                return Err(Error::InvalidInput(format!(
+                    "a base model (--base-model {base}) only applies to a single-file checkpoint (.safetensors); {model} is a \
+                     diffusers model with its own configs and components"
+                )));
+            }
+            return Self::resolve_with(model, options);
+        }
+        let file = SingleFile::open(path)?;
+        let base = Self::resolve_with(base.unwrap_or(file.detected().default_base), options)?;
+        Self::single_file(file, base)
+    }
+
+    /// A single-file checkpoint over `base`, checked against the base's configs.
+    pub fn single_file(file: SingleFile, base: ModelSource) -> Result<Self> {
+        if matches!(base.inner, Inner::SingleFile(_)) {
+            return Err(Error::invalid("the base model of a single-file checkpoint must be a diffusers model"));
+        }
+        file.check_base(&base)?;
+        Ok(Self {
+            inner: Inner::SingleFile(Box::new(SingleFileSource { file, base })),
+            component_files: Vec::new(),
+            loras: Vec::new(),
+        })
     }
 
     /// Resolves `--model` with explicit hub options: an existing path is a local folder, an
     /// `owner/name` string a hub repo, anything else an error.
     pub fn resolve_with(model: &str, options: &HubOptions) -> Result<Self> {
-        if Path::new(model).exists() {
+        if is_single_file(Path::new(model)) {
+            Self::resolve_with_base_and(model, None, options)
+        } else if Path::new(model).exists() {
             Self::local(model)
         } else if is_hub_repo_id(model) {
             Self::hub(model, options.clone())
@@ -247,6 +298,7 @@ impl ModelSource {
                 }
             }
             Inner::Hub(hub) => hub.file(rel),
+            Inner::SingleFile(single) => single.base.file(rel),
         }
     }
 
@@ -273,6 +325,7 @@ impl ModelSource {
                     Err(e) => Err(hub.download_error(rel, e)),
                 }
             }
+            Inner::SingleFile(single) => single.base.try_file(rel),
         }
     }
 
@@ -291,13 +344,19 @@ impl ModelSource {
     pub fn root(&self) -> Option<&Path> {
         match &self.inner {
             Inner::Local(root) => Some(root),
-            Inner::Hub(_) => None,
+            Inner::Hub(_) | Inner::SingleFile(_) => None,
         }
     }
 
     /// Where a component of the model lives, for error messages: its folder for local
     /// models, `owner/name/component` for hub repos.
     pub fn describe(&self, component: &str) -> String {
+        if let Inner::SingleFile(single) = &self.inner {
+            return match single.file.part(component) {
+                Some((part, _)) => format!("{} ({component}, {})", single.file.path().display(), part.layout),
+                None => single.base.describe(component),
+            };
+        }
         match (self.root(), self.repo_id()) {
             (Some(root), _) => root.join(component).display().to_string(),
             (None, Some(repo)) => format!("{repo}/{component}"),
@@ -330,6 +389,36 @@ impl ModelSource {
         match &self.inner {
             Inner::Local(_) => None,
             Inner::Hub(hub) => Some(&hub.repo_id),
+            Inner::SingleFile(single) => single.base.repo_id(),
+        }
+    }
+
+    /// A single-file checkpoint's weights for `component`, configured by the base's config;
+    /// `None` for diffusers models and components the file lacks.
+    pub fn single_file_weights(&self, component: &str) -> Result<Option<ComponentWeights>> {
+        let Inner::SingleFile(single) = &self.inner else { return Ok(None) };
+        if single.file.part(component).is_none() {
+            return Ok(None);
+        }
+        let config = single.base.file(&format!("{component}/config.json"))?;
+        Ok(single.file.weights(component, config))
+    }
+
+    /// The single-file checkpoint, if that is what this is.
+    pub fn single_file_checkpoint(&self) -> Option<&SingleFile> {
+        match &self.inner {
+            Inner::SingleFile(single) => Some(&single.file),
+            _ => None,
+        }
+    }
+
+    /// For a single-file checkpoint, what comes from where (`transformer: x.safetensors (BFL
+    /// layout, FLUX.1-dev); model_index.json, configs, scheduler, …: black-forest-labs/FLUX.1-dev`);
+    /// `None` for a diffusers model.
+    pub fn parts_summary(&self) -> Option<String> {
+        match &self.inner {
+            Inner::SingleFile(single) => Some(single.file.summary(&single.base)),
+            _ => None,
         }
     }
 
@@ -351,6 +440,9 @@ impl fmt::Display for ModelSource {
         match &self.inner {
             Inner::Local(root) => write!(f, "model folder {}", root.display()),
             Inner::Hub(hub) => write!(f, "Hugging Face repo {}", hub.repo_id),
+            Inner::SingleFile(single) => {
+                write!(f, "single-file checkpoint {} over {}", single.file.path().display(), single.base)
+            }
         }
     }
 }

@@ -17,6 +17,7 @@ use super::gguf::GgufFile;
 use super::lora::merge::LoraDeltas;
 use super::quantized::{quantized_var_builder, QuantizedWeights};
 use super::safetensors_files::{var_builder, weight_files};
+use super::single_file::RemappedTensors;
 use crate::error::{Error, Result};
 
 /// A component's config file and its weights.
@@ -33,6 +34,8 @@ enum Backend {
     Safetensors(Vec<PathBuf>),
     /// A GGUF file (checked when opened) whose tensors carry diffusers' names.
     Gguf(Arc<GgufFile>),
+    /// Tensors of an original-layout single file, served under diffusers names.
+    Remapped(RemappedTensors),
     /// Another backend with LoRA deltas merged into the weights they target as they are read.
     Lora(Box<Backend>, Arc<LoraDeltas>),
 }
@@ -43,6 +46,7 @@ impl Backend {
         match self {
             Backend::Safetensors(files) => var_builder(files, dtype, device),
             Backend::Gguf(file) => Ok(quantized_var_builder(file.read_all()?, origin.to_string(), dtype, device).0),
+            Backend::Remapped(tensors) => Ok(tensors.var_builder(dtype, device)),
             Backend::Lora(base, deltas) => Ok(deltas.wrap(base.var_builder(dtype, device, origin)?, dtype, device)),
         }
     }
@@ -59,6 +63,7 @@ impl Backend {
             Backend::Gguf(file) => {
                 Ok(file.names().iter().filter_map(|n| file.shape(n).map(|s| (n.clone(), s))).collect())
             }
+            Backend::Remapped(tensors) => Ok(tensors.shapes()),
             Backend::Lora(base, _) => base.tensor_shapes(),
         }
     }
@@ -95,6 +100,12 @@ impl ComponentWeights {
     pub fn from_gguf(config_path: PathBuf, file: &Path) -> Result<Self> {
         let gguf = GgufFile::open(file)?;
         Ok(Self { config_path, origin: file.display().to_string(), backend: Backend::Gguf(Arc::new(gguf)) })
+    }
+
+    /// Tensors of a single-file checkpoint mapped to diffusers names, configured by
+    /// `config_path`.
+    pub fn from_remapped(config_path: PathBuf, origin: impl Into<String>, tensors: RemappedTensors) -> Self {
+        Self { config_path, origin: origin.into(), backend: Backend::Remapped(tensors) }
     }
 
     /// The component's `config.json`.

@@ -162,8 +162,10 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
-    /// Load a model from a Hugging Face hub id (through the local hub cache) or a diffusers
-    /// folder; its `model_index.json` names the pipeline class, the registry the family.
+    /// Load a model from a Hugging Face hub id (through the local hub cache), a diffusers
+    /// folder, or a single-file checkpoint (`.safetensors`, over the official repo of its
+    /// variant: [`ModelSource::resolve_with_base`] picks another base); its `model_index.json`
+    /// names the pipeline class, the registry the family.
     pub fn from_pretrained(model: &str, device: &Device, dtype: DType) -> Result<Self> {
         Self::load(&ModelSource::resolve(model)?, device, dtype)
     }
