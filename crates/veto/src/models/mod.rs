@@ -4,5 +4,6 @@ pub mod flux;
 pub mod layers;
 pub mod mmdit;
 pub mod pixart;
+pub mod sana;
 pub mod unet;
 pub mod vae;

@@ -1,0 +1,137 @@
+//! Parity of SANA's models with diffusers (tools/reference/sana_reference.py): one
+//! `SanaTransformer2DModel` call per block and output, plain and with a negative caption in the
+//! cross-attention on the conditional row (NAG and NASA in the official generic NAG processor's
+//! layout, VSF), the position-table variant, and the `AutoencoderDC` decoder (the real SANA
+//! layout, and pixel-shuffle / batch-norm options); f32, 1e-4 relative. Plus bad configs.
+
+mod common;
+
+use candle_core::{DType, Device};
+use common::{assert_close, fixtures, Fixture};
+use veto::guidance::{AttentionGuidance, NagParams, NegativeContext, VsfParams};
+use veto::loading::weights::ComponentWeights;
+use veto::models::sana::{SanaConfig, SanaInputs, SanaTransformer2DModel};
+
+fn load_transformer(dir: &std::path::Path) -> SanaTransformer2DModel {
+    let weights = ComponentWeights::from_dir(dir, "diffusion_pytorch_model", "transformer").unwrap();
+    let config = SanaConfig::from_file(weights.config_path()).unwrap();
+    SanaTransformer2DModel::new(&config, weights.var_builder(DType::F32, &Device::Cpu).unwrap()).unwrap()
+}
+
+fn lens_of(fx: &Fixture) -> Vec<usize> {
+    let mask: Vec<Vec<i64>> = fx.t("encoder_attention_mask").to_vec2().unwrap();
+    mask.iter().map(|r| r.iter().sum::<i64>() as usize).collect()
+}
+
+fn method(fx: &Fixture, case: &str) -> Option<AttentionGuidance> {
+    match case {
+        "none" => None,
+        "nag" => Some(AttentionGuidance::nag(NagParams {
+            scale: fx.f("nag_scale"),
+            tau: fx.f("nag_tau"),
+            alpha: fx.f("nag_alpha"),
+            norm: fx.m("nag_norm").parse().unwrap(),
+        })),
+        "nasa" => Some(AttentionGuidance::nasa(fx.f("nasa_scale"))),
+        "vsf" => Some(AttentionGuidance::Vsf(VsfParams {
+            scale: fx.f("vsf_scale"),
+            bias: fx.f("vsf_bias"),
+            layout: Default::default(),
+        })),
+        other => panic!("{other}"),
+    }
+}
+
+fn transformer_case(case: &str) {
+    let fx = Fixture::load("sana", "transformer.safetensors");
+    let model = load_transformer(&fixtures("sana").join("sana_1600m").join("transformer"));
+    let lens = lens_of(&fx);
+    assert_eq!(lens, [5, 12]);
+    let method = method(&fx, case);
+    let row = fx.m("guided_row").parse::<usize>().unwrap();
+    let negative = method.as_ref().map(|m| NegativeContext {
+        method: m,
+        states: fx.t("negative"),
+        pooled: None,
+        rows: row..row + 1,
+    });
+    let mut trace = Vec::new();
+    let out = model
+        .forward_traced(
+            &SanaInputs {
+                latents: fx.t("hidden_states"),
+                timestep: fx.f("timestep"),
+                caption: fx.t("encoder_hidden_states"),
+                caption_lens: &lens,
+                guidance: negative.as_ref(),
+            },
+            Some(&mut trace),
+        )
+        .unwrap();
+    assert_eq!(trace.len(), 2);
+    for (k, t) in trace.iter().enumerate() {
+        assert_close(&format!("{case}/block {k}"), t, fx.t(&format!("{case}_block_{k}")), 1e-4);
+    }
+    assert_close(&format!("{case}/output"), &out, fx.t(&format!("{case}_output")), 1e-4);
+}
+
+#[test]
+fn transformer_none() {
+    transformer_case("none");
+}
+#[test]
+fn transformer_nag() {
+    transformer_case("nag");
+}
+#[test]
+fn transformer_nasa() {
+    transformer_case("nasa");
+}
+#[test]
+fn transformer_vsf() {
+    transformer_case("vsf");
+}
+
+#[test]
+fn transformer_with_a_position_table() {
+    let fx = Fixture::load("sana", "pe_transformer.safetensors");
+    let model = load_transformer(&fixtures("sana").join("variants").join("pe_transformer"));
+    let lens = lens_of(&fx);
+    let mut trace = Vec::new();
+    let out = model
+        .forward_traced(
+            &SanaInputs {
+                latents: fx.t("hidden_states"),
+                timestep: fx.f("timestep"),
+                caption: fx.t("encoder_hidden_states"),
+                caption_lens: &lens,
+                guidance: None,
+            },
+            Some(&mut trace),
+        )
+        .unwrap();
+    for (k, t) in trace.iter().enumerate() {
+        assert_close(&format!("pe/block {k}"), t, fx.t(&format!("block_{k}")), 1e-4);
+    }
+    assert_close("pe/output", &out, fx.t("output"), 1e-4);
+}
+
+fn config_error(edit: impl FnOnce(&mut serde_json::Value)) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures("sana").join("sana_1600m").join("transformer").join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    edit(&mut v);
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, v.to_string()).unwrap();
+    SanaConfig::from_file(&path).unwrap_err().to_string()
+}
+
+#[test]
+fn unsupported_transformer_configs_are_named() {
+    let err = config_error(|v| v["guidance_embeds"] = true.into());
+    assert!(err.contains("guidance_embeds") && err.contains("config.json"), "{err}");
+    let err = config_error(|v| v["qk_norm"] = "rms_norm_across_heads".into());
+    assert!(err.contains("rms_norm_across_heads"), "{err}");
+    let err = config_error(|v| v["cross_attention_dim"] = 32.into());
+    assert!(err.contains("cross_attention_dim 32"), "{err}");
+}
