@@ -10,6 +10,7 @@ use candle_core::{DType, Device};
 use common::{assert_close, fixtures, Fixture};
 use veto::guidance::{AttentionGuidance, NagParams, NegativeContext, VsfParams};
 use veto::loading::weights::ComponentWeights;
+use veto::models::dc_ae::{AutoencoderDc, DcAeConfig};
 use veto::models::sana::{SanaConfig, SanaInputs, SanaTransformer2DModel};
 
 fn load_transformer(dir: &std::path::Path) -> SanaTransformer2DModel {
@@ -134,4 +135,49 @@ fn unsupported_transformer_configs_are_named() {
     assert!(err.contains("rms_norm_across_heads"), "{err}");
     let err = config_error(|v| v["cross_attention_dim"] = 32.into());
     assert!(err.contains("cross_attention_dim 32"), "{err}");
+}
+
+fn load_dc_ae(dir: &std::path::Path) -> AutoencoderDc {
+    let weights = ComponentWeights::from_dir(dir, "diffusion_pytorch_model", "vae").unwrap();
+    AutoencoderDc::load_weights(&weights, &Device::Cpu, DType::F32).unwrap()
+}
+
+#[test]
+fn dc_ae_decodes_as_diffusers() {
+    let fx = Fixture::load("sana", "dc_ae.safetensors");
+    let root = fixtures("sana");
+    for (name, dir) in
+        [("sana", root.join("sana_1600m").join("vae")), ("shuffle", root.join("variants").join("shuffle_vae"))]
+    {
+        let vae = load_dc_ae(&dir);
+        assert_eq!(vae.config().spatial_factor(), 32);
+        // 2x3: linear attention at every level; 2x2: the deepest level (4 tokens = head width)
+        // takes the quadratic form.
+        for size in ["2x3", "2x2"] {
+            let key = format!("{name}_{size}");
+            let image = vae.decode(fx.t(&format!("{key}_latents"))).unwrap();
+            assert_close(&key, &image, fx.t(&format!("{key}_image")), 1e-4);
+        }
+    }
+}
+
+#[test]
+fn dc_ae_refuses_bad_latents_and_configs() {
+    let vae = load_dc_ae(&fixtures("sana").join("sana_1600m").join("vae"));
+    let z = candle_core::Tensor::zeros((1, 4, 2, 2), DType::F32, &Device::Cpu).unwrap();
+    let err = vae.decode(&z).unwrap_err().to_string();
+    assert!(err.contains("expects [batch, 8, h, w]"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let src = fixtures("sana").join("sana_1600m").join("vae").join("config.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src).unwrap()).unwrap();
+    v["upsample_block_type"] = "bicubic".into();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = DcAeConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("bicubic") && err.contains("config.json"), "{err}");
+    v["upsample_block_type"] = "interpolate".into();
+    v["decoder_act_fns"] = serde_json::json!(["silu", "silu", "tanh", "silu", "silu", "silu"]);
+    std::fs::write(&path, v.to_string()).unwrap();
+    let err = DcAeConfig::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("tanh"), "{err}");
 }

@@ -1,5 +1,6 @@
 //! Models: denoisers (Flux), VAEs.
 
+pub mod dc_ae;
 pub mod flux;
 pub mod layers;
 pub mod mmdit;
