@@ -25,6 +25,9 @@ then writes f32 safetensors fixtures:
   `GuidedCrossAttn`, which SANA's cross-attention fits unchanged (same projections, the mask as
   an additive bias).
 - `pe_transformer.safetensors`: the position-table variant's call (`none`).
+- `sana_1600m/scheduler/`: the real repo's `DPMSolverMultistepScheduler` config (flow sigmas,
+  flow_shift 3, flow_prediction); `scheduler.safetensors`: its timesteps and sigmas at 20 and 7
+  steps, and 7 steps of latents with the fake model `0.1 x + 0.05 t / 1000`.
 - `dc_ae.safetensors`: `vae.decode` of two latents (2x3: linear attention everywhere; 2x2:
   the deepest level's 4 tokens take the quadratic branch) for both VAEs.
 
@@ -43,7 +46,7 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
-from diffusers import AutoencoderDC, SanaTransformer2DModel
+from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flux_reference import randomize_, write_safetensors  # noqa: E402
@@ -212,11 +215,70 @@ def write_dc_ae():
     write_safetensors(OUT / "dc_ae.safetensors", tensors, {})
 
 
+def build_scheduler() -> DPMSolverMultistepScheduler:
+    # Sana_1600M_1024px_diffusers scheduler/scheduler_config.json (flow-matching DPM-Solver++ 2M).
+    return DPMSolverMultistepScheduler(
+        algorithm_type="dpmsolver++",
+        beta_end=0.02,
+        beta_schedule="linear",
+        beta_start=0.0001,
+        dynamic_thresholding_ratio=0.995,
+        euler_at_final=False,
+        final_sigmas_type="zero",
+        flow_shift=3.0,
+        lambda_min_clipped=-float("inf"),
+        lower_order_final=True,
+        num_train_timesteps=1000,
+        prediction_type="flow_prediction",
+        sample_max_value=1.0,
+        solver_order=2,
+        solver_type="midpoint",
+        steps_offset=0,
+        thresholding=False,
+        timestep_spacing="linspace",
+        trained_betas=None,
+        use_beta_sigmas=False,
+        use_exponential_sigmas=False,
+        use_flow_sigmas=True,
+        use_karras_sigmas=False,
+        use_lu_lambdas=False,
+        variance_type=None,
+    )
+
+
+@torch.no_grad()
+def write_scheduler():
+    """The scheduler on its own, in unet_reference's scheduler fixture format: the fake model
+    `0.1 * scaled_input + 0.05 * timestep / 1000` from fixed latents, every step's latents."""
+    sched = build_scheduler()
+    folder = FOLDER / "scheduler"
+    if folder.exists():
+        shutil.rmtree(folder)
+    sched.save_pretrained(folder)
+    tensors = {}
+    for steps in [20, 7]:
+        sched = DPMSolverMultistepScheduler.from_pretrained(folder)
+        sched.set_timesteps(steps)
+        tensors[f"steps{steps}_timesteps"] = sched.timesteps.to(torch.float32)
+        tensors[f"steps{steps}_sigmas"] = sched.sigmas.to(torch.float32)
+    x = torch.randn(1, LATENT_CHANNELS, 4, 6, generator=torch.Generator().manual_seed(9))
+    tensors["init_latents"] = x.clone()
+    sched = DPMSolverMultistepScheduler.from_pretrained(folder)
+    sched.set_timesteps(7)
+    for k, t in enumerate(sched.timesteps):
+        scaled = sched.scale_model_input(x, t)
+        out = 0.1 * scaled + 0.05 * (float(t) / 1000.0)
+        x = sched.step(out, t, x, return_dict=False)[0]
+        tensors[f"step_{k}_latents"] = x.clone()
+    write_safetensors(OUT / "scheduler.safetensors", tensors, {"scheduler": type(sched).__name__})
+
+
 def main():
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     write_transformers()
     write_dc_ae()
+    write_scheduler()
     print("wrote", OUT)
 
 

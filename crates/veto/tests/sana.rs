@@ -181,3 +181,33 @@ fn dc_ae_refuses_bad_latents_and_configs() {
     let err = DcAeConfig::from_file(&path).unwrap_err().to_string();
     assert!(err.contains("tanh"), "{err}");
 }
+
+fn close_list(what: &str, got: &[f64], want: &candle_core::Tensor) {
+    let want: Vec<f32> = want.to_vec1().unwrap();
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+        assert!((g - w as f64).abs() <= 1e-6 * (w as f64).abs().max(1.0), "{what}[{i}]: {g} vs {w}");
+    }
+}
+
+#[test]
+fn flow_dpm_solver_matches_diffusers() {
+    use veto::schedulers::scheduler::FixedNoise;
+    let fx = Fixture::load("sana", "scheduler.safetensors");
+    let config = fixtures("sana").join("sana_1600m").join("scheduler").join("scheduler_config.json");
+    let mut s = veto::schedulers::load_scheduler(&config).unwrap();
+    assert_eq!(s.class_name(), fx.m("scheduler"));
+    for steps in [20, 7] {
+        s.set_timesteps(steps).unwrap();
+        close_list(&format!("{steps}/timesteps"), s.timesteps(), fx.t(&format!("steps{steps}_timesteps")));
+        close_list(&format!("{steps}/sigmas"), s.sigmas().unwrap(), fx.t(&format!("steps{steps}_sigmas")));
+    }
+    let mut noise = FixedNoise::new(std::iter::empty());
+    let mut x = fx.t("init_latents").clone();
+    for (k, t) in s.timesteps().to_vec().into_iter().enumerate() {
+        let scaled = s.scale_model_input(&x).unwrap();
+        let out = ((&scaled * 0.1).unwrap() + 0.05 * t / 1000.0).unwrap();
+        x = s.step(&out, &x, &mut noise).unwrap();
+        assert_close(&format!("step {k}"), &x, fx.t(&format!("step_{k}_latents")), 1e-4);
+    }
+}
