@@ -38,6 +38,7 @@ CPU, f32, fixed seeds; running it twice writes identical files. Developers run i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -49,7 +50,7 @@ import torch
 from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransformer2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from flux_reference import randomize_, write_safetensors  # noqa: E402
+from flux_reference import NEGATIVE_PROMPT, PROMPT, corpus_lines, randomize_, write_safetensors  # noqa: E402
 from pixart_reference import NAG, NASA, VSF_BIAS, VSF_SCALE, Plan, install  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -273,12 +274,91 @@ def write_scheduler():
     write_safetensors(OUT / "scheduler.safetensors", tensors, {"scheduler": type(sched).__name__})
 
 
+def build_tokenizer(chi: str):
+    """A tiny BPE tokenizer in Gemma's shape: spaces as U+2581, <pad> 0, <eos> 1, <bos> 2, <unk> 3,
+    <bos> prepended."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import GemmaTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"], show_progress=False)
+    tok.train_from_iterator(corpus_lines() + chi.split("\n") + [PROMPT, NEGATIVE_PROMPT], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    tok.decoder = decoders.Replace("\u2581", " ")
+    return GemmaTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+def build_gemma2(vocab: int):
+    from transformers import Gemma2Config, Gemma2Model
+
+    # Gemma-2-2B's shape choices at tiny widths: 8 heads x 256 -> 2 x 8, 4 KV heads -> 1 (grouped),
+    # query_pre_attn_scalar 256 -> 8, softcapping 50 / 30, sliding window 4096, 26 layers -> 2.
+    config = Gemma2Config(
+        vocab_size=vocab,
+        hidden_size=CAPTION_CHANNELS,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        query_pre_attn_scalar=8,
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=8192,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        attention_bias=False,
+        attn_logit_softcapping=50.0,
+        final_logit_softcapping=30.0,
+        sliding_window=4096,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
+    config._attn_implementation = "eager"
+    model = Gemma2Model(config)
+    randomize_(model, seed=406)
+    return model.eval()
+
+
+@torch.no_grad()
+def write_text():
+    import inspect
+
+    from diffusers import SanaPipeline
+
+    chi = inspect.signature(SanaPipeline.__call__).parameters["complex_human_instruction"].default
+    tokenizer = build_tokenizer("\n".join(chi))
+    encoder = build_gemma2(len(tokenizer))
+    for name, part in [("tokenizer", tokenizer), ("text_encoder", encoder)]:
+        if (FOLDER / name).exists():
+            shutil.rmtree(FOLDER / name)
+        part.save_pretrained(FOLDER / name)
+    tokenizer = type(tokenizer).from_pretrained(FOLDER / "tokenizer")
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=None, transformer=None, scheduler=None)
+    tensors, meta = {}, {"max_sequence_length": "300", "complex_human_instruction": json.dumps(chi)}
+    for key, text, use_chi in [("prompt", PROMPT, True), ("negative", NEGATIVE_PROMPT, False), ("plain", PROMPT, False)]:
+        embeds, mask, _, _ = pipe.encode_prompt(
+            text, do_classifier_free_guidance=False, max_sequence_length=300, complex_human_instruction=chi if use_chi else None
+        )
+        n = int(mask.sum())
+        assert bool(mask[0, :n].all())
+        tensors[f"{key}_embeds"] = embeds[:, :n]
+        meta[key] = text
+    chi_prompt = "\n".join(chi)
+    ids = tokenizer(chi_prompt + PROMPT.lower().strip()).input_ids
+    tensors["prompt_chi_ids"] = torch.tensor([ids], dtype=torch.int64)
+    meta["num_chi_prompt_tokens"] = str(len(tokenizer.encode(chi_prompt)))
+    write_safetensors(OUT / "text.safetensors", tensors, meta)
+
+
 def main():
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
     write_transformers()
     write_dc_ae()
     write_scheduler()
+    write_text()
     print("wrote", OUT)
 
 

@@ -211,3 +211,27 @@ fn flow_dpm_solver_matches_diffusers() {
         assert_close(&format!("step {k}"), &x, fx.t(&format!("step_{k}_latents")), 1e-4);
     }
 }
+
+#[test]
+fn gemma2_prompt_encoding_with_the_instruction_prefix_matches_diffusers() {
+    use veto::text::gemma2::Gemma2TextEncoder;
+    use veto::text::sana_prompt::{SanaTextEncoder, DEFAULT_COMPLEX_HUMAN_INSTRUCTION};
+    let fx = Fixture::load("sana", "text.safetensors");
+    let root = fixtures("sana").join("sana_1600m");
+    let weights = ComponentWeights::from_dir(&root.join("text_encoder"), "model", "text_encoder").unwrap();
+    let encoder = Gemma2TextEncoder::load_weights(&weights, &Device::Cpu, DType::F32).unwrap();
+    let tokenizer = tokenizers::Tokenizer::from_file(root.join("tokenizer").join("tokenizer.json")).unwrap();
+    let text = SanaTextEncoder { tokenizer: &tokenizer, encoder: &encoder, source: root.join("tokenizer") };
+    let chi: Vec<String> = serde_json::from_str(fx.m("complex_human_instruction")).unwrap();
+    assert_eq!(chi, DEFAULT_COMPLEX_HUMAN_INSTRUCTION.map(String::from));
+    let msl: usize = fx.m("max_sequence_length").parse().unwrap();
+    let (ids, max_all, removed) = text.tokenize(fx.m("prompt"), msl, &chi).unwrap();
+    let want: Vec<i64> = fx.t("prompt_chi_ids").flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(ids.iter().map(|&i| i as i64).collect::<Vec<_>>(), want);
+    let n_chi: usize = fx.m("num_chi_prompt_tokens").parse().unwrap();
+    assert_eq!((max_all, removed), (n_chi + msl - 2, None));
+    for (key, with_chi) in [("prompt", true), ("negative", false), ("plain", false)] {
+        let got = text.encode(fx.m(key), msl, if with_chi { &chi } else { &[] }).unwrap();
+        assert_close(key, &got.states, fx.t(&format!("{key}_embeds")), 1e-4);
+    }
+}
