@@ -1,8 +1,10 @@
 //! Models: denoisers (Flux), VAEs.
 
+pub mod dc_ae;
 pub mod flux;
 pub mod layers;
 pub mod mmdit;
 pub mod pixart;
+pub mod sana;
 pub mod unet;
 pub mod vae;

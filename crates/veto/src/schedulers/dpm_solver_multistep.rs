@@ -8,8 +8,10 @@
 //!
 //! Supported: `dpmsolver++`, `dpmsolver`, `sde-dpmsolver++` (noise from the [`NoiseSource`]),
 //! orders 1-3, midpoint/heun, Karras sigmas, every timestep spacing, `lambda_min_clipped`,
-//! `final_sigmas_type`, epsilon / v_prediction / sample. Not supported (error): thresholding,
-//! learned variance, Lu lambdas, exponential / beta / flow sigmas, `sde-dpmsolver`.
+//! `final_sigmas_type`, epsilon / v_prediction / sample, and flow matching (`use_flow_sigmas`
+//! with `flow_shift` and `flow_prediction`, dpmsolver++ only: SANA's scheduler). Not supported
+//! (error): thresholding, learned variance, Lu lambdas, exponential / beta sigmas,
+//! `sde-dpmsolver`.
 
 use candle_core::Tensor;
 use serde::Deserialize;
@@ -53,6 +55,7 @@ pub struct DpmSolverMultistepConfig {
     pub beta_schedule: BetaSchedule,
     pub trained_betas: Option<Vec<f64>>,
     pub solver_order: usize,
+    #[serde(deserialize_with = "prediction_or_flow")]
     pub prediction_type: PredictionType,
     pub thresholding: bool,
     pub algorithm_type: Algorithm,
@@ -64,6 +67,8 @@ pub struct DpmSolverMultistepConfig {
     pub use_beta_sigmas: Option<bool>,
     pub use_lu_lambdas: Option<bool>,
     pub use_flow_sigmas: Option<bool>,
+    /// With `use_flow_sigmas`: the shift `s' = shift s / (1 + (shift - 1) s)` (SANA: 3).
+    pub flow_shift: f64,
     pub final_sigmas_type: FinalSigmas,
     #[serde(deserialize_with = "super::scheduler::non_finite_f64")]
     pub lambda_min_clipped: f64,
@@ -71,6 +76,16 @@ pub struct DpmSolverMultistepConfig {
     pub timestep_spacing: TimestepSpacing,
     pub steps_offset: usize,
     pub rescale_betas_zero_snr: bool,
+}
+
+/// `prediction_type`, where this scheduler (unlike the other discrete ones) also takes
+/// `"flow_prediction"` (with `use_flow_sigmas`).
+fn prediction_or_flow<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<PredictionType, D::Error> {
+    let name = String::deserialize(d)?;
+    if name == "flow_prediction" {
+        return Ok(PredictionType::Flow);
+    }
+    serde_json::from_value(serde_json::Value::String(name)).map_err(serde::de::Error::custom)
 }
 
 impl Default for DpmSolverMultistepConfig {
@@ -93,6 +108,7 @@ impl Default for DpmSolverMultistepConfig {
             use_beta_sigmas: Some(false),
             use_lu_lambdas: Some(false),
             use_flow_sigmas: Some(false),
+            flow_shift: 1.0,
             final_sigmas_type: FinalSigmas::Zero,
             lambda_min_clipped: f64::NEG_INFINITY,
             variance_type: None,
@@ -348,7 +364,21 @@ impl DpmSolverMultistepScheduler {
         reject_if(config.use_exponential_sigmas.unwrap_or(false), "use_exponential_sigmas", CLASS)?;
         reject_if(config.use_beta_sigmas.unwrap_or(false), "use_beta_sigmas", CLASS)?;
         reject_if(config.use_lu_lambdas.unwrap_or(false), "use_lu_lambdas", CLASS)?;
-        reject_if(config.use_flow_sigmas.unwrap_or(false), "use_flow_sigmas", CLASS)?;
+        let flow = config.use_flow_sigmas.unwrap_or(false);
+        if flow != (config.prediction_type == PredictionType::Flow) {
+            return Err(bad(format!(
+                "{CLASS}: use_flow_sigmas and prediction_type \"flow_prediction\" go together (SANA's configs set both)"
+            )));
+        }
+        reject_if(
+            flow && config.algorithm_type != Algorithm::DpmSolverPlusPlus,
+            "flow sigmas with algorithm_type other than dpmsolver++",
+            CLASS,
+        )?;
+        reject_if(flow && config.use_karras_sigmas.unwrap_or(false), "use_flow_sigmas with use_karras_sigmas", CLASS)?;
+        if flow && (config.flow_shift.is_nan() || config.flow_shift <= 0.0) {
+            return Err(bad(format!("{CLASS}: flow_shift must be positive, got {}", config.flow_shift)));
+        }
         reject_if(
             matches!(config.variance_type.as_deref(), Some("learned") | Some("learned_range")),
             "variance_type (learned)",
@@ -413,8 +443,16 @@ impl DpmSolverMultistepScheduler {
         &self.config
     }
 
+    fn flow(&self) -> bool {
+        self.config.use_flow_sigmas.unwrap_or(false)
+    }
+
     fn level(&self, k: usize) -> Level {
         let s = self.sigmas[k] as f32;
+        if self.flow() {
+            // Flow matching: x_t = (1 - s) x_0 + s noise.
+            return Level { alpha: 1.0 - s, sigma: s };
+        }
         let alpha = 1.0 / (s * s + 1.0).sqrt();
         Level { alpha, sigma: s * alpha }
     }
@@ -465,7 +503,23 @@ impl Scheduler for DpmSolverMultistepScheduler {
                 super::discrete::arange_desc(last as f64, ratio).into_iter().map(|t| round_half_even(t) - 1.0).collect()
             }
         };
-        let sigmas: Vec<f64> = if c.use_karras_sigmas.unwrap_or(false) {
+        let sigmas: Vec<f64> = if c.use_flow_sigmas.unwrap_or(false) {
+            // diffusers: alphas = linspace(1, 1/N, steps + 1), sigmas = 1 - alphas, shifted,
+            // flipped, the last (0) dropped; the timesteps are sigma N cast to int64.
+            let n = c.num_train_timesteps as f64;
+            let shift = c.flow_shift;
+            let mut sig: Vec<f64> = super::discrete::linspace_f64(1.0, 1.0 / n, steps + 1)
+                .into_iter()
+                .map(|a| {
+                    let s = 1.0 - a;
+                    shift * s / (1.0 + (shift - 1.0) * s)
+                })
+                .collect();
+            sig.reverse();
+            sig.truncate(steps);
+            timesteps = sig.iter().map(|&s| (s * n).trunc()).collect();
+            sig
+        } else if c.use_karras_sigmas.unwrap_or(false) {
             let logs: Vec<f64> = super::discrete::log_sigmas(&self.train_sigmas);
             let n = self.train_sigmas.len();
             let sig = karras_sigmas(self.train_sigmas[0], self.train_sigmas[n - 1], steps, 7.0);
@@ -491,6 +545,9 @@ impl Scheduler for DpmSolverMultistepScheduler {
     }
 
     fn set_custom_timesteps(&mut self, timesteps: &[f64]) -> Result<()> {
+        if self.flow() {
+            return Err(Error::invalid(format!("{CLASS}: custom timesteps do not combine with flow sigmas")));
+        }
         if self.config.use_karras_sigmas.unwrap_or(false) {
             return Err(Error::invalid(format!("{CLASS}: custom timesteps do not combine with Karras sigmas")));
         }
@@ -529,7 +586,12 @@ impl Scheduler for DpmSolverMultistepScheduler {
         let n = self.timesteps.len();
         let i = self.step_index;
         check_step_inputs(CLASS, model_output, sample, i, n)?;
-        let converted = self.solver.convert(self.config.prediction_type, self.level(i), model_output, sample)?;
+        let converted = if self.flow() {
+            // dpmsolver++ on a flow prediction: x0 = x - sigma v (checked at construction).
+            lincomb(&[(1.0, sample), (-f64::from(self.level(i).sigma), model_output)])?
+        } else {
+            self.solver.convert(self.config.prediction_type, self.level(i), model_output, sample)?
+        };
         let table: Vec<Level> = (0..=n).map(|k| self.level(k)).collect();
         let prev = self.solver.step(converted, sample, i, n, &|k| table[k], noise)?;
         self.step_index += 1;
@@ -570,6 +632,8 @@ mod tests {
             ("use_lu_lambdas", serde_json::json!(true)),
             ("algorithm_type", serde_json::json!("sde-dpmsolver")),
             ("solver_order", serde_json::json!(4)),
+            ("use_flow_sigmas", serde_json::json!(true)),
+            ("prediction_type", serde_json::json!("flow_prediction")),
         ] {
             let mut j = serde_json::json!({});
             j[k] = v;

@@ -1,7 +1,9 @@
-//! Text encoders and tokenizers (CLIP, T5).
+//! Text encoders and tokenizers (CLIP, T5, Gemma-2).
 
 pub mod caption;
 pub mod clip;
+pub mod gemma2;
+pub mod sana_prompt;
 pub mod t5;
 
 use std::path::Path;

@@ -47,7 +47,7 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn new(dim: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
+    pub(crate) fn new(dim: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
             to_q: candle_nn::linear(dim, inner, vb.pp("to_q"))?,
@@ -87,7 +87,12 @@ impl Attention {
 
     /// Cross-attention of `x` `[B, N, dim]` over each row's caption, guided on the negative's
     /// rows. Rows with the same caption length run as one batch.
-    fn forward_cross(&self, x: &Tensor, caption: &Caption, negative: Option<&NegativeCaption>) -> Result<Tensor> {
+    pub(crate) fn forward_cross(
+        &self,
+        x: &Tensor,
+        caption: &Caption,
+        negative: Option<&NegativeCaption>,
+    ) -> Result<Tensor> {
         let b = x.dim(0)?;
         if caption.lens.len() != b || caption.states.dim(0)? != b {
             candle_core::bail!("cross-attention: {b} image rows, {} caption rows", caption.lens.len());
