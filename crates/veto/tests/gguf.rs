@@ -200,10 +200,12 @@ fn pipeline_error(
 }
 
 fn sd3_pipeline(qtype: &str) -> veto::pipelines::sd3::Sd3Pipeline {
-    let source = ModelSource::local(fixtures("sd3").join("medium"))
-        .unwrap()
-        .with_component_file("transformer", gguf(&format!("sd35_medium_{qtype}.gguf")))
-        .unwrap();
+    sd3_pipeline_of(&format!("sd35_medium_{qtype}.gguf"))
+}
+
+fn sd3_pipeline_of(file: &str) -> veto::pipelines::sd3::Sd3Pipeline {
+    let source =
+        ModelSource::local(fixtures("sd3").join("medium")).unwrap().with_component_file("transformer", gguf(file)).unwrap();
     veto::pipelines::sd3::Sd3Pipeline::load(&source, &Device::Cpu, DType::F32).unwrap()
 }
 
@@ -393,4 +395,28 @@ fn unknown_layout_names_its_keys() {
         err.contains("llm.gguf") && err.contains("blk.0.attn_q.weight") && err.contains("no tensor layout"),
         "{err}"
     );
+}
+
+/// SD3.5 Medium in Stability's MMDiT layout (`joint_blocks.N.x_block.attn.qkv`, `attn2`, swapped
+/// final modulations), Q8_0 with each tensor of the type its diffusers parts have in
+/// `sd35_medium_Q8_0.gguf`: the same final latents as that file, and within 1e-2 of f32.
+#[test]
+fn sd35_medium_mmdit_layout_is_the_same_blocks_as_diffusers_names() {
+    let cases = ["pipeline_medium_nag.safetensors", "pipeline_medium_vsf_paper.safetensors"];
+    let mmdit = sd3_pipeline_of("sd35_medium_mmdit_Q8_0.gguf");
+    let named = sd3_pipeline("Q8_0");
+    for case in cases {
+        let fx = Fixture::load("sd3", case);
+        let run = |pipe: &veto::pipelines::sd3::Sd3Pipeline| {
+            common::generate(pipe, &veto::families::SD3, &sd3_request(&fx), &mut |_| {}).unwrap().0
+        };
+        let latents = run(&mmdit);
+        let exact = rel_diff(&latents, &run(&named));
+        let err = rel_diff(&latents, fx.t("final_latents"));
+        eprintln!("SD3.5 medium MMDiT Q8_0 {case}: vs diffusers-named {exact:.2e}, vs f32 {err:.2e}");
+        assert!(exact <= 1e-6, "{case}: {exact} from the same blocks under diffusers names");
+        assert!(err <= 1e-2, "{case}: final latents relative error {err}");
+    }
+    let file = veto::loading::gguf_layout::GgufTensors::open(&gguf("sd35_medium_mmdit_Q8_0.gguf")).unwrap();
+    assert_eq!(file.default_base_model().unwrap(), ("stabilityai/stable-diffusion-3.5-medium", "transformer"));
 }
