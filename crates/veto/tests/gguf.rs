@@ -204,8 +204,10 @@ fn sd3_pipeline(qtype: &str) -> veto::pipelines::sd3::Sd3Pipeline {
 }
 
 fn sd3_pipeline_of(file: &str) -> veto::pipelines::sd3::Sd3Pipeline {
-    let source =
-        ModelSource::local(fixtures("sd3").join("medium")).unwrap().with_component_file("transformer", gguf(file)).unwrap();
+    let source = ModelSource::local(fixtures("sd3").join("medium"))
+        .unwrap()
+        .with_component_file("transformer", gguf(file))
+        .unwrap();
     veto::pipelines::sd3::Sd3Pipeline::load(&source, &Device::Cpu, DType::F32).unwrap()
 }
 
@@ -419,4 +421,50 @@ fn sd35_medium_mmdit_layout_is_the_same_blocks_as_diffusers_names() {
     }
     let file = veto::loading::gguf_layout::GgufTensors::open(&gguf("sd35_medium_mmdit_Q8_0.gguf")).unwrap();
     assert_eq!(file.default_base_model().unwrap(), ("stabilityai/stable-diffusion-3.5-medium", "transformer"));
+}
+
+/// The UNet of `sdxl_a1111.safetensors` (the LDM layout, checked by diffusers' own converter in
+/// single_file_reference.py) written as city96 does, `model.diffusion_model.` stripped, with
+/// candle's GGUF writer: matrices whose rows are whole Q8_0 blocks in Q8_0 when `q8`, all else F32.
+fn sdxl_ldm_gguf(dir: &std::path::Path, q8: bool) -> PathBuf {
+    use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
+    let prefix = "model.diffusion_model.";
+    let single = fixtures("single_file").join("sdxl_a1111.safetensors");
+    let tensors = candle_core::safetensors::load(&single, &Device::Cpu).unwrap();
+    let mut blocks: Vec<(String, QTensor)> = tensors
+        .iter()
+        .filter_map(|(k, t)| Some((k.strip_prefix(prefix)?.to_string(), t)))
+        .map(|(k, t)| {
+            let quantize = q8 && t.rank() == 2 && t.dim(1).unwrap() % 32 == 0 && t.elem_count() > 1024;
+            let dtype = if quantize { GgmlDType::Q8_0 } else { GgmlDType::F32 };
+            (k, QTensor::quantize(t, dtype).unwrap())
+        })
+        .collect();
+    blocks.sort_by(|a, b| a.0.cmp(&b.0));
+    let path = dir.join(if q8 { "sdxl_ldm_Q8_0.gguf" } else { "sdxl_ldm_F32.gguf" });
+    let arch = candle_core::quantized::gguf_file::Value::String("sdxl".into());
+    let refs: Vec<(&str, &QTensor)> = blocks.iter().map(|(k, q)| (k.as_str(), q)).collect();
+    gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &[("general.architecture", &arch)], &refs).unwrap();
+    path
+}
+
+/// An SDXL UNet GGUF in the LDM layout without prefix (city96's SDXL files): F32 gives the f32
+/// reference's final latents, Q8_0 stays within 1e-2 of them (none and NAG).
+#[test]
+fn sdxl_ldm_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    for (q8, tol) in [(false, 1e-4), (true, 1e-2)] {
+        let path = sdxl_ldm_gguf(dir.path(), q8);
+        let file = veto::loading::gguf_layout::GgufTensors::open(&path).unwrap();
+        assert_eq!(file.describe_layout(), "LDM UNet layout, SDXL");
+        assert_eq!(file.default_base_model().unwrap(), ("stabilityai/stable-diffusion-xl-base-1.0", "unet"));
+        let source =
+            ModelSource::local(fixtures("unet").join("sdxl")).unwrap().with_component_file("unet", &path).unwrap();
+        let pipe = veto::pipelines::sdxl::StableDiffusionPipeline::load(&source, &Device::Cpu, DType::F32).unwrap();
+        let guidance = pipe.defaults().guidance;
+        let request = |fx: &Fixture| request_of(fx, guidance.clone(), 77);
+        let cases = ["pipeline_sdxl_none.safetensors", "pipeline_sdxl_nag.safetensors"];
+        let err = pipeline_error(&pipe, &veto::families::UNET, "unet", &cases, request);
+        assert!(err <= tol, "SDXL LDM GGUF (Q8_0: {q8}): final latents relative error {err} > {tol}");
+    }
 }
