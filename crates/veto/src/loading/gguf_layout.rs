@@ -177,7 +177,7 @@ fn apply(raw: &RawTensor, op: &Op) -> std::result::Result<RawTensor, String> {
     let n = raw.shape().first().copied().unwrap_or(0);
     let blocks = match op {
         Op::Whole => Ok(raw.clone()),
-        Op::Rows { start, len } => raw.rows(&[*start..start + len]),
+        Op::Rows { start, len } => raw.rows(std::slice::from_ref(&(*start..start + len))),
         Op::SwapHalves if n % 2 == 0 => raw.rows(&[n / 2..n, 0..n / 2]),
         Op::Reshape(shape) => restore_shape(raw.clone(), shape.clone()),
         Op::SwapHalves | Op::Transpose => Err(String::new()),
