@@ -22,6 +22,18 @@ gguf-py quantizes Q8_0/Q5_0/Q5_1 itself but not the k-quants; those are made by 
 quantizer below (per-32 scale and minimum, 6-bit sub-scales), and checked against gguf-py's own
 Q4_K/Q5_K dequantizer before anything is written.
 
+Original key layout (city96's real files): the tiny Flux schnell transformer is also written in
+Black Forest Labs' layout (`double_blocks.N.img_attn.qkv`, `single_blocks.N.linear1`, the final
+modulation's halves swapped), by the inverse map of `single_file_reference.py`, at Q8_0 (no
+prefix) and F16 (under `model.diffusion_model.`), each tensor's type chosen on the ORIGINAL
+(fused) tensor as city96 does. With it goes `flux_schnell_bfl_Q8_0_same_blocks.gguf`: the same
+blocks under diffusers names, each diffusers tensor the rows of the original tensor it came
+from (found by running the inverse map on row ids), asserted equal to quantizing that tensor on
+its own (ggml quantizes each row by itself). veto must load both to the same model.
+The tiny SD3.5 Medium transformer is written in Stability's MMDiT layout at Q8_0 with each
+original tensor given the type its diffusers parts have in `sd35_medium_Q8_0.gguf` (its fused
+tensors' parts all agree), so that file holds exactly the same blocks under diffusers names.
+
 The script also writes a "foreign" and a "truncated" file for the error tests, and prints, for
 each file, its size against the f32 weights and the largest weight error per type.
 
@@ -35,7 +47,10 @@ from pathlib import Path
 
 import gguf
 import numpy as np
+import torch
 from safetensors.numpy import load_file
+
+from single_file_reference import flux_to_bfl, sd3_to_original
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -162,6 +177,76 @@ def write_gguf(path: Path, arch: str, tensors: dict[str, np.ndarray], file_type:
     return errors
 
 
+# --- original key layouts ---------------------------------------------------------------------
+
+
+def original_row_sources(tensors: dict[str, np.ndarray], to_original) -> dict[str, tuple[str, np.ndarray]]:
+    """For each diffusers tensor, the original tensor holding it and the rows it occupies there:
+    the inverse map run on tensors of row ids."""
+    ids, owner, start = {}, {}, 0
+    for name in sorted(tensors):
+        n = tensors[name].shape[0]
+        ids[name] = torch.arange(start, start + n)
+        start += n
+    where: dict[int, tuple[str, int]] = {}
+    for orig, rows in to_original(ids).items():
+        for pos, i in enumerate(rows.tolist()):
+            where[i] = (orig, pos)
+    for name, rows in ids.items():
+        found = [where[i] for i in rows.tolist()]
+        origs = {o for o, _ in found}
+        assert len(origs) == 1, f"{name} spans {origs}"
+        owner[name] = (origs.pop(), np.array([p for _, p in found]))
+    return owner
+
+
+def write_original_layout(name: str, tensors: dict[str, np.ndarray], to_original, arch: str, file_type: T,
+                          prefix: str, same_blocks: str | None) -> None:
+    """`tensors` in their original layout at `file_type`. Types are chosen on the original tensors
+    (city96), or with `same_blocks="diffusers-named"` on their diffusers parts (all parts of a
+    fused tensor must agree), which makes the blocks exactly those of the diffusers-named file.
+    `same_blocks="write"` writes the same blocks under diffusers names next to it."""
+    original = {k: v.numpy() for k, v in to_original({k: torch.from_numpy(v) for k, v in tensors.items()}).items()}
+    sources = original_row_sources(tensors, to_original)
+    blocks = {}
+    for orig, data in original.items():
+        qtype = tensor_type(orig, data, file_type)
+        if same_blocks == "diffusers-named":
+            types = {tensor_type(d, tensors[d], file_type) for d, (o, _) in sources.items() if o == orig}
+            assert len(types) == 1, f"{orig}: its parts have types {types}"
+            qtype = types.pop()
+        blocks[orig] = (quantize(data.astype(np.float32), qtype), qtype)
+    path = OUT / f"{name}_{file_type.name}.gguf"
+    write_blocks(path, arch, {prefix + k: v for k, v in blocks.items()})
+    print(f"{path.name}: {path.stat().st_size} bytes, original layout, prefix {prefix!r}")
+    if same_blocks is None:
+        return
+    diffusers = {}
+    for dname, (orig, rows) in sources.items():
+        q, qtype = blocks[orig]
+        part = q[rows]
+        assert np.array_equal(part, quantize(tensors[dname].astype(np.float32), qtype)), f"{dname}: rows differ"
+        diffusers[dname] = (part, qtype)
+    if same_blocks == "diffusers-named":
+        print(f"  its blocks are those of the diffusers-named {file_type.name} file")
+        return
+    path = OUT / f"{name}_{file_type.name}_same_blocks.gguf"
+    write_blocks(path, arch, diffusers)
+    print(f"{path.name}: {path.stat().st_size} bytes, the same blocks under diffusers names")
+
+
+def write_blocks(path: Path, arch: str, blocks: dict[str, tuple[np.ndarray, T]]) -> None:
+    writer = gguf.GGUFWriter(path=None, arch=arch)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for name in sorted(blocks):
+        q, qtype = blocks[name]
+        writer.add_tensor(name, q, raw_dtype=qtype)
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     for name, folder, arch in MODELS:
@@ -174,6 +259,12 @@ def main() -> None:
             errors = write_gguf(path, arch, tensors, file_type)
             size = path.stat().st_size
             print(f"{path.name}: {size} bytes ({size / f32_bytes:.2f} of f32), max weight error {errors}")
+
+    flux = load_component(FIXTURES / "flux" / "schnell" / "transformer")
+    write_original_layout("flux_schnell_bfl", flux, flux_to_bfl, "flux", T.Q8_0, "", "write")
+    write_original_layout("flux_schnell_bfl", flux, flux_to_bfl, "flux", T.F16, "model.diffusion_model.", None)
+    sd35 = load_component(FIXTURES / "sd3" / "medium" / "transformer")
+    write_original_layout("sd35_medium_mmdit", sd35, sd3_to_original, "sd3", T.Q8_0, "", "diffusers-named")
 
     # Error cases: a file cut inside its tensor data, and a file that is not GGUF at all.
     full = (OUT / "flux_schnell_Q8_0.gguf").read_bytes()

@@ -451,10 +451,14 @@ fn model_source(a: &GenerateArgs) -> Result<ModelSource> {
         if a.transformer.is_some() {
             bail!("--model is already a GGUF file; --transformer replaces the transformer of a diffusers model");
         }
-        let file = veto::loading::gguf::GgufFile::open(Path::new(&a.model))?;
+        let file = veto::loading::gguf_layout::GgufTensors::open(Path::new(&a.model))?;
         let (default_base, component) = file.default_base_model()?;
         let base = a.base_model.as_deref().unwrap_or(default_base);
-        eprintln!("{}: the {component} from the GGUF file, everything else from {base}", a.model);
+        eprintln!(
+            "{}: the {component} from the GGUF file ({}), everything else from {base}",
+            a.model,
+            file.describe_layout()
+        );
         return Ok(ModelSource::resolve(base)?.with_component_file(component, &a.model)?);
     }
     let source = ModelSource::resolve_with_base(&a.model, a.base_model.as_deref())?;

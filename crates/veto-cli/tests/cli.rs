@@ -43,6 +43,11 @@ fn end_to_end(family: &str, model: &str, case: &str, flags: &[&str]) {
 
 /// As [`end_to_end`], with `--model path` (a folder or a single file); returns stderr.
 fn end_to_end_on(family: &str, path: &Path, model: &str, case: &str, flags: &[&str]) -> String {
+    end_to_end_within(family, path, model, case, flags, 1e-4)
+}
+
+/// As [`end_to_end_on`], the saved latents within `tol` (relative) of the reference.
+fn end_to_end_within(family: &str, path: &Path, model: &str, case: &str, flags: &[&str], tol: f32) -> String {
     let fixture = format!("pipeline_{model}_{case}.safetensors");
     let (dir, init) = workdir_of(family, &fixture);
     let out = dir.path().join("out.png");
@@ -79,7 +84,7 @@ fn end_to_end_on(family: &str, path: &Path, model: &str, case: &str, flags: &[&s
     assert_eq!((png.width(), png.height()), (64, 64));
     let want = Fixture::load(family, &fixture);
     let d = rel_diff(&load(&saved)["latents"], want.t("final_latents"));
-    assert!(d <= 1e-4, "{case}: saved latents differ from the reference by {d:e}");
+    assert!(d <= tol, "{case}: saved latents differ from the reference by {d:e}");
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
@@ -94,6 +99,16 @@ fn flux_single_file_end_to_end() {
             .contains("single-file checkpoint: transformer: flux_schnell_bfl.safetensors (BFL layout, FLUX.1-schnell)"),
         "{stderr}"
     );
+}
+
+/// `--model` a GGUF in the BFL layout (city96's FLUX files), the rest from `--base-model`.
+#[test]
+fn flux_bfl_gguf_end_to_end() {
+    let file = fixtures_of("gguf").join("flux_schnell_bfl_Q8_0.gguf");
+    let base = fixtures().join("schnell");
+    let flags = ["--base-model", base.to_str().unwrap(), "--guidance", "nag", "--nag-norm", "l1"];
+    let stderr = end_to_end_within("flux", &file, "schnell", "nag_l1", &flags, 2e-2);
+    assert!(stderr.contains("the transformer from the GGUF file (BFL layout, FLUX.1-schnell)"), "{stderr}");
 }
 
 #[test]

@@ -284,7 +284,7 @@ impl GgufFile {
 }
 
 /// Give a reshaped tensor its original shape back.
-fn restore_shape(raw: RawTensor, orig: Vec<usize>) -> std::result::Result<RawTensor, String> {
+pub(crate) fn restore_shape(raw: RawTensor, orig: Vec<usize>) -> std::result::Result<RawTensor, String> {
     if elem_count(&orig) != elem_count(raw.shape()) {
         return Err(format!("recorded original shape {orig:?} does not match the stored {:?}", raw.shape()));
     }

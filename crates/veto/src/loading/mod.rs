@@ -3,6 +3,7 @@
 pub mod components;
 pub mod config;
 pub mod gguf;
+pub mod gguf_layout;
 pub mod lora;
 pub mod model_index;
 pub mod model_source;

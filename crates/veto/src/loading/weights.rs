@@ -13,7 +13,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-use super::gguf::GgufFile;
+use super::gguf_layout::GgufTensors;
 use super::lora::merge::LoraDeltas;
 use super::quantized::{quantized_var_builder, QuantizedWeights};
 use super::safetensors_files::{var_builder, weight_files};
@@ -32,8 +32,8 @@ pub struct ComponentWeights {
 enum Backend {
     /// Safetensors files whose tensor names are already diffusers' names.
     Safetensors(Vec<PathBuf>),
-    /// A GGUF file (checked when opened) whose tensors carry diffusers' names.
-    Gguf(Arc<GgufFile>),
+    /// A GGUF file (checked when opened), its tensors under diffusers' names whatever its layout.
+    Gguf(GgufTensors),
     /// Tensors of an original-layout single file, served under diffusers names.
     Remapped(RemappedTensors),
     /// Another backend with LoRA deltas merged into the weights they target as they are read.
@@ -45,7 +45,7 @@ impl Backend {
     fn var_builder(&self, dtype: DType, device: &Device, origin: &str) -> Result<VarBuilder<'static>> {
         match self {
             Backend::Safetensors(files) => var_builder(files, dtype, device),
-            Backend::Gguf(file) => Ok(quantized_var_builder(file.read_all()?, origin.to_string(), dtype, device).0),
+            Backend::Gguf(file) => Ok(quantized_var_builder(file.read()?, origin.to_string(), dtype, device).0),
             Backend::Remapped(tensors) => Ok(tensors.var_builder(dtype, device)),
             Backend::Lora(base, deltas) => Ok(deltas.wrap(base.var_builder(dtype, device, origin)?, dtype, device)),
         }
@@ -60,9 +60,7 @@ impl Backend {
                 }
                 Ok(shapes)
             }
-            Backend::Gguf(file) => {
-                Ok(file.names().iter().filter_map(|n| file.shape(n).map(|s| (n.clone(), s))).collect())
-            }
+            Backend::Gguf(file) => Ok(file.shapes()),
             Backend::Remapped(tensors) => Ok(tensors.shapes()),
             Backend::Lora(base, _) => base.tensor_shapes(),
         }
@@ -95,11 +93,20 @@ impl ComponentWeights {
         Self { config_path, origin: origin.into(), backend: Backend::Safetensors(files) }
     }
 
-    /// A GGUF file (quantized or not) with diffusers tensor names, configured by `config_path`.
-    /// The header and every tensor's extent are checked here, before any weights are read.
+    /// A GGUF file (quantized or not), configured by `config_path`, with diffusers tensor names
+    /// or in an original layout (city96's files: BFL FLUX, SD3 MMDiT, LDM UNet). The header, every
+    /// tensor's extent and, for an original layout, the config against the shapes are checked
+    /// here, before any weights are read.
     pub fn from_gguf(config_path: PathBuf, file: &Path) -> Result<Self> {
-        let gguf = GgufFile::open(file)?;
-        Ok(Self { config_path, origin: file.display().to_string(), backend: Backend::Gguf(Arc::new(gguf)) })
+        let gguf = GgufTensors::open(file)?;
+        let origin = match gguf.layout() {
+            None => file.display().to_string(),
+            Some(layout) => {
+                layout.check_config(&config_path, file)?;
+                format!("{} ({})", file.display(), layout.part.layout)
+            }
+        };
+        Ok(Self { config_path, origin, backend: Backend::Gguf(gguf) })
     }
 
     /// Tensors of a single-file checkpoint mapped to diffusers names, configured by
@@ -129,7 +136,7 @@ impl ComponentWeights {
     /// dequantized weights: correct, but that component is then dense in `dtype`.
     pub fn model_weights(&self, dtype: DType, device: &Device) -> Result<(VarBuilder<'static>, QuantizedWeights)> {
         match &self.backend {
-            Backend::Gguf(file) => Ok(quantized_var_builder(file.read_all()?, self.origin.clone(), dtype, device)),
+            Backend::Gguf(file) => Ok(quantized_var_builder(file.read()?, self.origin.clone(), dtype, device)),
             other => Ok((other.var_builder(dtype, device, &self.origin)?, QuantizedWeights::none())),
         }
     }

@@ -72,13 +72,13 @@ const SD3: Candidates = &[
     ("text_encoder_3", Layout::HfT5, &["text_encoders.t5xxl.transformer."]),
 ];
 const SDXL: Candidates = &[
-    ("unet", Layout::LdmUnet, &["model.diffusion_model."]),
+    ("unet", Layout::LdmUnet, &["model.diffusion_model.", ""]),
     ("vae", Layout::LdmVae, &["first_stage_model."]),
     ("text_encoder", Layout::HfClip, &["conditioner.embedders.0.transformer."]),
     ("text_encoder_2", Layout::OpenClip, &["conditioner.embedders.1.model."]),
 ];
 const SD15: Candidates = &[
-    ("unet", Layout::LdmUnet, &["model.diffusion_model."]),
+    ("unet", Layout::LdmUnet, &["model.diffusion_model.", ""]),
     ("vae", Layout::LdmVae, &["first_stage_model."]),
     ("text_encoder", Layout::HfClip, &["cond_stage_model.transformer."]),
 ];

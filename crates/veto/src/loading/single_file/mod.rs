@@ -10,7 +10,7 @@
 //! [`RemappedTensors`], so the loaders never know.
 
 pub mod backend;
-mod checks;
+pub(crate) mod checks;
 pub mod detect;
 pub mod header;
 pub mod key_map;

@@ -8,8 +8,9 @@ use super::super::key_map::{KeyMap, Op};
 use super::rename;
 use crate::error::Result;
 
-/// The anchor tensor and the prefixes it may carry.
-pub const ANCHOR: (&str, &[&str]) = ("input_blocks.0.0.weight", &["model.diffusion_model."]);
+/// The anchor tensor and the prefixes it may carry (none in a UNet-only file such as city96's
+/// GGUF conversions, which strip `model.diffusion_model.`).
+pub const ANCHOR: (&str, &[&str]) = ("input_blocks.0.0.weight", &["model.diffusion_model.", ""]);
 
 /// The key map for an LDM UNet whose names start with `p`.
 pub fn build(p: &str, header: &Header) -> Result<KeyMap> {
