@@ -8,6 +8,7 @@ pub mod pixart;
 pub mod pixart_bins;
 pub mod request;
 pub mod residency;
+pub mod sampling;
 pub mod sd3;
 pub mod sdxl;
 

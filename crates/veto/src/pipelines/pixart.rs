@@ -38,9 +38,11 @@ use crate::pipelines::noise::{gaussian, StepNoise};
 use crate::pipelines::pixart_bins::{Bin, ASPECT_RATIO_1024, ASPECT_RATIO_2048, ASPECT_RATIO_256, ASPECT_RATIO_512};
 use crate::pipelines::request::vae_decoder_term;
 use crate::pipelines::residency::{Component, LoadOptions, PromptCache};
+use crate::pipelines::sampling::{
+    check_sampler, describe, folder_scheduler, prepared_scheduler, requested_scheduler, scheduler_for,
+};
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::Scheduler;
-use crate::schedulers::{load_scheduler_and_config, scheduler_override};
 use crate::text::caption::clean_caption;
 use crate::text::t5::{T5TextEncoder, T5Tokenizer};
 
@@ -183,11 +185,9 @@ impl PixArtSigmaPipeline {
         self.scheduler.as_ref()
     }
 
+    /// A fresh scheduler for a generation: the folder's, or the request's override.
     fn scheduler_for(&self, req: &ResolvedRequest) -> Result<Box<dyn Scheduler>> {
-        match &req.sampler.scheduler {
-            Some(name) => scheduler_override(&self.scheduler_config, name),
-            None => Ok(self.scheduler.clone_box()),
-        }
+        scheduler_for(self.scheduler.as_ref(), &self.scheduler_config, req)
     }
 
     /// `encode_prompt` for one prompt: cleaned, tokenized to `max_sequence_length`, encoded;
@@ -420,48 +420,14 @@ fn check_request(
     if req.max_sequence_length == 0 {
         return Err(Error::parameter("max_sequence_length", "must be at least 1"));
     }
-    let mut probe = scheduler.clone_box();
-    if let Some(ts) = &req.sampler.timesteps {
-        probe.set_custom_timesteps(ts).map_err(|e| Error::parameter("timesteps", e.to_string()))?;
-    }
-    let latent = [1, config.in_channels, height / f, width / f];
-    sized.check_init_latents(&latent, f)?;
-    let run = prepared_scheduler(scheduler, req)?;
-    sized.check_step_noise(&describe(run.as_ref(), req), &run.noise_steps(), &latent)
-}
-
-fn prepared_scheduler(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<Box<dyn Scheduler>> {
-    let mut s = scheduler.clone_box();
-    match req.sampler.timesteps.as_deref() {
-        Some(ts) => s.set_custom_timesteps(ts)?,
-        None => s.set_timesteps(req.steps)?,
-    }
-    s.set_eta(req.sampler.eta.unwrap_or(0.0))?;
-    Ok(s)
-}
-
-fn describe(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> String {
-    let mut s = format!("{} with {} steps", scheduler.class_name(), scheduler.timesteps().len());
-    if let Some(eta) = req.sampler.eta {
-        s.push_str(&format!(", eta {eta}"));
-    }
-    s
-}
-
-fn folder_scheduler(source: &ModelSource) -> Result<(Box<dyn Scheduler>, serde_json::Value)> {
-    load_scheduler_and_config(&source.file("scheduler/scheduler_config.json")?)
+    check_sampler(scheduler, &sized, &[1, config.in_channels, height / f, width / f], f)
 }
 
 /// `check_request` from the folder's config files alone, before any weights load.
 pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
     let config = PixArtConfig::from_file(&source.file("transformer/config.json")?)?;
     let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
-    let (scheduler, scheduler_config) = folder_scheduler(source)?;
-    let scheduler = match &req.sampler.scheduler {
-        Some(name) => scheduler_override(&scheduler_config, name)?,
-        None => scheduler,
-    };
-    check_request(&config, &vae, scheduler.as_ref(), req)?;
+    check_request(&config, &vae, requested_scheduler(source, req)?.as_ref(), req)?;
     if let Some(layers) = &req.sampler.pag_layers {
         pag_blocks(&config, layers)?;
     }

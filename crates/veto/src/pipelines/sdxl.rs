@@ -38,9 +38,11 @@ use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::pipelines::noise::{gaussian, StepNoise};
 use crate::pipelines::request::vae_decoder_term;
 use crate::pipelines::residency::{Component, LoadOptions, PromptCache};
+use crate::pipelines::sampling::{
+    check_sampler, describe, folder_scheduler, prepared_scheduler, requested_scheduler, scheduler_for,
+};
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::Scheduler;
-use crate::schedulers::{load_scheduler_and_config, scheduler_override};
 use crate::text::clip::{ClipTextConfig, ClipTextEncoder, ClipTokenizer};
 use crate::text::TokenizedText;
 
@@ -242,13 +244,9 @@ impl StableDiffusionPipeline {
         &self.unet
     }
 
-    /// A fresh scheduler for a generation: the folder's, or the request's override built from
-    /// the folder's config (diffusers' `Class.from_config(pipe.scheduler.config)`).
+    /// A fresh scheduler for a generation: the folder's, or the request's override.
     fn scheduler_for(&self, req: &ResolvedRequest) -> Result<Box<dyn Scheduler>> {
-        match &req.sampler.scheduler {
-            Some(name) => scheduler_override(&self.scheduler_config, name),
-            None => Ok(self.scheduler.clone_box()),
-        }
+        scheduler_for(self.scheduler.as_ref(), &self.scheduler_config, req)
     }
 
     /// The scheduler as loaded (a fresh copy runs each generation).
@@ -509,58 +507,14 @@ fn check_request(unet: &UNetConfig, vae: &VaeConfig, scheduler: &dyn Scheduler, 
     let vae_width = vae.block_out_channels.first().copied().unwrap_or(128);
     req.check_activation_memory(&[(latent_pixels, width, 48), vae_decoder_term(req, vae_width)])?;
     req.check_steps()?;
-    let mut probe = scheduler.clone_box();
-    if let Some(eta) = req.sampler.eta {
-        if !probe.takes_eta() {
-            return Err(Error::parameter("eta", format!("{} takes no eta (DDIM and TCD do)", probe.class_name())));
-        }
-        probe.set_eta(eta).map_err(|e| Error::parameter("eta", e.to_string()))?;
-    }
-    if let Some(ts) = &req.sampler.timesteps {
-        probe.set_custom_timesteps(ts).map_err(|e| Error::parameter("timesteps", e.to_string()))?;
-    }
-    let latent = [1, unet.in_channels, req.height / f, req.width / f];
-    req.check_init_latents(&latent, f)?;
-    let run = prepared_scheduler(scheduler, req)?;
-    req.check_step_noise(&describe(run.as_ref(), req), &run.noise_steps(), &latent)
-}
-
-/// The scheduler of one run: a fresh copy of `scheduler` with the request's timesteps (or
-/// steps) and eta (diffusers' pipelines pass 0.0 when none is given).
-fn prepared_scheduler(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<Box<dyn Scheduler>> {
-    let mut s = scheduler.clone_box();
-    match req.sampler.timesteps.as_deref() {
-        Some(ts) => s.set_custom_timesteps(ts)?,
-        None => s.set_timesteps(req.steps)?,
-    }
-    s.set_eta(req.sampler.eta.unwrap_or(0.0))?;
-    Ok(s)
-}
-
-/// The sampler of a run in words, for messages: `TCDScheduler with 4 steps, eta 0.3`.
-fn describe(scheduler: &dyn Scheduler, req: &ResolvedRequest) -> String {
-    let mut s = format!("{} with {} steps", scheduler.class_name(), scheduler.timesteps().len());
-    if let Some(eta) = req.sampler.eta {
-        s.push_str(&format!(", eta {eta}"));
-    }
-    s
-}
-
-/// The folder's scheduler and its config as read.
-fn folder_scheduler(source: &ModelSource) -> Result<(Box<dyn Scheduler>, serde_json::Value)> {
-    load_scheduler_and_config(&source.file("scheduler/scheduler_config.json")?)
+    check_sampler(scheduler, req, &[1, unet.in_channels, req.height / f, req.width / f], f)
 }
 
 /// `check_request` from the folder's config files alone, before any weights load.
 pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
     let unet = UNetConfig::from_file(&source.file("unet/config.json")?)?;
     let vae = VaeConfig::from_file(&source.file("vae/config.json")?)?;
-    let (scheduler, config) = folder_scheduler(source)?;
-    let scheduler = match &req.sampler.scheduler {
-        Some(name) => scheduler_override(&config, name)?,
-        None => scheduler,
-    };
-    check_request(&unet, &vae, scheduler.as_ref(), req)
+    check_request(&unet, &vae, requested_scheduler(source, req)?.as_ref(), req)
 }
 
 /// The defaults of a UNet-family folder from its config files alone (no weights are read).
