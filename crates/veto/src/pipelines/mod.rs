@@ -72,6 +72,20 @@ pub trait TextToImage: Send + Sync {
     fn loaded_components(&self) -> Vec<(&'static str, bool)>;
 }
 
+/// The rows of a batched denoiser output laid out `[uncond?, cond, perturbed?]` (CFG's
+/// unconditional row first when `cond_row` is 1, PAG's perturbed row right after the
+/// conditional one when `perturbed`): the conditional row, and the others when present.
+pub(crate) fn split_guidance_rows(
+    out: &Tensor,
+    cond_row: usize,
+    perturbed: bool,
+) -> Result<(Tensor, Option<Tensor>, Option<Tensor>)> {
+    let cond = out.narrow(0, cond_row, 1)?;
+    let uncond = if cond_row > 0 { Some(out.narrow(0, 0, 1)?) } else { None };
+    let perturbed = if perturbed { Some(out.narrow(0, cond_row + 1, 1)?) } else { None };
+    Ok((cond, uncond, perturbed))
+}
+
 /// The warnings of a family whose CFG scale is `guidance_scale` (SD3, the UNet family): CFG asked
 /// for at a scale that does not run it, a scale without CFG, a negative prompt nothing uses.
 pub(crate) fn warn_unused_cfg_and_negative(req: &ResolvedRequest, family: &Family, warnings: &mut Warnings) {

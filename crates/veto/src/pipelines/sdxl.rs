@@ -440,9 +440,7 @@ impl StableDiffusionPipeline {
                 perturbation: pag_scale.map(|_| Perturbation { rows: cond_row + 1..cond_row + 2, layers: &pag_layers }),
             })?;
             let out = out.to_dtype(DType::F32)?;
-            let cond = out.narrow(0, cond_row, 1)?;
-            let uncond = cfg_scale.map(|_| out.narrow(0, 0, 1)).transpose()?;
-            let perturbed = pag_scale.map(|_| out.narrow(0, cond_row + 1, 1)).transpose()?;
+            let (cond, uncond, perturbed) = super::split_guidance_rows(&out, cond_row, pag_scale.is_some())?;
             let eps = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
             x = scheduler.step(&eps, &x, &mut noise)?;
             super::ensure_finite(&x, (i, total, t), req, &UNET)?;
