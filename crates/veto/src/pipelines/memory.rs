@@ -13,25 +13,6 @@ use crate::pipelines::residency::{LoadOptions, Residency};
 /// The component folders whose weights a pipeline loads.
 const COMPONENTS: [&str; 6] = ["transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"];
 
-/// Bytes of a local model folder's weights once loaded in `dtype` (the VAE in f32 on a CPU, as
-/// veto loads it); `None` for a hub model (its files may not be downloaded yet).
-pub fn weights_bytes(source: &ModelSource, dtype: DType, cpu: bool) -> Result<Option<u64>> {
-    let Some(root) = source.root() else {
-        return Ok(None);
-    };
-    let mut total = 0u64;
-    for component in COMPONENTS {
-        // A replaced component (a GGUF file) keeps about its file size in memory.
-        if let Some(file) = source.component_file(component) {
-            total += std::fs::metadata(file)?.len();
-            continue;
-        }
-        let in_dtype = if component == "vae" && cpu { DType::F32 } else { dtype };
-        total += folder_elements(&root.join(component))? * in_dtype.size_in_bytes() as u64;
-    }
-    Ok(Some(total))
-}
-
 /// Tensor elements in the safetensors files of a component folder (0 when it is absent).
 fn folder_elements(dir: &Path) -> Result<u64> {
     let mut total = 0;
@@ -192,8 +173,10 @@ mod tests {
     fn counts_the_tiny_flux_weights_from_the_headers() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/flux/schnell");
         let source = ModelSource::local(&root).unwrap();
-        let f32_bytes = weights_bytes(&source, DType::F32, true).unwrap().unwrap();
-        let bf16_bytes = weights_bytes(&source, DType::BF16, true).unwrap().unwrap();
+        let total = |dtype| {
+            weights_plan(&source, &LoadOptions::new(&candle_core::Device::Cpu, dtype)).unwrap().unwrap().total()
+        };
+        let (f32_bytes, bf16_bytes) = (total(DType::F32), total(DType::BF16));
         // Every fixture file is f32: the header count equals the data bytes.
         let mut data = 0u64;
         for c in COMPONENTS {
@@ -236,7 +219,6 @@ mod tests {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/flux/schnell");
         let source = ModelSource::local(&root).unwrap();
         let plan = weights_plan(&source, &LoadOptions::new(&candle_core::Device::Cpu, DType::F32)).unwrap().unwrap();
-        assert_eq!(plan.total(), weights_bytes(&source, DType::F32, true).unwrap().unwrap());
         assert!(plan.text_encoders > 0 && plan.denoiser > 0 && plan.vae > 0 && !plan.denoiser_always_resident);
     }
 }

@@ -52,8 +52,9 @@ impl LoadOptions {
         self.text_encoder_device.as_ref().unwrap_or(&self.device)
     }
 
-    /// The text encoders' dtype: the run's, except half precision on a CPU, which candle
-    /// runs slowly or not at all, so f32 there.
+    /// The text encoders' dtype: the run's, except f32 when they run on the CPU beside a GPU
+    /// denoiser (the run's half precision is chosen for the GPU; candle's CPU kernels are
+    /// f32-first).
     pub fn text_dtype(&self) -> DType {
         if self.text_device().is_cpu() && !self.device.is_cpu() {
             DType::F32
