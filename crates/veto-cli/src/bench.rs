@@ -5,12 +5,14 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use veto::guidance::{AttentionGuidance, GuidancePlan, NagNorm, NagParams, NagVariant, NegativeContext, VsfParams};
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use veto::models::pixart::{PixArtConfig, PixArtInputs, PixArtTransformer2DModel};
 use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
+use veto::profile::{self, Op};
 
 use crate::arithmetic;
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
@@ -49,6 +51,11 @@ pub struct BenchArgs {
     pub device: DeviceArg,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// After timing, run each method once more recording where its time goes (matrix products,
+    /// attention, softmax/LSE, merges, copies, norms, guidance math; CPU only) and print one
+    /// table per size: time per op class and its difference from the baseline, bytes copied.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn config(a: &BenchArgs) -> FluxConfig {
@@ -70,22 +77,34 @@ fn config(a: &BenchArgs) -> FluxConfig {
 /// A method under test: one denoising step returning its output.
 type Method<'a> = Box<dyn FnMut() -> Result<Tensor> + 'a>;
 
+/// A method with its column label.
+fn labelled<'a>(label: &'a str, f: impl FnMut() -> Result<Tensor> + 'a) -> (&'a str, Method<'a>) {
+    (label, Box::new(f))
+}
+
+/// Whether `--profile` was given (read by [`time_methods`]).
+static PROFILE: AtomicBool = AtomicBool::new(false);
+
 /// Median wall time (ms) of each method over `iters` rounds, after one warm-up round. The
 /// methods run interleaved (none, NAG, ..., none, NAG, ...) so that drift of a shared machine
 /// (other processes, thermal state) affects all of them alike and the ratios stay comparable.
-fn time_methods(iters: usize, device: &Device, mut methods: Vec<Method>) -> Result<Vec<f64>> {
-    for m in methods.iter_mut() {
+/// The first method is the baseline. With `--profile`, one more recorded run of each follows.
+fn time_methods(iters: usize, device: &Device, mut methods: Vec<(&str, Method)>) -> Result<Vec<f64>> {
+    for (_, m) in methods.iter_mut() {
         m()?;
     }
     let mut times = vec![Vec::with_capacity(iters); methods.len()];
     for _ in 0..iters {
-        for (m, t) in methods.iter_mut().zip(times.iter_mut()) {
+        for ((_, m), t) in methods.iter_mut().zip(times.iter_mut()) {
             let start = Instant::now();
             let out = m()?;
             device.synchronize()?;
             drop(out);
             t.push(start.elapsed().as_secs_f64() * 1e3);
         }
+    }
+    if PROFILE.load(Ordering::Relaxed) {
+        print_profiles(&mut methods)?;
     }
     Ok(times
         .into_iter()
@@ -94,6 +113,48 @@ fn time_methods(iters: usize, device: &Device, mut methods: Vec<Method>) -> Resu
             t[t.len() / 2]
         })
         .collect())
+}
+
+/// One recorded run per method: a table of milliseconds per op class (with the difference to
+/// the first method, the baseline), the unattributed rest ("other": the models' elementwise
+/// work) and megabytes copied.
+fn print_profiles(methods: &mut [(&str, Method)]) -> Result<()> {
+    let mut runs = Vec::with_capacity(methods.len());
+    for (_, m) in methods.iter_mut() {
+        profile::reset();
+        profile::enable(true);
+        let start = Instant::now();
+        let out = m();
+        let wall = start.elapsed();
+        profile::enable(false);
+        drop(out?);
+        runs.push((profile::snapshot(), wall));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    print!("\n  {:<26}", "profile (ms, vs baseline)");
+    for (label, _) in methods.iter() {
+        print!(" {label:>18}");
+    }
+    println!();
+    let row = |name: &str, values: Vec<f64>, unit: &str| {
+        print!("  {name:<26}");
+        for (i, v) in values.iter().enumerate() {
+            if i == 0 {
+                print!(" {:>18}", format!("{v:.1}{unit}"));
+            } else {
+                print!(" {:>18}", format!("{v:.1} ({:+.1}){unit}", v - values[0]));
+            }
+        }
+        println!();
+    };
+    for op in Op::ALL {
+        row(op.name(), runs.iter().map(|(p, _)| ms(p.of(op))).collect(), "");
+    }
+    row("other (elementwise)", runs.iter().map(|(p, w)| ms(w.saturating_sub(p.total()))).collect(), "");
+    row("total", runs.iter().map(|(_, w)| ms(*w)).collect(), "");
+    row("copied (MB)", runs.iter().map(|(p, _)| p.bytes_copied as f64 / 1e6).collect(), "");
+    println!();
+    Ok(())
 }
 
 pub fn run(a: BenchArgs) -> Result<()> {
@@ -107,6 +168,10 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let family = veto::families::named(&a.family)
         .ok_or_else(|| anyhow::anyhow!("--family: unknown family '{}' (families: {})", a.family, names()))?;
     let device = device(a.device)?;
+    if a.profile && !device.is_cpu() {
+        bail!("--profile times ops on the calling thread: it needs --device cpu");
+    }
+    PROFILE.store(a.profile, Ordering::Relaxed);
     let dtype: DType = dtype(a.dtype);
     match family.name {
         "flux" => run_flux(&a, &device, dtype),
@@ -171,12 +236,12 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &context, &text_embeds, &time_ids, None)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&x, &context, &text_embeds, &time_ids, None)?)),
+                labelled("NAG", || {
                     let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &context, &text_embeds, &time_ids, Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("CFG", || {
                     let v = call(&x2, &both_context, &both_text, &both_time, None)?;
                     Ok(cfg.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
@@ -256,16 +321,16 @@ fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &caption, &[len], None)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&x, &caption, &[len], None)?)),
+                labelled("NAG", || {
                     let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &caption, &[len], Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("VSF", || {
                     let g = NegativeContext { method: &vsf, states: &negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &caption, &[len], Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("CFG", || {
                     let v = call(&x2, &both_caption, &[len, len], None)?;
                     Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
@@ -339,16 +404,16 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &t, &context, &pooled, None)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&x, &t, &context, &pooled, None)?)),
+                labelled("NAG", || {
                     let g = NegativeContext { method: &nag, states: &neg_context, pooled: Some(&pooled), rows: 0..1 };
                     Ok(call(&x, &t, &context, &pooled, Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("VSF", || {
                     let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &t, &context, &pooled, Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("CFG", || {
                     let v = call(&x2, &t2, &both_context, &both_pooled, None)?;
                     Ok(cfg.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
@@ -424,14 +489,14 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             &device,
             vec![
-                Box::new(|| Ok(call(&pos, None, NagVariant::Official)?)),
-                Box::new(|| Ok(call(&pos, Some(&nag_context), NagVariant::Official)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&pos, None, NagVariant::Official)?)),
+                labelled("NAG", || Ok(call(&pos, Some(&nag_context), NagVariant::Official)?)),
+                labelled("CFG", || {
                     let vp = call(&pos, None, NagVariant::Official)?;
                     let vn = call(&neg, None, NagVariant::Official)?;
                     Ok(cfg.combine_outputs(&vp, Some(&vn), None)?)
                 }),
-                Box::new(|| Ok(call(&pos, Some(&nag_context), NagVariant::SharedImage)?)),
+                labelled("NAG shared-image", || Ok(call(&pos, Some(&nag_context), NagVariant::SharedImage)?)),
             ],
         )?;
         let (none, nag_ms, cfg_ms, shared_ms) = (times[0], times[1], times[2], times[3]);

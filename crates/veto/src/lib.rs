@@ -28,11 +28,14 @@ pub mod image_io;
 #[doc(hidden)]
 pub mod attention;
 #[doc(hidden)]
+pub mod kernels;
+#[doc(hidden)]
 pub mod loading;
 #[doc(hidden)]
 pub mod models;
 #[doc(hidden)]
 pub mod pipelines;
+pub mod profile;
 #[doc(hidden)]
 pub mod schedulers;
 #[doc(hidden)]
