@@ -71,7 +71,10 @@ fn i2v_image_projections_and_alpha() {
 fn summary_names_the_layouts() {
     let s = check(&source("t2v", vec![LoraSpec::new(lora("wan_causvid"), 0.5)])).unwrap();
     let text = s[0].to_string();
-    assert!(text.starts_with("lora wan_causvid.safetensors (ComfyUI/BFL, ") && text.ends_with("→ transformer"), "{text}");
+    assert!(
+        text.starts_with("lora wan_causvid.safetensors (ComfyUI/BFL, ") && text.ends_with("→ transformer"),
+        "{text}"
+    );
     let s = check(&source("t2v", vec![LoraSpec::new(lora("wan_kohya"), 1.0)])).unwrap();
     assert!(s[0].to_string().contains("(kohya, "), "{}", s[0]);
 }
@@ -143,7 +146,9 @@ fn refuses_loras_of_other_families() {
     let e = err("t2v", vec![LoraSpec::new(sdxl, 1.0)]);
     assert!(e.contains("another model family"), "{e}");
     // A Wan LoRA on Flux says it looks like Wan.
-    let src = ModelSource::local(fixtures("flux").join("schnell")).unwrap().with_loras(vec![LoraSpec::new(lora("wan_comfy"), 1.0)]);
+    let src = ModelSource::local(fixtures("flux").join("schnell"))
+        .unwrap()
+        .with_loras(vec![LoraSpec::new(lora("wan_comfy"), 1.0)]);
     let e = check(&src).unwrap_err().to_string();
     assert!(e.contains("its names look like Wan2.1") && e.contains("diffusion_model.blocks."), "{e}");
 }

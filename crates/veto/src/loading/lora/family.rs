@@ -13,10 +13,8 @@ const UNET: Guess = Guess {
     label: "a Stable Diffusion UNet (SD1.5 / SDXL)",
     is_class: |c| c.starts_with("StableDiffusion") && !c.starts_with("StableDiffusion3"),
 };
-const MMDIT: Guess = Guess {
-    label: "an MMDiT (Flux or SD3)",
-    is_class: |c| c.starts_with("Flux") || c.starts_with("StableDiffusion3"),
-};
+const MMDIT: Guess =
+    Guess { label: "an MMDiT (Flux or SD3)", is_class: |c| c.starts_with("Flux") || c.starts_with("StableDiffusion3") };
 const WAN: Guess = Guess { label: "Wan2.1", is_class: |c| c.starts_with("Wan") };
 const SANA: Guess = Guess { label: "SANA", is_class: |c| c.starts_with("Sana") };
 const PIXART: Guess = Guess { label: "PixArt", is_class: |c| c.starts_with("PixArt") };
@@ -28,7 +26,8 @@ fn guess(flat: &str) -> Option<&'static Guess> {
         Some(&FLUX)
     } else if starts(&["joint_blocks_"]) || has(&["context_block"]) {
         Some(&SD3)
-    } else if starts(&["input_blocks_", "output_blocks_", "middle_block_", "down_blocks_", "up_blocks_", "mid_block_"]) {
+    } else if starts(&["input_blocks_", "output_blocks_", "middle_block_", "down_blocks_", "up_blocks_", "mid_block_"])
+    {
         Some(&UNET)
     } else if starts(&["blocks_"]) && has(&["_self_attn_", "_cross_attn_", "_attn1_", "_attn2_", "_ffn_"]) {
         Some(&WAN)

@@ -177,10 +177,10 @@ impl Opened {
             out.extend(self.low_rank(m, &targets, index, component)?);
         }
         if let Some(diff) = &m.diff {
-            out.extend(self.full(m, diff, &targets, false, index, component)?);
+            out.extend(self.full(diff, &targets, false, index, component)?);
         }
         if let Some(diff_b) = &m.diff_b {
-            out.extend(self.full(m, diff_b, &targets, true, index, component)?);
+            out.extend(self.full(diff_b, &targets, true, index, component)?);
         }
         Ok(out)
     }
@@ -223,7 +223,6 @@ impl Opened {
     /// original module's delta is split by rows like B.
     fn full(
         &self,
-        m: &Module,
         tensor: &str,
         targets: &[Target],
         bias: bool,
