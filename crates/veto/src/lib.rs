@@ -24,6 +24,7 @@ pub mod error;
 pub mod families;
 pub mod guidance;
 pub mod image_io;
+pub mod video_io;
 
 #[doc(hidden)]
 pub mod attention;
