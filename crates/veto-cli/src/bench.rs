@@ -11,6 +11,7 @@ use veto::guidance::{AttentionGuidance, GuidancePlan, NagNorm, NagParams, NagVar
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use veto::models::pixart::{PixArtConfig, PixArtInputs, PixArtTransformer2DModel};
+use veto::models::sana::{SanaConfig, SanaInputs, SanaTransformer2DModel};
 use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use veto::profile::{self, Op};
 
@@ -20,7 +21,7 @@ use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Which model family to time: flux (FLUX.1 width 3072: none / NAG / CFG), sd3 (SD3.5-Large
-    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG), pixart (PixArt-Sigma width 1152: none / NAG / VSF / CFG).
+    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG), pixart (PixArt-Sigma width 1152: none / NAG / VSF / CFG), sana (SANA 1.6B width 2240: none / NAG / VSF / CFG).
     #[arg(long, default_value = "flux")]
     pub family: String,
     /// Image sizes (square, pixels) to time.
@@ -41,7 +42,10 @@ pub struct BenchArgs {
     /// PixArt-Sigma transformer blocks; the real model has 28.
     #[arg(long, default_value_t = 2)]
     pub pixart_blocks: usize,
-    /// T5 tokens (Flux-schnell and SD3 default 256).
+    /// SANA transformer blocks; SANA 1.6B has 20.
+    #[arg(long, default_value_t = 2)]
+    pub sana_blocks: usize,
+    /// T5 tokens (Flux-schnell and SD3 default 256; PixArt and SANA captions, at most 300).
     #[arg(long, default_value_t = 256)]
     pub text_len: usize,
     /// Timed repetitions per method (after one warm-up).
@@ -178,6 +182,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "sd3" => run_sd3(&a, &device, dtype),
         "unet" => run_sdxl(&a, &device, dtype),
         "pixart" => run_pixart(&a, &device, dtype),
+        "sana" => run_sana(&a, &device, dtype),
         other => bail!("--family: no benchmark for {other} yet"),
     }
 }
@@ -350,6 +355,101 @@ fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         );
     }
     println!("\nTarget (issue 9): NAG <= +8%, VSF <= +5% per step; the NAG paper (Table 4) has no PixArt timing.");
+    Ok(())
+}
+
+/// SANA 1.6B at the real width (2240 = 70 heads x 32, cross-attention 20 heads x 112, Mix-FFN
+/// 5600) with reduced depth: none / NAG / VSF (cross-attention of the cond row also over the
+/// negative caption) / CFG (batched [uncond, cond], as diffusers). Captions of `--text-len` real
+/// tokens (the pipeline attends only those; diffusers pads to 300 and masks).
+fn run_sana(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
+    if a.sana_blocks == 0 {
+        bail!("--sana-blocks must be at least 1 (SANA 1.6B has 20)");
+    }
+    // Sana_1600M_1024px_diffusers transformer/config.json, but for the depth.
+    let cfg: SanaConfig = serde_json::from_value(serde_json::json!({
+        "in_channels": 32, "out_channels": 32, "num_attention_heads": 70, "attention_head_dim": 32,
+        "num_layers": a.sana_blocks, "num_cross_attention_heads": 20, "cross_attention_head_dim": 112,
+        "cross_attention_dim": 2240, "caption_channels": 2304, "mlp_ratio": 2.5, "sample_size": 32,
+        "patch_size": 1
+    }))?;
+    let varmap = candle_nn::VarMap::new();
+    let model = SanaTransformer2DModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let randn = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?) };
+    let len = a.text_len.clamp(1, 300);
+    let caption = randn(&[1, len, 2304])?;
+    let negative = randn(&[1, len, 2304])?;
+    let vsf_negative = randn(&[1, len.min(16), 2304])?;
+    let both_caption = Tensor::cat(&[&caption, &caption], 0)?;
+    let nag = AttentionGuidance::nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.375, norm: NagNorm::L1 });
+    let vsf = AttentionGuidance::Vsf(VsfParams { scale: 1.2, bias: 0.2, ..Default::default() });
+    let cfg_plan = GuidancePlan { cfg_scale: Some(4.5), ..GuidancePlan::none() };
+    println!(
+        "SANA transformer, random weights, width 2240 (70 heads x 32; cross 20 x 112), {} blocks (real 20), {len} caption tokens, {:?} on {:?}",
+        a.sana_blocks, dtype, device
+    );
+    println!("one denoising step, median of {} runs\n", a.iters);
+    println!(
+        "{:>6} {:>12} {:>18} {:>18} {:>18}",
+        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
+    );
+    for &size in &a.sizes {
+        if size % 32 != 0 {
+            bail!("--sizes: {size} is not a multiple of 32 (the DC-AE factor)");
+        }
+        let x = randn(&[1, 32, size / 32, size / 32])?;
+        let x2 = Tensor::cat(&[&x, &x], 0)?;
+        let call = |latents: &Tensor, caption: &Tensor, lens: &[usize], guidance: Option<&NegativeContext>| {
+            model.forward(&SanaInputs {
+                latents,
+                timestep: 750.0,
+                caption,
+                caption_lens: lens,
+                guidance,
+                perturbation: None,
+            })
+        };
+        let t = time_methods(
+            a.iters,
+            device,
+            vec![
+                Box::new(|| Ok(call(&x, &caption, &[len], None)?)),
+                Box::new(|| {
+                    let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &caption, &[len], Some(&g))?)
+                }),
+                Box::new(|| {
+                    let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &caption, &[len], Some(&g))?)
+                }),
+                Box::new(|| {
+                    let v = call(&x2, &both_caption, &[len, len], None)?;
+                    Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
+                }),
+            ],
+        )?;
+        let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
+        let side = size / 32;
+        let limit = arithmetic::sana(2240, 32, cfg.ff_hidden(), a.sana_blocks, side * side, len, 2304, len.min(16));
+        println!(
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%, CFG {:+.0}%",
+            size,
+            none,
+            nag_ms,
+            pct(nag_ms, none),
+            vsf_ms,
+            pct(vsf_ms, none),
+            cfg_ms,
+            pct(cfg_ms, none),
+            limit.nag * 100.0,
+            limit.vsf.unwrap_or(0.0) * 100.0,
+            limit.cfg * 100.0
+        );
+    }
+    println!("\n{LIMIT_NOTE}");
+    println!(
+        "Target (issue 9): NAG <= +8%, VSF <= +5% per step; NAG paper Table 4 (SANA 1.6B, A100): NAG +13% per step."
+    );
     Ok(())
 }
 

@@ -106,6 +106,9 @@ pub struct GenerateArgs {
     /// UNet family: another scheduler, built from the model's scheduler config as diffusers' from_config: euler, euler_a, ddim, pndm/plms, lcm, tcd, dpmpp_2m, dpmpp_2m_karras, heun, unipc, or a diffusers class name [default: the model folder's].
     #[arg(long)]
     pub scheduler: Option<String>,
+    /// SANA: the complex-human-instruction prefix of the prompt: default (diffusers') or none [default: default].
+    #[arg(long)]
+    pub complex_human_instruction: Option<String>,
     /// SD3: pooled vector of the NAG branch: positive (official diffusers) or negative (official ComfyUI).
     #[arg(long)]
     pub nag_pooled: Option<String>,
@@ -343,6 +346,7 @@ fn request(a: &GenerateArgs, defaults: &Defaults, init: InitFile) -> Result<Gene
         eta: a.eta,
         pag_layers: a.pag_layers.clone(),
         scheduler: a.scheduler.clone(),
+        complex_human_instruction: a.complex_human_instruction.clone(),
     };
     Ok(req)
 }
@@ -545,7 +549,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if let Some(p) = &outputs.latents[i] {
             save_latents(&run, p)?;
         }
-        let image = pipe.decode(&run.latents)?;
+        let image = pipe.decode_for(&run.latents, &resolved)?;
         let metadata = resolved.metadata(&a.model, family);
         veto::image_io::save_image(&image, image_path, Some(&metadata)).map_err(flag_error)?;
         eprintln!("wrote {}", image_path.display());

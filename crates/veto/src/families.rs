@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, NagVariant, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
 use crate::pipelines::{
-    flux, pixart, sd3, sdxl, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
+    flux, pixart, sana, sd3, sdxl, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
 };
 
 /// Loads a family's pipeline from a diffusers folder.
@@ -243,8 +243,33 @@ pub static PIXART: Family = Family {
     check_configs: pixart::check_before_loading,
 };
 
+/// SANA 1.0 / 1.5 (linear-attention DiT, Gemma-2 captions, DC-AE).
+pub static SANA: Family = Family {
+    name: "sana",
+    aliases: &[],
+    title: "SANA",
+    accepts: &["SanaPipeline", "SanaPAGPipeline"],
+    methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: true },
+    vsf_layouts: &[VsfLayout::Paper],
+    nag_pooled: false,
+    nag_variants: &[NagVariant::Official],
+    t5_tokens: true,
+    cfg_scale: CfgScaleSource::GuidanceScale,
+    window: StepWindow::FlooredSticky,
+    sampler_options: &[
+        SamplerOption::Timesteps,
+        SamplerOption::PagLayers,
+        SamplerOption::Scheduler,
+        SamplerOption::ComplexHumanInstruction,
+    ],
+    scheduler: "DPMSolverMultistepScheduler with flow sigmas (and the UNet family's schedulers by --scheduler)",
+    load: |s, o| Ok(Box::new(sana::SanaPipeline::load_with(s, o)?)),
+    defaults: sana::defaults_of,
+    check_configs: sana::check_before_loading,
+};
+
 /// Every family veto has.
-pub static FAMILIES: &[&Family] = &[&FLUX, &SD3, &UNET, &PIXART];
+pub static FAMILIES: &[&Family] = &[&FLUX, &SD3, &UNET, &PIXART, &SANA];
 
 /// The family that loads pipeline class `class`.
 pub fn for_class(class: &str) -> Option<&'static Family> {
@@ -279,6 +304,7 @@ mod tests {
         assert!(for_class("WanPipeline").is_none());
         assert_eq!(for_class("PixArtSigmaPipeline").unwrap().name, "pixart");
         assert_eq!(named("pixart").unwrap().name, "pixart");
+        assert_eq!(for_class("SanaPAGPipeline").unwrap().name, "sana");
         assert_eq!(named("SDXL").unwrap().name, "unet");
         assert!(supported_classes().contains("StableDiffusion3Pipeline"));
     }

@@ -51,6 +51,8 @@ pub struct SamplerOptions {
     /// Another scheduler than the model folder's, built from its config (a diffusers class
     /// name or an A1111/ComfyUI name: `euler_a`, `dpmpp_2m_karras`, `plms`, ...).
     pub scheduler: Option<String>,
+    /// SANA's `complex_human_instruction`: `default` (diffusers' prefix) or `none`.
+    pub complex_human_instruction: Option<String>,
 }
 
 /// One option of [`SamplerOptions`].
@@ -64,6 +66,8 @@ pub enum SamplerOption {
     PagLayers,
     /// `scheduler`
     Scheduler,
+    /// `complex_human_instruction`
+    ComplexHumanInstruction,
 }
 
 impl SamplerOption {
@@ -74,6 +78,7 @@ impl SamplerOption {
             SamplerOption::Eta => "eta",
             SamplerOption::PagLayers => "pag_layers",
             SamplerOption::Scheduler => "scheduler",
+            SamplerOption::ComplexHumanInstruction => "complex_human_instruction",
         }
     }
 }
@@ -93,6 +98,9 @@ impl SamplerOptions {
         }
         if self.scheduler.is_some() {
             given.push(SamplerOption::Scheduler);
+        }
+        if self.complex_human_instruction.is_some() {
+            given.push(SamplerOption::ComplexHumanInstruction);
         }
         given
     }
