@@ -413,16 +413,16 @@ fn run_sana(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &caption, &[len], None)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&x, &caption, &[len], None)?)),
+                labelled("NAG", || {
                     let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &caption, &[len], Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("VSF", || {
                     let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &caption, &[len], Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("CFG", || {
                     let v = call(&x2, &both_caption, &[len, len], None)?;
                     Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
