@@ -28,6 +28,8 @@ then writes f32 safetensors fixtures:
 - `sana_1600m/scheduler/`: the real repo's `DPMSolverMultistepScheduler` config (flow sigmas,
   flow_shift 3, flow_prediction); `scheduler.safetensors`: its timesteps and sigmas at 20 and 7
   steps, and 7 steps of latents with the fake model `0.1 x + 0.05 t / 1000`.
+- `resize.safetensors`: diffusers' `resize_and_crop_tensor` of a random 64x48 image to 40x36,
+  50x30 and 90x70 (the decoded image of a binned run back to the asked size).
 - `dc_ae.safetensors`: `vae.decode` of two latents (2x3: linear attention everywhere; 2x2:
   the deepest level's 4 tokens take the quadratic branch) for both VAEs.
 
@@ -520,9 +522,25 @@ def write_pipelines():
     assert d > 1e-4, f"nag_end equals nag ({d})"
 
 
+@torch.no_grad()
+def write_resize():
+    """diffusers' `PixArtImageProcessor.resize_and_crop_tensor` (what SANA and PixArt pipelines do to
+    an image decoded at a binned size) on a random 64 x 48 image, down and up."""
+    from diffusers.image_processor import PixArtImageProcessor
+
+    image = torch.randn(1, 3, 64, 48, generator=torch.Generator().manual_seed(12))
+    tensors = {"image": image}
+    for h, w in [(40, 36), (50, 30), (90, 70)]:
+        tensors[f"resized_{h}x{w}"] = PixArtImageProcessor.resize_and_crop_tensor(image, w, h)
+    write_safetensors(OUT / "resize.safetensors", tensors, {})
+
+
 def main():
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
+    write_resize()
+    if "--resize-only" in sys.argv:
+        return
     if "--pipelines-only" not in sys.argv:
         write_transformers()
         write_dc_ae()

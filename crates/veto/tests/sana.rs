@@ -407,3 +407,12 @@ fn defaults_and_registry() {
         assert!(SANA.methods.supports(m.parse().unwrap()), "{m}");
     }
 }
+
+#[test]
+fn resize_back_to_the_asked_size_matches_diffusers() {
+    let fx = Fixture::load("sana", "resize.safetensors");
+    for (h, w) in [(40, 36), (50, 30), (90, 70)] {
+        let got = veto::pipelines::resize::resize_and_crop(fx.t("image"), h, w).unwrap();
+        assert_close(&format!("{h}x{w}"), &got, fx.t(&format!("resized_{h}x{w}")), 1e-5);
+    }
+}

@@ -1,4 +1,4 @@
-//! diffusers' `VaeImageProcessor.resize_and_crop_tensor`: an image decoded at a binned size
+//! diffusers' `PixArtImageProcessor.resize_and_crop_tensor`: an image decoded at a binned size
 //! back to the size the user asked for: scaled (bilinear, `align_corners=False`, no
 //! antialiasing, as `F.interpolate`) until it covers the asked size, then center-cropped.
 
