@@ -50,6 +50,8 @@ impl OutputPlan {
     /// The plan of a video run: `--output` is an `.mp4`, `.gif` or `.webp` file or a folder of
     /// PNG frames (a path ending in `/` or without an extension; absent or empty), see
     /// [`veto::video_io`]. Returns the format too.
+    // Called by the video families' `generate` wiring (Wan); unused until that lands.
+    #[allow(dead_code)]
     pub fn new_video(output: &Path, save_latents: Option<&Path>, num_videos: usize) -> Result<(Self, VideoFormat)> {
         let format = VideoFormat::of_path(output).map_err(crate::generate::flag_error)?;
         let plan = Self::plan(output, save_latents, num_videos, |p| {

@@ -41,9 +41,18 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
     10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10()
 }
 
-/// The MP4's single video track: (width, height, timescale, media duration, samples as
-/// Annex-B access units with SPS/PPS first).
-fn read_mp4(path: &Path) -> (u16, u16, u32, u64, Vec<(Vec<u8>, bool)>) {
+/// The MP4's single video track, read back.
+struct Track {
+    width: u16,
+    height: u16,
+    timescale: u32,
+    /// In `timescale` units.
+    duration: u64,
+    /// Annex-B access units (SPS/PPS before the first) and whether each is a sync sample.
+    samples: Vec<(Vec<u8>, bool)>,
+}
+
+fn read_mp4(path: &Path) -> Track {
     let bytes = std::fs::read(path).unwrap();
     let size = bytes.len() as u64;
     let mut reader = mp4::Mp4Reader::read_header(Cursor::new(bytes), size).unwrap();
@@ -73,7 +82,7 @@ fn read_mp4(path: &Path) -> (u16, u16, u32, u64, Vec<(Vec<u8>, bool)>) {
         }
         samples.push((annex_b, sample.is_sync));
     }
-    (w, h, timescale, duration, samples)
+    Track { width: w, height: h, timescale, duration, samples }
 }
 
 /// Decodes every access unit with OpenH264, returning RGB8 frames.
@@ -101,8 +110,8 @@ fn mp4_is_h264_with_every_frame_at_its_time() {
     let path = dir.path().join("clip.mp4");
     let input = frames(17, 64, 48);
     assert_eq!(save_video(&as_tensor(&input), &path, 16).unwrap(), VideoFormat::Mp4);
-    let (w, h, timescale, duration, samples) = read_mp4(&path);
-    assert_eq!((w, h), (64, 48));
+    let Track { width, height, timescale, duration, samples } = read_mp4(&path);
+    assert_eq!((width, height), (64, 48));
     assert_eq!(samples.len(), 17);
     // 17 frames at 16 fps: 1.0625 s.
     assert_eq!(duration * 16, 17 * u64::from(timescale), "duration {duration} / {timescale}");
@@ -127,8 +136,8 @@ fn mp4_pads_odd_sizes_and_takes_a_vae_tensor() {
     let t = as_tensor(&input).permute((1, 0, 2, 3)).unwrap().unsqueeze(0).unwrap();
     assert_eq!(tensor_to_frames(&t).unwrap(), input);
     save_video(&t, &path, 8).unwrap();
-    let (w, h, timescale, duration, samples) = read_mp4(&path);
-    assert_eq!((w, h, samples.len()), (34, 22, 5));
+    let Track { width, height, timescale, duration, samples } = read_mp4(&path);
+    assert_eq!((width, height, samples.len()), (34, 22, 5));
     assert_eq!(duration * 8, 5 * u64::from(timescale));
     let decoded = decode_h264(&samples, 34, 22);
     assert_eq!(decoded.len(), 5);
