@@ -138,7 +138,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
                         .size(size, size)
                         .max_sequence_length(veto::demo::model::MAX_SEQUENCE_LENGTH)
                         .seed(seed);
-                    let out = pipe.generate(&req).with_context(|| format!("{:?} / {:?}", case.prompt, case.negative()))?;
+                    let out =
+                        pipe.generate(&req).with_context(|| format!("{:?} / {:?}", case.prompt, case.negative()))?;
                     let rgb = veto::image_io::tensor_to_images(&out.image)?.remove(0).into_raw();
                     let outcome = veto::demo::suite::score(case, &rgb, size);
                     report.add(&spec.label, n, case.category, &outcome, t0.elapsed().as_secs_f64());
@@ -164,7 +165,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     if let Some(path) = &a.grid {
         let columns: Vec<String> = shown.iter().flat_map(|_| steps.iter().map(|n| format!("{n} steps"))).collect();
-        let header: Vec<String> = shown.iter().map(|&j| format!("{} / -{}", suite[j].prompt, suite[j].negative())).collect();
+        let header: Vec<String> =
+            shown.iter().map(|&j| format!("{} / -{}", suite[j].prompt, suite[j].negative())).collect();
         eprintln!("grid columns: {} (steps {steps:?} each), seed 0", header.join(" | "));
         grid(&tiles, &columns, size, 2).save(path)?;
         eprintln!("wrote {}", path.display());

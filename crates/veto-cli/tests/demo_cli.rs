@@ -34,7 +34,11 @@ fn generate_defaults_to_the_demo_model() {
     // Extracted once: a second run finds the same cache folder.
     let entries = || std::fs::read_dir(&cache).unwrap().count();
     let first = entries();
-    ok(&veto(&["generate", "--model", "demo", "--prompt", "a red circle", "--output", "b.png", "--seed", "1"], &cache, dir.path()));
+    ok(&veto(
+        &["generate", "--model", "demo", "--prompt", "a red circle", "--output", "b.png", "--seed", "1"],
+        &cache,
+        dir.path(),
+    ));
     assert_eq!(entries(), first);
 }
 
@@ -47,7 +51,8 @@ fn eval_quick_runs_the_judge_and_writes_every_output() {
     ok(&out);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(table.contains("cfg") && table.contains("nag") && table.contains("quality"), "{table}");
-    let records: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.path().join("r.json")).unwrap()).unwrap();
+    let records: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("r.json")).unwrap()).unwrap();
     let records = records.as_array().unwrap();
     // 3 methods x 2 step counts; 6 cases x 1 seed each.
     assert_eq!(records.len(), 6);

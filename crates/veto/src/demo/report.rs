@@ -158,9 +158,12 @@ impl Report {
                     .by_category
                     .iter()
                     .map(|(k, t)| {
-                        (k.name().to_string(), serde_json::json!({
+                        (
+                            k.name().to_string(),
+                            serde_json::json!({
                             "negative_rate": t.negative_rate(), "positive_rate": t.positive_rate(),
-                            "quality": t.quality(), "images": t.images}))
+                            "quality": t.quality(), "images": t.images}),
+                        )
                     })
                     .collect();
                 serde_json::json!({
@@ -242,7 +245,8 @@ impl Report {
             for pair in pos.windows(2) {
                 // Dashed: every other tenth of the segment.
                 for k in (0..10).step_by(2) {
-                    let at = |t: f32| (pair[0].0 + t * (pair[1].0 - pair[0].0), pair[0].1 + t * (pair[1].1 - pair[0].1));
+                    let at =
+                        |t: f32| (pair[0].0 + t * (pair[1].0 - pair[0].0), pair[0].1 + t * (pair[1].1 - pair[0].1));
                     c.line(at(k as f32 / 10.0), at((k + 1) as f32 / 10.0), 2, colour);
                 }
             }
