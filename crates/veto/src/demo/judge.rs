@@ -187,7 +187,7 @@ const CLEAN_DISTANCE: f32 = 48.0;
 
 /// The evaluation's quality proxy: the share of pixels that are clean, i.e. within
 /// `CLEAN_DISTANCE` of the estimated background or of an object colour. The world is drawn in
-/// flat colours, so a good image is almost all clean pixels (ground-truth renders: about 0.96,
+/// flat colours, so a good image is almost all clean pixels (ground-truth renders: about 0.98,
 /// only anti-aliased edges are not); blur, smudges, noise and over-saturated colours (CFG at
 /// high scale) all lower it. It says nothing about which objects are there (the judge does).
 pub fn clean_pixel_share(rgb: &[u8], size: usize) -> f32 {
