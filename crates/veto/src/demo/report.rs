@@ -274,8 +274,8 @@ pub fn grid(rows: &[(String, Vec<Vec<u8>>)], column_labels: &[String], size: usi
     }
     for (i, (label, tiles)) in rows.iter().enumerate() {
         let y = head + i as i64 * (tile + gap);
-        let scale = if Canvas::text_width(label, 2) < label_w - 12 { 2 } else { 1 };
-        c.text(8, y + tile / 2 - 7, label, scale, [0, 0, 0]);
+        let text_scale = if Canvas::text_width(label, 2) < label_w - 12 { 2 } else { 1 };
+        c.text(8, y + tile / 2 - 7, label, text_scale, [0, 0, 0]);
         for (j, rgb) in tiles.iter().enumerate() {
             c.tile(label_w + gap + j as i64 * (tile + gap), y, rgb, size, scale);
         }
