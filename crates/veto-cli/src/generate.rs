@@ -39,8 +39,8 @@ pub enum DtypeArg {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell), a local diffusers folder, a single-file checkpoint (.safetensors: FLUX.1 BFL/ComfyUI, SD3/SD3.5, SDXL/SD1.5 A1111/ComfyUI) or a GGUF transformer/UNet (city96-style FLUX, SD3.5, SDXL files with diffusers tensor names).
-    #[arg(long)]
+    /// `demo` (the small model embedded in veto: coloured shapes, 64x64, offline), a Hugging Face repo id (e.g. black-forest-labs/FLUX.1-schnell), a local diffusers folder, a single-file checkpoint (.safetensors: FLUX.1 BFL/ComfyUI, SD3/SD3.5, SDXL/SD1.5 A1111/ComfyUI) or a GGUF transformer/UNet (city96-style FLUX, SD3.5, SDXL files with diffusers tensor names).
+    #[arg(long, default_value = veto::demo::model::NAME)]
     pub model: String,
     /// With a single-file or GGUF --model: the diffusers model (hub id or folder) giving the configs, scheduler, tokenizers and the components the file lacks [default: the official repo of the file's variant, e.g. black-forest-labs/FLUX.1-dev].
     #[arg(long)]
@@ -465,7 +465,11 @@ fn model_source(a: &GenerateArgs) -> Result<ModelSource> {
         );
         return Ok(ModelSource::resolve(base)?.with_component_file(component, &a.model)?);
     }
-    let source = ModelSource::resolve_with_base(&a.model, a.base_model.as_deref())?;
+    let source = if a.model == veto::demo::model::NAME {
+        veto::demo::model::source(veto_demo_weights::FILES)?
+    } else {
+        ModelSource::resolve_with_base(&a.model, a.base_model.as_deref())?
+    };
     let Some(file) = &a.transformer else {
         return Ok(source);
     };
@@ -506,7 +510,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;
     let defaults = (family.defaults)(&source).map_err(flag_error)?;
-    let req = request(&a, &defaults, init)?;
+    let mut req = request(&a, &defaults, init)?;
+    if a.model == veto::demo::model::NAME {
+        veto::demo::model::fill_defaults(&mut req);
+    }
     check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
     for lora in veto::loading::lora::check(&source).map_err(flag_error)? {

@@ -3,6 +3,7 @@
 
 mod arithmetic;
 mod bench;
+mod eval;
 mod generate;
 mod outputs;
 
@@ -22,6 +23,9 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Time one denoising step of a random-weight model at the real width, per guidance method.
     Bench(bench::BenchArgs),
+    /// Evaluate negative prompts on the demo model: negative- and positive-object rates and a
+    /// quality proxy per guidance method and step count, judged by veto's deterministic judge.
+    Eval(Box<eval::EvalArgs>),
 }
 
 fn main() {
@@ -29,6 +33,7 @@ fn main() {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Bench(args) => bench::run(args),
+        Command::Eval(args) => eval::run(*args),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -182,6 +182,29 @@ pub fn judge(rgb: &[u8], size: usize) -> Vec<Detected> {
     found
 }
 
+/// Pixels this close (RGB distance) to the background or a palette colour count as clean.
+const CLEAN_DISTANCE: f32 = 48.0;
+
+/// The evaluation's quality proxy: the share of pixels that are clean, i.e. within
+/// `CLEAN_DISTANCE` of the estimated background or of an object colour. The world is drawn in
+/// flat colours, so a good image is almost all clean pixels (ground-truth renders: about 0.98,
+/// only anti-aliased edges are not); blur, smudges, noise and over-saturated colours (CFG at
+/// high scale) all lower it. It says nothing about which objects are there (the judge does).
+pub fn clean_pixel_share(rgb: &[u8], size: usize) -> f32 {
+    assert_eq!(rgb.len(), size * size * 3, "clean_pixel_share: image is not {size}x{size} RGB");
+    let bg = background(rgb, size);
+    let mut refs: Vec<[f32; 3]> = Colour::ALL.iter().map(|c| c.rgb().map(f32::from)).collect();
+    refs.push(bg);
+    let clean = rgb
+        .chunks_exact(3)
+        .filter(|p| {
+            let p = [f32::from(p[0]), f32::from(p[1]), f32::from(p[2])];
+            refs.iter().any(|r| distance(p, *r) < CLEAN_DISTANCE)
+        })
+        .count();
+    clean as f32 / (size * size) as f32
+}
+
 /// Object-level agreement of detections with a scene's ground truth: a detection is right when
 /// an unmatched true object of the same colour and shape has its centre within its radius.
 /// Returns (true positives, false positives, false negatives).
@@ -225,6 +248,15 @@ mod tests {
         let precision = tp as f32 / (tp + fp) as f32;
         let recall = tp as f32 / (tp + fneg) as f32;
         assert!(precision >= 0.97 && recall >= 0.97, "precision {precision}, recall {recall} ({tp} {fp} {fneg})");
+    }
+
+    /// The quality proxy on ground truth: renders are almost all clean pixels.
+    #[test]
+    fn renders_are_clean() {
+        let mut sampler = SceneSampler::new(900_002, 64);
+        let shares: Vec<f32> = (0..50).map(|_| clean_pixel_share(&sampler.sample().render(), 64)).collect();
+        let mean = shares.iter().sum::<f32>() / shares.len() as f32;
+        assert!(mean > 0.93, "mean clean share of renders {mean}");
     }
 
     #[test]

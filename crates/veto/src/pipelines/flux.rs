@@ -22,8 +22,11 @@ use std::sync::Arc;
 
 /// CLIP always sees 77 tokens in Flux.
 const CLIP_LEN: usize = 77;
-/// Latent pixels per image pixel (the VAE), times the 2x2 packing.
-const VAE_SCALE: usize = 8;
+/// Image pixels per latent pixel, as diffusers' `vae_scale_factor`: 2^(VAE blocks - 1), 8 for
+/// the real FLUX.1 VAE (the demo model's smaller VAE has 4).
+fn vae_scale(vae: &VaeConfig) -> usize {
+    1 << vae.block_out_channels.len().saturating_sub(1)
+}
 
 pub struct FluxPipeline {
     clip_tokenizer: ClipTokenizer,
@@ -165,7 +168,8 @@ impl FluxPipeline {
                 req.guidance_scale
             ));
         }
-        let (lh, lw) = (req.height / VAE_SCALE, req.width / VAE_SCALE);
+        let scale = vae_scale(&self.vae_config);
+        let (lh, lw) = (req.height / scale, req.width / scale);
         let shape = [1, model_cfg.latent_channels(), lh, lw];
         let init = match &req.init_latents {
             Some(t) => t.to_device(&self.device)?.to_dtype(DType::F32)?,
@@ -248,9 +252,10 @@ impl FluxPipeline {
 
 /// Check a request against a Flux transformer config: size, steps, T5 tokens, init latents.
 fn check_request(cfg: &FluxConfig, vae: &VaeConfig, req: &ResolvedRequest) -> Result<()> {
-    req.check_size(VAE_SCALE * 2)?;
+    let scale = vae_scale(vae);
+    req.check_size(scale * 2)?;
     // Packed 2x2 latent tokens plus the text; ~24 live [tokens, width] buffers at a block's peak.
-    let tokens = (req.height / (VAE_SCALE * 2)) as u64 * (req.width / (VAE_SCALE * 2)) as u64 + 512;
+    let tokens = (req.height / (scale * 2)) as u64 * (req.width / (scale * 2)) as u64 + 512;
     let vae_width = vae.block_out_channels.first().copied().unwrap_or(128);
     req.check_activation_memory(&[(tokens, cfg.inner_dim() as u64, 24), vae_decoder_term(req, vae_width)])?;
     req.check_steps()?;
@@ -260,8 +265,8 @@ fn check_request(cfg: &FluxConfig, vae: &VaeConfig, req: &ResolvedRequest) -> Re
             format!("must be in 1..=512, got {}", req.max_sequence_length),
         ));
     }
-    let want = [1, cfg.latent_channels(), req.height / VAE_SCALE, req.width / VAE_SCALE];
-    req.check_init_latents(&want, VAE_SCALE)
+    let want = [1, cfg.latent_channels(), req.height / scale, req.width / scale];
+    req.check_init_latents(&want, scale)
 }
 
 /// `check_request` from the folder's config alone, before any weights load.
