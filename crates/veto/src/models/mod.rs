@@ -8,3 +8,4 @@ pub mod pixart;
 pub mod sana;
 pub mod unet;
 pub mod vae;
+pub mod wan;

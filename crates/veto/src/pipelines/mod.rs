@@ -11,6 +11,7 @@ pub mod residency;
 pub mod sampling;
 pub mod sd3;
 pub mod sdxl;
+pub mod wan;
 
 pub use request::{Defaults, GenerateRequest, ResolvedRequest, SamplerOption, SamplerOptions};
 pub use residency::{LoadOptions, Residency};
