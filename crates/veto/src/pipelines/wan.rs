@@ -144,7 +144,7 @@ mod tests {
         let mut w = Warnings::default();
         assert_eq!(round_frames(81, &mut w), 81);
         assert!(w.clone().into_vec().is_empty());
-        assert_eq!(round_frames(80, &mut w), 77);
+        assert_eq!(round_frames(80, &mut w), 81);
         assert_eq!(round_frames(83, &mut w), 81);
         assert_eq!(round_frames(3, &mut w), 1);
         assert_eq!(w.into_vec().len(), 3);
