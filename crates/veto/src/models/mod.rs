@@ -1,5 +1,6 @@
 //! Models: denoisers (Flux), VAEs.
 
+pub mod clip_vision;
 pub mod dc_ae;
 pub mod flux;
 pub mod layers;
@@ -9,3 +10,4 @@ pub mod sana;
 pub mod unet;
 pub mod vae;
 pub mod wan;
+pub mod wan_vae;

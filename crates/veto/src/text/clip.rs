@@ -272,7 +272,7 @@ pub struct ClipTextConfig {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Activation {
+pub(crate) enum Activation {
     QuickGelu,
     /// transformers' `"gelu"`: the exact, erf-based GELU.
     GeluErf,
@@ -281,7 +281,7 @@ enum Activation {
 }
 
 impl Activation {
-    fn parse(name: &str, config: &Path) -> Result<Self> {
+    pub(crate) fn parse(name: &str, config: &Path) -> Result<Self> {
         match name {
             "quick_gelu" => Ok(Self::QuickGelu),
             "gelu" => Ok(Self::GeluErf),
@@ -303,8 +303,9 @@ impl Activation {
     }
 }
 
+/// One pre-norm CLIP transformer layer; the vision tower (`models::clip_vision`) shares it.
 #[derive(Debug, Clone)]
-struct EncoderLayer {
+pub(crate) struct EncoderLayer {
     layer_norm1: LayerNorm,
     q_proj: Linear,
     k_proj: Linear,
@@ -317,24 +318,33 @@ struct EncoderLayer {
 
 impl EncoderLayer {
     fn load(vb: VarBuilder, c: &ClipTextConfig) -> candle_core::Result<Self> {
-        let h = c.hidden_size;
+        Self::load_dims(vb, c.hidden_size, c.intermediate_size, c.layer_norm_eps)
+    }
+
+    pub(crate) fn load_dims(vb: VarBuilder, h: usize, intermediate: usize, eps: f64) -> candle_core::Result<Self> {
         let attn = vb.pp("self_attn");
         let mlp = vb.pp("mlp");
         Ok(Self {
-            layer_norm1: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm1"))?,
+            layer_norm1: candle_nn::layer_norm(h, eps, vb.pp("layer_norm1"))?,
             q_proj: candle_nn::linear(h, h, attn.pp("q_proj"))?,
             k_proj: candle_nn::linear(h, h, attn.pp("k_proj"))?,
             v_proj: candle_nn::linear(h, h, attn.pp("v_proj"))?,
             out_proj: candle_nn::linear(h, h, attn.pp("out_proj"))?,
-            layer_norm2: candle_nn::layer_norm(h, c.layer_norm_eps, vb.pp("layer_norm2"))?,
-            fc1: candle_nn::linear(h, c.intermediate_size, mlp.pp("fc1"))?,
-            fc2: candle_nn::linear(c.intermediate_size, h, mlp.pp("fc2"))?,
+            layer_norm2: candle_nn::layer_norm(h, eps, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(h, intermediate, mlp.pp("fc1"))?,
+            fc2: candle_nn::linear(intermediate, h, mlp.pp("fc2"))?,
         })
     }
 
     /// Pre-norm block: x + attn(ln1(x)), then x + mlp(ln2(x)). `mask` is the additive causal
-    /// mask `[L, L]` in f32.
-    fn forward(&self, xs: &Tensor, mask: &Tensor, heads: usize, act: Activation) -> candle_core::Result<Tensor> {
+    /// mask `[L, L]` in f32 (none for the vision tower).
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        mask: Option<&Tensor>,
+        heads: usize,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
         let (b, l, h) = xs.dims3()?;
         let hd = h / heads;
         let dtype = xs.dtype();
@@ -346,7 +356,11 @@ impl EncoderLayer {
         let q = (split(self.q_proj.forward(&x)?)? * (hd as f64).powf(-0.5))?;
         let k = split(self.k_proj.forward(&x)?)?;
         let v = split(self.v_proj.forward(&x)?)?;
-        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let scores = q.matmul(&k.t()?)?;
+        let scores = match mask {
+            Some(m) => scores.broadcast_add(m)?,
+            None => scores,
+        };
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?.to_dtype(dtype)?;
         let xs = (xs + self.out_proj.forward(&attn)?)?;
@@ -521,7 +535,7 @@ impl ClipTextEncoder {
         let n = self.layers.len();
         let mut penultimate = if n == 1 { Some(xs.clone()) } else { None };
         for (i, layer) in self.layers.iter().enumerate() {
-            xs = layer.forward(&xs, &mask, heads, self.activation)?;
+            xs = layer.forward(&xs, Some(&mask), heads, self.activation)?;
             if i + 2 == n {
                 penultimate = Some(xs.clone());
             }

@@ -1,10 +1,12 @@
-//! Text encoders and tokenizers (CLIP, T5, Gemma-2).
+//! Text encoders and tokenizers (CLIP, T5, UMT5, Gemma-2).
 
 pub mod caption;
 pub mod clip;
 pub mod gemma2;
 pub mod sana_prompt;
 pub mod t5;
+pub mod umt5;
+pub mod wan_prompt;
 
 use std::path::Path;
 
