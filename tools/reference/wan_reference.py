@@ -406,6 +406,120 @@ def unipc_fixture() -> None:
     write_safetensors(OUT / "unipc_flow.safetensors", tensors, meta)
 
 
+# ---------------------------------------------------------------------------------------------
+# The whole pipeline on wan-parts' tiny UMT5 / tokenizer / VAE (tests/fixtures/wan_parts/wan).
+# ---------------------------------------------------------------------------------------------
+
+PARTS = REPO_ROOT / "tests" / "fixtures" / "wan_parts" / "wan"
+PIPE_T2V = {**T2V, "in_channels": 4, "out_channels": 4, "text_dim": 32}
+PIPE_SIZE = dict(height=32, width=48, num_frames=5)  # 2 latent frames of 4 x 6
+PIPE_STEPS = 4
+PROMPT = "a red fox jumps over a fence"
+NEGATIVE = "blurry, static"
+
+
+def pipeline_fixtures() -> None:
+    from diffusers import AutoencoderKLWan, WanPipeline
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    from transformers import AutoTokenizer, UMT5EncoderModel
+
+    folder = OUT / "pipeline"
+    tr = build_transformer(PIPE_T2V, 3)
+    save_model_folder(folder, tr)
+    index = {
+        "_class_name": "WanPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tok = AutoTokenizer.from_pretrained(PARTS / "tokenizer")
+    te = UMT5EncoderModel.from_pretrained(PARTS / "text_encoder").eval()
+    vae = AutoencoderKLWan.from_pretrained(PARTS / "vae").eval()
+    sched = UniPCMultistepScheduler.from_config(SCHEDULER)
+    pipe = WanPipeline(tokenizer=tok, text_encoder=te, transformer=tr, vae=vae, scheduler=sched)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(21)
+    f = (PIPE_SIZE["num_frames"] - 1) // 4 + 1
+    init = torch.randn(1, 4, f, PIPE_SIZE["height"] // 8, PIPE_SIZE["width"] // 8, generator=gen)
+    pos, neg = pipe.encode_prompt(PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=512)
+    n_neg = len(tok(prompt_clean(NEGATIVE), add_special_tokens=True).input_ids)
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+        return vae.decode(latents * std + mean, return_dict=False)[0]
+
+    def save(case: str, steps: list, final: torch.Tensor, meta: dict, video: bool = False) -> None:
+        tensors = {"init_latents": init, "final": final, **{f"step_{i}": x for i, x in enumerate(steps)}}
+        if video:
+            tensors["video"] = decode(final)
+        meta = {
+            "prompt": PROMPT,
+            "negative_prompt": NEGATIVE,
+            "steps": PIPE_STEPS,
+            "height": PIPE_SIZE["height"],
+            "width": PIPE_SIZE["width"],
+            "frames": PIPE_SIZE["num_frames"],
+            "max_sequence_length": 512,
+            **meta,
+        }
+        write_safetensors(OUT / f"pipeline_{case}.safetensors", tensors, {k: str(v) for k, v in meta.items()})
+
+    # The stock WanPipeline: no guidance, CFG.
+    for case, g in [("none", 1.0), ("cfg", CFG_SCALE)]:
+        steps: list = []
+
+        def record(p, i, t, kw):
+            steps.append(kw["latents"].clone())
+            return {}
+
+        with torch.no_grad():
+            out = pipe(
+                prompt=PROMPT,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=PIPE_STEPS,
+                guidance_scale=g,
+                latents=init.clone(),
+                output_type="latent",
+                callback_on_step_end=record,
+                **PIPE_SIZE,
+            ).frames
+        save(case, steps, out, {"guidance": "cfg" if g > 1 else "none", "guidance_scale": g}, video=case == "none")
+
+    # NAG, CFG+NAG (official processor), VSF (official processor): WanPipeline's loop by hand.
+    def loop(case: str, cfg: bool, attention: str) -> None:
+        sch = UniPCMultistepScheduler.from_config(SCHEDULER)
+        sch.set_timesteps(PIPE_STEPS)
+        if attention == "nag":
+            set_cross_processor(tr, NagProcessor(NAG["nag_scale"], NAG["nag_tau"], NAG["nag_alpha"], IMAGE_TOKENS))
+            ctx = torch.cat([pos, neg])
+        else:
+            set_cross_processor(tr, VsfProcessor(VSF["vsf_scale"], VSF["vsf_bias"], n_neg, 512))
+            ctx = torch.cat([pos[:, : 512 - n_neg], neg[:, :n_neg]], dim=1)
+        latents, steps = init.clone(), []
+        for t in sch.timesteps:
+            ts = t.expand(1)
+            with torch.no_grad():
+                pred = tr(hidden_states=latents, timestep=ts, encoder_hidden_states=ctx, return_dict=False)[0]
+                if cfg:
+                    un = tr(hidden_states=latents, timestep=ts, encoder_hidden_states=neg, return_dict=False)[0]
+                    pred = un + CFG_SCALE * (pred - un)
+            latents = sch.step(pred, t, latents, return_dict=False)[0]
+            steps.append(latents.clone())
+        stock_processors(tr)
+        meta = {"guidance": ("cfg+" if cfg else "") + attention, "guidance_scale": CFG_SCALE if cfg else 1.0}
+        meta.update({"nag_norm": "l1", **NAG} if attention == "nag" else VSF)
+        save(case, steps, latents, meta)
+
+    loop("nag", False, "nag")
+    loop("cfg_nag", True, "nag")
+    loop("vsf", False, "vsf")
+
+
 def main() -> None:
     assert sys.byteorder == "little"
     torch.set_grad_enabled(False)
@@ -418,6 +532,7 @@ def main() -> None:
     transformer_fixtures("i2v", i2v, True)
     sampler_fixtures(t2v)
     unipc_fixture()
+    pipeline_fixtures()
     print(f"wrote fixtures under {OUT}")
 
 

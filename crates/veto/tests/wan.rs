@@ -11,7 +11,7 @@ use common::{assert_close, fixtures, guidance_of, guide_of, Fixture};
 use veto::guidance::{CfgScaleSource, GuidanceConfig, GuidancePlanner, NegativeContext, StepWindow};
 use veto::loading::weights::ComponentWeights;
 use veto::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
-use veto::pipelines::wan::{denoise, vsf_context, WanConditioning};
+use veto::pipelines::wan::{denoise, vsf_context, WanConditioning, WanPipeline, WanRequest};
 use veto::schedulers::scheduler::{NoNoise, Scheduler};
 use veto::schedulers::unipc::UniPcMultistepScheduler;
 
@@ -275,4 +275,104 @@ fn transformer_rejects_mismatched_inputs() {
     let inputs =
         WanInputs { latents: fx.t("latents"), timestep: 500.0, context: fx.t("context"), image: None, guidance: None };
     assert!(i2v.forward(&inputs).unwrap_err().to_string().contains("CLIP image"));
+}
+
+/// The tiny T2V pipeline folder: the transformer and scheduler of `tests/fixtures/wan/pipeline`
+/// with wan-parts' tokenizer, UMT5 and VAE (copied once into a temporary folder).
+fn pipeline() -> &'static WanPipeline {
+    static PIPE: std::sync::OnceLock<WanPipeline> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("veto-wan-pipeline-{}", std::process::id()));
+        common::copy_dir(&fixtures("wan").join("pipeline"), &dir);
+        for part in ["tokenizer", "text_encoder", "vae"] {
+            common::copy_dir(&fixtures("wan_parts").join("wan").join(part), &dir.join(part));
+        }
+        let pipe = WanPipeline::load(&dir, &Device::Cpu, DType::F32).unwrap();
+        std::fs::remove_dir_all(&dir).ok();
+        pipe
+    })
+}
+
+/// diffusers' WanPipeline (none, CFG) and its loop with the official NAG / VSF processors, from
+/// the prompt (tokenizer, UMT5, 512 padded rows) to the final latents and, for `none`, the video.
+fn pipeline_case(case: &str) {
+    let pipe = pipeline();
+    let fx = Fixture::load("wan", &format!("pipeline_{case}.safetensors"));
+    let mut req = WanRequest::new(fx.m("prompt"));
+    req.negative_prompt = Some(fx.m("negative_prompt").to_string());
+    req.guidance = guidance_of(&fx, req.guidance.clone());
+    req.steps = fx.f("steps") as usize;
+    req.height = fx.f("height") as usize;
+    req.width = fx.f("width") as usize;
+    req.frames = fx.f("frames") as usize;
+    req.guidance_scale = fx.f("guidance_scale");
+    req.max_sequence_length = fx.f("max_sequence_length") as usize;
+    req.init_latents = Some(fx.t("init_latents").clone());
+    let mut warnings = veto::pipelines::Warnings::default();
+    let mut n = 0;
+    let out = pipe
+        .generate_latents(
+            &req,
+            &mut |e| {
+                assert_close(
+                    &format!("{} step {}", fx.name, e.index),
+                    e.latents,
+                    fx.t(&format!("step_{}", e.index)),
+                    TOL,
+                );
+                n += 1;
+            },
+            &mut warnings,
+        )
+        .unwrap();
+    assert_eq!(n, req.steps);
+    assert_close(&format!("{} final", fx.name), &out.latents, fx.t("final"), TOL);
+    if let Some(video) = fx.get("video") {
+        assert_close(&format!("{} video", fx.name), &pipe.decode(&out.latents).unwrap(), video, TOL);
+    }
+    assert!(warnings.into_vec().is_empty());
+}
+
+#[test]
+fn pipeline_none_and_video() {
+    pipeline_case("none");
+}
+
+#[test]
+fn pipeline_cfg() {
+    pipeline_case("cfg");
+}
+
+#[test]
+fn pipeline_nag() {
+    pipeline_case("nag");
+}
+
+#[test]
+fn pipeline_cfg_nag() {
+    pipeline_case("cfg_nag");
+}
+
+#[test]
+fn pipeline_vsf() {
+    pipeline_case("vsf");
+}
+
+#[test]
+fn pipeline_rejects_bad_sizes_and_rounds_frames() {
+    let pipe = pipeline();
+    let mut req = WanRequest::new("a fox");
+    req.guidance.method = veto::Method::NONE;
+    req.steps = 1;
+    req.height = 40;
+    req.width = 48;
+    req.frames = 5;
+    let mut warnings = veto::pipelines::Warnings::default();
+    let err = pipe.generate_latents(&req, &mut |_| {}, &mut warnings).unwrap_err().to_string();
+    assert!(err.contains("multiples of 16"), "{err}");
+    req.height = 32;
+    req.frames = 6;
+    let out = pipe.generate_latents(&req, &mut |_| {}, &mut warnings).unwrap();
+    assert_eq!(out.latents.dims(), &[1, 4, 2, 4, 6]);
+    assert!(warnings.into_vec()[0].contains("rounded to 5"));
 }

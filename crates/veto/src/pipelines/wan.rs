@@ -11,14 +11,27 @@
 //!   queries in every `attn2` (the official NAG Wan processor);
 //! - VSF: the negative prompt unpadded (its `n` real rows), the prompt padded to `512 - n`, so
 //!   the context `[P, N]` keeps 512 rows (the official VSF Wan code); no CFG.
+//!
+//! [`WanPipeline`] is the text-to-video pipeline on a diffusers folder (UMT5 + tokenizer,
+//! transformer, `AutoencoderKLWan`, UniPC): prompt -> latents -> frames. It is a library API of
+//! its own for now: the family registry, the CLI and the I2V pipeline are not wired yet.
 
-use candle_core::{DType, Tensor};
+use std::path::Path;
 
-use super::{StepEvent, Warnings};
+use candle_core::{DType, Device, Tensor};
+
+use super::noise::gaussian;
+use super::{Denoised, StepEvent, Warnings};
 use crate::error::{Error, Result};
-use crate::guidance::{GuidancePlanner, NegativeContext};
-use crate::models::wan::{WanInputs, WanTransformer3DModel};
+use crate::guidance::{CfgScaleSource, GuidanceConfig, GuidancePlanner, NegativeContext, StepWindow};
+use crate::loading::weights::ComponentWeights;
+use crate::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
+use crate::models::wan_vae::AutoencoderKlWan;
 use crate::schedulers::scheduler::{NoNoise, Scheduler};
+use crate::schedulers::unipc::UniPcMultistepScheduler;
+use crate::text::t5::T5Tokenizer;
+use crate::text::umt5::Umt5TextEncoder;
+use crate::text::wan_prompt::encode_wan_prompt;
 
 /// The text rows the Wan pipelines pad to (`max_sequence_length`).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
@@ -132,6 +145,169 @@ pub fn denoise(
         on_step(StepEvent { index, total, timestep: t, attention_guided: plan.attention.is_some(), latents: &latents });
     }
     Ok(latents)
+}
+
+/// One text-to-video request, defaults already chosen.
+#[derive(Debug, Clone)]
+pub struct WanRequest {
+    pub prompt: String,
+    /// The CFG negative prompt and the attention method's negative ("" when `None`, as diffusers).
+    pub negative_prompt: Option<String>,
+    pub guidance: GuidanceConfig,
+    pub steps: usize,
+    pub height: usize,
+    pub width: usize,
+    /// `4k + 1` (other counts are rounded with a warning).
+    pub frames: usize,
+    /// CFG's scale (CFG runs when the method has `cfg` and this is above 1, as diffusers).
+    pub guidance_scale: f64,
+    pub max_sequence_length: usize,
+    pub seed: u64,
+    /// `[1, 16, F', H/8, W/8]` latents to start from instead of seeded noise.
+    pub init_latents: Option<Tensor>,
+    /// Overrides the scheduler config's `flow_shift` (Wan: 3 at 480p, 5 at 720p).
+    pub flow_shift: Option<f64>,
+}
+
+impl WanRequest {
+    /// Wan2.1 T2V's defaults (diffusers' WanPipeline: 50 steps, 480x832, 81 frames, CFG 5) with
+    /// the paper's NAG setting (scale 5, tau 2.5, alpha 0.25).
+    pub fn new(prompt: impl Into<String>) -> Self {
+        let mut guidance = GuidanceConfig::nag_default();
+        guidance.nag.alpha = 0.25;
+        WanRequest {
+            prompt: prompt.into(),
+            negative_prompt: None,
+            guidance,
+            steps: 50,
+            height: 480,
+            width: 832,
+            frames: 81,
+            guidance_scale: 5.0,
+            max_sequence_length: MAX_SEQUENCE_LENGTH,
+            seed: 0,
+            init_latents: None,
+            flow_shift: None,
+        }
+    }
+}
+
+/// `WanPipeline` (text-to-video) on a diffusers folder.
+pub struct WanPipeline {
+    tokenizer: T5Tokenizer,
+    text_encoder: Umt5TextEncoder,
+    transformer: WanTransformer3DModel,
+    vae: AutoencoderKlWan,
+    scheduler_config: serde_json::Value,
+    device: Device,
+}
+
+impl WanPipeline {
+    /// Load `dir` (`tokenizer/`, `text_encoder/`, `transformer/`, `vae/`, `scheduler/`); the text
+    /// encoder and the VAE in f32, the transformer in `dtype`.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let sub = |name: &str| dir.join(name);
+        let config = WanConfig::from_file(&sub("transformer").join("config.json"))?;
+        if config.is_i2v() {
+            return Err(Error::invalid(format!(
+                "{}: an image-to-video transformer; WanPipeline is text-to-video",
+                dir.display()
+            )));
+        }
+        let weights = ComponentWeights::from_dir(&sub("transformer"), "diffusion_pytorch_model", "transformer")?;
+        let transformer = WanTransformer3DModel::load(&config, &weights, dtype, device)?;
+        let te = ComponentWeights::from_dir(&sub("text_encoder"), "model", "text_encoder")?;
+        let vae = ComponentWeights::from_dir(&sub("vae"), "diffusion_pytorch_model", "vae")?;
+        let scheduler_path = sub("scheduler").join("scheduler_config.json");
+        let scheduler_config: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(&scheduler_path)
+                .map_err(|e| Error::invalid(format!("{}: {e}", scheduler_path.display())))?,
+        )
+        .map_err(|e| Error::invalid(format!("{}: {e}", scheduler_path.display())))?;
+        Ok(Self {
+            tokenizer: T5Tokenizer::load(&sub("tokenizer"))?,
+            text_encoder: Umt5TextEncoder::load_weights(&te, device, DType::F32)?,
+            transformer,
+            vae: AutoencoderKlWan::load_weights(&vae, device, DType::F32)?,
+            scheduler_config,
+            device: device.clone(),
+        })
+    }
+
+    /// The scheduler of a request: the folder's UniPC with `flow_shift` overridden if asked.
+    fn scheduler(&self, req: &WanRequest) -> Result<UniPcMultistepScheduler> {
+        let mut json = self.scheduler_config.clone();
+        if let Some(shift) = req.flow_shift {
+            json["flow_shift"] = serde_json::json!(shift);
+        }
+        UniPcMultistepScheduler::from_value(json)
+    }
+
+    /// Denoise to the final latents `[1, 16, F', H/8, W/8]` (before the VAE's denormalization).
+    pub fn generate_latents(
+        &self,
+        req: &WanRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Denoised> {
+        req.guidance.validate()?;
+        let frames = round_frames(req.frames, warnings);
+        let shape = latent_shape(self.transformer.config().in_channels, frames, req.height, req.width)?;
+        let init = match &req.init_latents {
+            Some(l) if l.dims() != shape => {
+                return Err(Error::invalid(format!("init latents {:?}: this request needs {shape:?}", l.dims())))
+            }
+            Some(l) => l.to_device(&self.device)?.to_dtype(DType::F32)?,
+            None => gaussian(&shape, req.seed, &self.device)?,
+        };
+        let method = req.guidance.method;
+        let cfg = method.cfg && req.guidance_scale > 1.0;
+        let msl = req.max_sequence_length;
+        let encode = |text: &str, what: &str, w: &mut Warnings| {
+            encode_wan_prompt(&self.tokenizer, &self.text_encoder, text, msl, what, w)
+        };
+        let negative_text = req.negative_prompt.clone().unwrap_or_default();
+        let positive = encode(&req.prompt, "prompt", warnings)?;
+        let negative = if cfg || method.attention.is_some() {
+            Some(encode(&negative_text, "negative prompt", warnings)?)
+        } else {
+            None
+        };
+        let dtype = self.transformer.dtype();
+        let (positive_states, attention_negative) = match (&negative, req.guidance.uses_vsf()) {
+            (Some(n), true) => {
+                let unpadded = n.unpadded()?;
+                (vsf_context(&positive.padded, &unpadded)?, Some(unpadded))
+            }
+            (Some(n), false) => (positive.padded.clone(), method.attention.is_some().then(|| n.padded.clone())),
+            (None, _) => (positive.padded.clone(), None),
+        };
+        let cond = WanConditioning {
+            positive: positive_states.to_dtype(dtype)?,
+            uncond: if cfg { negative.as_ref().map(|n| n.padded.to_dtype(dtype)).transpose()? } else { None },
+            negative: attention_negative.map(|t| t.to_dtype(dtype)).transpose()?,
+            image: None,
+            condition: None,
+        };
+        let mut scheduler = self.scheduler(req)?;
+        scheduler.set_timesteps(req.steps)?;
+        let scale = if cfg { req.guidance_scale } else { 1.0 };
+        let mut planner = GuidancePlanner::new(
+            &req.guidance,
+            CfgScaleSource::GuidanceScale,
+            scale,
+            StepWindow::Threshold,
+            scheduler.num_train_timesteps() as f64,
+        );
+        let latents = denoise(&self.transformer, &mut scheduler, &mut planner, &cond, init.clone(), on_step)?;
+        Ok(Denoised { latents, init_latents: init, step_noise: None })
+    }
+
+    /// The video `[1, 3, F, H, W]` in [-1, 1] of final latents (denormalized with the VAE's
+    /// `latents_mean` / `latents_std`, then decoded one latent frame at a time).
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.vae.decode(&self.vae.denormalize_latents(&latents.to_dtype(DType::F32)?)?)
+    }
 }
 
 #[cfg(test)]
