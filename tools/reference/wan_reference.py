@@ -519,6 +519,28 @@ def pipeline_fixtures() -> None:
     loop("cfg_nag", True, "nag")
     loop("vsf", False, "vsf")
 
+    # WanImageToVideoPipeline.prepare_latents: the mask and the normalized image latents.
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+    i2v = WanImageToVideoPipeline(
+        tokenizer=tok,
+        text_encoder=te,
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(PARTS / "image_encoder").eval(),
+        image_processor=CLIPImageProcessor.from_pretrained(PARTS / "image_processor"),
+        transformer=build_transformer(I2V, 2),
+        vae=vae,
+        scheduler=sched,
+    )
+    image = torch.rand(1, 3, PIPE_SIZE["height"], PIPE_SIZE["width"], generator=gen) * 2 - 1
+    with torch.no_grad():
+        _, condition = i2v.prepare_latents(
+            image, 1, 4, PIPE_SIZE["height"], PIPE_SIZE["width"], PIPE_SIZE["num_frames"], torch.float32, "cpu",
+            None, latents=init.clone(),
+        )
+    write_safetensors(OUT / "i2v_condition.safetensors", {"image": image, "condition": condition},
+                      {"frames": str(PIPE_SIZE["num_frames"])})
+
 
 def main() -> None:
     assert sys.byteorder == "little"

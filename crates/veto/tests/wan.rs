@@ -11,7 +11,7 @@ use common::{assert_close, fixtures, guidance_of, guide_of, Fixture};
 use veto::guidance::{CfgScaleSource, GuidanceConfig, GuidancePlanner, NegativeContext, StepWindow};
 use veto::loading::weights::ComponentWeights;
 use veto::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
-use veto::pipelines::wan::{denoise, vsf_context, WanConditioning, WanPipeline, WanRequest};
+use veto::pipelines::wan::{denoise, i2v_condition, vsf_context, WanConditioning, WanPipeline, WanRequest};
 use veto::schedulers::scheduler::{NoNoise, Scheduler};
 use veto::schedulers::unipc::UniPcMultistepScheduler;
 
@@ -375,4 +375,16 @@ fn pipeline_rejects_bad_sizes_and_rounds_frames() {
     let out = pipe.generate_latents(&req, &mut |_| {}, &mut warnings).unwrap();
     assert_eq!(out.latents.dims(), &[1, 4, 2, 4, 6]);
     assert!(warnings.into_vec()[0].contains("rounded to 5"));
+}
+
+/// `WanImageToVideoPipeline.prepare_latents`' conditioning channels: the first-frame mask and the
+/// normalized VAE latents of `[image, 0, 0, 0, 0]`, on wan-parts' tiny VAE.
+#[test]
+fn i2v_condition_matches_diffusers() {
+    let fx = Fixture::load("wan", "i2v_condition.safetensors");
+    let dir = fixtures("wan_parts").join("wan/vae");
+    let weights = ComponentWeights::from_dir(&dir, "diffusion_pytorch_model", "vae").unwrap();
+    let vae = veto::models::wan_vae::AutoencoderKlWan::load_weights(&weights, &Device::Cpu, DType::F32).unwrap();
+    let got = i2v_condition(&vae, fx.t("image"), fx.f("frames") as usize).unwrap();
+    assert_close("i2v condition", &got, fx.t("condition"), TOL);
 }

@@ -85,9 +85,9 @@ impl ClipVisionEncoder {
         let c = &config;
         if c.num_hidden_layers < 2
             || c.patch_size == 0
-            || c.image_size % c.patch_size != 0
+            || !c.image_size.is_multiple_of(c.patch_size)
             || c.num_attention_heads == 0
-            || c.hidden_size % c.num_attention_heads != 0
+            || !c.hidden_size.is_multiple_of(c.num_attention_heads)
         {
             return Err(Error::BadModelFile {
                 path: config_path.display().to_string(),

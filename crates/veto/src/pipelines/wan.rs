@@ -58,7 +58,7 @@ pub fn round_frames(frames: usize, warnings: &mut Warnings) -> usize {
 /// The latent video shape `[1, channels, (frames - 1) / 4 + 1, height / 8, width / 8]`, after
 /// checking the size.
 pub fn latent_shape(channels: usize, frames: usize, height: usize, width: usize) -> Result<[usize; 5]> {
-    if height == 0 || width == 0 || height % SIZE_MULTIPLE != 0 || width % SIZE_MULTIPLE != 0 {
+    if height == 0 || width == 0 || !height.is_multiple_of(SIZE_MULTIPLE) || !width.is_multiple_of(SIZE_MULTIPLE) {
         return Err(Error::invalid(format!(
             "Wan: height and width must be positive multiples of {SIZE_MULTIPLE}, got {height}x{width}"
         )));
@@ -81,6 +81,28 @@ pub fn vsf_context(positive: &Tensor, negative_unpadded: &Tensor) -> Result<Tens
         )));
     }
     Ok(positive.narrow(1, 0, rows - n)?)
+}
+
+/// `WanImageToVideoPipeline`'s conditioning channels `[1, 4 + z, F', H/8, W/8]` for an image
+/// `[1, 3, H, W]` in [-1, 1]: the frame mask (diffusers builds it per pixel frame, repeats the
+/// first frame 4 times and folds time into 4 channels, which leaves ones on the first latent frame
+/// and zeros after) and the normalized VAE latents of the video `[image, 0, 0, ...]` of `frames`
+/// frames.
+pub fn i2v_condition(vae: &AutoencoderKlWan, image: &Tensor, frames: usize) -> Result<Tensor> {
+    let (_, c, h, w) = image.dims4()?;
+    let [_, _, lf, lh, lw] = latent_shape(TEMPORAL_FACTOR, frames, h, w)?;
+    let image = image.to_dtype(DType::F32)?.unsqueeze(2)?;
+    let rest = Tensor::zeros((1, c, frames - 1, h, w), DType::F32, image.device())?;
+    let video = Tensor::cat(&[&image, &rest], 2)?;
+    let latents = vae.normalize_latents(&vae.encode(&video)?)?.to_dtype(DType::F32)?;
+    let first = Tensor::ones((1, TEMPORAL_FACTOR, 1, lh, lw), DType::F32, image.device())?;
+    let mask = if lf > 1 {
+        let zeros = Tensor::zeros((1, TEMPORAL_FACTOR, lf - 1, lh, lw), DType::F32, image.device())?;
+        Tensor::cat(&[&first, &zeros], 2)?
+    } else {
+        first
+    };
+    Ok(Tensor::cat(&[&mask, &latents], 1)?)
 }
 
 /// The conditioning of one Wan run, as the transformer receives it.

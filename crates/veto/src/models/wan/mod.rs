@@ -102,7 +102,7 @@ impl WanConfig {
         if self.qk_norm.as_deref() != Some("rms_norm_across_heads") {
             return Err(format!("qk_norm {:?} is not supported (Wan2.1 uses \"rms_norm_across_heads\")", self.qk_norm));
         }
-        if self.num_attention_heads == 0 || self.attention_head_dim < 6 || self.attention_head_dim % 2 != 0 {
+        if self.num_attention_heads == 0 || self.attention_head_dim < 6 || !self.attention_head_dim.is_multiple_of(2) {
             return Err("heads must be positive and the head width even and at least 6 (3-D RoPE)".into());
         }
         if self.image_dim.is_some() != self.added_kv_proj_dim.is_some() {
@@ -228,7 +228,7 @@ impl WanTransformer3DModel {
         if c != self.config.in_channels {
             candle_core::bail!("latents have {c} channels, the transformer takes {}", self.config.in_channels);
         }
-        if f % patch[0] != 0 || h % patch[1] != 0 || w % patch[2] != 0 {
+        if !f.is_multiple_of(patch[0]) || !h.is_multiple_of(patch[1]) || !w.is_multiple_of(patch[2]) {
             candle_core::bail!("a {f}x{h}x{w} latent does not split into {patch:?} patches");
         }
         if inputs.context.dim(0)? != b {
