@@ -195,7 +195,7 @@ mod tests {
     }
 
     /// Wan2.1-T2V-1.3B at 480p / 81 frames (32760 video tokens, 512 text rows): NAG's second
-    /// text attention is about 2%; at the bench's few frames it weighs more.
+    /// text attention is about 1%; at the bench's few frames it weighs more.
     #[test]
     fn wan_nag_is_small_at_video_sizes() {
         let real = wan(1536, 8960, 30, 21 * 30 * 52, 512, 4096);
