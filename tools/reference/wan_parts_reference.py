@@ -7,7 +7,7 @@ under tests/fixtures/wan_parts/wan/ and writes f32 safetensors fixtures next to 
 - `tokenizer/` (a tiny sentencepiece unigram in T5/UMT5 form: "▁" word prefix, <pad> 0, </s> 1,
   <unk> 2, no BOS, EOS appended) and `text_encoder/` (`UMT5EncoderModel`: every layer with its own
   relative-position bias, gated-GELU feed-forward).
-- `umt5.safetensors`: the encoder on two rows with attention masks of 9 and 24 tokens.
+- `umt5.safetensors`: the encoder on two rows with attention masks of 12 and 24 tokens.
 - `wan_prompt.safetensors`: `WanPipeline._get_t5_prompt_embeds` (prompt_clean, padding to the
   max length, the encoder run with the mask, rows past the real tokens set to zero) for several
   prompts, one of them cut by the limit; `prompt_clean.json`: diffusers' `prompt_clean` (ftfy +

@@ -4,7 +4,7 @@
 use candle_core::{Module, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
 
-use super::conv::{last_frames, per_frame, CausalConv3d, ChannelRmsNorm, Slot, TimeCache, CACHE_FRAMES};
+use super::conv::{last_frames, per_frame, CausalConv3d, ChannelRmsNorm, Slot, StripConv2d, TimeCache, CACHE_FRAMES};
 use super::WanVaeConfig;
 
 #[derive(Debug, Clone)]
@@ -92,19 +92,19 @@ pub(super) enum ResampleMode {
 #[derive(Debug, Clone)]
 pub(super) struct Resample {
     mode: ResampleMode,
-    conv: Conv2d,
+    conv: StripConv2d,
     time_conv: Option<CausalConv3d>,
 }
 
 impl Resample {
     /// Up-samplers halve the channels (`c -> c/2`), as Wan2.1's decoder does.
     pub fn load(c: usize, mode: ResampleMode, vb: VarBuilder) -> candle_core::Result<Self> {
-        let (out_c, padding, stride) = match mode {
-            ResampleMode::Up2d | ResampleMode::Up3d => (c / 2, 1, 1),
-            ResampleMode::Down2d | ResampleMode::Down3d => (c, 0, 2),
+        // Down-samplers: diffusers' ZeroPad2d((0, 1, 0, 1)), one row below and one column right.
+        let (out_c, pad, stride) = match mode {
+            ResampleMode::Up2d | ResampleMode::Up3d => (c / 2, (1, 1, 1, 1), 1),
+            ResampleMode::Down2d | ResampleMode::Down3d => (c, (0, 1, 0, 1), 2),
         };
-        let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-        let conv = candle_nn::conv2d(c, out_c, 3, cfg, vb.pp("resample.1"))?;
+        let conv = StripConv2d::load(c, out_c, 3, stride, pad, vb.pp("resample.1"))?;
         let time_conv = match mode {
             ResampleMode::Up3d => Some(CausalConv3d::load(c, 2 * c, (3, 1), (1, 1), (1, 0), vb.pp("time_conv"))?),
             ResampleMode::Down3d => Some(CausalConv3d::load(c, c, (3, 1), (2, 1), (0, 0), vb.pp("time_conv"))?),
@@ -145,10 +145,7 @@ impl Resample {
                 let (_, _, h, w) = f.dims4()?;
                 self.conv.forward(&f.upsample_nearest2d(2 * h, 2 * w)?)
             }
-            ResampleMode::Down2d | ResampleMode::Down3d => {
-                // ZeroPad2d((0, 1, 0, 1)): one row below, one column right.
-                self.conv.forward(&f.pad_with_zeros(2, 0, 1)?.pad_with_zeros(3, 0, 1)?)
-            }
+            ResampleMode::Down2d | ResampleMode::Down3d => self.conv.forward(f),
         })?;
         if let (ResampleMode::Down3d, Some(tc)) = (self.mode, &self.time_conv) {
             let slot = cache.slot();
