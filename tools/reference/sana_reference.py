@@ -28,6 +28,8 @@ then writes f32 safetensors fixtures:
 - `sana_1600m/scheduler/`: the real repo's `DPMSolverMultistepScheduler` config (flow sigmas,
   flow_shift 3, flow_prediction); `scheduler.safetensors`: its timesteps and sigmas at 20 and 7
   steps, and 7 steps of latents with the fake model `0.1 x + 0.05 t / 1000`.
+- `resize.safetensors`: diffusers' `resize_and_crop_tensor` of a random 64x48 image to 40x36,
+  50x30 and 90x70 (the decoded image of a binned run back to the asked size).
 - `dc_ae.safetensors`: `vae.decode` of two latents (2x3: linear attention everywhere; 2x2:
   the deepest level's 4 tokens take the quadratic branch) for both VAEs.
 
@@ -39,9 +41,11 @@ CPU, f32, fixed seeds; running it twice writes identical files. Developers run i
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -52,6 +56,16 @@ from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaTransforme
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from flux_reference import NEGATIVE_PROMPT, PROMPT, corpus_lines, randomize_, write_safetensors  # noqa: E402
 from pixart_reference import NAG, NASA, VSF_BIAS, VSF_SCALE, Plan, install  # noqa: E402
+
+# Pipeline runs: sample_size 32 selects diffusers' ASPECT_RATIO_1024_BIN; 960 x 1024 is its 0.94
+# bin (no resize), 30 x 32 latents.
+HEIGHT, WIDTH = 960, 1024
+STEPS = 4
+CFG_SCALE = 4.5  # SanaPipeline's default guidance_scale
+PAG_SCALE = 3.0  # SanaPAGPipeline's default pag_scale
+PAG_LAYERS = "transformer_blocks.0"  # SanaPAGPipeline's default pag_applied_layers
+MAX_SEQUENCE_LENGTH = 300
+NAG_END = 0.3
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUT = REPO_ROOT / "tests" / "fixtures" / "sana"
@@ -352,13 +366,187 @@ def write_text():
     write_safetensors(OUT / "text.safetensors", tensors, meta)
 
 
+MODEL_INDEX = {
+    "_class_name": "SanaPipeline",
+    "_diffusers_version": "0.42.1",
+    "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+    "text_encoder": ["transformers", "Gemma2Model"],
+    "tokenizer": ["transformers", "GemmaTokenizerFast"],
+    "transformer": ["diffusers", "SanaTransformer2DModel"],
+    "vae": ["diffusers", "AutoencoderDC"],
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    attn: str = "none"
+    cfg: bool = False
+    pag: bool = False
+    nag_end: float = 1.0
+    image: bool = False
+
+    @property
+    def guidance(self) -> str:
+        parts = (["cfg"] if self.cfg else []) + (["pag"] if self.pag else []) + ([self.attn] if self.attn != "none" else [])
+        return "+".join(parts) or "none"
+
+
+CASES = [
+    Case("none", image=True),
+    Case("cfg", cfg=True),
+    Case("pag", pag=True),
+    Case("cfg_pag", cfg=True, pag=True),
+    Case("nag", attn="nag"),
+    Case("cfg_nag", attn="nag", cfg=True),
+    Case("nag_end", attn="nag", nag_end=NAG_END),
+    Case("nasa", attn="nasa"),
+    Case("vsf", attn="vsf"),
+]
+
+
+def load_pipeline():
+    """The folder as a user loads it: SanaPipeline.from_pretrained (model_index.json written here,
+    the components by the functions above)."""
+    from diffusers import SanaPipeline
+
+    (FOLDER / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2, sort_keys=True) + "\n")
+    pipe = SanaPipeline.from_pretrained(FOLDER, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def negative_embeds(pipe):
+    """encode_prompt of the negative prompt as the pipeline encodes it for CFG (no instruction
+    prefix): [1, 300, C] and its mask."""
+    embeds, mask, _, _ = pipe.encode_prompt(
+        NEGATIVE_PROMPT, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH, complex_human_instruction=None
+    )
+    return embeds, mask
+
+
+@torch.no_grad()
+def run_case(pipe, pag_pipe, case: Case, init: torch.Tensor):
+    steps, timesteps, guided = [], [], []
+    holder, original = None, None
+
+    def on_step(p, i, t, kwargs):
+        steps.append(kwargs["latents"].detach().clone())
+        timesteps.append(float(t))
+        guided.append(holder is not None and holder.plan.mode != "none")
+        # The official SDXL NAG window: once t < floor((1 - nag_end) 999) the processors are
+        # removed for good; checked here for the next step's t.
+        ts = p.scheduler.timesteps
+        if holder is not None and i + 1 < len(ts) and ts[i + 1] < math.floor((1.0 - case.nag_end) * 999):
+            holder.plan = Plan()
+        return {}
+
+    kwargs = dict(
+        negative_prompt=NEGATIVE_PROMPT,
+        num_inference_steps=STEPS,
+        height=HEIGHT,
+        width=WIDTH,
+        latents=init.clone(),
+        output_type="latent",
+        callback_on_step_end=on_step,
+        max_sequence_length=MAX_SEQUENCE_LENGTH,
+        guidance_scale=CFG_SCALE if case.cfg else 1.0,
+    )
+    if case.pag:
+        out = pag_pipe(PROMPT, pag_scale=PAG_SCALE, **kwargs).images
+    elif case.attn == "none":
+        out = pipe(PROMPT, **kwargs).images
+    else:
+        holder, original = install(pipe.transformer)
+        embeds, mask = negative_embeds(pipe)
+        tr = pipe.transformer
+        project = lambda e: tr.caption_norm(tr.caption_projection(e))  # noqa: E731
+        row = 1 if case.cfg else 0
+        if case.attn == "vsf":
+            n = int(mask.sum())
+            holder.plan = Plan("vsf", row, project(embeds[:, :n]), None)
+        else:
+            holder.plan = Plan(case.attn, row, project(embeds), mask)
+        try:
+            out = pipe(PROMPT, **kwargs).images
+        finally:
+            tr.set_attn_processor(original)
+    tensors = {f"step_{k}_latents": s for k, s in enumerate(steps)}
+    tensors.update(final_latents=out, init_latents=init, timesteps=torch.tensor(timesteps, dtype=torch.float32))
+    if case.image:
+        # The VAE on the top-left 2 x 2 latents (a 64 x 64 image keeps the file small).
+        crop = out[:, :, :2, :2]
+        tensors["image_latents"] = crop
+        tensors["image"] = pipe.vae.decode(crop / pipe.vae.config.scaling_factor).sample
+    meta = {
+        "prompt": PROMPT,
+        "negative_prompt": NEGATIVE_PROMPT,
+        "guidance": case.guidance,
+        "attention": case.attn,
+        "steps": str(STEPS),
+        "height": str(HEIGHT),
+        "width": str(WIDTH),
+        "guidance_scale": repr(CFG_SCALE if case.cfg else 0.0),
+        "max_sequence_length": str(MAX_SEQUENCE_LENGTH),
+        "scheduler": type(pipe.scheduler).__name__,
+        "nag_end": repr(case.nag_end),
+        "guided_steps": json.dumps(guided),
+    }
+    if case.pag:
+        meta.update(pag_scale=repr(PAG_SCALE), pag_applied_layers=json.dumps([PAG_LAYERS]))
+    if case.attn == "nag":
+        meta.update(nag_scale=repr(NAG.nag_scale), nag_tau=repr(NAG.nag_tau), nag_alpha=repr(NAG.nag_alpha), nag_norm="l1")
+    if case.attn == "nasa":
+        meta.update(nasa_scale=repr(NASA.nasa_scale))
+    if case.attn == "vsf":
+        meta.update(vsf_scale=repr(VSF_SCALE), vsf_bias=repr(VSF_BIAS))
+    write_safetensors(OUT / f"pipeline_{case.name}.safetensors", tensors, meta)
+    return out
+
+
+def write_pipelines():
+    from diffusers import SanaPAGPipeline
+
+    pipe = load_pipeline()
+    pag_pipe = SanaPAGPipeline.from_pipe(pipe, pag_applied_layers=[PAG_LAYERS])
+    pag_pipe.set_progress_bar_config(disable=True)
+    init = torch.randn(1, LATENT_CHANNELS, HEIGHT // 32, WIDTH // 32, generator=torch.Generator().manual_seed(11))
+    finals = {case.name: run_case(pipe, pag_pipe, case, init) for case in CASES}
+    # Sanity: every method changes the result.
+    for name, x in finals.items():
+        if name != "none":
+            d = (x - finals["none"]).abs().max().item()
+            assert d > 1e-3, f"{name} equals none ({d})"
+    d = (finals["nag_end"] - finals["nag"]).abs().max().item()
+    assert d > 1e-4, f"nag_end equals nag ({d})"
+
+
+@torch.no_grad()
+def write_resize():
+    """diffusers' `PixArtImageProcessor.resize_and_crop_tensor` (what SANA and PixArt pipelines do to
+    an image decoded at a binned size) on a random 64 x 48 image, down and up."""
+    from diffusers.image_processor import PixArtImageProcessor
+
+    image = torch.randn(1, 3, 64, 48, generator=torch.Generator().manual_seed(12))
+    tensors = {"image": image}
+    for h, w in [(40, 36), (50, 30), (90, 70)]:
+        tensors[f"resized_{h}x{w}"] = PixArtImageProcessor.resize_and_crop_tensor(image, w, h)
+    write_safetensors(OUT / "resize.safetensors", tensors, {})
+
+
 def main():
     torch.manual_seed(0)
     OUT.mkdir(parents=True, exist_ok=True)
-    write_transformers()
-    write_dc_ae()
-    write_scheduler()
-    write_text()
+    write_resize()
+    if "--resize-only" in sys.argv:
+        return
+    if "--pipelines-only" not in sys.argv:
+        write_transformers()
+        write_dc_ae()
+        write_scheduler()
+        write_text()
+    write_pipelines()
     print("wrote", OUT)
 
 

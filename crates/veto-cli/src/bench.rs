@@ -5,13 +5,16 @@
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use veto::guidance::{AttentionGuidance, GuidancePlan, NagNorm, NagParams, NagVariant, NegativeContext, VsfParams};
 use veto::models::flux::{latents, FluxConfig, FluxInputs, FluxTransformer, TextConditioning};
 use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use veto::models::pixart::{PixArtConfig, PixArtInputs, PixArtTransformer2DModel};
+use veto::models::sana::{SanaConfig, SanaInputs, SanaTransformer2DModel};
 use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use veto::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
+use veto::profile::{self, Op};
 
 use crate::arithmetic;
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
@@ -19,7 +22,7 @@ use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Which model family to time: flux (FLUX.1 width 3072: none / NAG / CFG), sd3 (SD3.5-Large
-    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG), pixart (PixArt-Sigma width 1152: none / NAG / VSF / CFG), wan (Wan2.1 T2V widths 1536 and 5120: none / NAG / VSF / CFG).
+    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG), pixart (PixArt-Sigma width 1152: none / NAG / VSF / CFG), sana (SANA 1.6B width 2240: none / NAG / VSF / CFG), wan (Wan2.1 T2V widths 1536 and 5120: none / NAG / VSF / CFG).
     #[arg(long, default_value = "flux")]
     pub family: String,
     /// Image sizes (square, pixels) to time.
@@ -46,7 +49,10 @@ pub struct BenchArgs {
     /// Wan: video frames (4k+1; 81 in the real setting), at each of `--sizes` square.
     #[arg(long, default_value_t = 5)]
     pub frames: usize,
-    /// T5 tokens (Flux-schnell and SD3 default 256).
+    /// SANA transformer blocks; SANA 1.6B has 20.
+    #[arg(long, default_value_t = 2)]
+    pub sana_blocks: usize,
+    /// T5 tokens (Flux-schnell and SD3 default 256; PixArt and SANA captions, at most 300).
     #[arg(long, default_value_t = 256)]
     pub text_len: usize,
     /// Timed repetitions per method (after one warm-up).
@@ -56,6 +62,11 @@ pub struct BenchArgs {
     pub device: DeviceArg,
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: DtypeArg,
+    /// After timing, run each method once more recording where its time goes (matrix products,
+    /// attention, softmax/LSE, merges, copies, norms, guidance math; CPU only) and print one
+    /// table per size: time per op class and its difference from the baseline, bytes copied.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 fn config(a: &BenchArgs) -> FluxConfig {
@@ -77,22 +88,34 @@ fn config(a: &BenchArgs) -> FluxConfig {
 /// A method under test: one denoising step returning its output.
 type Method<'a> = Box<dyn FnMut() -> Result<Tensor> + 'a>;
 
+/// A method with its column label.
+fn labelled<'a>(label: &'a str, f: impl FnMut() -> Result<Tensor> + 'a) -> (&'a str, Method<'a>) {
+    (label, Box::new(f))
+}
+
+/// Whether `--profile` was given (read by [`time_methods`]).
+static PROFILE: AtomicBool = AtomicBool::new(false);
+
 /// Median wall time (ms) of each method over `iters` rounds, after one warm-up round. The
 /// methods run interleaved (none, NAG, ..., none, NAG, ...) so that drift of a shared machine
 /// (other processes, thermal state) affects all of them alike and the ratios stay comparable.
-fn time_methods(iters: usize, device: &Device, mut methods: Vec<Method>) -> Result<Vec<f64>> {
-    for m in methods.iter_mut() {
+/// The first method is the baseline. With `--profile`, one more recorded run of each follows.
+fn time_methods(iters: usize, device: &Device, mut methods: Vec<(&str, Method)>) -> Result<Vec<f64>> {
+    for (_, m) in methods.iter_mut() {
         m()?;
     }
     let mut times = vec![Vec::with_capacity(iters); methods.len()];
     for _ in 0..iters {
-        for (m, t) in methods.iter_mut().zip(times.iter_mut()) {
+        for ((_, m), t) in methods.iter_mut().zip(times.iter_mut()) {
             let start = Instant::now();
             let out = m()?;
             device.synchronize()?;
             drop(out);
             t.push(start.elapsed().as_secs_f64() * 1e3);
         }
+    }
+    if PROFILE.load(Ordering::Relaxed) {
+        print_profiles(&mut methods)?;
     }
     Ok(times
         .into_iter()
@@ -103,6 +126,48 @@ fn time_methods(iters: usize, device: &Device, mut methods: Vec<Method>) -> Resu
         .collect())
 }
 
+/// One recorded run per method: a table of milliseconds per op class (with the difference to
+/// the first method, the baseline), the unattributed rest ("other": the models' elementwise
+/// work) and megabytes copied.
+fn print_profiles(methods: &mut [(&str, Method)]) -> Result<()> {
+    let mut runs = Vec::with_capacity(methods.len());
+    for (_, m) in methods.iter_mut() {
+        profile::reset();
+        profile::enable(true);
+        let start = Instant::now();
+        let out = m();
+        let wall = start.elapsed();
+        profile::enable(false);
+        drop(out?);
+        runs.push((profile::snapshot(), wall));
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    print!("\n  {:<26}", "profile (ms, vs baseline)");
+    for (label, _) in methods.iter() {
+        print!(" {label:>18}");
+    }
+    println!();
+    let row = |name: &str, values: Vec<f64>, unit: &str| {
+        print!("  {name:<26}");
+        for (i, v) in values.iter().enumerate() {
+            if i == 0 {
+                print!(" {:>18}", format!("{v:.1}{unit}"));
+            } else {
+                print!(" {:>18}", format!("{v:.1} ({:+.1}){unit}", v - values[0]));
+            }
+        }
+        println!();
+    };
+    for op in Op::ALL {
+        row(op.name(), runs.iter().map(|(p, _)| ms(p.of(op))).collect(), "");
+    }
+    row("other (elementwise)", runs.iter().map(|(p, w)| ms(w.saturating_sub(p.total()))).collect(), "");
+    row("total", runs.iter().map(|(_, w)| ms(*w)).collect(), "");
+    row("copied (MB)", runs.iter().map(|(p, _)| p.bytes_copied as f64 / 1e6).collect(), "");
+    println!();
+    Ok(())
+}
+
 pub fn run(a: BenchArgs) -> Result<()> {
     if a.iters == 0 || a.sizes.is_empty() {
         bail!("--iters and --sizes must be non-empty");
@@ -111,16 +176,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--sizes: {s} is not a positive multiple of 16");
     }
     let names = || veto::FAMILIES.iter().map(|f| f.name).collect::<Vec<_>>().join(", ");
-    // Wan has its transformer and library pipeline but no registry entry yet (no CLI video
-    // pipeline): its benchmark times the transformer directly.
-    let name = if a.family.eq_ignore_ascii_case("wan") {
-        "wan"
-    } else {
-        veto::families::named(&a.family)
-            .ok_or_else(|| anyhow::anyhow!("--family: unknown family '{}' (families: {}, wan)", a.family, names()))?
-            .name
-    };
+    let name = veto::families::named(&a.family)
+        .ok_or_else(|| anyhow::anyhow!("--family: unknown family '{}' (families: {})", a.family, names()))?
+        .name;
     let device = device(a.device)?;
+    if a.profile && !device.is_cpu() {
+        bail!("--profile times ops on the calling thread: it needs --device cpu");
+    }
+    PROFILE.store(a.profile, Ordering::Relaxed);
     let dtype: DType = dtype(a.dtype);
     match name {
         "flux" => run_flux(&a, &device, dtype),
@@ -128,6 +191,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         "unet" => run_sdxl(&a, &device, dtype),
         "pixart" => run_pixart(&a, &device, dtype),
         "wan" => run_wan(&a, &device, dtype),
+        "sana" => run_sana(&a, &device, dtype),
         other => bail!("--family: no benchmark for {other} yet"),
     }
 }
@@ -186,12 +250,12 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &context, &text_embeds, &time_ids, None)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&x, &context, &text_embeds, &time_ids, None)?)),
+                labelled("NAG", || {
                     let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &context, &text_embeds, &time_ids, Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("CFG", || {
                     let v = call(&x2, &both_context, &both_text, &both_time, None)?;
                     Ok(cfg.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
@@ -271,16 +335,16 @@ fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &caption, &[len], None)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&x, &caption, &[len], None)?)),
+                labelled("NAG", || {
                     let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &caption, &[len], Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("VSF", || {
                     let g = NegativeContext { method: &vsf, states: &negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &caption, &[len], Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("CFG", || {
                     let v = call(&x2, &both_caption, &[len, len], None)?;
                     Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
@@ -354,16 +418,16 @@ fn run_wan(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 a.iters,
                 device,
                 vec![
-                    Box::new(|| Ok(call(&x, &context, None)?)),
-                    Box::new(|| {
+                    labelled("none", || Ok(call(&x, &context, None)?)),
+                    labelled("NAG", || {
                         let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
                         Ok(call(&x, &context, Some(&g))?)
                     }),
-                    Box::new(|| {
+                    labelled("VSF", || {
                         let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
                         Ok(call(&x, &vsf_context, Some(&g))?)
                     }),
-                    Box::new(|| {
+                    labelled("CFG", || {
                         let v = call(&x2, &both_context, None)?;
                         Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                     }),
@@ -392,6 +456,101 @@ fn run_wan(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
     println!("\n{LIMIT_NOTE}");
     println!("Target (issue 8): NAG <= +6%, VSF <= +3% per step; the NAG paper (Wan2.1-T2V-14B) reports +12%.");
     println!("At 480p / 81 frames (32760 tokens) the limit falls to about +1% (NAG) at full depth.");
+    Ok(())
+}
+
+/// SANA 1.6B at the real width (2240 = 70 heads x 32, cross-attention 20 heads x 112, Mix-FFN
+/// 5600) with reduced depth: none / NAG / VSF (cross-attention of the cond row also over the
+/// negative caption) / CFG (batched [uncond, cond], as diffusers). Captions of `--text-len` real
+/// tokens (the pipeline attends only those; diffusers pads to 300 and masks).
+fn run_sana(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
+    if a.sana_blocks == 0 {
+        bail!("--sana-blocks must be at least 1 (SANA 1.6B has 20)");
+    }
+    // Sana_1600M_1024px_diffusers transformer/config.json, but for the depth.
+    let cfg: SanaConfig = serde_json::from_value(serde_json::json!({
+        "in_channels": 32, "out_channels": 32, "num_attention_heads": 70, "attention_head_dim": 32,
+        "num_layers": a.sana_blocks, "num_cross_attention_heads": 20, "cross_attention_head_dim": 112,
+        "cross_attention_dim": 2240, "caption_channels": 2304, "mlp_ratio": 2.5, "sample_size": 32,
+        "patch_size": 1
+    }))?;
+    let varmap = candle_nn::VarMap::new();
+    let model = SanaTransformer2DModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, dtype, device))?;
+    let randn = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?) };
+    let len = a.text_len.clamp(1, 300);
+    let caption = randn(&[1, len, 2304])?;
+    let negative = randn(&[1, len, 2304])?;
+    let vsf_negative = randn(&[1, len.min(16), 2304])?;
+    let both_caption = Tensor::cat(&[&caption, &caption], 0)?;
+    let nag = AttentionGuidance::nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.375, norm: NagNorm::L1 });
+    let vsf = AttentionGuidance::Vsf(VsfParams { scale: 1.2, bias: 0.2, ..Default::default() });
+    let cfg_plan = GuidancePlan { cfg_scale: Some(4.5), ..GuidancePlan::none() };
+    println!(
+        "SANA transformer, random weights, width 2240 (70 heads x 32; cross 20 x 112), {} blocks (real 20), {len} caption tokens, {:?} on {:?}",
+        a.sana_blocks, dtype, device
+    );
+    println!("one denoising step, median of {} runs\n", a.iters);
+    println!(
+        "{:>6} {:>12} {:>18} {:>18} {:>18}",
+        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
+    );
+    for &size in &a.sizes {
+        if size % 32 != 0 {
+            bail!("--sizes: {size} is not a multiple of 32 (the DC-AE factor)");
+        }
+        let x = randn(&[1, 32, size / 32, size / 32])?;
+        let x2 = Tensor::cat(&[&x, &x], 0)?;
+        let call = |latents: &Tensor, caption: &Tensor, lens: &[usize], guidance: Option<&NegativeContext>| {
+            model.forward(&SanaInputs {
+                latents,
+                timestep: 750.0,
+                caption,
+                caption_lens: lens,
+                guidance,
+                perturbation: None,
+            })
+        };
+        let t = time_methods(
+            a.iters,
+            device,
+            vec![
+                labelled("none", || Ok(call(&x, &caption, &[len], None)?)),
+                labelled("NAG", || {
+                    let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &caption, &[len], Some(&g))?)
+                }),
+                labelled("VSF", || {
+                    let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
+                    Ok(call(&x, &caption, &[len], Some(&g))?)
+                }),
+                labelled("CFG", || {
+                    let v = call(&x2, &both_caption, &[len, len], None)?;
+                    Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
+                }),
+            ],
+        )?;
+        let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
+        let side = size / 32;
+        let limit = arithmetic::sana(2240, 32, cfg.ff_hidden(), a.sana_blocks, side * side, len, 2304, len.min(16));
+        println!(
+            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%, CFG {:+.0}%",
+            size,
+            none,
+            nag_ms,
+            pct(nag_ms, none),
+            vsf_ms,
+            pct(vsf_ms, none),
+            cfg_ms,
+            pct(cfg_ms, none),
+            limit.nag * 100.0,
+            limit.vsf.unwrap_or(0.0) * 100.0,
+            limit.cfg * 100.0
+        );
+    }
+    println!("\n{LIMIT_NOTE}");
+    println!(
+        "Target (issue 9): NAG <= +8%, VSF <= +5% per step; NAG paper Table 4 (SANA 1.6B, A100): NAG +13% per step."
+    );
     Ok(())
 }
 
@@ -446,16 +605,16 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             device,
             vec![
-                Box::new(|| Ok(call(&x, &t, &context, &pooled, None)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&x, &t, &context, &pooled, None)?)),
+                labelled("NAG", || {
                     let g = NegativeContext { method: &nag, states: &neg_context, pooled: Some(&pooled), rows: 0..1 };
                     Ok(call(&x, &t, &context, &pooled, Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("VSF", || {
                     let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
                     Ok(call(&x, &t, &context, &pooled, Some(&g))?)
                 }),
-                Box::new(|| {
+                labelled("CFG", || {
                     let v = call(&x2, &t2, &both_context, &both_pooled, None)?;
                     Ok(cfg.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
                 }),
@@ -531,14 +690,14 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             a.iters,
             &device,
             vec![
-                Box::new(|| Ok(call(&pos, None, NagVariant::Official)?)),
-                Box::new(|| Ok(call(&pos, Some(&nag_context), NagVariant::Official)?)),
-                Box::new(|| {
+                labelled("none", || Ok(call(&pos, None, NagVariant::Official)?)),
+                labelled("NAG", || Ok(call(&pos, Some(&nag_context), NagVariant::Official)?)),
+                labelled("CFG", || {
                     let vp = call(&pos, None, NagVariant::Official)?;
                     let vn = call(&neg, None, NagVariant::Official)?;
                     Ok(cfg.combine_outputs(&vp, Some(&vn), None)?)
                 }),
-                Box::new(|| Ok(call(&pos, Some(&nag_context), NagVariant::SharedImage)?)),
+                labelled("NAG shared-image", || Ok(call(&pos, Some(&nag_context), NagVariant::SharedImage)?)),
             ],
         )?;
         let (none, nag_ms, cfg_ms, shared_ms) = (times[0], times[1], times[2], times[3]);

@@ -1,11 +1,12 @@
-//! Where `veto generate` writes, decided and checked before any work: image paths (one per
-//! `--num-images`), latents paths, their folders writable, nothing written twice.
+//! Where `veto generate` writes, decided and checked before any work: image or video paths (one
+//! per `--num-images`), latents paths, their folders writable, nothing written twice.
 
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use veto::image_io::ImageFormat;
+use veto::video_io::{check_video_output, VideoFormat};
 
-/// The files of one run: image `i` goes to `images[i]`, its latents to `latents[i]`.
+/// The files of one run: image (or video) `i` goes to `images[i]`, its latents to `latents[i]`.
 pub struct OutputPlan {
     pub images: Vec<PathBuf>,
     pub latents: Vec<Option<PathBuf>>,
@@ -42,11 +43,37 @@ fn check_writable(flag: &str, path: &Path) -> Result<()> {
 
 impl OutputPlan {
     pub fn new(output: &Path, save_latents: Option<&Path>, num_images: usize) -> Result<Self> {
+        ImageFormat::of_path(output).map_err(crate::generate::flag_error)?;
+        Self::plan(output, save_latents, num_images, |p| check_writable("--output", p))
+    }
+
+    /// The plan of a video run: `--output` is an `.mp4`, `.gif` or `.webp` file or a folder of
+    /// PNG frames (a path ending in `/` or without an extension; absent or empty), see
+    /// [`veto::video_io`]. Returns the format too.
+    pub fn new_video(output: &Path, save_latents: Option<&Path>, num_videos: usize) -> Result<(Self, VideoFormat)> {
+        let format = VideoFormat::of_path(output).map_err(crate::generate::flag_error)?;
+        let plan = Self::plan(output, save_latents, num_videos, |p| {
+            check_video_output(p).map_err(crate::generate::flag_error)?;
+            if format.is_folder() {
+                // The frames' folder is made next to it: probe its parent.
+                let parent = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+                check_writable("--output", &parent.join(".veto-frames"))
+            } else {
+                check_writable("--output", p)
+            }
+        })?;
+        Ok((plan, format))
+    }
+
+    fn plan(
+        output: &Path,
+        save_latents: Option<&Path>,
+        num_images: usize,
+        check_output: impl Fn(&Path) -> Result<()>,
+    ) -> Result<Self> {
         if num_images == 0 {
             bail!("--num-images must be at least 1");
         }
-        ImageFormat::of_path(output).map_err(crate::generate::flag_error)?;
-        check_writable("--output", output)?;
         if let Some(p) = save_latents {
             if p.extension().and_then(|e| e.to_str()) != Some("safetensors") {
                 bail!("--save-latents: {} should end in .safetensors", p.display());
@@ -54,6 +81,9 @@ impl OutputPlan {
             check_writable("--save-latents", p)?;
         }
         let images: Vec<PathBuf> = (0..num_images).map(|i| numbered(output, i, num_images)).collect();
+        for p in &images {
+            check_output(p)?;
+        }
         let latents: Vec<Option<PathBuf>> =
             (0..num_images).map(|i| save_latents.map(|p| numbered(p, i, num_images))).collect();
         let mut all: Vec<PathBuf> = images.iter().chain(latents.iter().flatten()).map(|p| absolute(p)).collect();
@@ -92,5 +122,27 @@ mod tests {
         assert!(OutputPlan::new(&dir.path().join("x.gif"), None, 1).is_err());
         // The probe leaves nothing behind.
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn video_outputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let (plan, format) = OutputPlan::new_video(&dir.path().join("v.mp4"), None, 2).unwrap();
+        assert_eq!((format, plan.images[1].clone()), (VideoFormat::Mp4, dir.path().join("v-1.mp4")));
+        let (plan, format) = OutputPlan::new_video(&dir.path().join("frames/"), None, 1).unwrap();
+        assert_eq!(format, VideoFormat::PngFrames);
+        assert_eq!(plan.images.len(), 1);
+        let (_, format) = OutputPlan::new_video(&dir.path().join("clip.webp"), None, 1).unwrap();
+        assert_eq!(format, VideoFormat::Webp);
+        let e = OutputPlan::new_video(&dir.path().join("v.avi"), None, 1).err().unwrap().to_string();
+        assert!(e.contains(".mp4 (H.264), .gif, .webp"), "{e}");
+        let e = OutputPlan::new_video(&dir.path().join("nowhere/v.mp4"), None, 1).err().unwrap().to_string();
+        assert!(e.contains("does not exist"), "{e}");
+        std::fs::create_dir(dir.path().join("full")).unwrap();
+        std::fs::write(dir.path().join("full/x"), b"").unwrap();
+        let e = OutputPlan::new_video(&dir.path().join("full"), None, 1).err().unwrap().to_string();
+        assert!(e.contains("not empty"), "{e}");
+        // Only the folder made above is there.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }

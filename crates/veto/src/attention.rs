@@ -10,6 +10,9 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::kernels::{softmax_with_lse, weighted_sum};
+use crate::profile::{self, Op};
+
 /// Largest score matrix (elements) materialised at once; longer query sequences are processed
 /// in row chunks so 1024x1024 images (4096+ tokens) do not need gigabytes of scores per layer.
 const MAX_SCORE_ELEMENTS: usize = 1 << 26;
@@ -43,19 +46,28 @@ fn over_query_chunks<T>(
     join(parts)
 }
 
-/// Plain softmax attention: `softmax(q k^T * scale) v`.
+/// Plain softmax attention: `softmax(q k^T * scale) v`. The scale is applied to the queries
+/// (`S_q x d` elements) rather than to the scores (`S_q x S_k`), the larger tensor.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let k_t = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
+    let k_t = profile::contiguous(&k.t()?)?;
+    let v = profile::contiguous(v)?;
     over_query_chunks(
         q,
         k.dim(2)?,
         |q| {
-            let scores = (q.contiguous()?.matmul(&k_t)? * scale)?;
-            candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)
+            let scores = scores(q, &k_t, scale)?;
+            let probs = profile::timed(Op::Softmax, || candle_nn::ops::softmax_last_dim(&scores))?;
+            profile::timed(Op::AttentionMatmul, || probs.matmul(&v))
         },
-        |parts| Tensor::cat(&parts, 2),
+        |parts| profile::cat(&parts, 2),
     )
+}
+
+/// `(q * scale) k^T`.
+fn scores(q: &Tensor, k_t: &Tensor, scale: f64) -> Result<Tensor> {
+    let q = profile::timed(Op::AttentionMatmul, || q * scale)?;
+    let q = profile::contiguous(&q)?;
+    profile::timed(Op::AttentionMatmul, || q.matmul(k_t))
 }
 
 /// Attention over one key block, kept mergeable: the block-normalised output and the
@@ -67,8 +79,8 @@ pub struct BlockAttention {
 }
 
 pub fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<f64>) -> Result<BlockAttention> {
-    let k_t = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
+    let k_t = profile::contiguous(&k.t()?)?;
+    let v = profile::contiguous(v)?;
     over_query_chunks(
         q,
         k.dim(2)?,
@@ -76,48 +88,36 @@ pub fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option
         |parts| {
             let outs: Vec<&Tensor> = parts.iter().map(|p| &p.out).collect();
             let lses: Vec<&Tensor> = parts.iter().map(|p| &p.lse).collect();
-            Ok(BlockAttention { out: Tensor::cat(&outs, 2)?, lse: Tensor::cat(&lses, 2)? })
+            Ok(BlockAttention { out: profile::cat(&outs, 2)?, lse: profile::cat(&lses, 2)? })
         },
     )
 }
 
+/// One query chunk of [`attend_block`]. A bias shared by the whole block leaves the
+/// probabilities unchanged and shifts the log-sum-exp by itself.
 fn attend_chunk(q: &Tensor, k_t: &Tensor, v: &Tensor, scale: f64, bias: Option<f64>) -> Result<BlockAttention> {
-    let mut scores = (q.contiguous()?.matmul(k_t)? * scale)?;
-    if let Some(b) = bias {
-        scores = (scores + b)?;
-    }
-    let scores = scores.to_dtype(DType::F32)?;
-    let max = scores.max_keepdim(D::Minus1)?;
-    let e = scores.broadcast_sub(&max)?.exp()?;
-    let sum = e.sum_keepdim(D::Minus1)?;
-    let lse = (max + sum.log()?)?;
-    let probs = e.broadcast_div(&sum)?.to_dtype(v.dtype())?;
-    let out = probs.matmul(v)?;
+    let scores = scores(q, k_t, scale)?;
+    let (probs, lse) = profile::timed(Op::Softmax, || -> Result<(Tensor, Tensor)> {
+        let (probs, lse) = softmax_with_lse(&scores)?;
+        Ok((probs, if let Some(b) = bias { (lse + b)? } else { lse }))
+    })?;
+    let probs = profile::timed(Op::Copy, || probs.to_dtype(v.dtype()))?;
+    let out = profile::timed(Op::AttentionMatmul, || probs.matmul(v))?;
     Ok(BlockAttention { out, lse })
 }
 
 /// Merge per-block attentions into the attention over all their keys at once.
 pub fn merge_blocks(blocks: &[&BlockAttention]) -> Result<Tensor> {
+    let _scope = profile::scope(Op::Merge);
     let dtype = blocks[0].out.dtype();
+    // Weights exp(lse_i - lse) with lse over all blocks: small `[b, h, q, 1]` tensors.
     let lses: Vec<&Tensor> = blocks.iter().map(|b| &b.lse).collect();
     let all = Tensor::cat(&lses, D::Minus1)?; // [b, h, q, n_blocks]
     let max = all.max_keepdim(D::Minus1)?;
-    let mut acc: Option<Tensor> = None;
-    let mut total: Option<Tensor> = None;
-    for b in blocks {
-        let w = b.lse.broadcast_sub(&max)?.exp()?; // [b, h, q, 1]
-        let term = b.out.to_dtype(DType::F32)?.broadcast_mul(&w)?;
-        acc = Some(match acc {
-            None => term,
-            Some(a) => (a + term)?,
-        });
-        total = Some(match total {
-            None => w,
-            Some(t) => (t + w)?,
-        });
-    }
-    let (acc, total) = (acc.unwrap(), total.unwrap());
-    acc.broadcast_div(&total)?.to_dtype(dtype)
+    let total = (all.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
+    let weights: Vec<Tensor> = blocks.iter().map(|b| (&b.lse - &total)?.exp()).collect::<Result<_>>()?;
+    let outs: Vec<Tensor> = blocks.iter().map(|b| b.out.to_dtype(DType::F32)).collect::<Result<_>>()?;
+    weighted_sum(&outs.iter().collect::<Vec<_>>(), &weights.iter().collect::<Vec<_>>())?.to_dtype(dtype)
 }
 
 /// `[b, h, s, d]` -> `[b, s, h*d]`.

@@ -24,15 +24,19 @@ pub mod error;
 pub mod families;
 pub mod guidance;
 pub mod image_io;
+pub mod video_io;
 
 #[doc(hidden)]
 pub mod attention;
+#[doc(hidden)]
+pub mod kernels;
 #[doc(hidden)]
 pub mod loading;
 #[doc(hidden)]
 pub mod models;
 #[doc(hidden)]
 pub mod pipelines;
+pub mod profile;
 #[doc(hidden)]
 pub mod schedulers;
 #[doc(hidden)]

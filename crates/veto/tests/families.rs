@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use common::fixtures;
 use veto::{GenerateRequest, LoadOptions, ModelSource, Pipeline, Residency};
 
-const FOLDERS: [(&str, &str, &str); 7] = [
+const FOLDERS: [(&str, &str, &str); 8] = [
     ("flux", "schnell", "flux"),
     ("flux", "dev", "flux"),
     ("sd3", "large", "sd3"),
@@ -16,6 +16,7 @@ const FOLDERS: [(&str, &str, &str); 7] = [
     ("unet", "sd15", "unet"),
     ("unet", "sdxl", "unet"),
     ("pixart", "sigma", "pixart"),
+    ("sana", "sana_1600m", "sana"),
 ];
 
 #[test]

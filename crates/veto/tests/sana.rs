@@ -2,16 +2,25 @@
 //! `SanaTransformer2DModel` call per block and output, plain and with a negative caption in the
 //! cross-attention on the conditional row (NAG and NASA in the official generic NAG processor's
 //! layout, VSF), the position-table variant, and the `AutoencoderDC` decoder (the real SANA
-//! layout, and pixel-shuffle / batch-norm options); f32, 1e-4 relative. Plus bad configs.
+//! layout, and pixel-shuffle / batch-norm options), Gemma-2 prompt encoding, the flow DPM-Solver,
+//! and the pipeline: every step's latents and the final latents of the stock `SanaPipeline` /
+//! `SanaPAGPipeline` (none, CFG, PAG, CFG+PAG) and of the pipeline with the official generic NAG
+//! processor's layout (NAG, CFG+NAG, the NAG window, NASA, VSF); f32, 1e-4 relative. Plus bad
+//! configs and bad input.
 
 mod common;
 
 use candle_core::{DType, Device};
 use common::{assert_close, fixtures, Fixture};
+use veto::families::SANA;
 use veto::guidance::{AttentionGuidance, NagParams, NegativeContext, VsfParams};
+use veto::loading::model_source::ModelSource;
 use veto::loading::weights::ComponentWeights;
 use veto::models::dc_ae::{AutoencoderDc, DcAeConfig};
 use veto::models::sana::{SanaConfig, SanaInputs, SanaTransformer2DModel};
+use veto::pipelines::sana::SanaPipeline;
+use veto::pipelines::TextToImage;
+use veto::ResolvedRequest;
 
 fn load_transformer(dir: &std::path::Path) -> SanaTransformer2DModel {
     let weights = ComponentWeights::from_dir(dir, "diffusion_pytorch_model", "transformer").unwrap();
@@ -65,6 +74,7 @@ fn transformer_case(case: &str) {
                 caption: fx.t("encoder_hidden_states"),
                 caption_lens: &lens,
                 guidance: negative.as_ref(),
+                perturbation: None,
             },
             Some(&mut trace),
         )
@@ -107,6 +117,7 @@ fn transformer_with_a_position_table() {
                 caption: fx.t("encoder_hidden_states"),
                 caption_lens: &lens,
                 guidance: None,
+                perturbation: None,
             },
             Some(&mut trace),
         )
@@ -233,5 +244,175 @@ fn gemma2_prompt_encoding_with_the_instruction_prefix_matches_diffusers() {
     for (key, with_chi) in [("prompt", true), ("negative", false), ("plain", false)] {
         let got = text.encode(fx.m(key), msl, if with_chi { &chi } else { &[] }).unwrap();
         assert_close(key, &got.states, fx.t(&format!("{key}_embeds")), 1e-4);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The pipeline: stock diffusers SanaPipeline / SanaPAGPipeline (none, CFG, PAG, CFG+PAG) and the
+// SanaPipeline with the official generic NAG processor's layout in the cross-attention (NAG,
+// CFG+NAG, the NAG window, NASA, VSF): every step's latents and the final latents.
+// ---------------------------------------------------------------------------------------------
+
+fn sana_folder() -> std::path::PathBuf {
+    fixtures("sana").join("sana_1600m")
+}
+
+fn load_pipeline() -> SanaPipeline {
+    let source = ModelSource::local(sana_folder()).unwrap();
+    SanaPipeline::load(&source, &Device::Cpu, DType::F32).unwrap()
+}
+
+fn pipeline_request(fx: &Fixture, pipe: &SanaPipeline) -> ResolvedRequest {
+    let mut r = common::request_of(fx, pipe.defaults().guidance, 300);
+    if let Some(layers) = fx.meta.get("pag_applied_layers") {
+        r.sampler.pag_layers = Some(serde_json::from_str(layers).unwrap());
+    }
+    r
+}
+
+fn pipeline_case(case: &str) {
+    let fx = Fixture::load("sana", &format!("pipeline_{case}.safetensors"));
+    let pipe = load_pipeline();
+    assert_eq!(pipe.scheduler().class_name(), fx.m("scheduler"));
+    let req = pipeline_request(&fx, &pipe);
+    let mut steps = Vec::new();
+    let mut guided = Vec::new();
+    let (latents, warnings) = common::generate(&pipe, &SANA, &req, &mut |e| {
+        steps.push((e.timestep, e.latents.clone()));
+        guided.push(e.attention_guided);
+    })
+    .unwrap();
+    let want_t: Vec<f32> = fx.t("timesteps").to_vec1().unwrap();
+    let got_t: Vec<f64> = steps.iter().map(|(t, _)| *t).collect();
+    close_list(&format!("{case}: timesteps"), &got_t, fx.t("timesteps"));
+    assert_eq!(got_t.len(), want_t.len());
+    for (k, (_, x)) in steps.iter().enumerate() {
+        assert_close(&format!("{case}/step_{k}"), x, fx.t(&format!("step_{k}_latents")), 1e-4);
+    }
+    assert_close(&format!("{case}/final"), &latents, fx.t("final_latents"), 1e-4);
+    let want_guided: Vec<bool> = serde_json::from_str(fx.m("guided_steps")).unwrap();
+    assert_eq!(guided, want_guided, "{case}: guided steps");
+    if let Some(image) = fx.get("image") {
+        let decoded = pipe.decode(fx.t("image_latents")).unwrap();
+        assert_close(&format!("{case}/image"), &decoded, image, 1e-4);
+    }
+    if fx.m("guidance") == "none" || fx.m("guidance") == "pag" {
+        assert!(warnings.len() == 1 && warnings[0].contains("negative prompt is unused"), "{warnings:?}");
+    } else {
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+}
+
+#[test]
+fn pipeline_none() {
+    pipeline_case("none");
+}
+#[test]
+fn pipeline_cfg() {
+    pipeline_case("cfg");
+}
+#[test]
+fn pipeline_pag() {
+    pipeline_case("pag");
+}
+#[test]
+fn pipeline_cfg_pag() {
+    pipeline_case("cfg_pag");
+}
+#[test]
+fn pipeline_nag() {
+    pipeline_case("nag");
+}
+#[test]
+fn pipeline_cfg_nag() {
+    pipeline_case("cfg_nag");
+}
+#[test]
+fn pipeline_nag_end() {
+    pipeline_case("nag_end");
+}
+#[test]
+fn pipeline_nasa() {
+    pipeline_case("nasa");
+}
+#[test]
+fn pipeline_vsf() {
+    pipeline_case("vsf");
+}
+
+fn tiny_request(pipe: &SanaPipeline) -> ResolvedRequest {
+    let fx = Fixture::load("sana", "pipeline_none.safetensors");
+    let mut r = pipeline_request(&fx, pipe);
+    r.steps = 1;
+    r
+}
+
+#[test]
+fn sizes_off_the_bins_run_binned_with_a_warning_and_decode_back_to_the_asked_size() {
+    let pipe = load_pipeline();
+    let mut req = tiny_request(&pipe);
+    req.init_latents = None;
+    (req.height, req.width) = (1000, 1000);
+    let (latents, warnings) = common::generate(&pipe, &SANA, &req, &mut |_| {}).unwrap();
+    assert_eq!(latents.dims(), &[1, 8, 32, 32]);
+    assert!(warnings.iter().any(|w| w.contains("1000x1000") && w.contains("1024x1024")), "{warnings:?}");
+    // The decode of a 2x2 corner stands in for the full one: 64x64 pixels, asked 48x40.
+    let corner = latents.narrow(2, 0, 2).unwrap().narrow(3, 0, 2).unwrap();
+    (req.height, req.width) = (48, 40);
+    let image = pipe.decode_for(&corner, &req).unwrap();
+    assert_eq!(image.dims(), &[1, 3, 48, 40]);
+}
+
+#[test]
+fn prompts_longer_than_the_token_limit_warn_with_what_was_cut() {
+    let pipe = load_pipeline();
+    let mut req = tiny_request(&pipe);
+    req.prompt = format!("{} purple elephant", "a photo of a cat wearing glasses ".repeat(60));
+    let (_, warnings) = common::generate(&pipe, &SANA, &req, &mut |_| {}).unwrap();
+    assert!(warnings.iter().any(|w| w.contains("300 tokens") && w.contains("elephant")), "{warnings:?}");
+    req.max_sequence_length = 8;
+    req.sampler.complex_human_instruction = Some("none".into());
+    let (_, warnings) = common::generate(&pipe, &SANA, &req, &mut |_| {}).unwrap();
+    assert!(warnings.iter().any(|w| w.contains("8 tokens") && !w.contains("instruction")), "{warnings:?}");
+}
+
+#[test]
+fn bad_instruction_settings_pag_layers_and_init_latents_are_refused_before_work() {
+    let pipe = load_pipeline();
+    let source = ModelSource::local(sana_folder()).unwrap();
+    let mut req = tiny_request(&pipe);
+    req.sampler.complex_human_instruction = Some("verbose".into());
+    let err = veto::pipelines::sana::check_before_loading(&source, &req).unwrap_err().to_string();
+    assert!(err.contains("complex_human_instruction") && err.contains("verbose") && err.contains("none"), "{err}");
+    let mut req = tiny_request(&pipe);
+    req.guidance.method = "pag".parse().unwrap();
+    req.sampler.pag_layers = Some(vec!["blocks.7".into()]);
+    let err = veto::pipelines::sana::check_before_loading(&source, &req).unwrap_err().to_string();
+    assert!(err.contains("blocks.7") && err.contains("transformer_blocks.1.attn1"), "{err}");
+    let mut req = tiny_request(&pipe);
+    req.init_latents = Some(candle_core::Tensor::zeros((1, 8, 8, 8), DType::F32, &Device::Cpu).unwrap());
+    assert!(common::validate(&pipe, &SANA, &req).is_err());
+}
+
+#[test]
+fn defaults_and_registry() {
+    let source = ModelSource::local(sana_folder()).unwrap();
+    assert_eq!(veto::families::detect(&source).unwrap().name, "sana");
+    let d = veto::pipelines::sana::defaults_of(&source).unwrap();
+    assert_eq!((d.steps, d.guidance_scale, d.max_sequence_length), (20, 4.5, 300));
+    assert_eq!((d.height, d.width), (1024, 1024)); // sample_size 32 x DC-AE factor 32
+    assert_eq!(d.guidance.method, veto::Method::CFG_NAG);
+    assert_eq!((d.guidance.nag.scale, d.guidance.nag.tau, d.guidance.nag.alpha), (5.0, 2.5, 0.375));
+    for m in ["none", "cfg", "nag", "cfg+nag", "nasa", "vsf", "pag", "cfg+pag"] {
+        assert!(SANA.methods.supports(m.parse().unwrap()), "{m}");
+    }
+}
+
+#[test]
+fn resize_back_to_the_asked_size_matches_diffusers() {
+    let fx = Fixture::load("sana", "resize.safetensors");
+    for (h, w) in [(40, 36), (50, 30), (90, 70)] {
+        let got = veto::pipelines::resize::resize_and_crop(fx.t("image"), h, w).unwrap();
+        assert_close(&format!("{h}x{w}"), &got, fx.t(&format!("resized_{h}x{w}")), 1e-5);
     }
 }

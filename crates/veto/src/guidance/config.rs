@@ -203,6 +203,7 @@ pub enum Contrast {
 impl Contrast {
     /// Merge `Z+` and `Z-` (heads merged, `[..., d]`).
     pub fn combine(&self, z_pos: &Tensor, z_neg: &Tensor) -> candle_core::Result<Tensor> {
+        let _scope = crate::profile::scope(crate::profile::Op::Guidance);
         match self {
             Contrast::Nag(p) => nag(z_pos, z_neg, p),
             Contrast::Nasa { scale } => nasa(z_pos, z_neg, *scale),
@@ -280,6 +281,7 @@ impl GuidancePlan {
         uncond: Option<&Tensor>,
         perturbed: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
+        let _scope = crate::profile::scope(crate::profile::Op::Guidance);
         let mut out = match (self.cfg_scale, uncond) {
             (Some(scale), Some(u)) => cfg(cond, u, scale)?,
             (None, None) => cond.clone(),

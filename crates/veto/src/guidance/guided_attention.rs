@@ -21,6 +21,7 @@ use candle_core::{Result, Tensor};
 use super::vsf::flipped_block;
 use super::{AttentionGuidance, Contrast};
 use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, BlockAttention};
+use crate::profile;
 
 /// The negative prompt as a model receives it for one call: the attention method of this step,
 /// the negative text states, and which batch rows it guides. One type for every family.
@@ -192,7 +193,7 @@ fn splice_rows(all: &Tensor, guided: &Tensor, rows: &Range<usize>) -> Result<Ten
     if rows.end < b {
         parts.push(all.narrow(0, rows.end, b - rows.end)?);
     }
-    Tensor::cat(&parts, 0)
+    profile::cat(&parts, 0)
 }
 
 #[cfg(test)]

@@ -82,7 +82,8 @@ pub fn text_stream(positive: &Tensor, negative: &Tensor, layout: VsfLayout) -> R
 /// The flipped copy of the negative block, kept mergeable: the queries over the negative keys
 /// with values `-alpha V` and every logit biased by `-beta` (after the `scale`).
 pub fn flipped_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, params: &VsfParams) -> Result<BlockAttention> {
-    attend_block(q, k, &(v * -params.scale)?, scale, Some(-params.bias))
+    let flipped = crate::profile::timed(crate::profile::Op::Guidance, || v * -params.scale)?;
+    attend_block(q, k, &flipped, scale, Some(-params.bias))
 }
 
 /// Key and value heads of one token group, `[B, H, S, d]`.

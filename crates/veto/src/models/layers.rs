@@ -10,6 +10,9 @@ use candle_core::quantized::{QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
+use crate::kernels;
+use crate::profile::{self, Op};
+
 pub use crate::loading::quantized::QuantizedWeights;
 
 /// A linear layer whose weight is dense (any dtype) or kept in ggml blocks (GGUF Q8_0, Q4_K, …)
@@ -81,8 +84,11 @@ impl Linear {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let _scope = profile::scope(Op::Matmul);
         match self {
-            Self::Dense(l) => l.forward(x),
+            // candle folds the batch into one GEMM only for contiguous input; otherwise it runs
+            // a broadcast batched product, far slower than the copy.
+            Self::Dense(l) => l.forward(&profile::contiguous(x)?),
             Self::Quantized { matmul, bias, .. } => quantized_forward(matmul, bias.as_ref(), x),
         }
     }
@@ -111,6 +117,7 @@ fn quantized_forward(matmul: &QMatMul, bias: Option<&Tensor>, x: &Tensor) -> Res
 
 /// LayerNorm without affine parameters, eps 1e-6 (every norm of both transformers).
 pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
+    let _scope = profile::scope(Op::Norm);
     let dim = x.dim(D::Minus1)?;
     let ones = Tensor::ones(dim, x.dtype(), x.device())?;
     let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
@@ -120,6 +127,14 @@ pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
 /// `normed * (1 + scale) + shift` on an already normalised `[B, S, dim]`, with `shift`/`scale`
 /// `[B, dim]`. For when one normalised input feeds several modulations.
 pub fn modulate_normed(normed: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    let row = |x: &[f32], _: Option<&[f32]>, [shift, scale]: [&[f32]; 2], out: &mut [f32]| {
+        for (((o, &x), &sh), &sc) in out.iter_mut().zip(x).zip(shift).zip(scale) {
+            *o = x * (sc + 1.0) + sh;
+        }
+    };
+    if let Some(out) = kernels::map_batch_rows(normed, None, [shift, scale], row)? {
+        return Ok(out);
+    }
     normed.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?.broadcast_add(&shift.unsqueeze(1)?)
 }
 
@@ -130,6 +145,14 @@ pub fn norm_and_modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<T
 
 /// `x + gate * y`, with `gate` `[B, dim]`: the gated residuals of AdaLayerNormZero blocks.
 pub fn gated_add(x: &Tensor, gate: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let row = |x: &[f32], y: Option<&[f32]>, [gate]: [&[f32]; 1], out: &mut [f32]| {
+        for (((o, &x), &y), &g) in out.iter_mut().zip(x).zip(y.unwrap_or_default()).zip(gate) {
+            *o = x + y * g;
+        }
+    };
+    if let Some(out) = kernels::map_batch_rows(x, Some(y), [gate], row)? {
+        return Ok(out);
+    }
     x + y.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 

@@ -8,12 +8,15 @@ pub mod pixart;
 pub mod pixart_bins;
 pub mod request;
 pub mod residency;
+pub mod resize;
 pub mod sampling;
+pub mod sana;
+pub mod sana_bins;
 pub mod sd3;
 pub mod sdxl;
 pub mod wan;
 
-pub use request::{Defaults, GenerateRequest, ResolvedRequest, SamplerOption, SamplerOptions};
+pub use request::{Defaults, GenerateRequest, ResolvedRequest, SamplerOption, SamplerOptions, VideoOptions};
 pub use residency::{LoadOptions, Residency};
 
 use crate::error::Result;
@@ -69,6 +72,11 @@ pub trait TextToImage: Send + Sync {
     ) -> Result<Denoised>;
     /// Decode latents to an image tensor `[1, 3, H, W]` in about [-1, 1].
     fn decode(&self, latents: &Tensor) -> Result<Tensor>;
+    /// Decode the latents of `req`'s run to the image it asked for: families that run at a
+    /// binned size (PixArt-Sigma, SANA) resize and crop back to the asked size, as diffusers.
+    fn decode_for(&self, latents: &Tensor, _req: &ResolvedRequest) -> Result<Tensor> {
+        self.decode(latents)
+    }
     /// Each weighted component (diffusers' folder name) and whether it is in memory now.
     fn loaded_components(&self) -> Vec<(&'static str, bool)>;
 }
@@ -242,7 +250,7 @@ impl Pipeline {
     /// As [`generate`](Self::generate), calling `on_step` after every denoising step.
     pub fn generate_with(&self, req: &GenerateRequest, on_step: &mut dyn FnMut(StepEvent)) -> Result<Generation> {
         let (denoised, warnings, request) = self.generate_latents(req, on_step)?;
-        let image = self.decode(&denoised.latents)?;
+        let image = self.decode_for(&denoised.latents, &request)?;
         let Denoised { latents, init_latents, step_noise } = denoised;
         Ok(Generation { latents, init_latents, step_noise, image, warnings, request })
     }
@@ -263,6 +271,11 @@ impl Pipeline {
     /// Decode latents `[1, C, H/f, W/f]` to an image tensor `[1, 3, H, W]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.inner.decode(latents)
+    }
+
+    /// Decode the latents of a run of `req` (as resolved) to the image size it asked for.
+    pub fn decode_for(&self, latents: &Tensor, req: &ResolvedRequest) -> Result<Tensor> {
+        self.inner.decode_for(latents, req)
     }
 
     /// Each weighted component and whether it is in memory now (see [`Residency`]).

@@ -8,8 +8,8 @@
 //!   encodes the real tokens only and the cross-attention sees only them: the same numbers,
 //!   without the padding's work.
 //! - Size: `use_resolution_binning` as diffusers: the request's size becomes the nearest
-//!   aspect-ratio bin of the model's `sample_size` (warned when it differs). diffusers then
-//!   resizes the decoded image back to the requested size; veto keeps the bin's size.
+//!   aspect-ratio bin of the model's `sample_size` (warned when it differs); the decoded image
+//!   is resized and center-cropped back to the requested size (`resize_and_crop_tensor`).
 //! - One step, one transformer call on the rows the guidance needs: `[cond]`, `[uncond, cond]`
 //!   with CFG (`guidance_scale > 1`, diffusers' rule; uncond is the negative prompt, `""` when
 //!   none is given), plus PAG's perturbed row (identity self-attention in
@@ -343,7 +343,7 @@ impl PixArtSigmaPipeline {
 
 /// Rows of different lengths `[1, L_i, C]` as one `[B, max L, C]` (zeros after each row's
 /// tokens) and their lengths.
-fn pad_rows(rows: &[&Tensor]) -> Result<(Tensor, Vec<usize>)> {
+pub(crate) fn pad_rows(rows: &[&Tensor]) -> Result<(Tensor, Vec<usize>)> {
     let lens: Vec<usize> = rows.iter().map(|r| r.dim(1)).collect::<candle_core::Result<_>>()?;
     let max = lens.iter().copied().max().unwrap_or(0);
     let padded = rows
@@ -358,7 +358,12 @@ fn pad_rows(rows: &[&Tensor]) -> Result<(Tensor, Vec<usize>)> {
 /// whose name the id (a regex) matches anywhere. Note that, as in diffusers, `blocks.1` also
 /// matches `transformer_blocks.10` .. `.19`.
 pub fn pag_blocks(config: &PixArtConfig, layers: &[String]) -> Result<Vec<usize>> {
-    let names: Vec<String> = (0..config.num_layers).map(|i| format!("transformer_blocks.{i}.attn1")).collect();
+    pag_blocks_of(config.num_layers, layers)
+}
+
+/// [`pag_blocks`] of a DiT with `num_layers` blocks named `transformer_blocks.{i}` (PixArt, SANA).
+pub fn pag_blocks_of(num_layers: usize, layers: &[String]) -> Result<Vec<usize>> {
+    let names: Vec<String> = (0..num_layers).map(|i| format!("transformer_blocks.{i}.attn1")).collect();
     let mut blocks = Vec::new();
     for raw in layers {
         let id = raw.trim();
@@ -369,7 +374,7 @@ pub fn pag_blocks(config: &PixArtConfig, layers: &[String]) -> Result<Vec<usize>
         if found.is_empty() {
             return Err(Error::invalid(format!(
                 "PAG layer '{raw}' matches no self-attention layer (transformer_blocks.0.attn1 .. transformer_blocks.{}.attn1)",
-                config.num_layers.saturating_sub(1)
+                num_layers.saturating_sub(1)
             )));
         }
         blocks.extend(found);
@@ -392,8 +397,8 @@ fn run_size(config: &PixArtConfig, req: &ResolvedRequest) -> (usize, usize, Opti
     let warning = (h != req.height || w != req.width).then(|| {
         format!(
             "{}x{} (height x width) is not one of PixArt's aspect-ratio bins: it runs at the nearest bin, {h}x{w}, \
-             as diffusers' use_resolution_binning does (diffusers then resizes the image back; veto keeps {h}x{w})",
-            req.height, req.width
+             and the image is resized and cropped back to {}x{} (diffusers' use_resolution_binning)",
+            req.height, req.width, req.height, req.width
         )
     });
     (h, w, warning)
@@ -485,6 +490,10 @@ impl TextToImage for PixArtSigmaPipeline {
         let image = vae.decode_latents(latents);
         self.vae.release();
         image
+    }
+
+    fn decode_for(&self, latents: &Tensor, req: &ResolvedRequest) -> Result<Tensor> {
+        crate::pipelines::resize::resize_and_crop(&self.decode(latents)?, req.height, req.width)
     }
 
     fn loaded_components(&self) -> Vec<(&'static str, bool)> {

@@ -14,17 +14,21 @@
 //!
 //! [`WanPipeline`] is the text-to-video pipeline on a diffusers folder (UMT5 + tokenizer,
 //! transformer, `AutoencoderKLWan`, UniPC): prompt -> latents -> frames. It is a library API of
-//! its own for now: the family registry, the CLI and the I2V pipeline are not wired yet.
+//! its own ([`WanRequest`]) and the registry's `wan` family ([`TextToImage`], whose `decode`
+//! gives a video `[1, 3, F, H, W]`). The I2V pipeline is not built yet (its pieces are:
+//! [`i2v_condition`], CLIP vision, [`denoise`]).
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
 use super::noise::gaussian;
-use super::{Denoised, StepEvent, Warnings};
+use super::{Defaults, Denoised, LoadOptions, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::error::{Error, Result};
-use crate::guidance::{CfgScaleSource, GuidanceConfig, GuidancePlanner, NegativeContext, StepWindow};
-use crate::loading::weights::ComponentWeights;
+use crate::families::WAN;
+use crate::guidance::{CfgScaleSource, GuidanceConfig, GuidancePlanner, Method, NegativeContext, StepWindow};
+use crate::loading::components::{component_weights, t5_tokenizer_dir};
+use crate::loading::model_source::ModelSource;
 use crate::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
 use crate::models::wan_vae::AutoencoderKlWan;
 use crate::schedulers::scheduler::{NoNoise, Scheduler};
@@ -228,27 +232,29 @@ impl WanPipeline {
     /// Load `dir` (`tokenizer/`, `text_encoder/`, `transformer/`, `vae/`, `scheduler/`); the text
     /// encoder and the VAE in f32, the transformer in `dtype`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
-        let sub = |name: &str| dir.join(name);
-        let config = WanConfig::from_file(&sub("transformer").join("config.json"))?;
+        Self::load_with(&ModelSource::local(dir)?, &LoadOptions::new(device, dtype))
+    }
+
+    /// Load a diffusers folder (its LoRAs merged into the transformer); the text encoder on
+    /// `opts.text_device()` in f32, the VAE in f32, the transformer in `opts.dtype`.
+    pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
+        let device = &opts.device;
+        let config = WanConfig::from_file(&source.file("transformer/config.json")?)?;
         if config.is_i2v() {
             return Err(Error::invalid(format!(
                 "{}: an image-to-video transformer; WanPipeline is text-to-video",
-                dir.display()
+                source.describe("transformer")
             )));
         }
-        let weights = ComponentWeights::from_dir(&sub("transformer"), "diffusion_pytorch_model", "transformer")?;
-        let transformer = WanTransformer3DModel::load(&config, &weights, dtype, device)?;
-        let te = ComponentWeights::from_dir(&sub("text_encoder"), "model", "text_encoder")?;
-        let vae = ComponentWeights::from_dir(&sub("vae"), "diffusion_pytorch_model", "vae")?;
-        let scheduler_path = sub("scheduler").join("scheduler_config.json");
-        let scheduler_config: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(&scheduler_path)
-                .map_err(|e| Error::invalid(format!("{}: {e}", scheduler_path.display())))?,
-        )
-        .map_err(|e| Error::invalid(format!("{}: {e}", scheduler_path.display())))?;
+        let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
+        let transformer = WanTransformer3DModel::load(&config, &weights, opts.dtype, device)?;
+        let te = component_weights(source, "text_encoder", "model")?;
+        let vae = component_weights(source, "vae", "diffusion_pytorch_model")?;
+        let scheduler_config = read_scheduler_config(source)?;
+        let text_encoder = Umt5TextEncoder::load_weights(&te, opts.text_device(), DType::F32)?;
         Ok(Self {
-            tokenizer: T5Tokenizer::load(&sub("tokenizer"))?,
-            text_encoder: Umt5TextEncoder::load_weights(&te, device, DType::F32)?,
+            tokenizer: T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer")?)?,
+            text_encoder,
             transformer,
             vae: AutoencoderKlWan::load_weights(&vae, device, DType::F32)?,
             scheduler_config,
@@ -329,6 +335,129 @@ impl WanPipeline {
     /// `latents_mean` / `latents_std`, then decoded one latent frame at a time).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.vae.decode(&self.vae.denormalize_latents(&latents.to_dtype(DType::F32)?)?)
+    }
+}
+
+/// The scheduler config of a folder (`scheduler/scheduler_config.json`).
+fn read_scheduler_config(source: &ModelSource) -> Result<serde_json::Value> {
+    let path = source.file("scheduler/scheduler_config.json")?;
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| Error::invalid(format!("{}: {e}", path.display())))
+}
+
+/// Wan2.1's defaults: diffusers' `WanPipeline` (50 steps, 480x832, guidance_scale 5, 512 tokens)
+/// with CFG + NAG at the NAG paper's Wan2.1 setting (phi 4, i.e. `nag_scale` 5, tau 2.5, alpha
+/// 0.25, L1 norm) and the official VSF Wan recipe (alpha 1.7, beta 0.2).
+pub fn wan_defaults() -> Defaults {
+    let mut guidance = GuidanceConfig::nag_default();
+    guidance.method = Method::CFG_NAG;
+    guidance.nag.scale = 5.0;
+    guidance.nag.tau = 2.5;
+    guidance.nag.alpha = 0.25;
+    guidance.vsf.scale = 1.7;
+    guidance.vsf.bias = 0.2;
+    Defaults { steps: 50, guidance_scale: 5.0, max_sequence_length: MAX_SEQUENCE_LENGTH, height: 480, width: 832, guidance }
+}
+
+/// The defaults of a Wan folder (the same for every Wan2.1 model; the folder must be one).
+pub fn defaults_of(source: &ModelSource) -> Result<Defaults> {
+    WanConfig::from_file(&source.file("transformer/config.json")?)?;
+    Ok(wan_defaults())
+}
+
+/// What the configs can tell about a request before any weights load: the size, the frames,
+/// the steps, the initial latents' shape, the image (required for I2V, refused for T2V).
+pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Result<()> {
+    let config = WanConfig::from_file(&source.file("transformer/config.json")?)?;
+    check_request(&config, req)
+}
+
+/// The checks of [`check_before_loading`] against a parsed transformer config.
+fn check_request(config: &WanConfig, req: &ResolvedRequest) -> Result<()> {
+    req.check_size(SIZE_MULTIPLE)?;
+    req.check_steps()?;
+    if req.guidance.method.cfg && req.guidance.uses_vsf() {
+        // The official Wan VSF code runs without CFG: its context has 512 - n prompt rows.
+        return Err(Error::parameter("guidance", "Wan's VSF runs without CFG (as the official code): use 'vsf'"));
+    }
+    if req.sampler.timesteps.is_some() {
+        return Err(Error::parameter("timesteps", "not supported for Wan (it uses the scheduler's)"));
+    }
+    if let Some(shift) = req.video.flow_shift {
+        if !shift.is_finite() || shift <= 0.0 {
+            return Err(Error::parameter("flow_shift", format!("must be > 0, got {shift}")));
+        }
+    }
+    let frames = round_frames(req.video.frames.unwrap_or(DEFAULT_FRAMES), &mut Warnings::default());
+    let shape = latent_shape(config.out_channels(), frames, req.height, req.width)?;
+    if let Some(l) = &req.init_latents {
+        if l.dims() != shape {
+            return Err(Error::parameter(
+                "init_latents",
+                format!("shape {:?}; this request needs {shape:?} ([1, C, F', H/8, W/8])", l.dims()),
+            ));
+        }
+    }
+    match (config.is_i2v(), &req.video.image) {
+        (false, Some(_)) => Err(Error::parameter(
+            "image",
+            "this is a text-to-video model (WanPipeline); an input image needs a WanImageToVideoPipeline folder",
+        )),
+        (true, None) => Err(Error::parameter("image", "an image-to-video model needs an input image")),
+        _ => Ok(()),
+    }
+}
+
+/// diffusers' default frame count.
+pub const DEFAULT_FRAMES: usize = 81;
+
+impl WanPipeline {
+    /// The library request of a resolved registry request.
+    fn wan_request(req: &ResolvedRequest) -> WanRequest {
+        WanRequest {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            guidance: req.guidance.clone(),
+            steps: req.steps,
+            height: req.height,
+            width: req.width,
+            frames: req.video.frames.unwrap_or(DEFAULT_FRAMES),
+            guidance_scale: req.guidance_scale,
+            max_sequence_length: req.max_sequence_length,
+            seed: req.seed,
+            init_latents: req.init_latents.clone(),
+            flow_shift: req.video.flow_shift,
+        }
+    }
+}
+
+/// The registry's view: `decode` gives the video `[1, 3, F, H, W]` (not an image), which the
+/// CLI writes with `video_io`.
+impl TextToImage for WanPipeline {
+    fn defaults(&self) -> Defaults {
+        wan_defaults()
+    }
+
+    fn validate(&self, req: &ResolvedRequest) -> Result<()> {
+        check_request(self.transformer.config(), req)
+    }
+
+    fn generate_latents(
+        &self,
+        req: &ResolvedRequest,
+        on_step: &mut dyn FnMut(StepEvent),
+        warnings: &mut Warnings,
+    ) -> Result<Denoised> {
+        super::warn_unused_cfg_and_negative(req, &WAN, warnings);
+        WanPipeline::generate_latents(self, &Self::wan_request(req), on_step, warnings)
+    }
+
+    fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        WanPipeline::decode(self, latents)
+    }
+
+    fn loaded_components(&self) -> Vec<(&'static str, bool)> {
+        vec![("text_encoder", true), ("transformer", true), ("vae", true)]
     }
 }
 

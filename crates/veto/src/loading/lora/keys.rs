@@ -1,5 +1,7 @@
 //! A LoRA file's keys, grouped into modules: which model part each targets, under which name,
 //! in which of the layouts trainers write (diffusers/PEFT, kohya/A1111, ComfyUI/BFL, XLabs).
+//! Besides the low-rank pair a module may carry full deltas, as ComfyUI reads them: `.diff` (added
+//! to the weight) and `.diff_b` (added to the bias), e.g. the CausVid Wan LoRA's.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -66,17 +68,30 @@ pub struct Module {
     pub up: Option<String>,
     /// The `.alpha` tensor's name.
     pub alpha: Option<String>,
+    /// A full weight delta (`.diff`), added at the LoRA's scale.
+    pub diff: Option<String>,
+    /// A bias delta (`.diff_b`), added at the LoRA's scale.
+    pub diff_b: Option<String>,
+}
+
+impl Module {
+    /// Whether the module has a low-rank pair (else only full deltas).
+    pub fn is_low_rank(&self) -> bool {
+        self.down.is_some() || self.up.is_some()
+    }
 }
 
 enum Role {
     Down,
     Up,
     Alpha,
+    Diff,
+    DiffB,
 }
 
 /// Suffixes naming a module's tensors, longest first so that `.lora_down.weight` wins over
 /// `.down.weight`.
-const ROLES: [(&str, u8); 9] = [
+const ROLES: [(&str, u8); 11] = [
     (".lora_A.default.weight", 0),
     (".lora_B.default.weight", 1),
     (".lora_down.weight", 0),
@@ -86,6 +101,8 @@ const ROLES: [(&str, u8); 9] = [
     (".down.weight", 0),
     (".up.weight", 1),
     (".alpha", 2),
+    (".diff_b", 4),
+    (".diff", 3),
 ];
 
 fn split_role(key: &str) -> Option<(&str, Role)> {
@@ -94,7 +111,9 @@ fn split_role(key: &str) -> Option<(&str, Role)> {
             let role = match role {
                 0 => Role::Down,
                 1 => Role::Up,
-                _ => Role::Alpha,
+                2 => Role::Alpha,
+                3 => Role::Diff,
+                _ => Role::DiffB,
             };
             // diffusers' non-PEFT layout: `<module>.lora.down.weight`.
             (m.strip_suffix(".lora").unwrap_or(m), role)
@@ -157,7 +176,7 @@ fn classify(module: &str) -> Option<(Part, String, Layout, Option<String>)> {
 pub struct Keys {
     /// The modules, by key.
     pub modules: BTreeMap<String, Module>,
-    /// Keys that belong to no module (unknown layouts, DoRA scales, weight diffs).
+    /// Keys that belong to no module (unknown layouts, DoRA scales).
     pub unknown: Vec<String>,
 }
 
@@ -182,11 +201,15 @@ pub fn group<'a>(names: impl IntoIterator<Item = &'a String>) -> Keys {
             down: None,
             up: None,
             alpha: None,
+            diff: None,
+            diff_b: None,
         });
         let slot = match role {
             Role::Down => &mut entry.down,
             Role::Up => &mut entry.up,
             Role::Alpha => &mut entry.alpha,
+            Role::Diff => &mut entry.diff,
+            Role::DiffB => &mut entry.diff_b,
         };
         *slot = Some(name.clone());
     }
@@ -226,6 +249,23 @@ mod tests {
         assert_eq!(m.layout, Layout::DiffusersOld);
         let m = one("text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight");
         assert_eq!(m.part, Part::T5);
+    }
+
+    #[test]
+    fn wan_layouts_and_full_deltas() {
+        let m = one("diffusion_model.blocks.0.cross_attn.k_img.lora_down.weight");
+        assert_eq!((m.layout, m.name.as_str()), (Layout::Comfy, "blocks.0.cross_attn.k_img"));
+        let m = one("lora_unet_blocks_3_ffn_2.alpha");
+        assert_eq!((m.layout, m.name.as_str()), (Layout::Kohya, "blocks_3_ffn_2"));
+        let names: Vec<String> = ["diffusion_model.head.head.diff_b", "diffusion_model.blocks.0.norm3.diff"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let keys = group(&names);
+        assert!(keys.unknown.is_empty());
+        let head = &keys.modules["diffusion_model.head.head"];
+        assert_eq!((head.diff_b.as_deref(), head.is_low_rank()), (Some("diffusion_model.head.head.diff_b"), false));
+        assert!(keys.modules["diffusion_model.blocks.0.norm3"].diff.is_some());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Merging LoRA deltas into weights as they are read: a `SimpleBackend` over any other one.
 //!
 //! The wrapped backend serves a weight; when LoRA modules target it, the weight is read in f32,
-//! each delta factor · (rows of B) · A is added, and the sum is converted to the asked dtype.
+//! each delta (factor · (rows of B) · A, or a full `.diff` / `.diff_b` tensor times the scale) is
+//! added, and the sum is converted to the asked dtype.
 //! Weights no LoRA touches pass through unchanged (and unconverted).
 
 use std::collections::HashMap;
@@ -28,36 +29,70 @@ impl fmt::Debug for LoraTensors {
     }
 }
 
-/// One module's contribution to one weight: `factor · (rows of up) · down`.
+/// What a delta is made of.
+#[derive(Debug, Clone)]
+pub enum DeltaKind {
+    /// B·A: `down` (A) `[rank, in, (k…)]` and `up` (B) `[out, rank, (1…)]`.
+    LowRank {
+        /// A's tensor name.
+        down: String,
+        /// B's tensor name.
+        up: String,
+    },
+    /// A tensor of the target's size added as it is (`.diff`, `.diff_b`).
+    Full {
+        /// Its tensor name.
+        tensor: String,
+    },
+}
+
+/// One module's contribution to one tensor: `factor · (rows of the delta)`.
 #[derive(Debug, Clone)]
 pub struct Delta {
-    /// The file holding `down` and `up`.
+    /// The file holding the delta's tensors.
     pub file: Arc<LoraTensors>,
-    /// A: `[rank, in, (kh, kw)]`.
-    pub down: String,
-    /// B: `[out, rank, (1, 1)]`.
-    pub up: String,
-    /// Rows of B, as `(start, len)` runs in order; empty = all.
+    /// B·A or a full delta.
+    pub kind: DeltaKind,
+    /// Rows of B (or of the full delta), as `(start, len)` runs in order; empty = all.
     pub up_rows: Vec<(usize, usize)>,
-    /// scale · alpha / rank.
+    /// scale · alpha / rank for B·A; the scale for full deltas.
     pub factor: f64,
 }
 
 impl Delta {
     /// The delta, f32, reshaped to `shape`.
     fn compute(&self, shape: &Shape, device: &Device) -> candle_core::Result<Tensor> {
-        let a = self.file.tensors.load(&self.down, device)?.to_dtype(DType::F32)?;
-        let b = self.file.tensors.load(&self.up, device)?.to_dtype(DType::F32)?;
-        let rank = a.dim(0)?;
-        let a = a.reshape((rank, a.elem_count() / rank))?;
-        let b = b.reshape((b.dim(0)?, rank))?;
-        let b = if self.up_rows.is_empty() {
-            b
-        } else {
-            let runs = self.up_rows.iter().map(|&(s, n)| b.narrow(0, s, n)).collect::<candle_core::Result<Vec<_>>>()?;
-            Tensor::cat(&runs, 0)?
+        let load = |name: &str| self.file.tensors.load(name, device)?.to_dtype(DType::F32);
+        let rows = |t: Tensor| -> candle_core::Result<Tensor> {
+            if self.up_rows.is_empty() {
+                return Ok(t);
+            }
+            let runs = self.up_rows.iter().map(|&(s, n)| t.narrow(0, s, n)).collect::<candle_core::Result<Vec<_>>>()?;
+            Tensor::cat(&runs, 0)
         };
-        (b.matmul(&a)? * self.factor)?.reshape(shape)
+        let delta = match &self.kind {
+            DeltaKind::LowRank { down, up } => {
+                let (a, b) = (load(down)?, load(up)?);
+                let rank = a.dim(0)?;
+                let a = a.reshape((rank, a.elem_count() / rank))?;
+                let b = rows(b.reshape((b.dim(0)?, rank))?)?;
+                b.matmul(&a)?
+            }
+            DeltaKind::Full { tensor } => {
+                let t = load(tensor)?;
+                let first = t.dims().first().copied().unwrap_or(1);
+                rows(t.reshape((first, t.elem_count() / first.max(1)))?)?
+            }
+        };
+        (delta * self.factor)?.reshape(shape)
+    }
+
+    /// The tensor names, for messages.
+    fn describe(&self) -> String {
+        match &self.kind {
+            DeltaKind::LowRank { down, up } => format!("{down} / {up}"),
+            DeltaKind::Full { tensor } => tensor.clone(),
+        }
     }
 }
 
@@ -85,12 +120,7 @@ impl Merged {
         let mut w = weight;
         for d in deltas {
             let delta = d.compute(w.shape(), w.device()).map_err(|e| {
-                candle_core::Error::Msg(format!(
-                    "LoRA {} ({} / {}) on {name}: {e}",
-                    d.file.path.display(),
-                    d.down,
-                    d.up
-                ))
+                candle_core::Error::Msg(format!("LoRA {} ({}) on {name}: {e}", d.file.path.display(), d.describe()))
             })?;
             w = (w + delta)?;
         }

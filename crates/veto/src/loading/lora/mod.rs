@@ -10,7 +10,10 @@
 //!
 //! alpha: kohya's `.alpha` tensors; else diffusers' `lora_adapter_metadata` (PEFT `lora_alpha`,
 //! `alpha_pattern`, `use_rslora`); else alpha = rank (PEFT without alpha, XLabs, ComfyUI).
+//! Full deltas (`.diff` on a weight, `.diff_b` on a bias, as in the CausVid Wan LoRA) are added
+//! at the LoRA's scale, as ComfyUI does (diffusers adds `.diff_b` alike and skips `.diff`).
 
+pub mod family;
 pub mod header;
 pub mod keys;
 pub mod merge;
@@ -26,7 +29,7 @@ use candle_core::{DType, Device};
 
 use self::header::{read_header, Header};
 use self::keys::{group, Keys, Layout, Module, Part};
-use self::merge::{Delta, LoraDeltas, LoraTensors};
+use self::merge::{Delta, DeltaKind, LoraDeltas, LoraTensors};
 use self::names::{resolve, Index, Target};
 pub use self::spec::LoraSpec;
 use super::components::component_weights;
@@ -87,21 +90,25 @@ impl Opened {
         if keys.modules.is_empty() {
             let first: Vec<&str> = header.shapes.keys().take(NAMED_KEYS).map(String::as_str).collect();
             return Err(bad(format!(
-                "not a LoRA: no lora_A/lora_B, lora_down/lora_up or XLabs down/up tensors (first keys: {})",
+                "not a LoRA: no lora_A/lora_B, lora_down/lora_up, XLabs down/up or .diff/.diff_b tensors \
+                 (first keys: {})",
                 first.join(", ")
             )));
         }
         if let Some(key) = keys.unknown.first() {
             return Err(bad(format!(
-                "{} key(s) of no supported LoRA layout, e.g. {key} (DoRA scales, full-weight .diff and \
-                 LoKr/LoHa tensors are not supported)",
+                "{} key(s) of no supported LoRA layout, e.g. {key} (DoRA scales and LoKr/LoHa tensors are \
+                 not supported)",
                 keys.unknown.len()
             )));
         }
         for m in keys.modules.values() {
-            if m.down.is_none() || m.up.is_none() {
+            if m.is_low_rank() && (m.down.is_none() || m.up.is_none()) {
                 let has = if m.down.is_some() { "down (A) but no up (B)" } else { "no down (A)" };
                 return Err(bad(format!("LoRA module {} has {has} tensor", m.key)));
+            }
+            if !m.is_low_rank() && m.diff.is_none() && m.diff_b.is_none() {
+                return Err(bad(format!("LoRA module {} has an alpha but no tensors", m.key)));
             }
         }
         let peft_meta = match header.metadata.get("lora_adapter_metadata") {
@@ -162,8 +169,23 @@ impl Opened {
         Ok(self.spec.scale * alpha / divisor)
     }
 
-    /// The deltas of module `m` on `targets`, shapes checked against the component's weights.
+    /// The deltas of module `m` on `targets` (its low-rank pair, `.diff`, `.diff_b`), shapes
+    /// checked against the component's weights.
     fn deltas(&self, m: &Module, targets: Vec<Target>, index: &Index, component: &str) -> Result<Vec<(String, Delta)>> {
+        let mut out = Vec::new();
+        if m.is_low_rank() {
+            out.extend(self.low_rank(m, &targets, index, component)?);
+        }
+        if let Some(diff) = &m.diff {
+            out.extend(self.full(diff, &targets, false, index, component)?);
+        }
+        if let Some(diff_b) = &m.diff_b {
+            out.extend(self.full(diff_b, &targets, true, index, component)?);
+        }
+        Ok(out)
+    }
+
+    fn low_rank(&self, m: &Module, targets: &[Target], index: &Index, component: &str) -> Result<Vec<(String, Delta)>> {
         let (down, up) = (m.down.clone().unwrap_or_default(), m.up.clone().unwrap_or_default());
         let (a, b) = (self.shape(&down), self.shape(&up));
         let rank = a.first().copied().unwrap_or(0);
@@ -188,12 +210,65 @@ impl Opened {
             }
             let delta = Delta {
                 file: self.tensors.clone(),
-                down: down.clone(),
-                up: up.clone(),
-                up_rows: t.up_rows,
+                kind: DeltaKind::LowRank { down: down.clone(), up: up.clone() },
+                up_rows: t.up_rows.clone(),
                 factor: self.factor(m)?,
             };
-            out.push((t.weight, delta));
+            out.push((t.weight.clone(), delta));
+        }
+        Ok(out)
+    }
+
+    /// A full delta `tensor` on each target's weight, or on its bias when `bias`; a fused
+    /// original module's delta is split by rows like B.
+    fn full(
+        &self,
+        tensor: &str,
+        targets: &[Target],
+        bias: bool,
+        index: &Index,
+        component: &str,
+    ) -> Result<Vec<(String, Delta)>> {
+        let d = self.shape(tensor);
+        let (d_rows, d_inner) = (d.first().copied().unwrap_or(1), d.iter().skip(1).product::<usize>());
+        let mut named = Vec::with_capacity(targets.len());
+        for t in targets {
+            let name = if bias {
+                match t.weight.strip_suffix(".weight") {
+                    Some(module) => format!("{module}.bias"),
+                    None => return Err(self.bad(format!("{tensor}: {component} {} has no bias", t.weight))),
+                }
+            } else {
+                t.weight.clone()
+            };
+            let want = index
+                .shape(&name)
+                .ok_or_else(|| self.bad(format!("{tensor}: {component} has no {name} to add it to")))?
+                .to_vec();
+            named.push((name, want, t));
+        }
+        let rows_of = |want: &[usize], t: &Target| -> usize {
+            if t.up_rows.is_empty() {
+                want.first().copied().unwrap_or(1)
+            } else {
+                t.up_rows.iter().map(|r| r.1).sum()
+            }
+        };
+        let total: usize = named.iter().map(|(_, want, t)| rows_of(want, t)).sum();
+        let mut out = Vec::with_capacity(named.len());
+        for (name, want, t) in named {
+            let want_rows = want.first().copied().unwrap_or(1);
+            let want_inner: usize = want.iter().skip(1).product();
+            if total != d_rows || want_inner != d_inner || rows_of(&want, t) != want_rows {
+                return Err(self.bad(format!("{tensor} {d:?} does not fit {component} {name} {want:?}")));
+            }
+            let delta = Delta {
+                file: self.tensors.clone(),
+                kind: DeltaKind::Full { tensor: tensor.to_string() },
+                up_rows: t.up_rows.clone(),
+                factor: self.spec.scale,
+            };
+            out.push((name, delta));
         }
         Ok(out)
     }
@@ -244,7 +319,12 @@ fn stem_of(component: &str) -> &'static str {
 
 fn unmatched_error(o: &Opened, parts: &ModelParts, place: &str, unmatched: &[&str], total: usize) -> Error {
     let named: Vec<&str> = unmatched.iter().take(NAMED_KEYS).copied().collect();
-    let hint = if unmatched.len() == total { "; the LoRA is probably made for another model family" } else { "" };
+    let denoiser = o.keys.modules.values().filter(|m| m.part == Part::Denoiser).map(|m| m.name.as_str());
+    let hint = match (family::looks_like(denoiser, &parts.class), unmatched.len() == total) {
+        (Some(f), _) => format!("; the LoRA is probably made for another model family (its names look like {f})"),
+        (None, true) => "; the LoRA is probably made for another model family".into(),
+        (None, false) => String::new(),
+    };
     o.bad(format!(
         "{} of its {total} modules match nothing in {place} of this {} model (first: {}){hint}",
         unmatched.len(),

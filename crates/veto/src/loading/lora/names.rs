@@ -3,7 +3,8 @@
 //! Trainers spell modules several ways: diffusers names (PEFT), the same flattened with `_`
 //! (kohya for SD1.5, most SDXL trainers), the original LDM UNet names (kohya's SDXL:
 //! `input_blocks_4_1_…`), the original BFL Flux names (ComfyUI, kohya Flux:
-//! `double_blocks.0.img_attn.qkv`, one fused q/k/v projection) and XLabs' processor names. A
+//! `double_blocks.0.img_attn.qkv`, one fused q/k/v projection), XLabs' processor names and the
+//! original Wan names (ComfyUI, kohya/musubi, the CausVid LoRA: `blocks.0.self_attn.q`). A
 //! fused original module becomes several diffusers weights, each taking a slice of B's rows.
 
 use std::collections::{BTreeMap, HashMap};
@@ -88,7 +89,13 @@ pub fn resolve(index: &Index, name: &str) -> Option<Vec<Target>> {
             return index.weight_of_flat(&f).map(|weight| vec![Target { weight, up_rows: Vec::new() }]);
         }
     }
-    None
+    if index.has_flat("condition_embedder_time_proj") {
+        if let Some(t) = wan_original(index, &flat) {
+            return Some(t);
+        }
+    }
+    // A parameter that is not a module's `.weight` (Wan's `scale_shift_table`), for full deltas.
+    index.shape(name).map(|_| vec![Target { weight: name.to_string(), up_rows: Vec::new() }])
 }
 
 /// diffusers' attention-processor names: `attn1.processor.to_q_lora` → `attn1.to_q`,
@@ -192,6 +199,59 @@ fn xlabs_flux(index: &Index, flat: &str) -> Option<Vec<Target>> {
         _ => return None,
     };
     index.split(&flats(&p, parts))
+}
+
+/// The original Wan2.1 names (the official code's, as ComfyUI, kohya/musubi and CausVid write
+/// them), as diffusers' `WanTransformer3DModel` names them. The original `norm3` (the affine
+/// norm before cross-attention) is diffusers' `norm2`; the modulation tables are bare parameters.
+fn wan_original(index: &Index, flat: &str) -> Option<Vec<Target>> {
+    let module = if let Some((i, rest)) = numbered(flat, "blocks_") {
+        let inner = match rest {
+            "self_attn_q" => "attn1.to_q",
+            "self_attn_k" => "attn1.to_k",
+            "self_attn_v" => "attn1.to_v",
+            "self_attn_o" => "attn1.to_out.0",
+            "self_attn_norm_q" => "attn1.norm_q",
+            "self_attn_norm_k" => "attn1.norm_k",
+            "cross_attn_q" => "attn2.to_q",
+            "cross_attn_k" => "attn2.to_k",
+            "cross_attn_v" => "attn2.to_v",
+            "cross_attn_o" => "attn2.to_out.0",
+            "cross_attn_norm_q" => "attn2.norm_q",
+            "cross_attn_norm_k" => "attn2.norm_k",
+            "cross_attn_k_img" => "attn2.add_k_proj",
+            "cross_attn_v_img" => "attn2.add_v_proj",
+            "cross_attn_norm_k_img" => "attn2.norm_added_k",
+            "ffn_0" => "ffn.net.0.proj",
+            "ffn_2" => "ffn.net.2",
+            "norm3" => "norm2",
+            "modulation" => return param(index, format!("blocks.{i}.scale_shift_table")),
+            _ => return None,
+        };
+        format!("blocks.{i}.{inner}")
+    } else {
+        let m = match flat {
+            "time_embedding_0" => "condition_embedder.time_embedder.linear_1",
+            "time_embedding_2" => "condition_embedder.time_embedder.linear_2",
+            "text_embedding_0" => "condition_embedder.text_embedder.linear_1",
+            "text_embedding_2" => "condition_embedder.text_embedder.linear_2",
+            "time_projection_1" => "condition_embedder.time_proj",
+            "img_emb_proj_0" => "condition_embedder.image_embedder.norm1",
+            "img_emb_proj_1" => "condition_embedder.image_embedder.ff.net.0.proj",
+            "img_emb_proj_3" => "condition_embedder.image_embedder.ff.net.2",
+            "img_emb_proj_4" => "condition_embedder.image_embedder.norm2",
+            "head_head" => "proj_out",
+            "head_modulation" => return param(index, "scale_shift_table".into()),
+            _ => return None,
+        };
+        m.to_string()
+    };
+    index.split(&[module.replace('.', "_")])
+}
+
+/// A bare parameter, when the component has it.
+fn param(index: &Index, name: String) -> Option<Vec<Target>> {
+    index.shape(&name).map(|_| vec![Target { weight: name, up_rows: Vec::new() }])
 }
 
 /// The LDM (original Stable Diffusion / sgm) UNet name of a module, flattened, as the diffusers
@@ -337,6 +397,37 @@ mod tests {
         assert_eq!(w("input_blocks_0_0").unwrap(), "conv_in.weight");
         assert_eq!(w("label_emb_0_2").unwrap(), "add_embedding.linear_2.weight");
         assert!(w("input_blocks_9_0_in_layers_2").is_none());
+    }
+
+    #[test]
+    fn wan_names() {
+        let ix = index(&[
+            ("condition_embedder.time_proj.weight", &[96, 16]),
+            ("condition_embedder.text_embedder.linear_2.weight", &[16, 16]),
+            ("blocks.1.attn1.to_out.0.weight", &[16, 16]),
+            ("blocks.1.attn2.add_v_proj.weight", &[16, 16]),
+            ("blocks.1.attn2.norm_added_k.weight", &[16]),
+            ("blocks.1.ffn.net.0.proj.weight", &[24, 16]),
+            ("blocks.1.norm2.weight", &[16]),
+            ("blocks.1.scale_shift_table", &[1, 6, 16]),
+            ("scale_shift_table", &[1, 2, 16]),
+            ("proj_out.weight", &[16, 16]),
+        ]);
+        let w = |n: &str| resolve(&ix, n).map(|t| t[0].weight.clone());
+        assert_eq!(w("blocks.1.self_attn.o").unwrap(), "blocks.1.attn1.to_out.0.weight");
+        assert_eq!(w("blocks_1_cross_attn_v_img").unwrap(), "blocks.1.attn2.add_v_proj.weight");
+        assert_eq!(w("blocks.1.cross_attn.norm_k_img").unwrap(), "blocks.1.attn2.norm_added_k.weight");
+        assert_eq!(w("blocks.1.ffn.0").unwrap(), "blocks.1.ffn.net.0.proj.weight");
+        assert_eq!(w("blocks.1.norm3").unwrap(), "blocks.1.norm2.weight");
+        assert_eq!(w("blocks.1.modulation").unwrap(), "blocks.1.scale_shift_table");
+        assert_eq!(w("head.modulation").unwrap(), "scale_shift_table");
+        assert_eq!(w("head.head").unwrap(), "proj_out.weight");
+        assert_eq!(w("time_projection.1").unwrap(), "condition_embedder.time_proj.weight");
+        assert_eq!(w("text_embedding.2").unwrap(), "condition_embedder.text_embedder.linear_2.weight");
+        // diffusers names resolve directly.
+        assert_eq!(w("blocks.1.attn1.to_out.0").unwrap(), "blocks.1.attn1.to_out.0.weight");
+        assert!(w("blocks.2.self_attn.q").is_none());
+        assert!(w("blocks.1.self_attn.x").is_none());
     }
 
     #[test]

@@ -20,6 +20,7 @@ use candle_nn::{RmsNorm, VarBuilder};
 
 use super::embeddings::Rope;
 use crate::models::layers::{gated_add, linear, norm_and_modulate, FeedForward, Linear, Modulation, QuantizedWeights};
+use crate::profile;
 
 /// q/k/v projections of one token stream with per-head RMSNorm on q and k.
 struct Qkv {
@@ -51,10 +52,13 @@ impl Qkv {
     fn heads(&self, x: &Tensor, n_heads: usize, rope: &Rope) -> Result<Heads> {
         let (b, s, dim) = x.dims3()?;
         let split = |t: Tensor| t.reshape((b, s, n_heads, dim / n_heads));
-        let q = self.norm_q.forward(&split(self.q.forward(x)?)?)?.transpose(1, 2)?;
-        let k = self.norm_k.forward(&split(self.k.forward(x)?)?)?.transpose(1, 2)?;
-        let v = split(self.v.forward(x)?)?.transpose(1, 2)?.contiguous()?;
-        Ok(Heads { q: rope.apply(&q.contiguous()?)?, k: rope.apply(&k.contiguous()?)?, v })
+        let (q, k) = (split(self.q.forward(x)?)?, split(self.k.forward(x)?)?);
+        let (q, k) = profile::timed(profile::Op::Norm, || -> Result<(Tensor, Tensor)> {
+            Ok((self.norm_q.forward(&q)?.transpose(1, 2)?, self.norm_k.forward(&k)?.transpose(1, 2)?))
+        })?;
+        let v = profile::contiguous(&split(self.v.forward(x)?)?.transpose(1, 2)?)?;
+        let (q, k) = (profile::contiguous(&q)?, profile::contiguous(&k)?);
+        Ok(Heads { q: rope.apply(&q)?, k: rope.apply(&k)?, v })
     }
 }
 
@@ -107,8 +111,8 @@ impl DoubleBlock {
 
     /// Attention output of the text queries of one stream over `[text ; image]`.
     fn text_rows(&self, txt: &Heads, img: &Heads, scale: f64) -> Result<Tensor> {
-        let k = Tensor::cat(&[&txt.k, &img.k], 2)?;
-        let v = Tensor::cat(&[&txt.v, &img.v], 2)?;
+        let k = profile::cat(&[&txt.k, &img.k], 2)?;
+        let v = profile::cat(&[&txt.v, &img.v], 2)?;
         merge_heads(&sdpa(&txt.q, &k, &v, scale)?)
     }
 
@@ -167,9 +171,9 @@ impl DoubleBlock {
             None => None,
         };
 
-        let img = (img + self.to_out.forward(&img_attn)?.broadcast_mul(&mi[2].unsqueeze(1)?)?)?;
+        let img = gated_add(img, &mi[2], &self.to_out.forward(&img_attn)?)?;
         let ff = self.ff.forward(&norm_and_modulate(&img, &mi[3], &mi[4])?)?;
-        let img = (&img + ff.broadcast_mul(&mi[5].unsqueeze(1)?)?)?;
+        let img = gated_add(&img, &mi[5], &ff)?;
         let pos = self.text_update(&txt.pos, &pos_txt_attn, &mp)?;
         Ok((img, TextStreams { pos, neg: neg_out }))
     }
@@ -218,11 +222,11 @@ impl SingleBlock {
             let z_pos = attn.narrow(0, 0, b)?.narrow(1, text_len, image_len)?;
             let z_neg = attn.narrow(0, b, b)?.narrow(1, text_len, image_len)?;
             let guided = c.combine(&z_pos, &z_neg)?;
-            let both = Tensor::cat(&[&guided, &guided], 0)?;
-            attn = Tensor::cat(&[&attn.narrow(1, 0, text_len)?, &both], 1)?;
+            let both = profile::cat(&[&guided, &guided], 0)?;
+            attn = profile::cat(&[&attn.narrow(1, 0, text_len)?, &both], 1)?;
         }
-        let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
-        x + out.broadcast_mul(&m[2].unsqueeze(1)?)?
+        let out = self.proj_out.forward(&profile::cat(&[&attn, &mlp], D::Minus1)?)?;
+        gated_add(x, &m[2], &out)
     }
 
     /// The shared-image variant: `x` `[B, text_len + image_len, dim]` is the positive half only,
@@ -266,17 +270,17 @@ impl SingleBlock {
             },
             Some(method),
         )?;
-        let attn = Tensor::cat(&[&txt_attn, &img_attn], 1)?;
+        let attn = profile::cat(&[&txt_attn, &img_attn], 1)?;
         let mlp = self.proj_mlp.forward(&h)?.gelu()?;
-        let out = self.proj_out.forward(&Tensor::cat(&[&attn, &mlp], D::Minus1)?)?;
-        let x = (x + out.broadcast_mul(&m[2].unsqueeze(1)?)?)?;
+        let out = self.proj_out.forward(&profile::cat(&[&attn, &mlp], D::Minus1)?)?;
+        let x = gated_add(x, &m[2], &out)?;
         // The negative text stream over [text- ; image].
-        let k = Tensor::cat(&[&neg.k, &img_k], 2)?;
-        let v = Tensor::cat(&[&neg.v, &img_v], 2)?;
+        let k = profile::cat(&[&neg.k, &img_k], 2)?;
+        let v = profile::cat(&[&neg.v, &img_v], 2)?;
         let neg_attn = merge_heads(&sdpa(&neg.q, &k, &v, scale)?)?;
         let neg_mlp = self.proj_mlp.forward(&hn)?.gelu()?;
-        let neg_out = self.proj_out.forward(&Tensor::cat(&[&neg_attn, &neg_mlp], D::Minus1)?)?;
-        let neg_txt = (neg_txt + neg_out.broadcast_mul(&mn[2].unsqueeze(1)?)?)?;
+        let neg_out = self.proj_out.forward(&profile::cat(&[&neg_attn, &neg_mlp], D::Minus1)?)?;
+        let neg_txt = gated_add(neg_txt, &mn[2], &neg_out)?;
         Ok((x, neg_txt))
     }
 }

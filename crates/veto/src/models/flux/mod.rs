@@ -11,6 +11,7 @@ use crate::guidance::{NagVariant, NegativeContext};
 use crate::loading::config::read_checked_config;
 use crate::loading::weights::ComponentWeights;
 use crate::models::layers::{linear, AdaNormContinuous, Linear, QuantizedWeights, TimeTextEmbed};
+use crate::profile;
 use blocks::{DoubleBlock, SingleBlock, Temb, TextStreams};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -239,7 +240,7 @@ impl FluxTransformer {
         };
         let dtype = inputs.latents.dtype();
         let rope = Rope::new(
-            &Tensor::cat(&[inputs.txt_ids, inputs.img_ids], 0)?,
+            &profile::cat(&[inputs.txt_ids, inputs.img_ids], 0)?,
             &self.config.axes_dims_rope,
             10000.0,
             dtype,
@@ -280,7 +281,7 @@ impl FluxTransformer {
             }
         }
 
-        let pos_seq = Tensor::cat(&[&txt.pos, &img], 1)?;
+        let pos_seq = profile::cat(&[&txt.pos, &img], 1)?;
         // Shared-image variant: one image stream, the negative text beside it.
         if let (NagVariant::SharedImage, Some(method), Some(neg), Some(tn)) =
             (inputs.nag_variant, method, &txt.neg, &temb_neg)
@@ -298,7 +299,7 @@ impl FluxTransformer {
         // Single blocks: [text ; image] per half; under guidance the halves stack on the batch.
         let (mut x, temb_single) = match (&txt.neg, &temb_neg) {
             (Some(neg), Some(tn)) => {
-                (Tensor::cat(&[&pos_seq, &Tensor::cat(&[neg, &img], 1)?], 0)?, Tensor::cat(&[&temb_pos, tn], 0)?)
+                (profile::cat(&[&pos_seq, &profile::cat(&[neg, &img], 1)?], 0)?, profile::cat(&[&temb_pos, tn], 0)?)
             }
             _ => (pos_seq, temb_pos.clone()),
         };

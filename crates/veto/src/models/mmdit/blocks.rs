@@ -27,6 +27,7 @@ use crate::models::layers::{
     gated_add, layer_norm, linear, modulate_normed, norm_and_modulate, FeedForward, Linear, Modulation,
     QuantizedWeights,
 };
+use crate::profile;
 
 /// q/k/v projections of one token stream, with the optional per-head RMSNorm of q and k
 /// (`qk_norm: "rms_norm"`). `q` is absent where no query is ever needed (the text side of a
@@ -97,10 +98,10 @@ impl Projections {
         let split = |lin: &Linear, norm: Option<&RmsNorm>| -> Result<Tensor> {
             let t = lin.forward(x)?.reshape((b, s, n_heads, dim / n_heads))?;
             let t = match norm {
-                Some(n) => n.forward(&t)?,
+                Some(n) => profile::timed(profile::Op::Norm, || n.forward(&t))?,
                 None => t,
             };
-            t.transpose(1, 2)?.contiguous()
+            profile::contiguous(&t.transpose(1, 2)?)
         };
         Ok(Heads {
             q: self.q.as_ref().map(|q| split(q, self.norm_q.as_ref())).transpose()?,
@@ -260,10 +261,10 @@ impl JointBlock {
         let (z_img, txt_attn, neg_out) = match guide {
             BlockGuide::None => {
                 // Plain joint attention: one softmax over [I, T] for every query.
-                let k = Tensor::cat(&[&img_h.k, &txt_h.k], 2)?;
-                let v = Tensor::cat(&[&img_h.v, &txt_h.v], 2)?;
+                let k = profile::cat(&[&img_h.k, &txt_h.k], 2)?;
+                let v = profile::cat(&[&img_h.v, &txt_h.v], 2)?;
                 let q = match &txt_h.q {
-                    Some(qt) => Tensor::cat(&[img_h.q()?, qt], 2)?,
+                    Some(qt) => profile::cat(&[img_h.q()?, qt], 2)?,
                     None => img_h.q()?.clone(),
                 };
                 let out = sdpa(&q, &k, &v, scale)?;

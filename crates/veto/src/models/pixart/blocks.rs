@@ -20,6 +20,7 @@ use candle_nn::{Linear, VarBuilder};
 use crate::attention::{merge_heads, sdpa, split_heads};
 use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
 use crate::models::layers::{gated_add, layer_norm, modulate_normed, FeedForward};
+use crate::profile;
 
 /// The projected caption of every batch row: `states` `[B, L, dim]`, of which row `i` has
 /// `lens[i]` real tokens (the rest is padding no query sees).
@@ -82,7 +83,7 @@ impl Attention {
         if rows.end < b {
             parts.push(plain(&x.narrow(0, rows.end, b - rows.end)?)?);
         }
-        self.to_out.forward(&Tensor::cat(&parts, 0)?)
+        self.to_out.forward(&profile::cat(&parts, 0)?)
     }
 
     /// Cross-attention of `x` `[B, N, dim]` over each row's caption, guided on the negative's
@@ -143,7 +144,7 @@ impl Attention {
             outs.push(z);
             start = end;
         }
-        let z = if outs.len() == 1 { outs.remove(0) } else { Tensor::cat(&outs, 0)? };
+        let z = if outs.len() == 1 { outs.remove(0) } else { profile::cat(&outs, 0)? };
         self.to_out.forward(&z)
     }
 }

@@ -1,6 +1,6 @@
 //! SANA's transformer block (diffusers' `SanaTransformerBlock`), with the guidance hooks:
 //!
-//! - `attn1`: linear self-attention with the ReLU kernel (`SanaLinearAttnProcessor2_0`): per
+//! - `attn1`: linear self-attention (the identity map on PAG's perturbed rows) with the ReLU kernel (`SanaLinearAttnProcessor2_0`): per
 //!   head `out_n = (sum_m v_m k_m^T) q_n / (sum_m k_m . q_n + 1e-15)` with `q, k` after ReLU,
 //!   computed in f32 whatever the weights' dtype (diffusers upcasts; the 1e-15 is its padding
 //!   trick's epsilon: a row of ones appended to `v` gives the denominator).
@@ -8,6 +8,8 @@
 //!   rows also attend the negative caption through [`crate::guidance::guided_attention()`]
 //!   (PixArt's cross-attention module, which has the same projections and mask handling).
 //! - `ff`: Mix-FFN ([`GluMbConv`]) on the token grid.
+
+use std::ops::Range;
 
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
@@ -45,8 +47,26 @@ impl LinearAttention {
         })
     }
 
-    /// `x` `[B, N, dim]`.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// `x` `[B, N, dim]`; the rows `identity` get the identity attention map (PAG: diffusers'
+    /// `PAGIdentitySanaLinearAttnProcessor2_0`, `to_out(to_v(x))`).
+    pub fn forward(&self, x: &Tensor, identity: Option<&Range<usize>>) -> Result<Tensor> {
+        let Some(rows) = identity.filter(|r| !r.is_empty()) else {
+            return self.to_out.forward(&self.linear(x)?);
+        };
+        let b = x.dim(0)?;
+        let mut parts = Vec::with_capacity(3);
+        if rows.start > 0 {
+            parts.push(self.linear(&x.narrow(0, 0, rows.start)?)?);
+        }
+        parts.push(self.to_v.forward(&x.narrow(0, rows.start, rows.len())?)?);
+        if rows.end < b {
+            parts.push(self.linear(&x.narrow(0, rows.end, b - rows.end)?)?);
+        }
+        self.to_out.forward(&Tensor::cat(&parts, 0)?)
+    }
+
+    /// The linear attention before `to_out`.
+    fn linear(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let heads =
             |lin: &Linear| -> Result<Tensor> { split_heads(&lin.forward(x)?, self.heads)?.to_dtype(DType::F32) };
@@ -59,7 +79,7 @@ impl LinearAttention {
         let num = q.matmul(&kv)?;
         let den = q.broadcast_mul(&k_sum)?.sum_keepdim(D::Minus1)?;
         let z = num.broadcast_div(&(den + 1e-15)?)?;
-        self.to_out.forward(&merge_heads(&z)?.to_dtype(dtype)?)
+        merge_heads(&z)?.to_dtype(dtype)
     }
 }
 
@@ -71,6 +91,8 @@ pub struct BlockInputs<'a> {
     pub negative: Option<&'a NegativeCaption<'a>>,
     /// The token grid (`h / patch`, `w / patch`).
     pub grid: (usize, usize),
+    /// PAG's perturbed rows, when this block is selected.
+    pub identity: Option<&'a Range<usize>>,
 }
 
 pub struct SanaBlock {
@@ -110,7 +132,7 @@ impl SanaBlock {
         let m = inputs.temb.reshape((b, 6, dim))?.broadcast_add(&self.scale_shift_table.unsqueeze(0)?)?;
         let m: Vec<Tensor> = (0..6).map(|i| m.narrow(1, i, 1)?.squeeze(1)).collect::<Result<_>>()?;
         let h = modulate_normed(&layer_norm(x)?, &m[0], &m[1])?;
-        let x = gated_add(x, &m[2], &self.attn1.forward(&h)?)?;
+        let x = gated_add(x, &m[2], &self.attn1.forward(&h, inputs.identity)?)?;
         let x = (self.attn2.forward_cross(&x, inputs.caption, inputs.negative)? + &x)?;
         let h = modulate_normed(&layer_norm(&x)?, &m[3], &m[4])?;
         let ff = self.ff.forward(&h.reshape((b, gh, gw, dim))?)?.reshape((b, n, dim))?;

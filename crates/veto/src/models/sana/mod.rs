@@ -19,6 +19,7 @@ use crate::models::layers::{layer_norm, modulate_normed};
 use crate::models::mmdit::embeddings::unpatchify;
 use crate::models::pixart::blocks::{Caption, NegativeCaption};
 use crate::models::pixart::embeddings::{sincos_grid, AdaLayerNormSingle, CaptionProjection};
+pub use crate::models::pixart::Perturbation;
 use blocks::{BlockInputs, BlockShape, SanaBlock};
 use conv::RmsNorm;
 
@@ -162,6 +163,8 @@ pub struct SanaInputs<'a> {
     pub caption_lens: &'a [usize],
     /// The negative caption (all tokens real) for the guided rows.
     pub guidance: Option<&'a NegativeContext<'a>>,
+    /// PAG: rows whose self-attention is the identity in the selected blocks.
+    pub perturbation: Option<Perturbation<'a>>,
 }
 
 pub struct SanaTransformer2DModel {
@@ -264,9 +267,11 @@ impl SanaTransformer2DModel {
             _ => None,
         };
         let grid = (h / p, w / p);
-        for block in &self.blocks {
-            tokens = block
-                .forward(&tokens, &BlockInputs { temb: &temb, caption: &caption, negative: negative.as_ref(), grid })?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let identity = inputs.perturbation.as_ref().filter(|p| p.blocks.contains(&i)).map(|p| &p.rows);
+            let block_inputs =
+                BlockInputs { temb: &temb, caption: &caption, negative: negative.as_ref(), grid, identity };
+            tokens = block.forward(&tokens, &block_inputs)?;
             if let Some(t) = trace.as_deref_mut() {
                 t.push(tokens.clone());
             }

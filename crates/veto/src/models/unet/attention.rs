@@ -18,6 +18,7 @@ use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
 use crate::attention::{merge_heads, sdpa, split_heads};
 use crate::guidance::{guided_attention, GuidedAttention, KeyValues, NegativeContext, NegativeKeyValues};
 use crate::models::layers::{linear, linear_no_bias, Linear, QuantizedWeights};
+use crate::profile;
 
 /// PAG: rows whose selected self-attention layers become identity.
 #[derive(Clone)]
@@ -114,7 +115,7 @@ impl Attention {
             let after = x.narrow(0, p.rows.end, b - p.rows.end)?;
             parts.push(self.z(&after, &after)?);
         }
-        self.to_out.forward(&Tensor::cat(&parts, 0)?)
+        self.to_out.forward(&profile::cat(&parts, 0)?)
     }
 
     /// Cross-attention over `context`, guided on `guidance.rows` by the negative context

@@ -10,6 +10,7 @@ use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use crate::models::layers::{linear, Linear, QuantizedWeights};
 
 use super::attention::{BlockContext, SpatialTransformer, TransformerSpec};
+use crate::profile;
 
 fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
     candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, stride, ..Default::default() }, vb)
@@ -277,7 +278,7 @@ impl UpBlock {
         for layer in &self.layers {
             let skip =
                 skips.pop().ok_or_else(|| candle_core::Error::Msg("UNet: ran out of skip connections".into()))?;
-            x = Tensor::cat(&[&x, &skip], 1)?;
+            x = profile::cat(&[&x, &skip], 1)?;
             x = layer.forward(&x, temb, ctx)?;
         }
         if let Some(conv) = &self.upsample {

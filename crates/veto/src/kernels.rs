@@ -1,0 +1,259 @@
+//! CPU kernels candle lacks. Candle's elementwise ops and reductions run on one thread on the
+//! CPU; these run over rows in parallel and do several passes' work in one.
+
+use std::sync::Mutex;
+
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use rayon::prelude::*;
+
+/// Row-wise softmax over the last dimension together with each row's log-sum-exp
+/// (`[.., 1]`, f32), as a mergeable attention block needs: `probs = softmax(x)`,
+/// `lse = max + ln(sum(exp(x - max)))`. On the CPU with f32 one parallel pass; elsewhere the
+/// fused softmax plus two row maxima (`lse = max - ln(max probs)`, since the largest
+/// probability is `exp(max - lse)` and never below `1/n`).
+pub fn softmax_with_lse(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let op = SoftmaxLse { lse: Mutex::new(Vec::new()) };
+        let x = x.contiguous()?;
+        let probs = x.apply_op1_no_bwd(&op)?;
+        let lse = std::mem::take(&mut *op.lse.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?);
+        let mut lse_shape = x.dims().to_vec();
+        if let Some(last) = lse_shape.last_mut() {
+            *last = 1;
+        }
+        return Ok((probs, Tensor::from_vec(lse, lse_shape, x.device())?));
+    }
+    let x = x.to_dtype(DType::F32)?;
+    let probs = candle_nn::ops::softmax_last_dim(&x)?;
+    let lse = (x.max_keepdim(D::Minus1)? - probs.max_keepdim(D::Minus1)?.log()?)?;
+    Ok((probs, lse))
+}
+
+/// `sum_i w_i * x_i` with `x_i` `[.., d]` and per-row weights `w_i` `[.., 1]` (f32): the
+/// log-sum-exp merge of attention blocks. On the CPU one parallel pass over the rows; elsewhere
+/// broadcast products.
+pub fn weighted_sum(xs: &[&Tensor], ws: &[&Tensor]) -> Result<Tensor> {
+    if xs.is_empty() || xs.len() != ws.len() {
+        candle_core::bail!("weighted_sum: {} tensors, {} weights", xs.len(), ws.len());
+    }
+    let cpu_f32 = xs.iter().chain(ws).all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    if !cpu_f32 {
+        let mut acc = xs[0].broadcast_mul(ws[0])?;
+        for (x, w) in xs.iter().zip(ws).skip(1) {
+            acc = (acc + x.broadcast_mul(w)?)?;
+        }
+        return Ok(acc);
+    }
+    let shape = xs[0].shape().clone();
+    let d = shape.dims().last().copied().unwrap_or(1).max(1);
+    let rows = shape.elem_count() / d;
+    let xs: Vec<Tensor> = xs.iter().map(|x| x.contiguous()).collect::<Result<_>>()?;
+    let ws: Vec<Tensor> = ws.iter().map(|w| w.contiguous()).collect::<Result<_>>()?;
+    for (x, w) in xs.iter().zip(&ws) {
+        if x.shape() != &shape || w.elem_count() != rows {
+            candle_core::bail!("weighted_sum: shapes {:?} and weights {:?} do not match {shape:?}", x.dims(), w.dims());
+        }
+    }
+    let guards: Vec<_> = xs.iter().chain(&ws).map(|t| t.storage_and_layout()).collect();
+    let slices: Vec<&[f32]> = guards.iter().map(|(g, l)| f32_slice(g, l)).collect::<Result<_>>()?;
+    let (x_slices, w_slices) = slices.split_at(xs.len());
+    let mut dst = vec![0f32; rows * d];
+    dst.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
+        for (x, w) in x_slices.iter().zip(w_slices) {
+            let wr = w[r];
+            for (o, v) in out.iter_mut().zip(&x[r * d..(r + 1) * d]) {
+                *o += wr * v;
+            }
+        }
+    });
+    drop(guards);
+    Tensor::from_vec(dst, shape, xs[0].device())
+}
+
+/// `f(a_row, b_row, out_row)` over the rows (last dimension) of two same-shape f32 CPU tensors,
+/// in parallel; `None` when the tensors are not f32 on the CPU (the caller falls back to
+/// tensor ops).
+pub fn map_row_pairs(a: &Tensor, b: &Tensor, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Result<Option<Tensor>> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !cpu_f32(a) || !cpu_f32(b) {
+        return Ok(None);
+    }
+    if a.shape() != b.shape() {
+        candle_core::bail!("row map: shapes {:?} and {:?} differ", a.dims(), b.dims());
+    }
+    let d = a.dims().last().copied().unwrap_or(1).max(1);
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let dst = {
+        let ((ga, la), (gb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
+        let (sa, sb) = (f32_slice(&ga, la)?, f32_slice(&gb, lb)?);
+        let mut dst = vec![0f32; sa.len()];
+        dst.par_chunks_mut(d).zip(sa.par_chunks(d)).zip(sb.par_chunks(d)).for_each(|((o, x), y)| f(x, y, o));
+        dst
+    };
+    Ok(Some(Tensor::from_vec(dst, a.shape().clone(), a.device())?))
+}
+
+/// `f(x_row, y_row, [v[b] for v in vectors], out_row)` over the rows (last dimension `D`) of
+/// `x` `[B, .., D]` (and of `y`, same shape, when given), with per-batch vectors `[B, D]`: the
+/// modulations and gated residuals of adaLN blocks in one parallel pass. (Broadcasting `[B, 1,
+/// D]` over `[B, S, D]` is candle's slow strided path once `B > 1`.) `None` when not all f32 on
+/// the CPU.
+pub fn map_batch_rows<const N: usize>(
+    x: &Tensor,
+    y: Option<&Tensor>,
+    vectors: [&Tensor; N],
+    f: impl Fn(&[f32], Option<&[f32]>, [&[f32]; N], &mut [f32]) + Sync,
+) -> Result<Option<Tensor>> {
+    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !cpu_f32(x) || !y.is_none_or(cpu_f32) || !vectors.iter().all(|v| cpu_f32(v)) {
+        return Ok(None);
+    }
+    let dims = x.dims();
+    let (b, d) = (dims.first().copied().unwrap_or(1), dims.last().copied().unwrap_or(1));
+    if b == 0 || d == 0 || dims.len() < 2 {
+        return Ok(None);
+    }
+    if let Some(y) = y {
+        if y.shape() != x.shape() {
+            candle_core::bail!("batch row map: shapes {:?} and {:?} differ", x.dims(), y.dims());
+        }
+    }
+    for v in vectors {
+        if v.dims() != [b, d] {
+            candle_core::bail!("batch row map: vector {:?} for rows {:?}", v.dims(), x.dims());
+        }
+    }
+    let x = x.contiguous()?;
+    let y = y.map(|y| y.contiguous()).transpose()?;
+    let vectors: Vec<Tensor> = vectors.iter().map(|v| v.contiguous()).collect::<Result<_>>()?;
+    let per_batch = x.elem_count() / b;
+    let dst = {
+        let (gx, lx) = x.storage_and_layout();
+        let sx = f32_slice(&gx, lx)?;
+        let gy = y.as_ref().map(|y| y.storage_and_layout());
+        let sy = gy.as_ref().map(|(g, l)| f32_slice(g, l)).transpose()?;
+        let gv: Vec<_> = vectors.iter().map(|v| v.storage_and_layout()).collect();
+        let sv: Vec<&[f32]> = gv.iter().map(|(g, l)| f32_slice(g, l)).collect::<Result<_>>()?;
+        let mut dst = vec![0f32; sx.len()];
+        dst.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
+            let batch = r * d / per_batch;
+            let rows: [&[f32]; N] = std::array::from_fn(|i| &sv[i][batch * d..(batch + 1) * d]);
+            let row = r * d..(r + 1) * d;
+            f(&sx[row.clone()], sy.map(|s| &s[row]), rows, out);
+        });
+        dst
+    };
+    Ok(Some(Tensor::from_vec(dst, x.shape().clone(), x.device())?))
+}
+
+/// The elements of a contiguous f32 CPU tensor's storage.
+fn f32_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match (storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) => Ok(&v[s..e]),
+        _ => candle_core::bail!("expected contiguous f32 CPU storage"),
+    }
+}
+
+/// The CPU op behind [`softmax_with_lse`]: returns the probabilities, leaves the log-sum-exps
+/// in `lse` (a custom op has one output).
+struct SoftmaxLse {
+    lse: Mutex<Vec<f32>>,
+}
+
+impl CustomOp1 for SoftmaxLse {
+    fn name(&self) -> &'static str {
+        "softmax-with-lse"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(src) = storage else {
+            candle_core::bail!("softmax-with-lse: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax-with-lse: the input must be contiguous");
+        };
+        let src = &src[start..end];
+        let n = layout.dims().last().copied().unwrap_or(1).max(1);
+        let mut dst = vec![0f32; src.len()];
+        let mut lse = vec![0f32; src.len() / n];
+        src.par_chunks(n).zip(dst.par_chunks_mut(n)).zip(lse.par_iter_mut()).for_each(|((s, d), l)| {
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for (x, y) in s.iter().zip(d.iter_mut()) {
+                *y = (x - max).exp();
+                sum += *y;
+            }
+            for y in d.iter_mut() {
+                *y /= sum;
+            }
+            *l = max + sum.ln();
+        });
+        *self.lse.lock().map_err(|_| candle_core::Error::Msg("softmax-with-lse: poisoned".into()))? = lse;
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn batch_rows_see_their_own_vectors() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
+        let y = Tensor::randn(0f32, 1.0, (2, 3, 4), &dev).unwrap();
+        // A non-contiguous [B, D] view, as adaLN chunks are.
+        let v = Tensor::randn(0f32, 1.0, (2, 8), &dev).unwrap().narrow(1, 4, 4).unwrap();
+        let got = map_batch_rows(&x, Some(&y), [&v], |x, y, [v], out| {
+            for i in 0..out.len() {
+                out[i] = x[i] + y.unwrap()[i] * v[i];
+            }
+        })
+        .unwrap()
+        .unwrap();
+        let want = (&x + y.broadcast_mul(&v.unsqueeze(1).unwrap()).unwrap()).unwrap();
+        let diff: f32 =
+            (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-6);
+    }
+
+    #[test]
+    fn weighted_sum_matches_broadcast_products() {
+        let dev = Device::Cpu;
+        let a = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, (2, 3, 4, 5), &dev).unwrap();
+        let wa = Tensor::rand(0f32, 1.0, (2, 3, 4, 1), &dev).unwrap();
+        let wb = Tensor::rand(0f32, 1.0, (2, 3, 4, 1), &dev).unwrap();
+        let got = weighted_sum(
+            &[&a, &b.transpose(2, 3).unwrap().contiguous().unwrap().transpose(2, 3).unwrap()],
+            &[&wa, &wb],
+        )
+        .unwrap();
+        let want = (a.broadcast_mul(&wa).unwrap() + b.broadcast_mul(&wb).unwrap()).unwrap();
+        let diff: f32 =
+            (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(diff < 1e-6);
+        assert!(weighted_sum(&[&a], &[&wa, &wb]).is_err());
+    }
+
+    #[test]
+    fn softmax_and_lse_match_the_unfused_formulas() {
+        let x = (Tensor::randn(0f32, 3.0, (2, 3, 5, 17), &Device::Cpu).unwrap() + 40.0).unwrap();
+        let (p, lse) = softmax_with_lse(&x).unwrap();
+        let want_p = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        let max = x.max_keepdim(D::Minus1).unwrap();
+        let want_lse =
+            (&max + x.broadcast_sub(&max).unwrap().exp().unwrap().sum_keepdim(D::Minus1).unwrap().log()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        };
+        assert_eq!(lse.dims(), &[2, 3, 5, 1]);
+        assert!(diff(&p, &want_p) < 1e-6);
+        assert!(diff(&lse, &want_lse) < 1e-5);
+        // A strided input is made contiguous first.
+        let (pt, _) = softmax_with_lse(&x.transpose(2, 3).unwrap()).unwrap();
+        let want_t = candle_nn::ops::softmax_last_dim(&x.transpose(2, 3).unwrap().contiguous().unwrap()).unwrap();
+        assert!(diff(&pt, &want_t) < 1e-6);
+    }
+}
