@@ -6,11 +6,11 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use veto::guidance::{AttentionMethod, CfgScaleSource, GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
+use veto::pipelines::VideoOptions;
 use veto::{
     Defaults, Denoised, Family, GenerateRequest, LoadOptions, LoraSpec, ModelSource, Pipeline, Residency,
     SamplerOptions,
 };
-use veto::pipelines::VideoOptions;
 
 use crate::outputs::OutputPlan;
 

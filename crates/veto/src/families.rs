@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, NagVariant, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
 use crate::pipelines::{
-    flux, pixart, sana, sd3, sdxl, wan, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
+    flux, pixart, sana, sd3, sdxl, wan, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption,
+    TextToImage,
 };
 
 /// Loads a family's pipeline from a diffusers folder.
@@ -154,7 +155,10 @@ impl Family {
             ));
         }
         if req.video.any() && !std::ptr::eq(self, &WAN) {
-            return Err(Error::parameter("video", format!("{} makes images; frames, flow_shift and image are Wan's", self.title)));
+            return Err(Error::parameter(
+                "video",
+                format!("{} makes images; frames, flow_shift and image are Wan's", self.title),
+            ));
         }
         if let Some(bad) = req.sampler.given().into_iter().find(|o| !self.sampler_options.contains(o)) {
             return Err(Error::parameter(bad.name(), format!("not supported for {}", self.title)));

@@ -41,9 +41,11 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
     10.0 * (255.0f64 * 255.0 / mse.max(1e-12)).log10()
 }
 
+type Mp4Track = (u16, u16, u32, u64, Vec<(Vec<u8>, bool)>);
+
 /// The MP4's single video track: (width, height, timescale, media duration, samples as
 /// Annex-B access units with SPS/PPS first).
-fn read_mp4(path: &Path) -> (u16, u16, u32, u64, Vec<(Vec<u8>, bool)>) {
+fn read_mp4(path: &Path) -> Mp4Track {
     let bytes = std::fs::read(path).unwrap();
     let size = bytes.len() as u64;
     let mut reader = mp4::Mp4Reader::read_header(Cursor::new(bytes), size).unwrap();

@@ -356,7 +356,14 @@ pub fn wan_defaults() -> Defaults {
     guidance.nag.alpha = 0.25;
     guidance.vsf.scale = 1.7;
     guidance.vsf.bias = 0.2;
-    Defaults { steps: 50, guidance_scale: 5.0, max_sequence_length: MAX_SEQUENCE_LENGTH, height: 480, width: 832, guidance }
+    Defaults {
+        steps: 50,
+        guidance_scale: 5.0,
+        max_sequence_length: MAX_SEQUENCE_LENGTH,
+        height: 480,
+        width: 832,
+        guidance,
+    }
 }
 
 /// The defaults of a Wan folder (the same for every Wan2.1 model; the folder must be one).
