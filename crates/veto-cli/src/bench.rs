@@ -13,6 +13,7 @@ use veto::models::mmdit::{MmditConfig, MmditInputs, MmditTransformer};
 use veto::models::pixart::{PixArtConfig, PixArtInputs, PixArtTransformer2DModel};
 use veto::models::sana::{SanaConfig, SanaInputs, SanaTransformer2DModel};
 use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
+use veto::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
 use veto::profile::{self, Op};
 
 use crate::arithmetic;
@@ -21,7 +22,7 @@ use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 #[derive(Args)]
 pub struct BenchArgs {
     /// Which model family to time: flux (FLUX.1 width 3072: none / NAG / CFG), sd3 (SD3.5-Large
-    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG), pixart (PixArt-Sigma width 1152: none / NAG / VSF / CFG), sana (SANA 1.6B width 2240: none / NAG / VSF / CFG).
+    /// width 2432: none / NAG / VSF / CFG), unet or sdxl (SDXL UNet channels 320/640/1280: none / NAG / CFG), pixart (PixArt-Sigma width 1152: none / NAG / VSF / CFG), sana (SANA 1.6B width 2240: none / NAG / VSF / CFG), wan (Wan2.1 T2V widths 1536 and 5120: none / NAG / VSF / CFG).
     #[arg(long, default_value = "flux")]
     pub family: String,
     /// Image sizes (square, pixels) to time.
@@ -42,6 +43,12 @@ pub struct BenchArgs {
     /// PixArt-Sigma transformer blocks; the real model has 28.
     #[arg(long, default_value_t = 2)]
     pub pixart_blocks: usize,
+    /// Wan transformer blocks of each model timed (1.3B: width 1536, 30 blocks; 14B: 5120, 40).
+    #[arg(long, default_value_t = 1)]
+    pub wan_blocks: usize,
+    /// Wan: video frames (4k+1; 81 in the real setting), at each of `--sizes` square.
+    #[arg(long, default_value_t = 5)]
+    pub frames: usize,
     /// SANA transformer blocks; SANA 1.6B has 20.
     #[arg(long, default_value_t = 2)]
     pub sana_blocks: usize,
@@ -169,19 +176,21 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--sizes: {s} is not a positive multiple of 16");
     }
     let names = || veto::FAMILIES.iter().map(|f| f.name).collect::<Vec<_>>().join(", ");
-    let family = veto::families::named(&a.family)
-        .ok_or_else(|| anyhow::anyhow!("--family: unknown family '{}' (families: {})", a.family, names()))?;
+    let name = veto::families::named(&a.family)
+        .ok_or_else(|| anyhow::anyhow!("--family: unknown family '{}' (families: {})", a.family, names()))?
+        .name;
     let device = device(a.device)?;
     if a.profile && !device.is_cpu() {
         bail!("--profile times ops on the calling thread: it needs --device cpu");
     }
     PROFILE.store(a.profile, Ordering::Relaxed);
     let dtype: DType = dtype(a.dtype);
-    match family.name {
+    match name {
         "flux" => run_flux(&a, &device, dtype),
         "sd3" => run_sd3(&a, &device, dtype),
         "unet" => run_sdxl(&a, &device, dtype),
         "pixart" => run_pixart(&a, &device, dtype),
+        "wan" => run_wan(&a, &device, dtype),
         "sana" => run_sana(&a, &device, dtype),
         other => bail!("--family: no benchmark for {other} yet"),
     }
@@ -355,6 +364,98 @@ fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         );
     }
     println!("\nTarget (issue 9): NAG <= +8%, VSF <= +5% per step; the NAG paper (Table 4) has no PixArt timing.");
+    Ok(())
+}
+
+/// Wan2.1 T2V at the real widths (1.3B: 1536, 14B: 5120) and reduced depth: none / NAG (the
+/// official attn2 NAG against a 512-row negative) / VSF (512 rows: the positive padded to 512 - n,
+/// the negative n unpadded) / CFG (batched `[uncond, cond]`).
+fn run_wan(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
+    if a.wan_blocks == 0 || a.frames == 0 || !(a.frames - 1).is_multiple_of(4) {
+        bail!("--wan-blocks must be at least 1 and --frames 4k+1");
+    }
+    const TEXT: usize = 512;
+    const VSF_NEGATIVE: usize = 16;
+    let latent_frames = (a.frames - 1) / 4 + 1;
+    println!(
+        "Wan2.1 T2V transformer, random weights, {} block(s) per model (real 30 / 40), {} frames ({latent_frames} latent), {TEXT} text rows, {:?} on {:?}",
+        a.wan_blocks, a.frames, dtype, device
+    );
+    println!(
+        "one denoising step, median of {} runs
+",
+        a.iters
+    );
+    println!(
+        "{:>6} {:>6} {:>7} {:>11} {:>18} {:>18} {:>18}",
+        "width", "size", "tokens", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
+    );
+    for (heads, ffn) in [(12usize, 8960usize), (40, 13824)] {
+        let width = heads * 128;
+        let cfg: WanConfig = serde_json::from_value(serde_json::json!({
+            "num_attention_heads": heads, "attention_head_dim": 128, "ffn_dim": ffn, "num_layers": a.wan_blocks,
+            "in_channels": 16, "out_channels": 16, "text_dim": 4096, "freq_dim": 256
+        }))?;
+        let varmap = candle_nn::VarMap::new();
+        let model = WanTransformer3DModel::new(&cfg, candle_nn::VarBuilder::from_varmap(&varmap, dtype, device))?;
+        let randn =
+            |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1.0, shape, device)?.to_dtype(dtype)?) };
+        let context = randn(&[1, TEXT, 4096])?;
+        let negative = randn(&[1, TEXT, 4096])?;
+        let vsf_context = context.narrow(1, 0, TEXT - VSF_NEGATIVE)?;
+        let vsf_negative = randn(&[1, VSF_NEGATIVE, 4096])?;
+        let both_context = Tensor::cat(&[&negative, &context], 0)?;
+        let nag = AttentionGuidance::nag(NagParams { scale: 5.0, tau: 2.5, alpha: 0.25, norm: NagNorm::L1 });
+        let vsf = AttentionGuidance::Vsf(VsfParams { scale: 1.7, bias: 0.2, ..Default::default() });
+        let cfg_plan = GuidancePlan { cfg_scale: Some(5.0), ..GuidancePlan::none() };
+        for &size in &a.sizes {
+            let x = randn(&[1, 16, latent_frames, size / 8, size / 8])?;
+            let x2 = Tensor::cat(&[&x, &x], 0)?;
+            let call = |latents: &Tensor, context: &Tensor, guidance: Option<&NegativeContext>| {
+                model.forward(&WanInputs { latents, timestep: 750.0, context, image: None, guidance })
+            };
+            let t = time_methods(
+                a.iters,
+                device,
+                vec![
+                    labelled("none", || Ok(call(&x, &context, None)?)),
+                    labelled("NAG", || {
+                        let g = NegativeContext { method: &nag, states: &negative, pooled: None, rows: 0..1 };
+                        Ok(call(&x, &context, Some(&g))?)
+                    }),
+                    labelled("VSF", || {
+                        let g = NegativeContext { method: &vsf, states: &vsf_negative, pooled: None, rows: 0..1 };
+                        Ok(call(&x, &vsf_context, Some(&g))?)
+                    }),
+                    labelled("CFG", || {
+                        let v = call(&x2, &both_context, None)?;
+                        Ok(cfg_plan.combine_outputs(&v.narrow(0, 1, 1)?, Some(&v.narrow(0, 0, 1)?), None)?)
+                    }),
+                ],
+            )?;
+            let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
+            let tokens = latent_frames * (size / 16) * (size / 16);
+            let limit = arithmetic::wan(width, ffn, a.wan_blocks, tokens, TEXT, 4096);
+            println!(
+                "{:>6} {:>5}² {:>7} {:>11.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%",
+                width,
+                size,
+                tokens,
+                none,
+                nag_ms,
+                pct(nag_ms, none),
+                vsf_ms,
+                pct(vsf_ms, none),
+                cfg_ms,
+                pct(cfg_ms, none),
+                limit.nag * 100.0,
+                limit.vsf.unwrap_or(0.0) * 100.0
+            );
+        }
+    }
+    println!("\n{LIMIT_NOTE}");
+    println!("Target (issue 8): NAG <= +6%, VSF <= +3% per step; the NAG paper (Wan2.1-T2V-14B) reports +12%.");
+    println!("At 480p / 81 frames (32760 tokens) the limit falls to about +1% (NAG) at full depth.");
     Ok(())
 }
 

@@ -6,6 +6,7 @@ use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 use veto::guidance::{AttentionMethod, CfgScaleSource, GuidanceConfig, Method, NagNorm, NagPooled, VsfLayout};
+use veto::pipelines::VideoOptions;
 use veto::{
     Defaults, Denoised, Family, GenerateRequest, LoadOptions, LoraSpec, ModelSource, Pipeline, Residency,
     SamplerOptions,
@@ -142,9 +143,21 @@ pub struct GenerateArgs {
     /// Write the final latents `latents` [1, C, H/8, W/8] (before VAE decode) to this safetensors file, with the run's `init_latents` and `step_noise` (if the sampler drew any): given to --init-latents, it replays the run.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// Output image: .png (with the generation parameters in text chunks: A1111 `parameters` and JSON `veto`), .jpg/.jpeg or .webp (lossless). An existing file is replaced.
+    /// Output image: .png (with the generation parameters in text chunks: A1111 `parameters` and JSON `veto`), .jpg/.jpeg or .webp (lossless). Video (Wan): .mp4 (H.264), .gif, .webp (animated) or a folder of PNG frames (a path ending in `/`). An existing file is replaced.
     #[arg(long, default_value = "out.png")]
     pub output: PathBuf,
+    /// Wan (video): frames, 4k+1 (others are rounded down to 4k+1 with a warning, as diffusers) [default: 81].
+    #[arg(long)]
+    pub frames: Option<usize>,
+    /// Wan (video): frames per second of the written video [default: 16, as Wan].
+    #[arg(long)]
+    pub fps: Option<u32>,
+    /// Wan (video): the UniPC scheduler's flow_shift (Wan: 3 at 480p, 5 at 720p) [default: the model folder's].
+    #[arg(long)]
+    pub flow_shift: Option<f64>,
+    /// Wan image-to-video: the first frame (resized to the video's size); a text-to-video model refuses it.
+    #[arg(long)]
+    pub image: Option<PathBuf>,
     /// Where to run: cpu, or cuda (GPU 0; needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
@@ -330,6 +343,40 @@ fn check_flags(a: &GenerateArgs, family: &Family, method: Method) -> Result<()> 
     Ok(())
 }
 
+/// Wan's frame rate.
+const DEFAULT_FPS: u32 = 16;
+
+/// The video flags apply to a video family only; --fps must be one the writers take.
+fn check_video_flags(a: &GenerateArgs, video: bool) -> Result<()> {
+    if !video {
+        for (set, flag) in [
+            (a.frames.is_some(), "--frames"),
+            (a.fps.is_some(), "--fps"),
+            (a.flow_shift.is_some(), "--flow-shift"),
+            (a.image.is_some(), "--image"),
+        ] {
+            if set {
+                bail!("{flag} does not apply: the model makes images, not videos (video: Wan)");
+            }
+        }
+    }
+    if let Some(fps) = a.fps.filter(|&f| f == 0 || f > veto::video_io::MAX_FPS) {
+        bail!("--fps must be 1..={}, got {fps}", veto::video_io::MAX_FPS);
+    }
+    if a.frames == Some(0) {
+        bail!("--frames must be positive (4k+1, e.g. 81)");
+    }
+    Ok(())
+}
+
+/// The --image file as `[1, 3, H, W]` in [-1, 1], resized to the video's `(width, height)`.
+fn load_first_frame(path: &Path, (width, height): (usize, usize)) -> Result<Tensor> {
+    let img = image::open(path).with_context(|| format!("--image: cannot read {}", path.display()))?.to_rgb8();
+    let img = image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Triangle);
+    let data = Tensor::from_vec(img.into_raw(), (height, width, 3), &Device::Cpu)?;
+    Ok(((data.permute((2, 0, 1))?.to_dtype(DType::F32)? / 127.5)? - 1.0)?.unsqueeze(0)?)
+}
+
 /// The request the flags describe, over the model's defaults.
 fn request(a: &GenerateArgs, defaults: &Defaults, init: InitFile) -> Result<GenerateRequest> {
     let mut req = GenerateRequest::new(a.prompt.clone()).guidance(guidance_config(a, defaults)?);
@@ -341,6 +388,7 @@ fn request(a: &GenerateArgs, defaults: &Defaults, init: InitFile) -> Result<Gene
     req.max_sequence_length = a.max_sequence_length;
     req.init_latents = init.latents;
     req.step_noise = init.step_noise;
+    req.video = VideoOptions { frames: a.frames, flow_shift: a.flow_shift, image: None };
     req.sampler = SamplerOptions {
         timesteps: a.timesteps.clone(),
         eta: a.eta,
@@ -496,7 +544,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             bail!("{flag} must be positive");
         }
     }
-    let outputs = OutputPlan::new(&a.output, a.save_latents.as_deref(), a.num_images)?;
     if a.num_images > 1 && a.init_latents.is_some() {
         bail!("--num-images {} with --init-latents would make the same image each time", a.num_images);
     }
@@ -509,10 +556,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // The family, its defaults and the request's family-level checks come from the config
     // files: a bad request stops here, before any weights load.
     let family = veto::families::detect(&source).map_err(flag_error)?;
+    let video = family.name == "wan";
+    check_video_flags(&a, video)?;
+    let outputs = if video {
+        OutputPlan::new_video(&a.output, a.save_latents.as_deref(), a.num_images)?.0
+    } else {
+        OutputPlan::new(&a.output, a.save_latents.as_deref(), a.num_images)?
+    };
     let defaults = (family.defaults)(&source).map_err(flag_error)?;
     let mut req = request(&a, &defaults, init)?;
     if a.model == veto::demo::model::NAME {
         veto::demo::model::fill_defaults(&mut req);
+    }
+    if let Some(path) = &a.image {
+        let size = (req.width.unwrap_or(defaults.width), req.height.unwrap_or(defaults.height));
+        req.video.image = Some(load_first_frame(path, size)?);
     }
     check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;
@@ -555,6 +613,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         if let Some(p) = &outputs.latents[i] {
             save_latents(&run, p)?;
+        }
+        if video {
+            let frames = pipe.decode(&run.latents)?;
+            veto::video_io::save_video(&frames, image_path, a.fps.unwrap_or(DEFAULT_FPS)).map_err(flag_error)?;
+            eprintln!("wrote {}", image_path.display());
+            continue;
         }
         let image = pipe.decode_for(&run.latents, &resolved)?;
         let metadata = resolved.metadata(&a.model, family);

@@ -9,7 +9,8 @@ use crate::error::{Error, Result};
 use crate::guidance::{AttentionMethod, CfgScaleSource, Method, NagVariant, StepWindow, VsfLayout};
 use crate::loading::model_source::ModelSource;
 use crate::pipelines::{
-    flux, pixart, sana, sd3, sdxl, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption, TextToImage,
+    flux, pixart, sana, sd3, sdxl, wan, Defaults, GenerateRequest, LoadOptions, ResolvedRequest, SamplerOption,
+    TextToImage,
 };
 
 /// Loads a family's pipeline from a diffusers folder.
@@ -153,6 +154,12 @@ impl Family {
                 format!("'{}' is not available for {} (it has the official one)", req.guidance.nag_variant, self.title),
             ));
         }
+        if req.video.any() && !std::ptr::eq(self, &WAN) {
+            return Err(Error::parameter(
+                "video",
+                format!("{} makes images; frames, flow_shift and image are Wan's", self.title),
+            ));
+        }
         if let Some(bad) = req.sampler.given().into_iter().find(|o| !self.sampler_options.contains(o)) {
             return Err(Error::parameter(bad.name(), format!("not supported for {}", self.title)));
         }
@@ -268,8 +275,37 @@ pub static SANA: Family = Family {
     check_configs: sana::check_before_loading,
 };
 
+/// Wan2.1 text-to-video (and image-to-video: accepted, its pipeline not built yet). NAG and
+/// NASA on every `attn2`, VSF as the official Wan code (no CFG), the official Wan NAG window.
+pub static WAN: Family = Family {
+    name: "wan",
+    aliases: &["wan2.1"],
+    title: "Wan2.1",
+    accepts: &["WanPipeline", "WanImageToVideoPipeline"],
+    methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: false },
+    vsf_layouts: &[VsfLayout::Paper],
+    nag_pooled: false,
+    nag_variants: &[NagVariant::Official],
+    t5_tokens: true,
+    cfg_scale: CfgScaleSource::GuidanceScale,
+    window: StepWindow::Threshold,
+    sampler_options: &[],
+    scheduler: "UniPCMultistepScheduler (flow prediction, flow_shift)",
+    load: |s, o| {
+        if s.model_index()?.pipeline_class().ends_with("WanImageToVideoPipeline") {
+            return Err(Error::invalid(format!(
+                "{}: WanImageToVideoPipeline is not built yet (text-to-video only)",
+                s.describe("transformer")
+            )));
+        }
+        Ok(Box::new(wan::WanPipeline::load_with(s, o)?))
+    },
+    defaults: wan::defaults_of,
+    check_configs: wan::check_before_loading,
+};
+
 /// Every family veto has.
-pub static FAMILIES: &[&Family] = &[&FLUX, &SD3, &UNET, &PIXART, &SANA];
+pub static FAMILIES: &[&Family] = &[&FLUX, &SD3, &UNET, &PIXART, &SANA, &WAN];
 
 /// The family that loads pipeline class `class`.
 pub fn for_class(class: &str) -> Option<&'static Family> {
@@ -301,7 +337,9 @@ mod tests {
         assert_eq!(for_class("NAGFluxPipeline").unwrap().name, "flux");
         assert_eq!(for_class("NAGStableDiffusion3Pipeline").unwrap().name, "sd3");
         assert_eq!(for_class("NagStableDiffusionXLPipeline").unwrap().name, "unet");
-        assert!(for_class("WanPipeline").is_none());
+        assert_eq!(for_class("WanPipeline").unwrap().name, "wan");
+        assert_eq!(for_class("WanImageToVideoPipeline").unwrap().name, "wan");
+        assert!(for_class("CogVideoXPipeline").is_none());
         assert_eq!(for_class("PixArtSigmaPipeline").unwrap().name, "pixart");
         assert_eq!(named("pixart").unwrap().name, "pixart");
         assert_eq!(for_class("SanaPAGPipeline").unwrap().name, "sana");

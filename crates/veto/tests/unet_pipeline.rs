@@ -189,6 +189,7 @@ fn base_request(pipe: &StableDiffusionPipeline) -> ResolvedRequest {
         init_latents: None,
         step_noise: None,
         sampler: Default::default(),
+        video: Default::default(),
     }
 }
 

@@ -10,6 +10,10 @@
 //! - eq. 10 `Z = alpha Z^ + (1 - alpha) Z+`.
 //!
 //! The paper uses the L1 norm (our default); the official diffusers Flux pipeline computes L2.
+//! The official Wan processor (L1) clips as `G / (||G|| + 1e-7) ||Z+|| tau` where the ratio,
+//! with NaN read as 10, exceeds tau: the same factor up to `1e-7 / ||G||` relative, and the same
+//! zero output for zero `Z+` rows (`tests::matches_the_official_wan_clip_form`), so Wan uses
+//! this function as is.
 //!
 //! **Epsilon rule.** We compute the eq. 9 factor as `min(1, tau ||Z+|| / max(||Z~||, EPS))`,
 //! which is algebraically `min(R, tau) / R` and equal to it bit-for-bit up to rounding whenever
@@ -209,6 +213,52 @@ mod tests {
         // Row 2: Z~ = 0 (s Z+ = (s-1) Z-) -> Z = (1 - alpha) Z+.
         let z = nag(&t(&[&[0., 0.], &[0., 0.], &[3., 6.]]), &t(&[&[1., -1.], &[0., 0.], &[4., 8.]]), &p).unwrap();
         close(&z, &[&[0., 0.], &[0., 0.], &[1.5, 3.0]]);
+    }
+
+    /// The official Wan processor's form, as an oracle: `ratio = nan_to_num(|G| / |Z+|, 10)`,
+    /// rows with `ratio > tau` set to `G / (|G| + 1e-7) |Z+| tau`.
+    fn official_wan(zp: &[Vec<f32>], zn: &[Vec<f32>], p: &NagParams) -> Vec<Vec<f32>> {
+        let s = p.scale as f32;
+        zp.iter()
+            .zip(zn)
+            .map(|(a, b)| {
+                let g: Vec<f32> = a.iter().zip(b).map(|(x, y)| x * s - y * (s - 1.0)).collect();
+                let (np, ng) = (a.iter().map(|x| x.abs()).sum::<f32>(), g.iter().map(|x| x.abs()).sum::<f32>());
+                let ratio = ng / np;
+                let ratio = if ratio.is_nan() { 10.0 } else { ratio };
+                let g: Vec<f32> = if ratio > p.tau as f32 {
+                    g.iter().map(|x| x / (ng + 1e-7) * np * p.tau as f32).collect()
+                } else {
+                    g
+                };
+                g.iter().zip(a).map(|(x, y)| x * p.alpha as f32 + y * (1.0 - p.alpha as f32)).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_official_wan_clip_form() {
+        let p = NagParams { scale: 5.0, tau: 2.5, alpha: 0.25, norm: NagNorm::L1 };
+        let mut x = 12345u64;
+        let mut rnd = || {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((x >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0
+        };
+        let mut zp: Vec<Vec<f32>> = (0..6).map(|_| (0..64).map(|_| rnd()).collect()).collect();
+        let mut zn: Vec<Vec<f32>> = (0..6).map(|_| (0..64).map(|_| rnd()).collect()).collect();
+        zn[1] = zp[1].iter().map(|v| v * 0.9).collect(); // unclipped
+        zp[2] = vec![0.0; 64]; // ratio inf -> clipped to 0
+        zn[3] = vec![0.0; 64];
+        zp[3] = vec![0.0; 64]; // ratio NaN -> 10 -> clipped to 0
+        let want = official_wan(&zp, &zn, &p);
+        let flat = |v: &[Vec<f32>]| Tensor::from_vec(v.concat(), (v.len(), 64), &Device::Cpu).unwrap();
+        let got = nag(&flat(&zp), &flat(&zn), &p).unwrap().to_vec2::<f32>().unwrap();
+        for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+            let scale = w.iter().fold(1f32, |m, v| m.max(v.abs()));
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() / scale < 1e-5, "row {r}: {a} vs {b}");
+            }
+        }
     }
 
     #[test]

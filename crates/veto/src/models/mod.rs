@@ -9,4 +9,5 @@ pub mod pixart;
 pub mod sana;
 pub mod unet;
 pub mod vae;
+pub mod wan;
 pub mod wan_vae;

@@ -14,8 +14,9 @@ pub mod sana;
 pub mod sana_bins;
 pub mod sd3;
 pub mod sdxl;
+pub mod wan;
 
-pub use request::{Defaults, GenerateRequest, ResolvedRequest, SamplerOption, SamplerOptions};
+pub use request::{Defaults, GenerateRequest, ResolvedRequest, SamplerOption, SamplerOptions, VideoOptions};
 pub use residency::{LoadOptions, Residency};
 
 use crate::error::Result;

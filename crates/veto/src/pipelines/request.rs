@@ -139,6 +139,26 @@ pub struct GenerateRequest {
     pub step_noise: Option<Tensor>,
     /// Options only some families take.
     pub sampler: SamplerOptions,
+    /// Video options (Wan); image families refuse any that is set.
+    pub video: VideoOptions,
+}
+
+/// What a video family (Wan) takes beyond an image request; every field optional.
+#[derive(Debug, Clone, Default)]
+pub struct VideoOptions {
+    /// Frames, `4k + 1` (others are rounded with a warning); `None`: the model's default (81).
+    pub frames: Option<usize>,
+    /// Overrides the scheduler config's `flow_shift`.
+    pub flow_shift: Option<f64>,
+    /// The first frame of image-to-video, `[1, 3, H, W]` in [-1, 1] at the video's size.
+    pub image: Option<Tensor>,
+}
+
+impl VideoOptions {
+    /// Whether any option is set.
+    pub fn any(&self) -> bool {
+        self.frames.is_some() || self.flow_shift.is_some() || self.image.is_some()
+    }
 }
 
 impl GenerateRequest {
@@ -241,6 +261,7 @@ impl GenerateRequest {
             init_latents: self.init_latents.clone(),
             step_noise: self.step_noise.clone(),
             sampler: self.sampler.clone(),
+            video: self.video.clone(),
         })
     }
 }
@@ -272,6 +293,8 @@ pub struct ResolvedRequest {
     pub step_noise: Option<Tensor>,
     /// Family-specific sampler options.
     pub sampler: SamplerOptions,
+    /// Video options (Wan).
+    pub video: VideoOptions,
 }
 
 impl ResolvedRequest {

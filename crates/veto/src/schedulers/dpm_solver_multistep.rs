@@ -80,7 +80,9 @@ pub struct DpmSolverMultistepConfig {
 
 /// `prediction_type`, where this scheduler (unlike the other discrete ones) also takes
 /// `"flow_prediction"` (with `use_flow_sigmas`).
-fn prediction_or_flow<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<PredictionType, D::Error> {
+pub(crate) fn prediction_or_flow<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<PredictionType, D::Error> {
     let name = String::deserialize(d)?;
     if name == "flow_prediction" {
         return Ok(PredictionType::Flow);

@@ -7,9 +7,11 @@
 //! Supported: `solver_order` 1 or 2, `solver_type` `bh2` (diffusers also maps `midpoint`,
 //! `heun` and `logrho` to it), `disable_corrector`, linspace/leading/trailing spacing,
 //! `final_sigmas_type`, zero-SNR rescaling, Karras sigmas (`use_karras_sigmas`, A1111's "UniPC
-//! Karras"), epsilon / v_prediction / sample. Not supported (error): `predict_x0: false`,
-//! `bh1`, orders above 2, `lower_order_final: false`, thresholding, `solver_p`, exponential /
-//! beta / flow sigmas, dynamic shifting.
+//! Karras"), epsilon / v_prediction / sample, and Wan's flow setting: `use_flow_sigmas` with
+//! `prediction_type: "flow_prediction"` and `flow_shift` (noise levels `sigma` with
+//! `alpha = 1 - sigma`; the data prediction is `x - sigma v`). Not supported (error):
+//! `predict_x0: false`, `bh1`, orders above 2, `lower_order_final: false`, thresholding,
+//! `solver_p`, exponential / beta sigmas, dynamic shifting, `shift_terminal`.
 
 use candle_core::{DType, Tensor};
 use serde::Deserialize;
@@ -18,6 +20,7 @@ use super::discrete::{
     arange_desc, bad, check_steps, f32r, interp_index, karras_sigmas, linspace_f64, log_sigmas, reject_if,
     round_half_even, sigma_to_t, train_sigmas, BetaConfig, BetaSchedule, FinalSigmas, PredictionType, TimestepSpacing,
 };
+use super::dpm_solver_multistep::prediction_or_flow;
 use super::scheduler::{check_step_inputs, lincomb, parse_config, NoiseSource, Scheduler};
 use crate::error::Result;
 
@@ -33,6 +36,7 @@ pub struct UniPcConfig {
     pub beta_schedule: BetaSchedule,
     pub trained_betas: Option<Vec<f64>>,
     pub solver_order: usize,
+    #[serde(deserialize_with = "prediction_or_flow")]
     pub prediction_type: PredictionType,
     pub thresholding: bool,
     pub predict_x0: bool,
@@ -44,6 +48,9 @@ pub struct UniPcConfig {
     pub use_exponential_sigmas: Option<bool>,
     pub use_beta_sigmas: Option<bool>,
     pub use_flow_sigmas: Option<bool>,
+    /// With `use_flow_sigmas`: `s' = shift s / (1 + (shift - 1) s)` (Wan: 3 at 480p, 5 at 720p).
+    pub flow_shift: f64,
+    pub shift_terminal: Option<f64>,
     pub use_dynamic_shifting: Option<bool>,
     pub timestep_spacing: TimestepSpacing,
     pub steps_offset: usize,
@@ -71,6 +78,8 @@ impl Default for UniPcConfig {
             use_exponential_sigmas: Some(false),
             use_beta_sigmas: Some(false),
             use_flow_sigmas: Some(false),
+            flow_shift: 1.0,
+            shift_terminal: None,
             use_dynamic_shifting: Some(false),
             timestep_spacing: TimestepSpacing::Linspace,
             steps_offset: 0,
@@ -88,10 +97,16 @@ struct Level {
     lambda: f32,
 }
 
-fn level(s: f64) -> Level {
+/// The level of noise `s`: VP (`alpha = 1 / sqrt(s^2 + 1)`, `sigma = s alpha`), or with flow
+/// sigmas the straight path (`alpha = 1 - s`, `sigma = s`).
+fn level(s: f64, flow: bool) -> Level {
     let s = s as f32;
-    let alpha = 1.0 / (s * s + 1.0).sqrt();
-    let sigma = s * alpha;
+    let (alpha, sigma) = if flow {
+        (1.0 - s, s)
+    } else {
+        let alpha = 1.0 / (s * s + 1.0).sqrt();
+        (alpha, s * alpha)
+    };
     Level { alpha, sigma, lambda: alpha.ln() - sigma.ln() }
 }
 
@@ -136,7 +151,17 @@ impl UniPcMultistepScheduler {
         reject_if(config.solver_p.as_ref().is_some_and(|v| !v.is_null()), "solver_p", CLASS)?;
         reject_if(config.use_exponential_sigmas.unwrap_or(false), "use_exponential_sigmas", CLASS)?;
         reject_if(config.use_beta_sigmas.unwrap_or(false), "use_beta_sigmas", CLASS)?;
-        reject_if(config.use_flow_sigmas.unwrap_or(false), "use_flow_sigmas", CLASS)?;
+        let flow = config.use_flow_sigmas.unwrap_or(false);
+        if flow != (config.prediction_type == PredictionType::Flow) {
+            return Err(bad(format!(
+                "{CLASS}: use_flow_sigmas and prediction_type \"flow_prediction\" go together (Wan's configs set both)"
+            )));
+        }
+        reject_if(flow && config.use_karras_sigmas.unwrap_or(false), "use_flow_sigmas with use_karras_sigmas", CLASS)?;
+        reject_if(config.shift_terminal.is_some(), "shift_terminal", CLASS)?;
+        if flow && !(config.flow_shift.is_finite() && config.flow_shift > 0.0) {
+            return Err(bad(format!("{CLASS}: flow_shift must be positive, got {}", config.flow_shift)));
+        }
         reject_if(config.use_dynamic_shifting.unwrap_or(false), "use_dynamic_shifting", CLASS)?;
         reject_if(!config.lower_order_final, "lower_order_final: false", CLASS)?;
         match config.solver_type.as_str() {
@@ -178,6 +203,14 @@ impl UniPcMultistepScheduler {
         &self.config
     }
 
+    fn flow(&self) -> bool {
+        self.config.use_flow_sigmas.unwrap_or(false)
+    }
+
+    fn level(&self, s: f64) -> Level {
+        level(s, self.flow())
+    }
+
     fn reset(&mut self) {
         self.step_index = 0;
         self.outputs.clear();
@@ -188,13 +221,14 @@ impl UniPcMultistepScheduler {
 
     /// The data prediction of the model output at the current step.
     fn convert(&self, model_output: &Tensor, sample: &Tensor) -> Result<Tensor> {
-        let l = level(self.sigmas[self.step_index]);
+        let l = self.level(self.sigmas[self.step_index]);
         let (a, s) = (f64::from(l.alpha), f64::from(l.sigma));
         match self.config.prediction_type {
             PredictionType::Epsilon => Ok((lincomb(&[(1.0, sample), (-s, model_output)])? / a)?),
             PredictionType::VPrediction => lincomb(&[(a, sample), (-s, model_output)]),
             PredictionType::Sample => lincomb(&[(1.0, model_output)]),
-            PredictionType::Flow => Err(super::discrete::flow_unsupported(CLASS)),
+            // x0 = x - sigma v, sigma the f32 schedule value.
+            PredictionType::Flow => lincomb(&[(1.0, sample), (-self.sigmas[self.step_index], model_output)]),
         }
     }
 
@@ -206,7 +240,7 @@ impl UniPcMultistepScheduler {
     /// UniP: from `x` at sigma index `i` to `i + 1`, with the last `order` outputs.
     fn predictor(&self, x: &Tensor, order: usize) -> Result<Tensor> {
         let i = self.step_index;
-        let (t, s0) = (level(self.sigmas[i + 1]), level(self.sigmas[i]));
+        let (t, s0) = (self.level(self.sigmas[i + 1]), self.level(self.sigmas[i]));
         let h = t.lambda - s0.lambda;
         let (h_phi_1, b_h, _) = bh2(h, order);
         let m0 = self.m(0);
@@ -215,7 +249,7 @@ impl UniPcMultistepScheduler {
             return Ok(x_t_);
         }
         // Order 2: rhos_p = [0.5].
-        let rk = (level(self.sigmas[i - 1]).lambda - s0.lambda) / h;
+        let rk = (self.level(self.sigmas[i - 1]).lambda - s0.lambda) / h;
         let d1 = ((self.m(1) - m0)? / f64::from(rk))?;
         let pred_res = (d1 * 0.5)?;
         Ok((x_t_ - (pred_res * f64::from(t.alpha * b_h))?)?)
@@ -225,7 +259,7 @@ impl UniPcMultistepScheduler {
     /// `i - 1`) with order `order`, using `model_t`, the converted output at `this_sample`.
     fn corrector(&self, model_t: &Tensor, last_sample: &Tensor, order: usize) -> Result<Tensor> {
         let i = self.step_index;
-        let (t, s0) = (level(self.sigmas[i]), level(self.sigmas[i - 1]));
+        let (t, s0) = (self.level(self.sigmas[i]), self.level(self.sigmas[i - 1]));
         let h = t.lambda - s0.lambda;
         let (h_phi_1, b_h, b) = bh2(h, order);
         let m0 = self.m(0);
@@ -235,7 +269,7 @@ impl UniPcMultistepScheduler {
             // rhos_c = [0.5]
             (d1_t * 0.5)?
         } else {
-            let rk = (level(self.sigmas[i - 2]).lambda - s0.lambda) / h;
+            let rk = (self.level(self.sigmas[i - 2]).lambda - s0.lambda) / h;
             let d1 = ((self.m(1) - m0)? / f64::from(rk))?;
             // Solve [[1, 1], [rk, 1]] rho = b (torch.linalg.solve in f32; here exact, rounded).
             let (rk64, b0, b1) = (f64::from(rk), f64::from(b[0]), f64::from(b[1]));
@@ -279,7 +313,22 @@ impl Scheduler for UniPcMultistepScheduler {
                 arange_desc(n_train as f64, ratio).into_iter().map(|t| round_half_even(t) - 1.0).collect()
             }
         };
-        let (timesteps, mut sigmas) = if c.use_karras_sigmas.unwrap_or(false) {
+        let (timesteps, mut sigmas) = if c.use_flow_sigmas.unwrap_or(false) {
+            // diffusers: sigmas = linspace(1, 1/N, steps + 1) without the last, shifted, the
+            // first nudged below 1 (log(alpha) would be -inf); timesteps sigma N cast to int64.
+            let n = n_train as f64;
+            let shift = c.flow_shift;
+            let mut sig: Vec<f64> = linspace_f64(1.0, 1.0 / n, steps + 1)
+                .into_iter()
+                .take(steps)
+                .map(|s| shift * s / (1.0 + (shift - 1.0) * s))
+                .collect();
+            if (sig[0] - 1.0).abs() < 1e-6 {
+                sig[0] -= 1e-6;
+            }
+            let timesteps = sig.iter().map(|&s| (s * n).trunc()).collect();
+            (timesteps, sig.into_iter().map(f32r).collect::<Vec<f64>>())
+        } else if c.use_karras_sigmas.unwrap_or(false) {
             // Karras' rho-7 ramp between the training schedule's extremes; the timesteps are
             // the (rounded) training steps of those sigmas, the spacing is not used.
             let logs = log_sigmas(&self.train_sigmas);
@@ -394,6 +443,8 @@ mod tests {
             ("solver_order", serde_json::json!(3)),
             ("lower_order_final", serde_json::json!(false)),
             ("use_flow_sigmas", serde_json::json!(true)),
+            ("prediction_type", serde_json::json!("flow_prediction")),
+            ("shift_terminal", serde_json::json!(0.1)),
             ("use_exponential_sigmas", serde_json::json!(true)),
             ("thresholding", serde_json::json!(true)),
         ] {

@@ -130,6 +130,7 @@ pub fn request_of(fx: &Fixture, base: veto::GuidanceConfig, default_msl: usize) 
         init_latents: Some(fx.t("init_latents").clone()),
         step_noise: None,
         sampler: Default::default(),
+        video: Default::default(),
     }
 }
 
