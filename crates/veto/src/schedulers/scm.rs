@@ -22,6 +22,8 @@ const CLASS: &str = "SCMScheduler";
 
 /// diffusers' defaults of `SanaSprintPipeline.__call__`'s `max_timesteps` and
 /// `intermediate_timesteps` (the latter used only with 2 steps).
+/// diffusers' literal 1.57080, not pi/2 (the f32 angles must match).
+#[allow(clippy::approx_constant)]
 pub const MAX_TIMESTEPS: f64 = 1.57080;
 pub const INTERMEDIATE_TIMESTEPS: f64 = 1.3;
 
@@ -202,7 +204,7 @@ impl Scheduler for ScmScheduler {
 fn linspace_f32(max: f64, steps: usize) -> Vec<f64> {
     let (start, end) = (max as f32, 0f32);
     let step = (end - start) / steps as f32;
-    let half = (steps + 1) / 2;
+    let half = steps.div_ceil(2);
     (0..=steps)
         .map(|i| {
             let v = if i < half { start + step * i as f32 } else { end - step * (steps - i) as f32 };
