@@ -244,12 +244,15 @@ class GuidedCrossAttn:
         self.holder = holder
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        assert encoder_hidden_states is not None and attn.norm_q is None and not attn.norm_cross
+        assert encoder_hidden_states is not None and not attn.norm_cross
         plan = self.holder.plan
         heads = attn.heads
         b = hidden_states.shape[0]
-        q = attn.to_q(hidden_states)
-        k, v = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        # SANA 1.5 / Sprint's qk_norm (rms_norm_across_heads) on the full query / key width.
+        norm_q = attn.norm_q if attn.norm_q is not None else (lambda x: x)
+        norm_k = attn.norm_k if attn.norm_k is not None else (lambda x: x)
+        q = norm_q(attn.to_q(hidden_states))
+        k, v = norm_k(attn.to_k(encoder_hidden_states)), attn.to_v(encoder_hidden_states)
         bias = attention_mask  # [B, 1, L] from the transformer (bias form)
         assert bias is not None and bias.shape[0] == b
         bias = bias[:, None]  # [B, 1, 1, L]
@@ -263,7 +266,7 @@ class GuidedCrossAttn:
         r = plan.guided_row
         if plan.mode in ("nag", "nasa"):
             neg = plan.neg_context
-            kn, vn = attn.to_k(neg), attn.to_v(neg)
+            kn, vn = norm_k(attn.to_k(neg)), attn.to_v(neg)
             qb = torch.cat([q, q[r : r + 1]])
             kb, vb = torch.cat([k, kn]), torch.cat([v, vn])
             mb = torch.cat([bias, mask_bias(plan.neg_mask)])
@@ -274,7 +277,7 @@ class GuidedCrossAttn:
         elif plan.mode == "vsf":
             z = merge(F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)).clone()
             neg = plan.neg_context  # unpadded
-            kn, vn = attn.to_k(neg), attn.to_v(neg)
+            kn, vn = norm_k(attn.to_k(neg)), attn.to_v(neg)
             keys = torch.cat([k[r : r + 1], kn], dim=1)
             values = torch.cat([v[r : r + 1], -VSF_SCALE * vn], dim=1)
             extra = torch.full((1, 1, 1, kn.shape[1]), -VSF_BIAS)

@@ -502,6 +502,7 @@ fn run_sana(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let x2 = Tensor::cat(&[&x, &x], 0)?;
         let call = |latents: &Tensor, caption: &Tensor, lens: &[usize], guidance: Option<&NegativeContext>| {
             model.forward(&SanaInputs {
+                embedded_guidance: None,
                 latents,
                 timestep: 750.0,
                 caption,

@@ -250,12 +250,12 @@ pub static PIXART: Family = Family {
     check_configs: pixart::check_before_loading,
 };
 
-/// SANA 1.0 / 1.5 (linear-attention DiT, Gemma-2 captions, DC-AE).
+/// SANA 1.0 / 1.5 and SANA-Sprint (linear-attention DiT, Gemma-2 captions, DC-AE).
 pub static SANA: Family = Family {
     name: "sana",
     aliases: &[],
     title: "SANA",
-    accepts: &["SanaPipeline", "SanaPAGPipeline"],
+    accepts: &["SanaPipeline", "SanaPAGPipeline", "SanaSprintPipeline"],
     methods: Methods { attention: ALL_ATTENTION, cfg: true, pag: true },
     vsf_layouts: &[VsfLayout::Paper],
     nag_pooled: false,
@@ -269,7 +269,8 @@ pub static SANA: Family = Family {
         SamplerOption::Scheduler,
         SamplerOption::ComplexHumanInstruction,
     ],
-    scheduler: "DPMSolverMultistepScheduler with flow sigmas (and the UNet family's schedulers by --scheduler)",
+    scheduler: "DPMSolverMultistepScheduler with flow sigmas (and the UNet family's schedulers by --scheduler); \
+                SANA-Sprint: SCMScheduler",
     load: |s, o| Ok(Box::new(sana::SanaPipeline::load_with(s, o)?)),
     defaults: sana::defaults_of,
     check_configs: sana::check_before_loading,

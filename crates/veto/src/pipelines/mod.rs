@@ -12,6 +12,7 @@ pub mod resize;
 pub mod sampling;
 pub mod sana;
 pub mod sana_bins;
+pub mod sana_sprint;
 pub mod sd3;
 pub mod sdxl;
 pub mod wan;

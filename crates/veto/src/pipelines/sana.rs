@@ -17,6 +17,9 @@
 //! - NAG / NASA / VSF: on the cond row, every cross-attention also attends the negative prompt
 //!   (its real tokens: the mask applied to it as to the positive). CFG's uncond and PAG's rows
 //!   stay plain. Window (`nag_end`) as the official SDXL NAG pipeline.
+//! - SANA-Sprint folders (`SanaSprintPipeline`: a transformer with `guidance_embeds`, the
+//!   `SCMScheduler`) run the same way with Sprint's step ([`super::sana_sprint`]): no CFG or PAG,
+//!   the guidance scale into the guidance embedding, latents scaled by `sigma_data`.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -43,6 +46,7 @@ use crate::pipelines::sampling::{
     check_sampler, describe, folder_scheduler, prepared_scheduler, requested_scheduler, scheduler_for,
 };
 use crate::pipelines::sana_bins::ASPECT_RATIO_4096;
+use crate::pipelines::sana_sprint::{sprint_velocity, steps_warning};
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::Scheduler;
 use crate::text::gemma2::Gemma2TextEncoder;
@@ -245,6 +249,7 @@ impl SanaPipeline {
         warnings: &mut Warnings,
     ) -> Result<Denoised> {
         self.check(req)?;
+        let sprint = self.config.guidance_embeds;
         super::warn_unused_cfg_and_negative(req, &SANA, warnings);
         if req.guidance.nag_pooled == NagPooled::Negative && req.guidance.method.attention.is_some() {
             warnings.push("nag_pooled negative has no effect on SANA (SD3 only)");
@@ -257,6 +262,12 @@ impl SanaPipeline {
         let chi = instruction(req.sampler.complex_human_instruction.as_deref())?;
 
         let mut scheduler = prepared_scheduler(self.scheduler_for(req)?.as_ref(), req)?;
+        if let Some(w) = sprint.then(|| steps_warning(scheduler.timesteps().len())).flatten() {
+            warnings.push(w);
+        }
+        let sigma_data = scheduler.init_noise_sigma();
+        let embedded_guidance =
+            sprint.then(|| f64::from(req.guidance_scale as f32) * self.config.guidance_embeds_scale);
         let n_train = scheduler.num_train_timesteps() as f64;
         let mut planner = GuidancePlanner::new(g, SANA.cfg_scale, req.guidance_scale, SANA.window, n_train);
         let cfg_scale = planner.cfg_scale();
@@ -311,17 +322,23 @@ impl SanaPipeline {
                 }
                 _ => None,
             };
-            let out = transformer.forward(&SanaInputs {
+            let inputs = SanaInputs {
+                embedded_guidance,
                 latents: &input,
                 timestep: t * self.config.timestep_scale,
                 caption: &caption,
                 caption_lens: &lens,
                 guidance: guided.as_ref(),
                 perturbation: pag_scale.map(|_| Perturbation { rows: cond_row + 1..cond_row + 2, blocks: &pag }),
-            })?;
-            let out = out.to_dtype(DType::F32)?;
-            let (cond, uncond, perturbed) = super::split_guidance_rows(&out, cond_row, pag_scale.is_some())?;
-            let v = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
+            };
+            let v = if sprint {
+                // One row (no CFG, no PAG): the velocity the SCM step takes.
+                sprint_velocity(&transformer, &x, t, sigma_data, &inputs)?
+            } else {
+                let out = transformer.forward(&inputs)?.to_dtype(DType::F32)?;
+                let (cond, uncond, perturbed) = super::split_guidance_rows(&out, cond_row, pag_scale.is_some())?;
+                plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?
+            };
             x = scheduler.step(&v, &x, &mut noise)?;
             super::ensure_finite(&x, (i, total, t), req, &SANA)?;
             on_step(StepEvent {
@@ -333,7 +350,9 @@ impl SanaPipeline {
             });
         }
         let step_noise = noise.finish(&describe(scheduler.as_ref(), req), warnings)?;
-        Ok(Denoised { latents: x, init_latents: init, step_noise })
+        // Sprint: the last step's clean prediction over sigma_data is what diffusers decodes.
+        let latents = if sprint { (x / sigma_data)? } else { x };
+        Ok(Denoised { latents, init_latents: init, step_noise })
     }
 }
 
@@ -388,6 +407,7 @@ fn check_request(
     req: &ResolvedRequest,
 ) -> Result<()> {
     instruction(req.sampler.complex_human_instruction.as_deref())?;
+    check_sprint(config, scheduler, req)?;
     let f = vae.spatial_factor();
     let (height, width, _) = run_size(config, req);
     let sized = ResolvedRequest { height, width, ..req.clone() };
@@ -403,6 +423,33 @@ fn check_request(
         pag_blocks(config, Some(layers))?;
     }
     check_sampler(scheduler, &sized, &[1, config.in_channels, height / f, width / f], f)
+}
+
+/// A SANA-Sprint transformer (`guidance_embeds`) runs with the `SCMScheduler` only and the
+/// other way round; Sprint has no CFG or PAG (its guidance scale feeds the guidance embedding).
+fn check_sprint(config: &SanaConfig, scheduler: &dyn Scheduler, req: &ResolvedRequest) -> Result<()> {
+    let scm = scheduler.class_name() == "SCMScheduler";
+    if config.guidance_embeds != scm {
+        return Err(Error::parameter(
+            "scheduler",
+            if scm {
+                "the SCMScheduler is SANA-Sprint's: this transformer has no guidance embedding (guidance_embeds false)"
+                    .to_string()
+            } else {
+                format!(
+                    "a SANA-Sprint transformer (guidance_embeds) runs with the SCMScheduler only, not {}",
+                    scheduler.class_name()
+                )
+            },
+        ));
+    }
+    if config.guidance_embeds && (req.guidance.method.cfg || req.guidance.method.pag) {
+        return Err(Error::parameter(
+            "guidance",
+            "SANA-Sprint has no CFG or PAG (its --guidance-scale feeds the guidance embedding): use none, nag, nasa or vsf",
+        ));
+    }
+    Ok(())
 }
 
 /// `check_request` from the folder's config files alone, before any weights load.
@@ -426,14 +473,15 @@ pub fn defaults_of(source: &ModelSource) -> Result<Defaults> {
 /// (diffusers' default), layers `transformer_blocks.0`.
 pub fn sana_defaults(config: &SanaConfig, vae_factor: usize) -> Defaults {
     let mut guidance = GuidanceConfig::nag_default();
-    guidance.method = Method::CFG_NAG;
+    guidance.method = if config.guidance_embeds { Method::NAG } else { Method::CFG_NAG };
     guidance.nag = NagParams { scale: 5.0, tau: 2.5, alpha: 0.375, norm: Default::default() };
     guidance.vsf = VsfParams { scale: 1.2, bias: 0.2, layout: VsfLayout::Paper };
     guidance.pag_scale = 3.0;
     guidance.true_cfg_scale = 4.5;
     let size = config.sample_size * vae_factor;
     Defaults {
-        steps: 20,
+        // SANA-Sprint: diffusers' 2 steps (max angle 1.5708, intermediate 1.3).
+        steps: if config.guidance_embeds { 2 } else { 20 },
         guidance_scale: 4.5,
         max_sequence_length: MAX_SEQUENCE_LENGTH,
         height: size,

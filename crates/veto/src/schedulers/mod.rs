@@ -16,6 +16,7 @@ pub mod heun;
 pub mod lcm;
 pub mod pndm;
 pub mod scheduler;
+pub mod scm;
 pub mod tcd;
 pub mod unipc;
 
@@ -97,6 +98,8 @@ pub fn scheduler_from_value(json: serde_json::Value) -> Result<Box<dyn Scheduler
         "HeunDiscreteScheduler" => Box::new(heun::HeunDiscreteScheduler::from_value(json)?),
         "UniPCMultistepScheduler" => Box::new(unipc::UniPcMultistepScheduler::from_value(json)?),
         "DPMSolverSDEScheduler" => Box::new(dpm_solver_sde::DpmSolverSdeScheduler::from_value(json)?),
+        // SANA-Sprint's own sampler (not in SUPPORTED: no other model takes it).
+        "SCMScheduler" => Box::new(scm::ScmScheduler::from_value(json)?),
         other => {
             return Err(bad(format!("scheduler '{other}' is not supported (supported: {})", SUPPORTED.join(", "))))
         }

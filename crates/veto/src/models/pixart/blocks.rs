@@ -20,6 +20,7 @@ use candle_nn::{Linear, VarBuilder};
 use crate::attention::{merge_heads, sdpa, split_heads};
 use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
 use crate::models::layers::{gated_add, layer_norm, modulate_normed, FeedForward};
+use crate::models::sana::conv::RmsNorm;
 use crate::profile;
 
 /// The projected caption of every batch row: `states` `[B, L, dim]`, of which row `i` has
@@ -45,6 +46,9 @@ pub struct Attention {
     to_out: Linear,
     heads: usize,
     scale: f64,
+    /// SANA 1.5 / Sprint's `rms_norm_across_heads`: RMS norms over the whole query and key
+    /// width, after the projections.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 impl Attention {
@@ -57,18 +61,45 @@ impl Attention {
             to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
+            qk_norm: None,
         })
+    }
+
+    /// Adds the query/key RMS norms (`norm_q`, `norm_k`, eps 1e-5 as diffusers' `Attention`).
+    pub(crate) fn with_qk_norm(mut self, vb: VarBuilder) -> Result<Self> {
+        let width = self.to_q.weight().dim(0)?;
+        let kwidth = self.to_k.weight().dim(0)?;
+        self.qk_norm = Some((
+            RmsNorm::new(width, 1e-5, false, vb.pp("norm_q"))?,
+            RmsNorm::new(kwidth, 1e-5, false, vb.pp("norm_k"))?,
+        ));
+        Ok(self)
     }
 
     fn heads_of(&self, lin: &Linear, x: &Tensor) -> Result<Tensor> {
         split_heads(&lin.forward(x)?, self.heads)
     }
 
+    /// The query heads, normed where the model has `qk_norm`.
+    fn query(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.qk_norm {
+            Some((nq, _)) => split_heads(&nq.forward(&self.to_q.forward(x)?)?, self.heads),
+            None => self.heads_of(&self.to_q, x),
+        }
+    }
+
+    /// The key heads, normed where the model has `qk_norm`.
+    fn key(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.qk_norm {
+            Some((_, nk)) => split_heads(&nk.forward(&self.to_k.forward(x)?)?, self.heads),
+            None => self.heads_of(&self.to_k, x),
+        }
+    }
+
     /// Self-attention; the rows `identity` get the identity attention map (PAG).
     fn forward_self(&self, x: &Tensor, identity: Option<&Range<usize>>) -> Result<Tensor> {
         let plain = |x: &Tensor| -> Result<Tensor> {
-            let (q, k, v) =
-                (self.heads_of(&self.to_q, x)?, self.heads_of(&self.to_k, x)?, self.heads_of(&self.to_v, x)?);
+            let (q, k, v) = (self.query(x)?, self.key(x)?, self.heads_of(&self.to_v, x)?);
             merge_heads(&sdpa(&q, &k, &v, self.scale)?)
         };
         let Some(rows) = identity.filter(|r| !r.is_empty()) else {
@@ -98,11 +129,11 @@ impl Attention {
         if caption.lens.len() != b || caption.states.dim(0)? != b {
             candle_core::bail!("cross-attention: {b} image rows, {} caption rows", caption.lens.len());
         }
-        let q = self.heads_of(&self.to_q, x)?;
-        let k = self.heads_of(&self.to_k, caption.states)?;
+        let q = self.query(x)?;
+        let k = self.key(caption.states)?;
         let v = self.heads_of(&self.to_v, caption.states)?;
         let neg = match negative {
-            Some(n) => Some((self.heads_of(&self.to_k, n.states)?, self.heads_of(&self.to_v, n.states)?)),
+            Some(n) => Some((self.key(n.states)?, self.heads_of(&self.to_v, n.states)?)),
             None => None,
         };
         let mut outs = Vec::new();

@@ -14,7 +14,7 @@ use std::ops::Range;
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{Linear, VarBuilder};
 
-use super::conv::GluMbConv;
+use super::conv::{GluMbConv, RmsNorm};
 use crate::attention::{merge_heads, split_heads};
 use crate::models::layers::{gated_add, layer_norm, modulate_normed};
 use crate::models::pixart::blocks::{Attention, Caption, NegativeCaption};
@@ -26,10 +26,12 @@ pub struct LinearAttention {
     to_v: Linear,
     to_out: Linear,
     heads: usize,
+    /// `rms_norm_across_heads` (SANA 1.5 / Sprint): `norm_q`, `norm_k` over the full width.
+    qk_norm: Option<(RmsNorm, RmsNorm)>,
 }
 
 impl LinearAttention {
-    pub fn new(dim: usize, heads: usize, head_dim: usize, bias: bool, vb: VarBuilder) -> Result<Self> {
+    pub fn new(dim: usize, heads: usize, head_dim: usize, bias: bool, qk_norm: bool, vb: VarBuilder) -> Result<Self> {
         let inner = heads * head_dim;
         let proj = |name: &str| {
             if bias {
@@ -44,6 +46,14 @@ impl LinearAttention {
             to_v: proj("to_v")?,
             to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
             heads,
+            qk_norm: if qk_norm {
+                Some((
+                    RmsNorm::new(inner, 1e-5, false, vb.pp("norm_q"))?,
+                    RmsNorm::new(inner, 1e-5, false, vb.pp("norm_k"))?,
+                ))
+            } else {
+                None
+            },
         })
     }
 
@@ -68,11 +78,14 @@ impl LinearAttention {
     /// The linear attention before `to_out`.
     fn linear(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
-        let heads =
-            |lin: &Linear| -> Result<Tensor> { split_heads(&lin.forward(x)?, self.heads)?.to_dtype(DType::F32) };
-        let q = heads(&self.to_q)?.relu()?;
-        let k = heads(&self.to_k)?.relu()?;
-        let v = heads(&self.to_v)?;
+        let heads = |y: Tensor| -> Result<Tensor> { split_heads(&y, self.heads)?.to_dtype(DType::F32) };
+        let (mut q, mut k) = (self.to_q.forward(x)?, self.to_k.forward(x)?);
+        if let Some((nq, nk)) = &self.qk_norm {
+            (q, k) = (nq.forward(&q)?, nk.forward(&k)?);
+        }
+        let q = heads(q)?.relu()?;
+        let k = heads(k)?.relu()?;
+        let v = heads(self.to_v.forward(x)?)?;
         // [B, H, d, d]: sum over tokens of k_m v_m^T; and [B, H, 1, d]: sum of k_m.
         let kv = k.transpose(2, 3)?.contiguous()?.matmul(&v)?;
         let k_sum = k.sum_keepdim(2)?;
@@ -110,6 +123,8 @@ pub struct BlockShape {
     pub cross_heads: usize,
     pub cross_head_dim: usize,
     pub attention_bias: bool,
+    /// `qk_norm: "rms_norm_across_heads"` on both attentions.
+    pub qk_norm: bool,
     /// `int(mlp_ratio * dim)`.
     pub ff_hidden: usize,
 }
@@ -118,8 +133,15 @@ impl SanaBlock {
     pub fn new(s: &BlockShape, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             scale_shift_table: vb.get((6, s.dim), "scale_shift_table")?,
-            attn1: LinearAttention::new(s.dim, s.heads, s.head_dim, s.attention_bias, vb.pp("attn1"))?,
-            attn2: Attention::new(s.dim, s.dim, s.cross_heads, s.cross_head_dim, vb.pp("attn2"))?,
+            attn1: LinearAttention::new(s.dim, s.heads, s.head_dim, s.attention_bias, s.qk_norm, vb.pp("attn1"))?,
+            attn2: {
+                let attn = Attention::new(s.dim, s.dim, s.cross_heads, s.cross_head_dim, vb.pp("attn2"))?;
+                if s.qk_norm {
+                    attn.with_qk_norm(vb.pp("attn2"))?
+                } else {
+                    attn
+                }
+            },
             ff: GluMbConv::new(s.dim, s.dim, s.ff_hidden, false, vb.pp("ff"))?,
         })
     }

@@ -15,7 +15,8 @@ use serde::Deserialize;
 
 use crate::guidance::NegativeContext;
 use crate::loading::config::read_checked_config;
-use crate::models::layers::{layer_norm, modulate_normed};
+use crate::loading::quantized::QuantizedWeights;
+use crate::models::layers::{layer_norm, modulate_normed, timestep_features, MlpEmbedder};
 use crate::models::mmdit::embeddings::unpatchify;
 use crate::models::pixart::blocks::{Caption, NegativeCaption};
 use crate::models::pixart::embeddings::{sincos_grid, AdaLayerNormSingle, CaptionProjection};
@@ -56,8 +57,13 @@ pub struct SanaConfig {
     #[serde(default = "norm_eps")]
     pub norm_eps: f64,
     pub interpolation_scale: Option<f64>,
+    /// SANA-Sprint: a guidance embedding added to the timestep's.
     #[serde(default)]
     pub guidance_embeds: bool,
+    /// The pipeline multiplies its guidance scale by this before the embedding.
+    #[serde(default = "guidance_embeds_scale")]
+    pub guidance_embeds_scale: f64,
+    /// `"rms_norm_across_heads"` (SANA 1.5 / Sprint) or none.
     pub qk_norm: Option<String>,
     /// The pipeline multiplies the timestep by this (SANA-Sprint); the model itself does not.
     #[serde(default = "one")]
@@ -97,6 +103,9 @@ fn norm_eps() -> f64 {
 fn one() -> f64 {
     1.0
 }
+fn guidance_embeds_scale() -> f64 {
+    0.1
+}
 
 impl SanaConfig {
     pub fn from_file(path: &Path) -> crate::Result<Self> {
@@ -104,11 +113,8 @@ impl SanaConfig {
     }
 
     fn check(&self) -> std::result::Result<(), String> {
-        if self.guidance_embeds {
-            return Err("guidance_embeds (SANA-Sprint's guidance embedding) is not supported yet".into());
-        }
-        if let Some(norm) = &self.qk_norm {
-            return Err(format!("qk_norm \"{norm}\" (SANA 1.5's query/key norm) is not supported yet"));
+        if let Some(norm) = self.qk_norm.as_deref().filter(|n| *n != "rms_norm_across_heads") {
+            return Err(format!("qk_norm \"{norm}\" is not supported (only \"rms_norm_across_heads\", SANA 1.5's)"));
         }
         if self.norm_elementwise_affine || self.norm_eps != 1e-6 {
             return Err("only norm_elementwise_affine false with norm_eps 1e-6 is supported (SANA's configs)".into());
@@ -163,13 +169,49 @@ pub struct SanaInputs<'a> {
     pub caption_lens: &'a [usize],
     /// The negative caption (all tokens real) for the guided rows.
     pub guidance: Option<&'a NegativeContext<'a>>,
+    /// SANA-Sprint's guidance embedding input (the pipeline's scale times
+    /// `guidance_embeds_scale`); required exactly when the config has `guidance_embeds`.
+    pub embedded_guidance: Option<f64>,
     /// PAG: rows whose self-attention is the identity in the selected blocks.
     pub perturbation: Option<Perturbation<'a>>,
 }
 
+/// adaLN-single's timestep embedding, or SANA-Sprint's timestep + guidance one.
+enum TimeEmbed {
+    Single(AdaLayerNormSingle),
+    WithGuidance(TimestepGuidanceEmbedding),
+}
+
+/// diffusers' `SanaCombinedTimestepGuidanceEmbeddings`: the sum of two sinusoid-MLP embeddings
+/// (timestep, guidance), then `linear(silu(.))` for the blocks' modulation.
+struct TimestepGuidanceEmbedding {
+    timestep_embedder: MlpEmbedder,
+    guidance_embedder: MlpEmbedder,
+    linear: Linear,
+}
+
+impl TimestepGuidanceEmbedding {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let none = QuantizedWeights::none();
+        Ok(Self {
+            timestep_embedder: MlpEmbedder::new(256, dim, vb.pp("timestep_embedder"), &none)?,
+            guidance_embedder: MlpEmbedder::new(256, dim, vb.pp("guidance_embedder"), &none)?,
+            linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))?,
+        })
+    }
+
+    /// As [`AdaLayerNormSingle::forward`], with the guidance `[B]` added.
+    fn forward(&self, t: &Tensor, guidance: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+        let te = self.timestep_embedder.forward(&timestep_features(t, 256)?.to_dtype(dtype)?)?;
+        let ge = self.guidance_embedder.forward(&timestep_features(guidance, 256)?.to_dtype(dtype)?)?;
+        let e = (te + ge)?;
+        Ok((self.linear.forward(&e.silu()?)?, e))
+    }
+}
+
 pub struct SanaTransformer2DModel {
     patch_proj: Linear,
-    time_embed: AdaLayerNormSingle,
+    time_embed: TimeEmbed,
     caption_projection: CaptionProjection,
     caption_norm: RmsNorm,
     blocks: Vec<SanaBlock>,
@@ -189,6 +231,7 @@ impl SanaTransformer2DModel {
             cross_heads: config.num_cross_attention_heads.unwrap_or(0),
             cross_head_dim: config.cross_attention_head_dim.unwrap_or(0),
             attention_bias: config.attention_bias,
+            qk_norm: config.qk_norm.is_some(),
             ff_hidden: config.ff_hidden(),
         };
         let blocks = (0..config.num_layers)
@@ -199,7 +242,11 @@ impl SanaTransformer2DModel {
             Linear::new(pe.get((dim, c, p, p), "weight")?.reshape((dim, c * p * p))?, Some(pe.get(dim, "bias")?));
         Ok(Self {
             patch_proj,
-            time_embed: AdaLayerNormSingle::new(dim, vb.pp("time_embed"))?,
+            time_embed: if config.guidance_embeds {
+                TimeEmbed::WithGuidance(TimestepGuidanceEmbedding::new(dim, vb.pp("time_embed"))?)
+            } else {
+                TimeEmbed::Single(AdaLayerNormSingle::new(dim, vb.pp("time_embed"))?)
+            },
             caption_projection: CaptionProjection::new(config.caption_channels, dim, vb.pp("caption_projection"))?,
             caption_norm: RmsNorm::new(dim, 1e-5, false, vb.pp("caption_norm"))?,
             blocks,
@@ -211,6 +258,11 @@ impl SanaTransformer2DModel {
 
     pub fn config(&self) -> &SanaConfig {
         &self.config
+    }
+
+    /// The weights' dtype.
+    pub fn dtype(&self) -> DType {
+        self.scale_shift_table.dtype()
     }
 
     /// `[B, C, h, w]` latents -> `[B, (h/p)(w/p), dim]` tokens, row-major, plus the position
@@ -258,7 +310,16 @@ impl SanaTransformer2DModel {
         let dtype = self.scale_shift_table.dtype();
         let mut tokens = self.patch_embed(&x.to_dtype(dtype)?)?;
         let t = Tensor::full(inputs.timestep as f32, b, x.device())?;
-        let (temb, embedded) = self.time_embed.forward(&t, dtype)?;
+        let (temb, embedded) = match (&self.time_embed, inputs.embedded_guidance) {
+            (TimeEmbed::Single(e), None) => e.forward(&t, dtype)?,
+            (TimeEmbed::WithGuidance(e), Some(g)) => e.forward(&t, &Tensor::full(g as f32, b, x.device())?, dtype)?,
+            (TimeEmbed::Single(_), Some(_)) => {
+                candle_core::bail!("a guidance value given to a model without guidance_embeds")
+            }
+            (TimeEmbed::WithGuidance(_), None) => {
+                candle_core::bail!("this model has guidance_embeds: it needs a guidance value")
+            }
+        };
         let states = self.project_caption(inputs.caption, dtype)?;
         let caption = Caption { states: &states, lens: inputs.caption_lens };
         let negative_states = inputs.guidance.map(|g| self.project_caption(g.states, dtype)).transpose()?;
