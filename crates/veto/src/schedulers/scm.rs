@@ -217,6 +217,8 @@ fn linspace_f32(max: f64, steps: usize) -> Vec<f64> {
 mod tests {
     use super::*;
 
+    // 1.5708 is diffusers' literal maximum angle, not pi/2 (the f32 angles must equal its).
+    #[allow(clippy::approx_constant)]
     #[test]
     fn schedules_follow_diffusers_rules() {
         let mut s = ScmScheduler::from_value(serde_json::json!({})).unwrap();
