@@ -66,9 +66,9 @@ fn folders_saved_by_the_official_nag_package_load() {
     let pipe = Pipeline::load(&source, &Device::Cpu, DType::F32).unwrap();
     assert_eq!(pipe.family().name, "flux");
     // An unknown class lists the supported ones.
-    std::fs::write(&index, r#"{"_class_name": "WanPipeline"}"#).unwrap();
+    std::fs::write(&index, r#"{"_class_name": "CogVideoXPipeline"}"#).unwrap();
     let e = veto::families::detect(&ModelSource::local(dir.path()).unwrap()).unwrap_err().to_string();
-    assert!(e.contains("'WanPipeline' is not supported") && e.contains("StableDiffusionXLPipeline"), "{e}");
+    assert!(e.contains("'CogVideoXPipeline' is not supported") && e.contains("StableDiffusionXLPipeline"), "{e}");
 }
 
 /// Sequential residency gives the same images as resident loading, and between generations
