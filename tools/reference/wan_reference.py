@@ -542,6 +542,156 @@ def pipeline_fixtures() -> None:
                       {"frames": str(PIPE_SIZE["num_frames"])})
 
 
+# ---------------------------------------------------------------------------------------------
+# WanImageToVideoPipeline end to end: a PNG in, its preprocessing (Pillow Lanczos to the video
+# size; CLIPImageProcessor), CLIP vision, the VAE condition, the denoising loop.
+# ---------------------------------------------------------------------------------------------
+
+PIPE_I2V = {**PIPE_T2V, "in_channels": 12, "image_dim": 32, "added_kv_proj_dim": 32}  # 4 noise + 4 mask + 4 image
+I2V_IMAGE_SIZE = (41, 57)  # height, width of the input PNG: every resize path runs (not the video's 32 x 48)
+I2V_PROMPT = "a cat turns its head"
+
+
+def i2v_input_image(path: Path):
+    """Smooth gradients plus noise (rounding in the 8-bit resamplers shows), saved losslessly."""
+    import numpy as np
+    from PIL import Image
+
+    h, w = I2V_IMAGE_SIZE
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:h, 0:w].astype(np.float32)
+    r = 127 + 110 * np.sin(x / 4.0 + y / 6.0)
+    g = 127 + 110 * np.cos(y / 3.0 - x / 9.0)
+    b = (y * 255.0 / (h - 1) + rng.normal(0, 30, size=(h, w))).clip(0, 255)
+    img = Image.fromarray(np.stack([r, g, b], axis=-1).clip(0, 255).round().astype(np.uint8), "RGB")
+    img.save(path)
+    return Image.open(path).convert("RGB")
+
+
+def i2v_pipeline_fixtures() -> None:
+    from diffusers import AutoencoderKLWan, WanImageToVideoPipeline
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionModelWithProjection, UMT5EncoderModel
+
+    folder = OUT / "pipeline_i2v"
+    tr = build_transformer(PIPE_I2V, 4)
+    save_model_folder(folder, tr)
+    index = {
+        "_class_name": "WanImageToVideoPipeline",
+        "_diffusers_version": "0.42.1",
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "image_processor": ["transformers", "CLIPImageProcessor"],
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    pipe = WanImageToVideoPipeline(
+        tokenizer=AutoTokenizer.from_pretrained(PARTS / "tokenizer"),
+        text_encoder=UMT5EncoderModel.from_pretrained(PARTS / "text_encoder").eval(),
+        image_encoder=CLIPVisionModelWithProjection.from_pretrained(PARTS / "image_encoder").eval(),
+        image_processor=CLIPImageProcessor.from_pretrained(PARTS / "image_processor"),
+        transformer=tr,
+        vae=AutoencoderKLWan.from_pretrained(PARTS / "vae").eval(),
+        scheduler=UniPCMultistepScheduler.from_config(SCHEDULER),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    image = i2v_input_image(OUT / "i2v_input.png")
+    gen = torch.Generator().manual_seed(31)
+    f = (PIPE_SIZE["num_frames"] - 1) // 4 + 1
+    init = torch.randn(1, 4, f, PIPE_SIZE["height"] // 8, PIPE_SIZE["width"] // 8, generator=gen)
+    # The pipeline's own intermediate values, for diagnosis.
+    image_embeds = pipe.encode_image(image, "cpu")
+    resized = pipe.video_processor.preprocess(image, height=PIPE_SIZE["height"], width=PIPE_SIZE["width"])
+    _, condition = pipe.prepare_latents(
+        resized, 1, 4, PIPE_SIZE["height"], PIPE_SIZE["width"], PIPE_SIZE["num_frames"], torch.float32, "cpu",
+        None, latents=init.clone(),
+    )
+    pos, neg = pipe.encode_prompt(I2V_PROMPT, NEGATIVE, do_classifier_free_guidance=True, max_sequence_length=512)
+    n_neg = len(pipe.tokenizer(prompt_clean(NEGATIVE), add_special_tokens=True).input_ids)
+    image_tokens = image_embeds.shape[1]
+
+    def save(case: str, steps: list, final: torch.Tensor, meta: dict) -> None:
+        tensors = {
+            "init_latents": init,
+            "final": final,
+            "image_embeds": image_embeds,
+            "resized_image": resized,
+            "condition": condition,
+            **{f"step_{i}": x for i, x in enumerate(steps)},
+        }
+        meta = {
+            "prompt": I2V_PROMPT,
+            "negative_prompt": NEGATIVE,
+            "steps": PIPE_STEPS,
+            "height": PIPE_SIZE["height"],
+            "width": PIPE_SIZE["width"],
+            "frames": PIPE_SIZE["num_frames"],
+            "max_sequence_length": 512,
+            **meta,
+        }
+        write_safetensors(OUT / f"pipeline_i2v_{case}.safetensors", tensors, {k: str(v) for k, v in meta.items()})
+
+    # The stock WanImageToVideoPipeline: no guidance, CFG (its two sequential passes).
+    for case, g in [("none", 1.0), ("cfg", CFG_SCALE)]:
+        steps: list = []
+
+        def record(p, i, t, kw):
+            steps.append(kw["latents"].clone())
+            return {}
+
+        with torch.no_grad():
+            out = pipe(
+                image=image,
+                prompt=I2V_PROMPT,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=PIPE_STEPS,
+                guidance_scale=g,
+                latents=init.clone(),
+                output_type="latent",
+                callback_on_step_end=record,
+                **PIPE_SIZE,
+            ).frames
+        save(case, steps, out, {"guidance": "cfg" if g > 1 else "none", "guidance_scale": g})
+
+    # NAG, CFG + NAG (the official NAG processor, image attention unguided) and VSF: the I2V
+    # pipeline's loop by hand, latents concatenated with the condition as diffusers does.
+    def loop(case: str, cfg: bool, attention: str) -> None:
+        sch = UniPCMultistepScheduler.from_config(SCHEDULER)
+        sch.set_timesteps(PIPE_STEPS)
+        if attention == "nag":
+            set_cross_processor(tr, NagProcessor(NAG["nag_scale"], NAG["nag_tau"], NAG["nag_alpha"], image_tokens))
+            ctx, img = torch.cat([pos, neg]), image_embeds.repeat(2, 1, 1)
+        else:
+            set_cross_processor(tr, VsfProcessor(VSF["vsf_scale"], VSF["vsf_bias"], n_neg, 512))
+            ctx, img = torch.cat([pos[:, : 512 - n_neg], neg[:, :n_neg]], dim=1), image_embeds
+        latents, steps = init.clone(), []
+        for t in sch.timesteps:
+            ts = t.expand(1)
+            x = torch.cat([latents, condition], dim=1)
+            with torch.no_grad():
+                pred = tr(hidden_states=x, timestep=ts, encoder_hidden_states=ctx, encoder_hidden_states_image=img,
+                          return_dict=False)[0]
+                if cfg:
+                    stock_processors(tr)
+                    un = tr(hidden_states=x, timestep=ts, encoder_hidden_states=neg,
+                            encoder_hidden_states_image=image_embeds, return_dict=False)[0]
+                    set_cross_processor(tr, NagProcessor(NAG["nag_scale"], NAG["nag_tau"], NAG["nag_alpha"], image_tokens))
+                    pred = un + CFG_SCALE * (pred - un)
+            latents = sch.step(pred, t, latents, return_dict=False)[0]
+            steps.append(latents.clone())
+        stock_processors(tr)
+        meta = {"guidance": ("cfg+" if cfg else "") + attention, "guidance_scale": CFG_SCALE if cfg else 1.0}
+        meta.update({"nag_norm": "l1", **NAG} if attention == "nag" else VSF)
+        save(case, steps, latents, meta)
+
+    loop("nag", False, "nag")
+    loop("cfg_nag", True, "nag")
+    loop("vsf", False, "vsf")
+
+
 def main() -> None:
     assert sys.byteorder == "little"
     torch.set_grad_enabled(False)
@@ -555,6 +705,7 @@ def main() -> None:
     sampler_fixtures(t2v)
     unipc_fixture()
     pipeline_fixtures()
+    i2v_pipeline_fixtures()
     print(f"wrote fixtures under {OUT}")
 
 

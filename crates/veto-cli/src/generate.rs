@@ -369,12 +369,9 @@ fn check_video_flags(a: &GenerateArgs, video: bool) -> Result<()> {
     Ok(())
 }
 
-/// The --image file as `[1, 3, H, W]` in [-1, 1], resized to the video's `(width, height)`.
-fn load_first_frame(path: &Path, (width, height): (usize, usize)) -> Result<Tensor> {
-    let img = image::open(path).with_context(|| format!("--image: cannot read {}", path.display()))?.to_rgb8();
-    let img = image::imageops::resize(&img, width as u32, height as u32, image::imageops::FilterType::Triangle);
-    let data = Tensor::from_vec(img.into_raw(), (height, width, 3), &Device::Cpu)?;
-    Ok(((data.permute((2, 0, 1))?.to_dtype(DType::F32)? / 127.5)? - 1.0)?.unsqueeze(0)?)
+/// The --image file as RGB (the pipeline resizes it as diffusers does).
+fn load_first_frame(path: &Path) -> Result<image::RgbImage> {
+    Ok(image::open(path).with_context(|| format!("--image: cannot read {}", path.display()))?.to_rgb8())
 }
 
 /// The request the flags describe, over the model's defaults.
@@ -569,8 +566,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         veto::demo::model::fill_defaults(&mut req);
     }
     if let Some(path) = &a.image {
-        let size = (req.width.unwrap_or(defaults.width), req.height.unwrap_or(defaults.height));
-        req.video.image = Some(load_first_frame(path, size)?);
+        req.video.image = Some(load_first_frame(path)?);
     }
     check_flags(&a, family, req.guidance.as_ref().map_or(defaults.guidance.method, |g| g.method))?;
     Pipeline::check_before_loading(&source, &req).map_err(flag_error)?;

@@ -90,6 +90,40 @@ fn t2v_writes_an_mp4_with_the_rounded_frame_count_and_replays_latents() {
     assert!(std::fs::metadata(&gif).unwrap().len() > 0);
 }
 
+/// The tiny I2V folder (`WanImageToVideoPipeline`): plus CLIP vision and its processor.
+fn wan_i2v_folder(dir: &Path) -> PathBuf {
+    let model = dir.join("wan-i2v");
+    common::copy_dir(&fixtures("wan").join("pipeline_i2v"), &model);
+    for part in ["tokenizer", "text_encoder", "vae", "image_encoder", "image_processor"] {
+        common::copy_dir(&fixtures("wan_parts").join("wan").join(part), &model.join(part));
+    }
+    model
+}
+
+#[test]
+fn i2v_writes_an_mp4_from_a_png_and_needs_the_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = wan_i2v_folder(dir.path());
+    let m = model.to_str().unwrap();
+    let png = fixtures("wan").join("i2v_input.png");
+    let out = dir.path().join("cat.mp4");
+    let base = ["generate", "--model", m, "--prompt", "a cat turns its head", "--negative-prompt", "static"];
+    let size = ["--steps", "2", "--height", "32", "--width", "48", "--frames", "5", "--output", out.to_str().unwrap()];
+    let mut a: Vec<&str> = base.iter().chain(size.iter()).copied().collect();
+    a.extend_from_slice(&["--guidance", "nag", "--image", png.to_str().unwrap()]);
+    let o = veto(&a);
+    assert!(o.status.success(), "veto failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(mp4_frames(&out), (5, 48, 32));
+
+    // Without --image: named before any weights load.
+    let a: Vec<&str> = base.iter().chain(size.iter()).copied().collect();
+    let o = veto(&a);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("needs an input image"), "{err}");
+    assert!(!err.contains("loading"), "{err}");
+}
+
 #[test]
 fn video_mistakes_fail_before_loading() {
     let dir = tempfile::tempdir().unwrap();

@@ -276,8 +276,9 @@ pub static SANA: Family = Family {
     check_configs: sana::check_before_loading,
 };
 
-/// Wan2.1 text-to-video (and image-to-video: accepted, its pipeline not built yet). NAG and
-/// NASA on every `attn2`, VSF as the official Wan code (no CFG), the official Wan NAG window.
+/// Wan2.1 text-to-video and image-to-video (one pipeline type, the transformer config says
+/// which). NAG and NASA on every `attn2`, VSF as the official Wan code (no CFG), the official
+/// Wan NAG window.
 pub static WAN: Family = Family {
     name: "wan",
     aliases: &["wan2.1"],
@@ -292,15 +293,7 @@ pub static WAN: Family = Family {
     window: StepWindow::Threshold,
     sampler_options: &[],
     scheduler: "UniPCMultistepScheduler (flow prediction, flow_shift)",
-    load: |s, o| {
-        if s.model_index()?.pipeline_class().ends_with("WanImageToVideoPipeline") {
-            return Err(Error::invalid(format!(
-                "{}: WanImageToVideoPipeline is not built yet (text-to-video only)",
-                s.describe("transformer")
-            )));
-        }
-        Ok(Box::new(wan::WanPipeline::load_with(s, o)?))
-    },
+    load: |s, o| Ok(Box::new(wan::WanPipeline::load_with(s, o)?)),
     defaults: wan::defaults_of,
     check_configs: wan::check_before_loading,
 };

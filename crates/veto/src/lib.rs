@@ -35,6 +35,7 @@ pub mod loading;
 #[doc(hidden)]
 pub mod models;
 #[doc(hidden)]
+pub mod pil_resize;
 pub mod pipelines;
 pub mod profile;
 #[doc(hidden)]

@@ -277,28 +277,49 @@ fn transformer_rejects_mismatched_inputs() {
     assert!(i2v.forward(&inputs).unwrap_err().to_string().contains("CLIP image"));
 }
 
-/// The tiny T2V pipeline folder: the transformer and scheduler of `tests/fixtures/wan/pipeline`
-/// with wan-parts' tokenizer, UMT5 and VAE (copied once into a temporary folder).
+/// A tiny pipeline folder: the transformer and scheduler of `tests/fixtures/wan/<folder>` with
+/// wan-parts' `parts` (copied into a temporary folder, loaded, removed).
+fn load_pipeline(folder: &str, parts: &[&str]) -> WanPipeline {
+    let dir = std::env::temp_dir().join(format!("veto-wan-{folder}-{}", std::process::id()));
+    common::copy_dir(&fixtures("wan").join(folder), &dir);
+    for part in parts {
+        common::copy_dir(&fixtures("wan_parts").join("wan").join(part), &dir.join(part));
+    }
+    let pipe = WanPipeline::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    std::fs::remove_dir_all(&dir).ok();
+    pipe
+}
+
+/// The tiny T2V pipeline: tokenizer, UMT5 and VAE from wan-parts.
 fn pipeline() -> &'static WanPipeline {
     static PIPE: std::sync::OnceLock<WanPipeline> = std::sync::OnceLock::new();
+    PIPE.get_or_init(|| load_pipeline("pipeline", &["tokenizer", "text_encoder", "vae"]))
+}
+
+/// The tiny I2V pipeline (`WanImageToVideoPipeline` folder): plus CLIP vision and its processor.
+fn i2v_pipeline() -> &'static WanPipeline {
+    static PIPE: std::sync::OnceLock<WanPipeline> = std::sync::OnceLock::new();
     PIPE.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("veto-wan-pipeline-{}", std::process::id()));
-        common::copy_dir(&fixtures("wan").join("pipeline"), &dir);
-        for part in ["tokenizer", "text_encoder", "vae"] {
-            common::copy_dir(&fixtures("wan_parts").join("wan").join(part), &dir.join(part));
-        }
-        let pipe = WanPipeline::load(&dir, &Device::Cpu, DType::F32).unwrap();
-        std::fs::remove_dir_all(&dir).ok();
-        pipe
+        load_pipeline("pipeline_i2v", &["tokenizer", "text_encoder", "vae", "image_encoder", "image_processor"])
     })
+}
+
+/// The PNG the I2V fixtures start from (41 x 57, not the video's size).
+fn i2v_input() -> image::RgbImage {
+    image::open(fixtures("wan").join("i2v_input.png")).unwrap().to_rgb8()
 }
 
 /// diffusers' WanPipeline (none, CFG) and its loop with the official NAG / VSF processors, from
 /// the prompt (tokenizer, UMT5, 512 padded rows) to the final latents and, for `none`, the video.
 fn pipeline_case(case: &str) {
-    let pipe = pipeline();
-    let fx = Fixture::load("wan", &format!("pipeline_{case}.safetensors"));
+    run_pipeline_case(pipeline(), &format!("pipeline_{case}.safetensors"), None);
+}
+
+/// One pipeline fixture: every step's latents and the final ones (and the video if recorded).
+fn run_pipeline_case(pipe: &WanPipeline, file: &str, image: Option<image::RgbImage>) {
+    let fx = Fixture::load("wan", file);
     let mut req = WanRequest::new(fx.m("prompt"));
+    req.image = image;
     req.negative_prompt = Some(fx.m("negative_prompt").to_string());
     req.guidance = guidance_of(&fx, req.guidance.clone());
     req.steps = fx.f("steps") as usize;
@@ -375,6 +396,65 @@ fn pipeline_rejects_bad_sizes_and_rounds_frames() {
     let out = pipe.generate_latents(&req, &mut |_| {}, &mut warnings).unwrap();
     assert_eq!(out.latents.dims(), &[1, 4, 2, 4, 6]);
     assert!(warnings.into_vec()[0].contains("rounded to 5"));
+}
+
+/// diffusers' WanImageToVideoPipeline (none, CFG) and its loop with the official NAG / VSF
+/// processors, from a PNG of another size (Lanczos to the video size for the VAE condition, the
+/// CLIP image processor for the image tokens) to the final latents.
+fn i2v_pipeline_case(case: &str) {
+    run_pipeline_case(i2v_pipeline(), &format!("pipeline_i2v_{case}.safetensors"), Some(i2v_input()));
+}
+
+#[test]
+fn i2v_pipeline_none() {
+    i2v_pipeline_case("none");
+}
+
+#[test]
+fn i2v_pipeline_cfg() {
+    i2v_pipeline_case("cfg");
+}
+
+#[test]
+fn i2v_pipeline_nag() {
+    i2v_pipeline_case("nag");
+}
+
+#[test]
+fn i2v_pipeline_cfg_nag() {
+    i2v_pipeline_case("cfg_nag");
+}
+
+#[test]
+fn i2v_pipeline_vsf() {
+    i2v_pipeline_case("vsf");
+}
+
+/// diffusers' `video_processor.preprocess` of the PIL image (Pillow Lanczos to 48 x 32): the
+/// same 8-bit pixels, so the same values.
+#[test]
+fn i2v_first_frame_is_pillow_lanczos() {
+    let fx = Fixture::load("wan", "pipeline_i2v_none.safetensors");
+    let got = veto::pipelines::wan::first_frame_pixels(&i2v_input(), 48, 32, &Device::Cpu).unwrap();
+    assert_close("resized first frame", &got, fx.t("resized_image"), 1e-6);
+}
+
+#[test]
+fn i2v_and_t2v_refuse_the_wrong_inputs() {
+    let mut req = WanRequest::new("a cat");
+    req.guidance.method = veto::Method::NONE;
+    req.steps = 1;
+    req.height = 32;
+    req.width = 48;
+    req.frames = 5;
+    let mut warnings = veto::pipelines::Warnings::default();
+    let err = i2v_pipeline().generate_latents(&req, &mut |_| {}, &mut warnings).unwrap_err().to_string();
+    assert!(err.contains("needs an input image"), "{err}");
+    req.image = Some(i2v_input());
+    let err = pipeline().generate_latents(&req, &mut |_| {}, &mut warnings).unwrap_err().to_string();
+    assert!(err.contains("text-to-video model takes no input image"), "{err}");
+    let out = i2v_pipeline().generate_latents(&req, &mut |_| {}, &mut warnings).unwrap();
+    assert_eq!(out.latents.dims(), &[1, 4, 2, 4, 6]);
 }
 
 /// `WanImageToVideoPipeline.prepare_latents`' conditioning channels: the first-frame mask and the

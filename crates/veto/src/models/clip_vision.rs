@@ -25,6 +25,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::loading::config::read_config;
 use crate::loading::weights::ComponentWeights;
+use crate::pil_resize::Filter;
 use crate::text::clip::{Activation, EncoderLayer};
 
 fn quick_gelu() -> String {
@@ -223,12 +224,13 @@ pub enum ResizeTo {
     Exact(usize, usize),
 }
 
-/// CLIPImageProcessor: bicubic resize (Pillow's antialiased 8-bit resampling, what transformers'
-/// PIL backend runs; its torchvision backend can differ by one level on some pixels),
+/// CLIPImageProcessor: resize with the config's filter (bicubic for CLIP; Pillow's antialiased
+/// 8-bit resampling, what transformers' PIL backend runs; its torchvision backend can differ by one level on some pixels),
 /// center crop, rescale to [0, 1], normalize per channel.
 #[derive(Debug, Clone)]
 pub struct ClipImageProcessor {
     resize: Option<ResizeTo>,
+    filter: Filter,
     crop: Option<(usize, usize)>,
     rescale: Option<f64>,
     mean_std: Option<([f64; 3], [f64; 3])>,
@@ -241,9 +243,13 @@ impl ClipImageProcessor {
         let path = dir.join("preprocessor_config.json");
         let c: ClipImageProcessorConfig = read_config(&path, "CLIP image processor config")?;
         let bad = |reason: String| Error::BadModelFile { path: path.display().to_string(), reason };
-        if c.do_resize && c.resample != 3 {
-            return Err(bad(format!("resample {} is not supported (only 3, bicubic)", c.resample)));
-        }
+        let filter = match Filter::from_pil_code(c.resample) {
+            Some(f) => f,
+            None if !c.do_resize => Filter::Bicubic,
+            None => {
+                return Err(bad(format!("resample {} is not supported (1 lanczos, 2 bilinear, 3 bicubic)", c.resample)))
+            }
+        };
         let size_of = |s: &Option<SizeSpec>, what: &str| -> Result<ResizeTo> {
             match s {
                 Some(SizeSpec { shortest_edge: Some(e), .. }) if *e > 0 => Ok(ResizeTo::ShortestEdge(*e)),
@@ -274,7 +280,7 @@ impl ClipImageProcessor {
         } else {
             None
         };
-        Ok(Self { resize, crop, rescale: c.do_rescale.then_some(c.rescale_factor), mean_std, path })
+        Ok(Self { resize, filter, crop, rescale: c.do_rescale.then_some(c.rescale_factor), mean_std, path })
     }
 
     /// `[1, 3, H, W]` f32 pixel values for `image`.
@@ -289,7 +295,7 @@ impl ClipImageProcessor {
                 ResizeTo::Exact(h, w) => (h, w),
                 ResizeTo::ShortestEdge(e) => shortest_edge_size(img.h, img.w, e),
             };
-            img = img.resize(h, w);
+            img = img.resize(h, w, self.filter);
         }
         if let Some((ch, cw)) = self.crop {
             img = img.center_crop(ch, cw);
@@ -331,94 +337,11 @@ struct Pixels {
     data: Vec<u8>,
 }
 
-/// Fixed-point precision of the resampling weights (Pillow's `PRECISION_BITS`).
-const PRECISION_BITS: u32 = 22;
-
-/// Bicubic kernel with a = -0.5 (Pillow's and torchvision's antialiased bicubic).
-fn bicubic_kernel(x: f64) -> f64 {
-    let a = -0.5;
-    let x = x.abs();
-    if x < 1.0 {
-        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
-    } else if x < 2.0 {
-        (((x - 5.0) * x + 8.0) * x - 4.0) * a
-    } else {
-        0.0
-    }
-}
-
-/// For each output position: the first input index and the fixed-point weights. The kernel is
-/// widened by the scale when shrinking (antialiasing), weights normalized to sum to one.
-fn resample_weights(in_len: usize, out_len: usize) -> Vec<(usize, Vec<i64>)> {
-    let scale = in_len as f64 / out_len as f64;
-    let filter_scale = scale.max(1.0);
-    let support = 2.0 * filter_scale;
-    (0..out_len)
-        .map(|o| {
-            let center = (o as f64 + 0.5) * scale;
-            let lo = ((center - support + 0.5) as i64).max(0) as usize;
-            let hi = ((center + support + 0.5) as i64).min(in_len as i64) as usize;
-            let raw: Vec<f64> = (lo..hi).map(|i| bicubic_kernel((i as f64 - center + 0.5) / filter_scale)).collect();
-            let sum: f64 = raw.iter().sum();
-            let one = (1i64 << PRECISION_BITS) as f64;
-            let fixed = raw
-                .iter()
-                .map(|&k| {
-                    let k = if sum != 0.0 { k / sum } else { k };
-                    if k < 0.0 {
-                        (-0.5 + k * one) as i64
-                    } else {
-                        (0.5 + k * one) as i64
-                    }
-                })
-                .collect();
-            (lo, fixed)
-        })
-        .collect()
-}
-
-fn round_fixed(acc: i64) -> u8 {
-    (acc >> PRECISION_BITS).clamp(0, 255) as u8
-}
-
 impl Pixels {
-    /// Separable resize: the horizontal pass, then the vertical one, each rounded to 8 bits.
-    fn resize(self, h: usize, w: usize) -> Pixels {
-        let mut img = self;
-        if w != img.w {
-            let weights = resample_weights(img.w, w);
-            let mut out = vec![0u8; img.h * w * 3];
-            for y in 0..img.h {
-                let row = &img.data[y * img.w * 3..(y + 1) * img.w * 3];
-                for (x, (lo, ks)) in weights.iter().enumerate() {
-                    for ch in 0..3 {
-                        let mut acc = 1i64 << (PRECISION_BITS - 1);
-                        for (j, k) in ks.iter().enumerate() {
-                            acc += row[(lo + j) * 3 + ch] as i64 * k;
-                        }
-                        out[(y * w + x) * 3 + ch] = round_fixed(acc);
-                    }
-                }
-            }
-            img = Pixels { w, h: img.h, data: out };
-        }
-        if h != img.h {
-            let weights = resample_weights(img.h, h);
-            let mut out = vec![0u8; h * img.w * 3];
-            for (y, (lo, ks)) in weights.iter().enumerate() {
-                for x in 0..img.w {
-                    for ch in 0..3 {
-                        let mut acc = 1i64 << (PRECISION_BITS - 1);
-                        for (j, k) in ks.iter().enumerate() {
-                            acc += img.data[((lo + j) * img.w + x) * 3 + ch] as i64 * k;
-                        }
-                        out[(y * img.w + x) * 3 + ch] = round_fixed(acc);
-                    }
-                }
-            }
-            img = Pixels { w: img.w, h, data: out };
-        }
-        img
+    /// Pillow's resize with `filter` (see [`crate::pil_resize`]).
+    fn resize(self, h: usize, w: usize, filter: Filter) -> Pixels {
+        let data = crate::pil_resize::resize_rgb(&self.data, self.w, self.h, w, h, filter);
+        Pixels { w, h, data }
     }
 
     /// transformers' center crop: zero padding first (the odd pixel on top / left) where the
@@ -457,7 +380,7 @@ mod tests {
     #[test]
     fn resize_of_a_flat_image_is_flat() {
         let img = Pixels { w: 7, h: 5, data: vec![200; 7 * 5 * 3] };
-        let out = img.resize(3, 11);
+        let out = img.resize(3, 11, Filter::Bicubic);
         assert!(out.data.iter().all(|&v| v == 200));
     }
 }

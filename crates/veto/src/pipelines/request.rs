@@ -150,8 +150,9 @@ pub struct VideoOptions {
     pub frames: Option<usize>,
     /// Overrides the scheduler config's `flow_shift`.
     pub flow_shift: Option<f64>,
-    /// The first frame of image-to-video, `[1, 3, H, W]` in [-1, 1] at the video's size.
-    pub image: Option<Tensor>,
+    /// The first frame of image-to-video, at any size: the pipeline resizes it to the video's
+    /// (Pillow Lanczos, as diffusers) and gives the original to CLIP vision (as diffusers).
+    pub image: Option<image::RgbImage>,
 }
 
 impl VideoOptions {

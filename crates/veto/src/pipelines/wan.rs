@@ -12,15 +12,19 @@
 //! - VSF: the negative prompt unpadded (its `n` real rows), the prompt padded to `512 - n`, so
 //!   the context `[P, N]` keeps 512 rows (the official VSF Wan code); no CFG.
 //!
-//! [`WanPipeline`] is the text-to-video pipeline on a diffusers folder (UMT5 + tokenizer,
-//! transformer, `AutoencoderKLWan`, UniPC): prompt -> latents -> frames. It is a library API of
-//! its own ([`WanRequest`]) and the registry's `wan` family ([`TextToImage`], whose `decode`
-//! gives a video `[1, 3, F, H, W]`). The I2V pipeline is not built yet (its pieces are:
-//! [`i2v_condition`], CLIP vision, [`denoise`]).
+//! [`WanPipeline`] runs either diffusers folder: `WanPipeline` (text-to-video: UMT5 + tokenizer,
+//! transformer, `AutoencoderKLWan`, UniPC) and `WanImageToVideoPipeline` (the same plus
+//! `image_encoder/` CLIP vision and `image_processor/`; the transformer config says which). For
+//! I2V the input image is preprocessed twice as diffusers does: the original goes through the
+//! CLIP image processor to the encoder's penultimate states, and a copy resized to the video's
+//! size with Pillow's Lanczos ([`first_frame_pixels`]) becomes the VAE condition
+//! ([`i2v_condition`]). It is a library API of its own ([`WanRequest`]) and the registry's `wan`
+//! family ([`TextToImage`], whose `decode` gives a video `[1, 3, F, H, W]`).
 
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
 
 use super::noise::gaussian;
 use super::{Defaults, Denoised, LoadOptions, ResolvedRequest, StepEvent, TextToImage, Warnings};
@@ -29,6 +33,7 @@ use crate::families::WAN;
 use crate::guidance::{CfgScaleSource, GuidanceConfig, GuidancePlanner, Method, NegativeContext, StepWindow};
 use crate::loading::components::{component_weights, t5_tokenizer_dir};
 use crate::loading::model_source::ModelSource;
+use crate::models::clip_vision::{ClipImageProcessor, ClipVisionEncoder};
 use crate::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
 use crate::models::wan_vae::AutoencoderKlWan;
 use crate::schedulers::scheduler::{NoNoise, Scheduler};
@@ -107,6 +112,42 @@ pub fn i2v_condition(vae: &AutoencoderKlWan, image: &Tensor, frames: usize) -> R
         first
     };
     Ok(Tensor::cat(&[&mask, &latents], 1)?)
+}
+
+/// `VaeImageProcessor.preprocess` of a PIL image as the I2V pipeline calls it: resized to
+/// `width x height` with Pillow's Lanczos (aspect ratio not kept, no crop), then to [-1, 1];
+/// `[1, 3, height, width]` f32 on `device`.
+pub fn first_frame_pixels(image: &RgbImage, width: usize, height: usize, device: &Device) -> Result<Tensor> {
+    if image.width() == 0 || image.height() == 0 {
+        return Err(Error::parameter("image", "the input image is empty"));
+    }
+    let resized = crate::pil_resize::resize(image, width as u32, height as u32, crate::pil_resize::Filter::Lanczos);
+    let data: Vec<f32> = resized.as_raw().iter().map(|&v| v as f32 / 255.0 * 2.0 - 1.0).collect();
+    Ok(Tensor::from_vec(data, (height, width, 3), device)?.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?)
+}
+
+/// The image-to-video pipeline's image encoder: `image_processor/` and `image_encoder/`.
+struct ImageEncoder {
+    processor: ClipImageProcessor,
+    encoder: ClipVisionEncoder,
+}
+
+impl ImageEncoder {
+    fn load(source: &ModelSource, device: &Device) -> Result<Self> {
+        let config = source.file("image_processor/preprocessor_config.json")?;
+        let dir = config.parent().ok_or_else(|| Error::invalid("image_processor: no folder"))?;
+        let weights = component_weights(source, "image_encoder", "model")?;
+        Ok(Self {
+            processor: ClipImageProcessor::load(dir)?,
+            encoder: ClipVisionEncoder::load_weights(&weights, device, DType::F32)?,
+        })
+    }
+
+    /// `WanImageToVideoPipeline.encode_image`: the penultimate hidden states `[1, tokens, dim]`.
+    fn encode(&self, image: &RgbImage, device: &Device) -> Result<Tensor> {
+        let pixels = self.processor.preprocess(image)?.to_device(device)?;
+        self.encoder.forward(&pixels)
+    }
 }
 
 /// The conditioning of one Wan run, as the transformer receives it.
@@ -193,6 +234,8 @@ pub struct WanRequest {
     pub init_latents: Option<Tensor>,
     /// Overrides the scheduler config's `flow_shift` (Wan: 3 at 480p, 5 at 720p).
     pub flow_shift: Option<f64>,
+    /// Image-to-video: the first frame, any size (required by an I2V folder, refused by T2V).
+    pub image: Option<RgbImage>,
 }
 
 impl WanRequest {
@@ -214,14 +257,17 @@ impl WanRequest {
             seed: 0,
             init_latents: None,
             flow_shift: None,
+            image: None,
         }
     }
 }
 
-/// `WanPipeline` (text-to-video) on a diffusers folder.
+/// diffusers' `WanPipeline` (text-to-video) or `WanImageToVideoPipeline` on a folder.
 pub struct WanPipeline {
     tokenizer: T5Tokenizer,
     text_encoder: Umt5TextEncoder,
+    /// I2V only.
+    image_encoder: Option<ImageEncoder>,
     transformer: WanTransformer3DModel,
     vae: AutoencoderKlWan,
     scheduler_config: serde_json::Value,
@@ -229,23 +275,20 @@ pub struct WanPipeline {
 }
 
 impl WanPipeline {
-    /// Load `dir` (`tokenizer/`, `text_encoder/`, `transformer/`, `vae/`, `scheduler/`); the text
-    /// encoder and the VAE in f32, the transformer in `dtype`.
+    /// Load `dir` (`tokenizer/`, `text_encoder/`, `transformer/`, `vae/`, `scheduler/`, and for
+    /// I2V `image_encoder/`, `image_processor/`); the encoders and the VAE in f32, the
+    /// transformer in `dtype`.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         Self::load_with(&ModelSource::local(dir)?, &LoadOptions::new(device, dtype))
     }
 
     /// Load a diffusers folder (its LoRAs merged into the transformer); the text encoder on
-    /// `opts.text_device()` in f32, the VAE in f32, the transformer in `opts.dtype`.
+    /// `opts.text_device()` in f32, CLIP vision and the VAE in f32, the transformer in `opts.dtype`.
     pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
         let device = &opts.device;
         let config = WanConfig::from_file(&source.file("transformer/config.json")?)?;
-        if config.is_i2v() {
-            return Err(Error::invalid(format!(
-                "{}: an image-to-video transformer; WanPipeline is text-to-video",
-                source.describe("transformer")
-            )));
-        }
+        check_i2v_channels(&config).map_err(|e| Error::invalid(format!("{}: {e}", source.describe("transformer"))))?;
+        let image_encoder = if config.is_i2v() { Some(ImageEncoder::load(source, device)?) } else { None };
         let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
         let transformer = WanTransformer3DModel::load(&config, &weights, opts.dtype, device)?;
         let te = component_weights(source, "text_encoder", "model")?;
@@ -255,6 +298,7 @@ impl WanPipeline {
         Ok(Self {
             tokenizer: T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer")?)?,
             text_encoder,
+            image_encoder,
             transformer,
             vae: AutoencoderKlWan::load_weights(&vae, device, DType::F32)?,
             scheduler_config,
@@ -280,7 +324,22 @@ impl WanPipeline {
     ) -> Result<Denoised> {
         req.guidance.validate()?;
         let frames = round_frames(req.frames, warnings);
-        let shape = latent_shape(self.transformer.config().in_channels, frames, req.height, req.width)?;
+        let shape = latent_shape(self.transformer.config().out_channels(), frames, req.height, req.width)?;
+        // I2V: the image's CLIP states and VAE condition, before the text (a bad image fails early).
+        let (image_states, condition) = match (&self.image_encoder, &req.image) {
+            (Some(enc), Some(image)) => {
+                let states = enc.encode(image, &self.device)?;
+                let pixels = first_frame_pixels(image, req.width, req.height, &self.device)?;
+                (Some(states), Some(i2v_condition(&self.vae, &pixels, frames)?))
+            }
+            (Some(_), None) => {
+                return Err(Error::parameter("image", "an image-to-video model needs an input image"))
+            }
+            (None, Some(_)) => {
+                return Err(Error::parameter("image", "a text-to-video model takes no input image"))
+            }
+            (None, None) => (None, None),
+        };
         let init = match &req.init_latents {
             Some(l) if l.dims() != shape => {
                 return Err(Error::invalid(format!("init latents {:?}: this request needs {shape:?}", l.dims())))
@@ -314,8 +373,8 @@ impl WanPipeline {
             positive: positive_states.to_dtype(dtype)?,
             uncond: if cfg { negative.as_ref().map(|n| n.padded.to_dtype(dtype)).transpose()? } else { None },
             negative: attention_negative.map(|t| t.to_dtype(dtype)).transpose()?,
-            image: None,
-            condition: None,
+            image: image_states.map(|t| t.to_dtype(dtype)).transpose()?,
+            condition,
         };
         let mut scheduler = self.scheduler(req)?;
         scheduler.set_timesteps(req.steps)?;
@@ -336,6 +395,19 @@ impl WanPipeline {
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         self.vae.decode(&self.vae.denormalize_latents(&latents.to_dtype(DType::F32)?)?)
     }
+}
+
+/// An I2V transformer takes the noisy latents, 4 mask channels and the image latents:
+/// `in_channels = 2 * out_channels + 4`.
+fn check_i2v_channels(config: &WanConfig) -> std::result::Result<(), String> {
+    let (inp, out) = (config.in_channels, config.out_channels());
+    if config.is_i2v() && inp != 2 * out + TEMPORAL_FACTOR {
+        return Err(format!(
+            "an image-to-video transformer needs in_channels = 2 x out_channels + {TEMPORAL_FACTOR} = {}, has {inp}",
+            2 * out + TEMPORAL_FACTOR
+        ));
+    }
+    Ok(())
 }
 
 /// The scheduler config of a folder (`scheduler/scheduler_config.json`).
@@ -381,6 +453,7 @@ pub fn check_before_loading(source: &ModelSource, req: &ResolvedRequest) -> Resu
 
 /// The checks of [`check_before_loading`] against a parsed transformer config.
 fn check_request(config: &WanConfig, req: &ResolvedRequest) -> Result<()> {
+    check_i2v_channels(config).map_err(Error::invalid)?;
     req.check_size(SIZE_MULTIPLE)?;
     req.check_steps()?;
     if req.guidance.method.cfg && req.guidance.uses_vsf() {
@@ -410,7 +483,10 @@ fn check_request(config: &WanConfig, req: &ResolvedRequest) -> Result<()> {
             "image",
             "this is a text-to-video model (WanPipeline); an input image needs a WanImageToVideoPipeline folder",
         )),
-        (true, None) => Err(Error::parameter("image", "an image-to-video model needs an input image")),
+        (true, None) => Err(Error::parameter("image", "an image-to-video model needs an input image (--image)")),
+        (true, Some(img)) if img.width() == 0 || img.height() == 0 => {
+            Err(Error::parameter("image", "the input image is empty"))
+        }
         _ => Ok(()),
     }
 }
@@ -434,6 +510,7 @@ impl WanPipeline {
             seed: req.seed,
             init_latents: req.init_latents.clone(),
             flow_shift: req.video.flow_shift,
+            image: req.video.image.clone(),
         }
     }
 }
@@ -464,7 +541,11 @@ impl TextToImage for WanPipeline {
     }
 
     fn loaded_components(&self) -> Vec<(&'static str, bool)> {
-        vec![("text_encoder", true), ("transformer", true), ("vae", true)]
+        let mut parts = vec![("text_encoder", true), ("transformer", true), ("vae", true)];
+        if self.image_encoder.is_some() {
+            parts.push(("image_encoder", true));
+        }
+        parts
     }
 }
 
