@@ -675,6 +675,11 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let img_ids = latents::image_ids(lh, lw, &device)?;
         let txt_ids = latents::text_ids(a.text_len, &device)?;
         let t = Tensor::new(&[0.75f32], &device)?.to_dtype(dtype)?;
+        let (x2, t2) = (Tensor::cat(&[&x, &x], 0)?, Tensor::cat(&[&t, &t], 0)?);
+        let both = TextConditioning {
+            hidden: Tensor::cat(&[&pos.hidden, &neg.hidden], 0)?,
+            pooled: Tensor::cat(&[&pos.pooled, &neg.pooled], 0)?,
+        };
         let call = |p: &TextConditioning, negative: Option<&NegativeContext>, variant: NagVariant| {
             model.forward(&FluxInputs {
                 latents: &x,
@@ -693,10 +698,19 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             vec![
                 labelled("none", || Ok(call(&pos, None, NagVariant::Official)?)),
                 labelled("NAG", || Ok(call(&pos, Some(&nag_context), NagVariant::Official)?)),
+                // As the pipeline runs plain CFG: one batch [positive, negative].
                 labelled("CFG", || {
-                    let vp = call(&pos, None, NagVariant::Official)?;
-                    let vn = call(&neg, None, NagVariant::Official)?;
-                    Ok(cfg.combine_outputs(&vp, Some(&vn), None)?)
+                    let v = model.forward(&FluxInputs {
+                        latents: &x2,
+                        img_ids: &img_ids,
+                        txt_ids: &txt_ids,
+                        timestep: &t2,
+                        guidance: None,
+                        positive: &both,
+                        negative: None,
+                        nag_variant: NagVariant::Official,
+                    })?;
+                    Ok(cfg.combine_outputs(&v.narrow(0, 0, 1)?, Some(&v.narrow(0, 1, 1)?), None)?)
                 }),
                 labelled("NAG shared-image", || Ok(call(&pos, Some(&nag_context), NagVariant::SharedImage)?)),
             ],

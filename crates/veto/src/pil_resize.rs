@@ -89,8 +89,7 @@ fn weights(filter: Filter, in_len: usize, out_len: usize) -> Vec<(usize, Vec<i64
             // C's truncating casts, as Pillow's.
             let lo = ((center - support + 0.5) as i64).max(0) as usize;
             let hi = ((center + support + 0.5) as i64).min(in_len as i64) as usize;
-            let raw: Vec<f64> =
-                (lo..hi).map(|i| filter.weight((i as f64 - center + 0.5) / filter_scale)).collect();
+            let raw: Vec<f64> = (lo..hi).map(|i| filter.weight((i as f64 - center + 0.5) / filter_scale)).collect();
             let sum: f64 = raw.iter().sum();
             let fixed = raw
                 .iter()

@@ -141,6 +141,11 @@ impl ClipVisionEncoder {
         &self.config
     }
 
+    /// The device the weights are on.
+    pub fn device(&self) -> &Device {
+        self.patch_embedding.device()
+    }
+
     /// `hidden_states[-2]` `[B, 1 + (S/p)^2, hidden]` for preprocessed `pixel_values` `[B, C, S, S]`.
     pub fn forward(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let c = &self.config;

@@ -121,7 +121,9 @@ pub fn layer_norm(x: &Tensor) -> Result<Tensor> {
     let dim = x.dim(D::Minus1)?;
     let ones = Tensor::ones(dim, x.dtype(), x.device())?;
     let zeros = Tensor::zeros(dim, x.dtype(), x.device())?;
-    candle_nn::ops::layer_norm(x, &ones, &zeros, 1e-6)
+    // A row slice of a batch (Flux's image rows of `[text ; image]` when B > 1) is strided;
+    // candle's kernel needs contiguous rows (a no-op for B = 1).
+    candle_nn::ops::layer_norm(&x.contiguous()?, &ones, &zeros, 1e-6)
 }
 
 /// `normed * (1 + scale) + shift` on an already normalised `[B, S, dim]`, with `shift`/`scale`

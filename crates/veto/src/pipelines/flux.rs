@@ -228,10 +228,31 @@ impl FluxPipeline {
                 }
                 _ => None,
             };
-            let v = call(&positive, guided.as_ref())?;
-            let v_neg = match (plan.cfg_scale, &negative) {
-                (Some(_), Some(neg)) => Some(call(neg, None)?),
-                _ => None,
+            let (v, v_neg) = match (plan.cfg_scale, &negative, &guided) {
+                // Plain CFG: one batch [positive, negative], so every weight is read once per
+                // step and each GEMM has twice the rows (two passes cost more than 2x on CPU).
+                (Some(_), Some(neg), None) => {
+                    let both = TextConditioning {
+                        hidden: Tensor::cat(&[&positive.hidden, &neg.hidden], 0)?,
+                        pooled: Tensor::cat(&[&positive.pooled, &neg.pooled], 0)?,
+                    };
+                    let pair = |t: &Tensor| Tensor::cat(&[t, t], 0);
+                    let guidance2 = guidance.as_ref().map(pair).transpose()?;
+                    let out = transformer.forward(&FluxInputs {
+                        latents: &pair(&x)?,
+                        img_ids: &img_ids,
+                        txt_ids: &txt_ids,
+                        timestep: &pair(&timestep)?,
+                        guidance: guidance2.as_ref(),
+                        positive: &both,
+                        negative: None,
+                        nag_variant: req.guidance.nag_variant,
+                    })?;
+                    (out.narrow(0, 0, 1)?, Some(out.narrow(0, 1, 1)?))
+                }
+                // CFG + NAG: the official two passes (NAG on the positive pass only).
+                (Some(_), Some(neg), Some(_)) => (call(&positive, guided.as_ref())?, Some(call(neg, None)?)),
+                _ => (call(&positive, guided.as_ref())?, None),
             };
             let v = plan.combine_outputs(&v, v_neg.as_ref(), None)?;
             x = scheduler.step(&v, &x, &mut noise)?;

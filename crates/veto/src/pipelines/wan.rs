@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 use image::RgbImage;
 
 use super::noise::gaussian;
+use super::residency::Component;
 use super::{Defaults, Denoised, LoadOptions, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::error::{Error, Result};
 use crate::families::WAN;
@@ -40,7 +41,7 @@ use crate::schedulers::scheduler::{NoNoise, Scheduler};
 use crate::schedulers::unipc::UniPcMultistepScheduler;
 use crate::text::t5::T5Tokenizer;
 use crate::text::umt5::Umt5TextEncoder;
-use crate::text::wan_prompt::encode_wan_prompt;
+use crate::text::wan_prompt::{encode_wan_prompt, WanPromptEmbeds};
 
 /// The text rows the Wan pipelines pad to (`max_sequence_length`).
 pub const MAX_SEQUENCE_LENGTH: usize = 512;
@@ -126,28 +127,11 @@ pub fn first_frame_pixels(image: &RgbImage, width: usize, height: usize, device:
     Ok(Tensor::from_vec(data, (height, width, 3), device)?.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?)
 }
 
-/// The image-to-video pipeline's image encoder: `image_processor/` and `image_encoder/`.
-struct ImageEncoder {
-    processor: ClipImageProcessor,
-    encoder: ClipVisionEncoder,
-}
-
-impl ImageEncoder {
-    fn load(source: &ModelSource, device: &Device) -> Result<Self> {
-        let config = source.file("image_processor/preprocessor_config.json")?;
-        let dir = config.parent().ok_or_else(|| Error::invalid("image_processor: no folder"))?;
-        let weights = component_weights(source, "image_encoder", "model")?;
-        Ok(Self {
-            processor: ClipImageProcessor::load(dir)?,
-            encoder: ClipVisionEncoder::load_weights(&weights, device, DType::F32)?,
-        })
-    }
-
-    /// `WanImageToVideoPipeline.encode_image`: the penultimate hidden states `[1, tokens, dim]`.
-    fn encode(&self, image: &RgbImage, device: &Device) -> Result<Tensor> {
-        let pixels = self.processor.preprocess(image)?.to_device(device)?;
-        self.encoder.forward(&pixels)
-    }
+/// `WanImageToVideoPipeline.encode_image`: the CLIP image processor on the original image,
+/// then the encoder's penultimate hidden states `[1, tokens, dim]` (on the encoder's device).
+fn encode_image(processor: &ClipImageProcessor, encoder: &ClipVisionEncoder, image: &RgbImage) -> Result<Tensor> {
+    let pixels = processor.preprocess(image)?.to_device(encoder.device())?;
+    encoder.forward(&pixels)
 }
 
 /// The conditioning of one Wan run, as the transformer receives it.
@@ -265,9 +249,12 @@ impl WanRequest {
 /// diffusers' `WanPipeline` (text-to-video) or `WanImageToVideoPipeline` on a folder.
 pub struct WanPipeline {
     tokenizer: T5Tokenizer,
-    text_encoder: Umt5TextEncoder,
-    /// I2V only.
-    image_encoder: Option<ImageEncoder>,
+    /// UMT5-XXL (11 GB in f32): freed after encoding under sequential residency.
+    text_encoder: Component<Umt5TextEncoder>,
+    /// I2V only (CLIP ViT-H, 2.5 GB in f32): freed after encoding under sequential residency.
+    image_encoder: Option<Component<ClipVisionEncoder>>,
+    /// I2V only: `image_processor/`.
+    image_processor: Option<ClipImageProcessor>,
     transformer: WanTransformer3DModel,
     vae: AutoencoderKlWan,
     scheduler_config: serde_json::Value,
@@ -288,17 +275,35 @@ impl WanPipeline {
         let device = &opts.device;
         let config = WanConfig::from_file(&source.file("transformer/config.json")?)?;
         check_i2v_channels(&config).map_err(|e| Error::invalid(format!("{}: {e}", source.describe("transformer"))))?;
-        let image_encoder = if config.is_i2v() { Some(ImageEncoder::load(source, device)?) } else { None };
+        let residency = opts.residency;
+        // The encoders run on the text device (a CPU keeps UMT5-XXL off the GPU); UMT5 in f16
+        // overflows (as T5), so a half-precision run keeps it in f32.
+        let text_device = opts.text_device().clone();
+        let text_dtype = if opts.text_dtype() == DType::F16 { DType::F32 } else { opts.text_dtype() };
+        let (image_encoder, image_processor) = if config.is_i2v() {
+            let processor = source.file("image_processor/preprocessor_config.json")?;
+            let processor = ClipImageProcessor::load(processor.parent().unwrap_or(Path::new(".")))?;
+            let (w, d) = (component_weights(source, "image_encoder", "model")?, text_device.clone());
+            let encoder = Component::with_residency("image_encoder", residency, false, move || {
+                ClipVisionEncoder::load_weights(&w, &d, DType::F32)
+            })?;
+            (Some(encoder), Some(processor))
+        } else {
+            (None, None)
+        };
         let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
         let transformer = WanTransformer3DModel::load(&config, &weights, opts.dtype, device)?;
         let te = component_weights(source, "text_encoder", "model")?;
         let vae = component_weights(source, "vae", "diffusion_pytorch_model")?;
         let scheduler_config = read_scheduler_config(source)?;
-        let text_encoder = Umt5TextEncoder::load_weights(&te, opts.text_device(), DType::F32)?;
+        let text_encoder = Component::with_residency("text_encoder", residency, false, move || {
+            Umt5TextEncoder::load_weights(&te, &text_device, text_dtype)
+        })?;
         Ok(Self {
             tokenizer: T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer")?)?,
             text_encoder,
             image_encoder,
+            image_processor,
             transformer,
             vae: AutoencoderKlWan::load_weights(&vae, device, DType::F32)?,
             scheduler_config,
@@ -326,20 +331,20 @@ impl WanPipeline {
         let frames = round_frames(req.frames, warnings);
         let shape = latent_shape(self.transformer.config().out_channels(), frames, req.height, req.width)?;
         // I2V: the image's CLIP states and VAE condition, before the text (a bad image fails early).
-        let (image_states, condition) = match (&self.image_encoder, &req.image) {
-            (Some(enc), Some(image)) => {
-                let states = enc.encode(image, &self.device)?;
-                let pixels = first_frame_pixels(image, req.width, req.height, &self.device)?;
-                (Some(states), Some(i2v_condition(&self.vae, &pixels, frames)?))
-            }
-            (Some(_), None) => {
-                return Err(Error::parameter("image", "an image-to-video model needs an input image"))
-            }
-            (None, Some(_)) => {
-                return Err(Error::parameter("image", "a text-to-video model takes no input image"))
-            }
-            (None, None) => (None, None),
-        };
+        let (image_states, condition) =
+            match (self.image_encoder.as_ref().zip(self.image_processor.as_ref()), &req.image) {
+                (Some((enc, processor)), Some(image)) => {
+                    let states = encode_image(processor, &*enc.get()?, image)?.to_device(&self.device)?;
+                    enc.release();
+                    let pixels = first_frame_pixels(image, req.width, req.height, &self.device)?;
+                    (Some(states), Some(i2v_condition(&self.vae, &pixels, frames)?))
+                }
+                (Some(_), None) => {
+                    return Err(Error::parameter("image", "an image-to-video model needs an input image"))
+                }
+                (None, Some(_)) => return Err(Error::parameter("image", "a text-to-video model takes no input image")),
+                (None, None) => (None, None),
+            };
         let init = match &req.init_latents {
             Some(l) if l.dims() != shape => {
                 return Err(Error::invalid(format!("init latents {:?}: this request needs {shape:?}", l.dims())))
@@ -350,8 +355,11 @@ impl WanPipeline {
         let method = req.guidance.method;
         let cfg = method.cfg && req.guidance_scale > 1.0;
         let msl = req.max_sequence_length;
-        let encode = |text: &str, what: &str, w: &mut Warnings| {
-            encode_wan_prompt(&self.tokenizer, &self.text_encoder, text, msl, what, w)
+        let text_encoder = self.text_encoder.get()?;
+        let encode = |text: &str, what: &str, w: &mut Warnings| -> Result<WanPromptEmbeds> {
+            let mut e = encode_wan_prompt(&self.tokenizer, &text_encoder, text, msl, what, w)?;
+            e.padded = e.padded.to_device(&self.device)?.to_dtype(DType::F32)?;
+            Ok(e)
         };
         let negative_text = req.negative_prompt.clone().unwrap_or_default();
         let positive = encode(&req.prompt, "prompt", warnings)?;
@@ -360,6 +368,8 @@ impl WanPipeline {
         } else {
             None
         };
+        drop(text_encoder);
+        self.text_encoder.release();
         let dtype = self.transformer.dtype();
         let (positive_states, attention_negative) = match (&negative, req.guidance.uses_vsf()) {
             (Some(n), true) => {
@@ -541,9 +551,9 @@ impl TextToImage for WanPipeline {
     }
 
     fn loaded_components(&self) -> Vec<(&'static str, bool)> {
-        let mut parts = vec![("text_encoder", true), ("transformer", true), ("vae", true)];
-        if self.image_encoder.is_some() {
-            parts.push(("image_encoder", true));
+        let mut parts = vec![("text_encoder", self.text_encoder.is_loaded()), ("transformer", true), ("vae", true)];
+        if let Some(enc) = &self.image_encoder {
+            parts.push(("image_encoder", enc.is_loaded()));
         }
         parts
     }
