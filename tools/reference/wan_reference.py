@@ -418,6 +418,27 @@ PROMPT = "a red fox jumps over a fence"
 NEGATIVE = "blurry, static"
 
 
+def run_stock(pipe, **kwargs) -> tuple[list, torch.Tensor]:
+    """One stock pipeline call to latents, with every step's latents recorded."""
+    steps: list = []
+
+    def record(p, i, t, kw):
+        steps.append(kw["latents"].clone())
+        return {}
+
+    with torch.no_grad():
+        out = pipe(num_inference_steps=PIPE_STEPS, output_type="latent", callback_on_step_end=record, **PIPE_SIZE,
+                   **kwargs).frames
+    return steps, out
+
+
+def pipeline_meta(prompt: str, meta: dict) -> dict:
+    """The request a pipeline fixture replays, as string metadata."""
+    meta = {"prompt": prompt, "negative_prompt": NEGATIVE, "steps": PIPE_STEPS, "height": PIPE_SIZE["height"],
+            "width": PIPE_SIZE["width"], "frames": PIPE_SIZE["num_frames"], "max_sequence_length": 512, **meta}
+    return {k: str(v) for k, v in meta.items()}
+
+
 def pipeline_fixtures() -> None:
     from diffusers import AutoencoderKLWan, WanPipeline
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -457,37 +478,11 @@ def pipeline_fixtures() -> None:
         tensors = {"init_latents": init, "final": final, **{f"step_{i}": x for i, x in enumerate(steps)}}
         if video:
             tensors["video"] = decode(final)
-        meta = {
-            "prompt": PROMPT,
-            "negative_prompt": NEGATIVE,
-            "steps": PIPE_STEPS,
-            "height": PIPE_SIZE["height"],
-            "width": PIPE_SIZE["width"],
-            "frames": PIPE_SIZE["num_frames"],
-            "max_sequence_length": 512,
-            **meta,
-        }
-        write_safetensors(OUT / f"pipeline_{case}.safetensors", tensors, {k: str(v) for k, v in meta.items()})
+        write_safetensors(OUT / f"pipeline_{case}.safetensors", tensors, pipeline_meta(PROMPT, meta))
 
     # The stock WanPipeline: no guidance, CFG.
     for case, g in [("none", 1.0), ("cfg", CFG_SCALE)]:
-        steps: list = []
-
-        def record(p, i, t, kw):
-            steps.append(kw["latents"].clone())
-            return {}
-
-        with torch.no_grad():
-            out = pipe(
-                prompt=PROMPT,
-                negative_prompt=NEGATIVE,
-                num_inference_steps=PIPE_STEPS,
-                guidance_scale=g,
-                latents=init.clone(),
-                output_type="latent",
-                callback_on_step_end=record,
-                **PIPE_SIZE,
-            ).frames
+        steps, out = run_stock(pipe, prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=g, latents=init.clone())
         save(case, steps, out, {"guidance": "cfg" if g > 1 else "none", "guidance_scale": g}, video=case == "none")
 
     # NAG, CFG+NAG (official processor), VSF (official processor): WanPipeline's loop by hand.
@@ -622,38 +617,12 @@ def i2v_pipeline_fixtures() -> None:
             "condition": condition,
             **{f"step_{i}": x for i, x in enumerate(steps)},
         }
-        meta = {
-            "prompt": I2V_PROMPT,
-            "negative_prompt": NEGATIVE,
-            "steps": PIPE_STEPS,
-            "height": PIPE_SIZE["height"],
-            "width": PIPE_SIZE["width"],
-            "frames": PIPE_SIZE["num_frames"],
-            "max_sequence_length": 512,
-            **meta,
-        }
-        write_safetensors(OUT / f"pipeline_i2v_{case}.safetensors", tensors, {k: str(v) for k, v in meta.items()})
+        write_safetensors(OUT / f"pipeline_i2v_{case}.safetensors", tensors, pipeline_meta(I2V_PROMPT, meta))
 
     # The stock WanImageToVideoPipeline: no guidance, CFG (its two sequential passes).
     for case, g in [("none", 1.0), ("cfg", CFG_SCALE)]:
-        steps: list = []
-
-        def record(p, i, t, kw):
-            steps.append(kw["latents"].clone())
-            return {}
-
-        with torch.no_grad():
-            out = pipe(
-                image=image,
-                prompt=I2V_PROMPT,
-                negative_prompt=NEGATIVE,
-                num_inference_steps=PIPE_STEPS,
-                guidance_scale=g,
-                latents=init.clone(),
-                output_type="latent",
-                callback_on_step_end=record,
-                **PIPE_SIZE,
-            ).frames
+        steps, out = run_stock(pipe, image=image, prompt=I2V_PROMPT, negative_prompt=NEGATIVE, guidance_scale=g,
+                               latents=init.clone())
         save(case, steps, out, {"guidance": "cfg" if g > 1 else "none", "guidance_scale": g})
 
     # NAG, CFG + NAG (the official NAG processor, image attention unguided) and VSF: the I2V
