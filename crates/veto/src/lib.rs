@@ -24,6 +24,7 @@ pub mod error;
 pub mod families;
 pub mod guidance;
 pub mod image_io;
+pub mod pil_resize;
 pub mod video_io;
 
 #[doc(hidden)]
@@ -35,7 +36,6 @@ pub mod loading;
 #[doc(hidden)]
 pub mod models;
 #[doc(hidden)]
-pub mod pil_resize;
 pub mod pipelines;
 pub mod profile;
 #[doc(hidden)]

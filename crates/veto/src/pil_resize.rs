@@ -166,7 +166,7 @@ mod tests {
     #[test]
     fn flat_images_stay_flat_for_every_filter() {
         for filter in [Filter::Bilinear, Filter::Bicubic, Filter::Lanczos] {
-            let out = resize_rgb(&vec![200; 7 * 5 * 3], 7, 5, 11, 3, filter);
+            let out = resize_rgb(&[200; 7 * 5 * 3], 7, 5, 11, 3, filter);
             assert!(out.iter().all(|&v| v == 200), "{filter:?}");
         }
     }
