@@ -11,7 +11,8 @@ use crate::loading::model_source::ModelSource;
 use crate::pipelines::residency::{LoadOptions, Residency};
 
 /// The component folders whose weights a pipeline loads.
-const COMPONENTS: [&str; 6] = ["transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "vae"];
+const COMPONENTS: [&str; 7] =
+    ["transformer", "unet", "text_encoder", "text_encoder_2", "text_encoder_3", "image_encoder", "vae"];
 
 /// Tensor elements in the safetensors files of a component folder (0 when it is absent).
 fn folder_elements(dir: &Path) -> Result<u64> {
@@ -31,7 +32,8 @@ fn folder_elements(dir: &Path) -> Result<u64> {
 /// the peak memory each [`Residency`] needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WeightsPlan {
-    /// All text encoders (on the text encoders' device).
+    /// All text encoders, and an image encoder (Wan I2V's CLIP vision, f32), on the text
+    /// encoders' device.
     pub text_encoders: u64,
     /// The transformer or UNet.
     pub denoiser: u64,
@@ -95,6 +97,7 @@ pub fn weights_plan(source: &ModelSource, opts: &LoadOptions) -> Result<Option<W
         let (in_dtype, slot) = match component {
             "vae" => (if cpu { DType::F32 } else { opts.dtype }, &mut plan.vae),
             "transformer" | "unet" => (opts.dtype, &mut plan.denoiser),
+            "image_encoder" => (DType::F32, &mut plan.text_encoders),
             _ => (opts.text_dtype(), &mut plan.text_encoders),
         };
         *slot += match source.component_file(component) {

@@ -249,7 +249,8 @@ impl WanRequest {
 /// diffusers' `WanPipeline` (text-to-video) or `WanImageToVideoPipeline` on a folder.
 pub struct WanPipeline {
     tokenizer: T5Tokenizer,
-    /// UMT5-XXL (11 GB in f32): freed after encoding under sequential residency.
+    /// UMT5-XXL (5.7 B parameters: 11 GB in bf16, 23 GB in f32): freed after encoding under
+    /// sequential residency.
     text_encoder: Component<Umt5TextEncoder>,
     /// I2V only (CLIP ViT-H, 2.5 GB in f32): freed after encoding under sequential residency.
     image_encoder: Option<Component<ClipVisionEncoder>>,
