@@ -25,6 +25,8 @@ with Wan's UniPC settings) under tests/fixtures/wan/{t2v,i2v}, then writes f32 s
   with Wan's scheduler config (flow_prediction, use_flow_sigmas, flow_shift 3), every step's
   latents: `none`, `cfg`, `nag`, `cfg_nag`, `nasa`, `vsf`, `nag_end` (the official window rule:
   guidance off once `t < (1 - nag_end) * 1000`).
+- `pipeline_flowmatch_cfg.safetensors`: the stock WanPipeline with FlowMatchEulerDiscreteScheduler
+  (shift 5) instead of UniPC, CFG.
 - `unipc_flow.safetensors`: the scheduler alone (sigmas, timesteps, per-step samples for fixed
   model outputs) for the repo config and a `flow_shift` override.
 
@@ -513,6 +515,16 @@ def pipeline_fixtures() -> None:
     loop("nag", False, "nag")
     loop("cfg_nag", True, "nag")
     loop("vsf", False, "vsf")
+
+    # The stock WanPipeline with FlowMatch Euler instead of UniPC (as some few-step Wan folders
+    # ship it), CFG; its config goes into the metadata (the Rust test writes it into the folder).
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    pipe.scheduler = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    steps, out = run_stock(pipe, prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=CFG_SCALE, latents=init.clone())
+    config = json.dumps({"_class_name": "FlowMatchEulerDiscreteScheduler", **dict(pipe.scheduler.config)}, sort_keys=True)
+    save("flowmatch_cfg", steps, out, {"guidance": "cfg", "guidance_scale": CFG_SCALE, "scheduler_config": config})
+    pipe.scheduler = sched
 
     # WanImageToVideoPipeline.prepare_latents: the mask and the normalized image latents.
     from diffusers import WanImageToVideoPipeline

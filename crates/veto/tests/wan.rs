@@ -280,10 +280,19 @@ fn transformer_rejects_mismatched_inputs() {
 /// A tiny pipeline folder: the transformer and scheduler of `tests/fixtures/wan/<folder>` with
 /// wan-parts' `parts` (copied into a temporary folder, loaded, removed).
 fn load_pipeline(folder: &str, parts: &[&str]) -> WanPipeline {
-    let dir = std::env::temp_dir().join(format!("veto-wan-{folder}-{}", std::process::id()));
+    load_pipeline_with(folder, parts, None)
+}
+
+/// As [`load_pipeline`], with `scheduler/scheduler_config.json` replaced when given.
+fn load_pipeline_with(folder: &str, parts: &[&str], scheduler: Option<&str>) -> WanPipeline {
+    let tag = if scheduler.is_some() { "-sched" } else { "" };
+    let dir = std::env::temp_dir().join(format!("veto-wan-{folder}{tag}-{}", std::process::id()));
     common::copy_dir(&fixtures("wan").join(folder), &dir);
     for part in parts {
         common::copy_dir(&fixtures("wan_parts").join("wan").join(part), &dir.join(part));
+    }
+    if let Some(config) = scheduler {
+        std::fs::write(dir.join("scheduler/scheduler_config.json"), config).unwrap();
     }
     let pipe = WanPipeline::load(&dir, &Device::Cpu, DType::F32).unwrap();
     std::fs::remove_dir_all(&dir).ok();
@@ -377,6 +386,15 @@ fn pipeline_cfg_nag() {
 #[test]
 fn pipeline_vsf() {
     pipeline_case("vsf");
+}
+
+/// The stock WanPipeline with FlowMatchEulerDiscreteScheduler (shift 5) in the folder instead of
+/// UniPC, CFG: the scheduler is chosen by the config's class.
+#[test]
+fn pipeline_flowmatch_cfg() {
+    let fx = Fixture::load("wan", "pipeline_flowmatch_cfg.safetensors");
+    let pipe = load_pipeline_with("pipeline", &["tokenizer", "text_encoder", "vae"], Some(fx.m("scheduler_config")));
+    run_pipeline_case(&pipe, "pipeline_flowmatch_cfg.safetensors", None);
 }
 
 #[test]

@@ -37,6 +37,7 @@ use crate::loading::model_source::ModelSource;
 use crate::models::clip_vision::{ClipImageProcessor, ClipVisionEncoder};
 use crate::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
 use crate::models::wan_vae::AutoencoderKlWan;
+use crate::schedulers::flow_match_euler::{FlowMatchEulerScheduler, SigmaSource};
 use crate::schedulers::scheduler::{NoNoise, Scheduler};
 use crate::schedulers::unipc::UniPcMultistepScheduler;
 use crate::text::t5::T5Tokenizer;
@@ -297,6 +298,8 @@ impl WanPipeline {
         let te = component_weights(source, "text_encoder", "model")?;
         let vae = component_weights(source, "vae", "diffusion_pytorch_model")?;
         let scheduler_config = read_scheduler_config(source)?;
+        scheduler_from_config(scheduler_config.clone(), None)
+            .map_err(|e| Error::invalid(format!("{}: {e}", source.describe("scheduler"))))?;
         let text_encoder = Component::with_residency("text_encoder", residency, false, move || {
             Umt5TextEncoder::load_weights(&te, &text_device, text_dtype)
         })?;
@@ -312,13 +315,11 @@ impl WanPipeline {
         })
     }
 
-    /// The scheduler of a request: the folder's UniPC with `flow_shift` overridden if asked.
-    fn scheduler(&self, req: &WanRequest) -> Result<UniPcMultistepScheduler> {
-        let mut json = self.scheduler_config.clone();
-        if let Some(shift) = req.flow_shift {
-            json["flow_shift"] = serde_json::json!(shift);
-        }
-        UniPcMultistepScheduler::from_value(json)
+    /// The scheduler of a request: the folder's (UniPC as Wan ships it, or FlowMatch Euler, as
+    /// some few-step folders do) with its shift overridden by `flow_shift` if asked (UniPC's
+    /// `flow_shift`, FlowMatch's `shift`).
+    fn scheduler(&self, req: &WanRequest) -> Result<Box<dyn Scheduler>> {
+        scheduler_from_config(self.scheduler_config.clone(), req.flow_shift)
     }
 
     /// Denoise to the final latents `[1, 16, F', H/8, W/8]` (before the VAE's denormalization).
@@ -397,7 +398,7 @@ impl WanPipeline {
             StepWindow::Threshold,
             scheduler.num_train_timesteps() as f64,
         );
-        let latents = denoise(&self.transformer, &mut scheduler, &mut planner, &cond, init.clone(), on_step)?;
+        let latents = denoise(&self.transformer, scheduler.as_mut(), &mut planner, &cond, init.clone(), on_step)?;
         Ok(Denoised { latents, init_latents: init, step_noise: None })
     }
 
@@ -419,6 +420,28 @@ fn check_i2v_channels(config: &WanConfig) -> std::result::Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The Wan pipelines' scheduler from a `scheduler_config.json` value: FlowMatch Euler for
+/// `FlowMatchEulerDiscreteScheduler` (sigmas as diffusers builds them when the pipeline passes
+/// none; dynamic shifting refused: WanPipeline passes no `mu`), else UniPC.
+fn scheduler_from_config(mut json: serde_json::Value, flow_shift: Option<f64>) -> Result<Box<dyn Scheduler>> {
+    if json.get("_class_name").and_then(|c| c.as_str()) == Some("FlowMatchEulerDiscreteScheduler") {
+        if let Some(shift) = flow_shift {
+            json["shift"] = serde_json::json!(shift);
+        }
+        let s = FlowMatchEulerScheduler::from_json(&json.to_string())?.with_sigma_source(SigmaSource::SchedulerDefault);
+        if s.config().use_dynamic_shifting {
+            return Err(Error::invalid(
+                "Wan: FlowMatchEulerDiscreteScheduler with use_dynamic_shifting is not supported (WanPipeline passes no mu)",
+            ));
+        }
+        return Ok(Box::new(s));
+    }
+    if let Some(shift) = flow_shift {
+        json["flow_shift"] = serde_json::json!(shift);
+    }
+    Ok(Box::new(UniPcMultistepScheduler::from_value(json)?))
 }
 
 /// The scheduler config of a folder (`scheduler/scheduler_config.json`).
