@@ -676,10 +676,7 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         let txt_ids = latents::text_ids(a.text_len, &device)?;
         let t = Tensor::new(&[0.75f32], &device)?.to_dtype(dtype)?;
         let (x2, t2) = (Tensor::cat(&[&x, &x], 0)?, Tensor::cat(&[&t, &t], 0)?);
-        let both = TextConditioning {
-            hidden: Tensor::cat(&[&pos.hidden, &neg.hidden], 0)?,
-            pooled: Tensor::cat(&[&pos.pooled, &neg.pooled], 0)?,
-        };
+        let both = pos.batch_with(&neg)?;
         let call = |p: &TextConditioning, negative: Option<&NegativeContext>, variant: NagVariant| {
             model.forward(&FluxInputs {
                 latents: &x,

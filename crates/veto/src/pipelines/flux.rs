@@ -203,6 +203,12 @@ impl FluxPipeline {
         } else {
             None
         };
+        // Plain CFG runs one batch [positive, negative]: its text and guidance rows, built once.
+        let pair = |t: &Tensor| Tensor::cat(&[t, t], 0);
+        let cfg_batch = match &negative {
+            Some(neg) => Some((positive.batch_with(neg)?, guidance.as_ref().map(pair).transpose()?)),
+            None => None,
+        };
         let total = timesteps.len();
         // FlowMatch Euler draws no noise: a given step noise is reported unused.
         let mut noise = StepNoise::new(req)?;
@@ -210,17 +216,24 @@ impl FluxPipeline {
             let plan = planner.step(t);
             // diffusers feeds `t / 1000` in the latents' dtype; the model scales it back.
             let timestep = (Tensor::new(&[t as f32], &self.device)? / 1000.0)?.to_dtype(self.dtype)?;
-            let call = |text: &TextConditioning, negative: Option<&NegativeContext>| {
+            let forward = |latents: &Tensor,
+                           timestep: &Tensor,
+                           guidance: Option<&Tensor>,
+                           text: &TextConditioning,
+                           negative: Option<&NegativeContext>| {
                 transformer.forward(&FluxInputs {
-                    latents: &x,
+                    latents,
                     img_ids: &img_ids,
                     txt_ids: &txt_ids,
-                    timestep: &timestep,
-                    guidance: guidance.as_ref(),
+                    timestep,
+                    guidance,
                     positive: text,
                     negative,
                     nag_variant: req.guidance.nag_variant,
                 })
+            };
+            let call = |text: &TextConditioning, negative: Option<&NegativeContext>| {
+                forward(&x, &timestep, guidance.as_ref(), text, negative)
             };
             let guided = match (&plan.attention, &negative) {
                 (Some(method), Some(neg)) => {
@@ -228,30 +241,15 @@ impl FluxPipeline {
                 }
                 _ => None,
             };
-            let (v, v_neg) = match (plan.cfg_scale, &negative, &guided) {
-                // Plain CFG: one batch [positive, negative], so every weight is read once per
-                // step and each GEMM has twice the rows (two passes cost more than 2x on CPU).
-                (Some(_), Some(neg), None) => {
-                    let both = TextConditioning {
-                        hidden: Tensor::cat(&[&positive.hidden, &neg.hidden], 0)?,
-                        pooled: Tensor::cat(&[&positive.pooled, &neg.pooled], 0)?,
-                    };
-                    let pair = |t: &Tensor| Tensor::cat(&[t, t], 0);
-                    let guidance2 = guidance.as_ref().map(pair).transpose()?;
-                    let out = transformer.forward(&FluxInputs {
-                        latents: &pair(&x)?,
-                        img_ids: &img_ids,
-                        txt_ids: &txt_ids,
-                        timestep: &pair(&timestep)?,
-                        guidance: guidance2.as_ref(),
-                        positive: &both,
-                        negative: None,
-                        nag_variant: req.guidance.nag_variant,
-                    })?;
+            let (v, v_neg) = match (plan.cfg_scale, &negative, &guided, &cfg_batch) {
+                // Plain CFG: one batch [positive, negative] (every weight read once per step, as
+                // diffusers-style pipelines batch; on a GPU this hides part of CFG's cost).
+                (Some(_), Some(_), None, Some((both, guidance2))) => {
+                    let out = forward(&pair(&x)?, &pair(&timestep)?, guidance2.as_ref(), both, None)?;
                     (out.narrow(0, 0, 1)?, Some(out.narrow(0, 1, 1)?))
                 }
                 // CFG + NAG: the official two passes (NAG on the positive pass only).
-                (Some(_), Some(neg), Some(_)) => (call(&positive, guided.as_ref())?, Some(call(neg, None)?)),
+                (Some(_), Some(neg), Some(_), _) => (call(&positive, guided.as_ref())?, Some(call(neg, None)?)),
                 _ => (call(&positive, guided.as_ref())?, None),
             };
             let v = plan.combine_outputs(&v, v_neg.as_ref(), None)?;

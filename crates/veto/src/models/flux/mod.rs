@@ -117,6 +117,16 @@ pub struct TextConditioning {
     pub pooled: Tensor,
 }
 
+impl TextConditioning {
+    /// `self` and `other` as one batch (rows of `self` first): batched CFG's `[positive, negative]`.
+    pub fn batch_with(&self, other: &TextConditioning) -> candle_core::Result<TextConditioning> {
+        Ok(TextConditioning {
+            hidden: Tensor::cat(&[&self.hidden, &other.hidden], 0)?,
+            pooled: Tensor::cat(&[&self.pooled, &other.pooled], 0)?,
+        })
+    }
+}
+
 /// Inputs of one transformer call.
 pub struct FluxInputs<'a> {
     /// Packed latents `[B, L, in_channels]`.
