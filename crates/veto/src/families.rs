@@ -292,7 +292,7 @@ pub static WAN: Family = Family {
     cfg_scale: CfgScaleSource::GuidanceScale,
     window: StepWindow::Threshold,
     sampler_options: &[],
-    scheduler: "UniPCMultistepScheduler (flow prediction, flow_shift)",
+    scheduler: "UniPCMultistepScheduler (flow prediction, flow_shift), or the folder's FlowMatchEulerDiscreteScheduler",
     load: |s, o| Ok(Box::new(wan::WanPipeline::load_with(s, o)?)),
     defaults: wan::defaults_of,
     check_configs: wan::check_before_loading,

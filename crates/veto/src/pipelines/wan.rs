@@ -128,11 +128,34 @@ pub fn first_frame_pixels(image: &RgbImage, width: usize, height: usize, device:
     Ok(Tensor::from_vec(data, (height, width, 3), device)?.permute((2, 0, 1))?.contiguous()?.unsqueeze(0)?)
 }
 
-/// `WanImageToVideoPipeline.encode_image`: the CLIP image processor on the original image,
-/// then the encoder's penultimate hidden states `[1, tokens, dim]` (on the encoder's device).
-fn encode_image(processor: &ClipImageProcessor, encoder: &ClipVisionEncoder, image: &RgbImage) -> Result<Tensor> {
-    let pixels = processor.preprocess(image)?.to_device(encoder.device())?;
-    encoder.forward(&pixels)
+/// The image-to-video pipeline's image encoder: `image_processor/` and `image_encoder/` (CLIP
+/// ViT-H, 2.5 GB in f32; freed after encoding under sequential residency).
+struct ImageEncoder {
+    processor: ClipImageProcessor,
+    encoder: Component<ClipVisionEncoder>,
+}
+
+impl ImageEncoder {
+    fn load(source: &ModelSource, device: &Device, residency: super::residency::Residency) -> Result<Self> {
+        let config = source.file("image_processor/preprocessor_config.json")?;
+        let processor = ClipImageProcessor::load(config.parent().unwrap_or(Path::new(".")))?;
+        let (weights, device) = (component_weights(source, "image_encoder", "model")?, device.clone());
+        let encoder = Component::with_residency("image_encoder", residency, false, move || {
+            ClipVisionEncoder::load_weights(&weights, &device, DType::F32)
+        })?;
+        Ok(Self { processor, encoder })
+    }
+
+    /// `WanImageToVideoPipeline.encode_image`: the CLIP image processor on the original image,
+    /// then the encoder's penultimate hidden states `[1, tokens, dim]`, on `device`.
+    fn encode(&self, image: &RgbImage, device: &Device) -> Result<Tensor> {
+        let encoder = self.encoder.get()?;
+        let pixels = self.processor.preprocess(image)?.to_device(encoder.device())?;
+        let states = encoder.forward(&pixels)?.to_device(device)?;
+        drop(encoder);
+        self.encoder.release();
+        Ok(states)
+    }
 }
 
 /// The conditioning of one Wan run, as the transformer receives it.
@@ -253,10 +276,8 @@ pub struct WanPipeline {
     /// UMT5-XXL (5.7 B parameters: 11 GB in bf16, 23 GB in f32): freed after encoding under
     /// sequential residency.
     text_encoder: Component<Umt5TextEncoder>,
-    /// I2V only (CLIP ViT-H, 2.5 GB in f32): freed after encoding under sequential residency.
-    image_encoder: Option<Component<ClipVisionEncoder>>,
-    /// I2V only: `image_processor/`.
-    image_processor: Option<ClipImageProcessor>,
+    /// I2V only.
+    image_encoder: Option<ImageEncoder>,
     transformer: WanTransformer3DModel,
     vae: AutoencoderKlWan,
     scheduler_config: serde_json::Value,
@@ -265,14 +286,15 @@ pub struct WanPipeline {
 
 impl WanPipeline {
     /// Load `dir` (`tokenizer/`, `text_encoder/`, `transformer/`, `vae/`, `scheduler/`, and for
-    /// I2V `image_encoder/`, `image_processor/`); the encoders and the VAE in f32, the
-    /// transformer in `dtype`.
+    /// I2V `image_encoder/`, `image_processor/`) on `device`, everything resident; see
+    /// [`Self::load_with`] for the dtypes.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
         Self::load_with(&ModelSource::local(dir)?, &LoadOptions::new(device, dtype))
     }
 
-    /// Load a diffusers folder (its LoRAs merged into the transformer); the text encoder on
-    /// `opts.text_device()` in f32, CLIP vision and the VAE in f32, the transformer in `opts.dtype`.
+    /// Load a diffusers folder (its LoRAs merged into the transformer): UMT5 and CLIP vision on
+    /// `opts.text_device()` (UMT5 in `opts.text_dtype()`, f32 instead of f16; CLIP vision in f32),
+    /// loaded and freed per `opts.residency`; the VAE in f32; the transformer in `opts.dtype`.
     pub fn load_with(source: &ModelSource, opts: &LoadOptions) -> Result<Self> {
         let device = &opts.device;
         let config = WanConfig::from_file(&source.file("transformer/config.json")?)?;
@@ -282,17 +304,8 @@ impl WanPipeline {
         // overflows (as T5), so a half-precision run keeps it in f32.
         let text_device = opts.text_device().clone();
         let text_dtype = if opts.text_dtype() == DType::F16 { DType::F32 } else { opts.text_dtype() };
-        let (image_encoder, image_processor) = if config.is_i2v() {
-            let processor = source.file("image_processor/preprocessor_config.json")?;
-            let processor = ClipImageProcessor::load(processor.parent().unwrap_or(Path::new(".")))?;
-            let (w, d) = (component_weights(source, "image_encoder", "model")?, text_device.clone());
-            let encoder = Component::with_residency("image_encoder", residency, false, move || {
-                ClipVisionEncoder::load_weights(&w, &d, DType::F32)
-            })?;
-            (Some(encoder), Some(processor))
-        } else {
-            (None, None)
-        };
+        let image_encoder =
+            if config.is_i2v() { Some(ImageEncoder::load(source, &text_device, residency)?) } else { None };
         let weights = component_weights(source, "transformer", "diffusion_pytorch_model")?;
         let transformer = WanTransformer3DModel::load(&config, &weights, opts.dtype, device)?;
         let te = component_weights(source, "text_encoder", "model")?;
@@ -307,7 +320,6 @@ impl WanPipeline {
             tokenizer: T5Tokenizer::load(&t5_tokenizer_dir(source, "tokenizer")?)?,
             text_encoder,
             image_encoder,
-            image_processor,
             transformer,
             vae: AutoencoderKlWan::load_weights(&vae, device, DType::F32)?,
             scheduler_config,
@@ -333,20 +345,16 @@ impl WanPipeline {
         let frames = round_frames(req.frames, warnings);
         let shape = latent_shape(self.transformer.config().out_channels(), frames, req.height, req.width)?;
         // I2V: the image's CLIP states and VAE condition, before the text (a bad image fails early).
-        let (image_states, condition) =
-            match (self.image_encoder.as_ref().zip(self.image_processor.as_ref()), &req.image) {
-                (Some((enc, processor)), Some(image)) => {
-                    let states = encode_image(processor, &*enc.get()?, image)?.to_device(&self.device)?;
-                    enc.release();
-                    let pixels = first_frame_pixels(image, req.width, req.height, &self.device)?;
-                    (Some(states), Some(i2v_condition(&self.vae, &pixels, frames)?))
-                }
-                (Some(_), None) => {
-                    return Err(Error::parameter("image", "an image-to-video model needs an input image"))
-                }
-                (None, Some(_)) => return Err(Error::parameter("image", "a text-to-video model takes no input image")),
-                (None, None) => (None, None),
-            };
+        let (image_states, condition) = match (&self.image_encoder, &req.image) {
+            (Some(enc), Some(image)) => {
+                let states = enc.encode(image, &self.device)?;
+                let pixels = first_frame_pixels(image, req.width, req.height, &self.device)?;
+                (Some(states), Some(i2v_condition(&self.vae, &pixels, frames)?))
+            }
+            (Some(_), None) => return Err(Error::parameter("image", "an image-to-video model needs an input image")),
+            (None, Some(_)) => return Err(Error::parameter("image", "a text-to-video model takes no input image")),
+            (None, None) => (None, None),
+        };
         let init = match &req.init_latents {
             Some(l) if l.dims() != shape => {
                 return Err(Error::invalid(format!("init latents {:?}: this request needs {shape:?}", l.dims())))
@@ -360,7 +368,7 @@ impl WanPipeline {
         let text_encoder = self.text_encoder.get()?;
         let encode = |text: &str, what: &str, w: &mut Warnings| -> Result<WanPromptEmbeds> {
             let mut e = encode_wan_prompt(&self.tokenizer, &text_encoder, text, msl, what, w)?;
-            e.padded = e.padded.to_device(&self.device)?.to_dtype(DType::F32)?;
+            e.padded = e.padded.to_device(&self.device)?;
             Ok(e)
         };
         let negative_text = req.negative_prompt.clone().unwrap_or_default();
@@ -577,7 +585,7 @@ impl TextToImage for WanPipeline {
     fn loaded_components(&self) -> Vec<(&'static str, bool)> {
         let mut parts = vec![("text_encoder", self.text_encoder.is_loaded()), ("transformer", true), ("vae", true)];
         if let Some(enc) = &self.image_encoder {
-            parts.push(("image_encoder", enc.is_loaded()));
+            parts.push(("image_encoder", enc.encoder.is_loaded()));
         }
         parts
     }
