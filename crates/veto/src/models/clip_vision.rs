@@ -230,8 +230,8 @@ pub enum ResizeTo {
 }
 
 /// CLIPImageProcessor: resize with the config's filter (bicubic for CLIP; Pillow's antialiased
-/// 8-bit resampling, what transformers' PIL backend runs; its torchvision backend can differ by one level on some pixels),
-/// center crop, rescale to [0, 1], normalize per channel.
+/// 8-bit resampling, what transformers' PIL backend runs; its torchvision backend can differ by
+/// one level on some pixels), center crop, rescale to [0, 1], normalize per channel.
 #[derive(Debug, Clone)]
 pub struct ClipImageProcessor {
     resize: Option<ResizeTo>,
