@@ -170,6 +170,22 @@ pub fn wan(d: usize, ffn: usize, blocks: usize, video: usize, text: usize, text_
     Limits { nag: nag / base, vsf: Some(0.0), cfg: 1.0, shared_image: None, base_macs: base }
 }
 
+/// PixArt-Sigma: `blocks` blocks of width `d` (self-attention, cross-attention at width `d`, MLP
+/// of ratio 4) on `img` image tokens, `ctx` caption tokens of width `caption` (projected once per
+/// call by a two-layer MLP). The pipeline attends only a caption's real tokens, so NAG and VSF
+/// add the same for a negative of `neg` tokens: per block its key/value projections and the
+/// image queries over it, plus its projection.
+pub fn pixart(d: usize, blocks: usize, img: usize, ctx: usize, caption: usize, neg: usize) -> Limits {
+    let (d, n, t, c) = (d as f64, img as f64, ctx as f64, caption as f64);
+    let cross = |t: f64| 2.0 * d * d * n + 2.0 * t * d * d + attention(n, t, d);
+    let block = 4.0 * d * d * n + attention(n, n, d) + cross(t) + 8.0 * d * d * n;
+    let project = |t: f64| t * (c * d + d * d);
+    let base = blocks as f64 * block + project(t);
+    let extra = |t: f64| blocks as f64 * (2.0 * t * d * d + attention(n, t, d)) + project(t);
+    let neg = extra(neg as f64) / base;
+    Limits { nag: neg, vsf: Some(neg), cfg: 1.0, shared_image: None, base_macs: base }
+}
+
 /// SANA: `blocks` blocks of width `d` (linear self-attention of head width `head_dim`, cross-
 /// attention at width `d`, Mix-FFN of hidden width `hidden` with a 3x3 depthwise convolution) on
 /// `img` image tokens, `ctx` caption tokens of width `caption` (projected once per call). NAG
@@ -243,6 +259,17 @@ mod tests {
         assert!(real.nag > 0.0 && real.nag < 0.05, "{real:?}");
         let small = wan(1536, 8960, 1, 2 * 16 * 16, 512, 4096);
         assert!(small.nag > real.nag, "{small:?}");
+    }
+
+    #[test]
+    fn pixart_extra_is_the_caption_share() {
+        // PixArt-Sigma at 1024^2: 4096 image tokens, 120 caption and 16 negative tokens, 28 blocks.
+        let l = pixart(1152, 28, 4096, 120, 4096, 16);
+        assert!(l.nag > 0.0 && l.nag < 0.01, "{l:?}");
+        assert_eq!(l.vsf, Some(l.nag));
+        // A longer negative, or fewer image tokens: the negative weighs more.
+        assert!(pixart(1152, 28, 4096, 120, 4096, 120).nag > 5.0 * l.nag);
+        assert!(pixart(1152, 28, 1024, 120, 4096, 16).nag > l.nag);
     }
 
     #[test]

@@ -6,9 +6,11 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 use std::time::Instant;
 use veto::demo::report::{grid, reference_quality, Report};
-use veto::demo::suite::{default_suite, quick_suite, Case, Category};
+use veto::demo::suite::{default_suite, quick_suite, Case, Category, Outcome};
 use veto::guidance::NagVariant;
 use veto::{DType, Device, GenerateRequest, GuidanceConfig, Method, ModelSource, Pipeline};
 
@@ -39,6 +41,50 @@ pub struct EvalArgs {
     /// Write a plot PNG of the co-occurrence cases' negative and positive rates against steps.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Images generated at once [default: the number of CPUs]; results do not depend on it.
+    #[arg(long)]
+    pub jobs: Option<usize>,
+}
+
+/// `f` over `items` on `jobs` threads, results in `items`' order; the first error stops the
+/// threads (each finishes the item in hand) and is returned. With several jobs each thread
+/// runs its items in a one-thread rayon pool of its own: candle's parallel ops (matrix products,
+/// veto's kernels) then stay on that thread instead of queueing for the shared global pool,
+/// where the jobs would wait on each other.
+fn run_parallel<I: Sync, T: Send>(items: &[I], jobs: usize, f: impl Fn(&I) -> Result<T> + Sync) -> Result<Vec<T>> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let slots: Vec<Mutex<Option<Result<T>>>> = items.iter().map(|_| Mutex::new(None)).collect();
+    let work = || {
+        while !failed.load(Ordering::Relaxed) {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            let Some(item) = items.get(i) else { break };
+            let result = f(item);
+            failed.fetch_or(result.is_err(), Ordering::Relaxed);
+            *slots[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+        }
+    };
+    let jobs = jobs.min(items.len()).max(1);
+    if jobs == 1 {
+        work();
+    } else {
+        let pools = (0..jobs)
+            .map(|_| rayon::ThreadPoolBuilder::new().num_threads(1).build())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        std::thread::scope(|scope| {
+            for pool in &pools {
+                scope.spawn(|| pool.install(work));
+            }
+        });
+    }
+    let mut out = Vec::with_capacity(items.len());
+    for slot in slots {
+        match slot.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(result) => out.push(result?),
+            None => bail!("an earlier image failed"),
+        }
+    }
+    Ok(out)
 }
 
 /// A method as `--methods` spells it: `cfg+nag`, `nag:shared-image`, ...
@@ -108,6 +154,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut report = Report::new(&labels, &steps, reference);
     let shown = grid_cases(&suite);
     let mut tiles: Vec<(String, Vec<Vec<u8>>)> = labels.iter().map(|l| (l.clone(), Vec::new())).collect();
+    let mut rows: Vec<Vec<Option<Vec<u8>>>> = vec![vec![None; shown.len() * steps.len()]; methods.len()];
 
     let total = (methods.len() * steps.len() * suite.len()) as u64 * seeds;
     eprintln!(
@@ -121,38 +168,49 @@ pub fn run(a: EvalArgs) -> Result<()> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} images (eta {eta}) {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
+    // Every image is independent: `jobs` threads share the list (a model this small keeps one
+    // core busy with short ops, so images in parallel scale where threads inside an op do not).
+    // The results are gathered in list order, so tables and grids do not depend on `jobs`.
+    let (n_steps, n_cases) = (steps.len(), suite.len());
+    let items: Vec<(usize, usize, usize, u64)> = (0..methods.len())
+        .flat_map(|m| (0..n_steps).flat_map(move |s| (0..n_cases).map(move |k| (m, s, k))))
+        .flat_map(|(m, s, k)| (0..seeds).map(move |seed| (m, s, k, seed)))
+        .collect();
+    let guidances: Vec<GuidanceConfig> = methods
+        .iter()
+        .map(|spec| GuidanceConfig { method: spec.method, nag_variant: spec.variant, ..base.clone() })
+        .collect();
+    let generate_one = |&(m, s, k, seed): &(usize, usize, usize, u64)| -> Result<(Vec<u8>, Outcome, f64)> {
+        let t0 = Instant::now();
+        let case = &suite[k];
+        let req = GenerateRequest::new(case.prompt.clone())
+            .negative(case.negative())
+            .guidance(guidances[m].clone())
+            .steps(steps[s])
+            .size(size, size)
+            .max_sequence_length(veto::demo::model::MAX_SEQUENCE_LENGTH)
+            .seed(seed);
+        let out = pipe.generate(&req).with_context(|| format!("{:?} / {:?}", case.prompt, case.negative()))?;
+        let rgb = veto::image_io::tensor_to_images(&out.image)?.remove(0).into_raw();
+        let outcome = veto::demo::suite::score(case, &rgb, size);
+        bar.inc(1);
+        Ok((rgb, outcome, t0.elapsed().as_secs_f64()))
+    };
+    let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    bar.set_message(format!("{jobs} in parallel"));
     let start = Instant::now();
-    for (m, spec) in methods.iter().enumerate() {
-        let guidance = GuidanceConfig { method: spec.method, nag_variant: spec.variant, ..base.clone() };
-        // Grid columns: steps of the first shown case, then steps of the second.
-        let mut row: Vec<Option<Vec<u8>>> = vec![None; shown.len() * steps.len()];
-        for (s, &n) in steps.iter().enumerate() {
-            bar.set_message(format!("{} at {n} steps", spec.label));
-            for (k, case) in suite.iter().enumerate() {
-                for seed in 0..seeds {
-                    let t0 = Instant::now();
-                    let req = GenerateRequest::new(case.prompt.clone())
-                        .negative(case.negative())
-                        .guidance(guidance.clone())
-                        .steps(n)
-                        .size(size, size)
-                        .max_sequence_length(veto::demo::model::MAX_SEQUENCE_LENGTH)
-                        .seed(seed);
-                    let out =
-                        pipe.generate(&req).with_context(|| format!("{:?} / {:?}", case.prompt, case.negative()))?;
-                    let rgb = veto::image_io::tensor_to_images(&out.image)?.remove(0).into_raw();
-                    let outcome = veto::demo::suite::score(case, &rgb, size);
-                    report.add(&spec.label, n, case.category, &outcome, t0.elapsed().as_secs_f64());
-                    if seed == 0 {
-                        if let Some(g) = shown.iter().position(|&j| j == k) {
-                            row[g * steps.len() + s] = Some(rgb);
-                        }
-                    }
-                    bar.inc(1);
-                }
+    let results = run_parallel(&items, jobs, generate_one)?;
+    for (&(m, s, k, seed), (rgb, outcome, seconds)) in items.iter().zip(results) {
+        report.add(&methods[m].label, steps[s], suite[k].category, &outcome, seconds);
+        if seed == 0 {
+            if let Some(g) = shown.iter().position(|&j| j == k) {
+                // Grid columns: steps of the first shown case, then steps of the second.
+                rows[m][g * steps.len() + s] = Some(rgb);
             }
         }
-        tiles[m].1 = row.into_iter().flatten().collect();
+    }
+    for (tile, row) in tiles.iter_mut().zip(rows) {
+        tile.1 = row.into_iter().flatten().collect();
     }
     bar.finish_and_clear();
     println!("{}", report.table());

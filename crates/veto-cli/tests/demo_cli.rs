@@ -46,7 +46,7 @@ fn generate_defaults_to_the_demo_model() {
 fn eval_quick_runs_the_judge_and_writes_every_output() {
     let dir = tempfile::tempdir().unwrap();
     let cache = dir.path().join("cache");
-    let args = ["eval", "--quick", "--json", "r.json", "--grid", "g.png", "--plot", "p.png"];
+    let args = ["eval", "--quick", "--json", "r.json", "--grid", "g.png", "--plot", "p.png", "--jobs", "2"];
     let out = veto(&args, &cache, dir.path());
     ok(&out);
     let table = String::from_utf8_lossy(&out.stdout);
@@ -69,4 +69,27 @@ fn eval_quick_runs_the_judge_and_writes_every_output() {
         let img = image::open(dir.path().join(png)).unwrap();
         assert!(img.width() > 100 && img.height() > 100, "{png}");
     }
+}
+
+/// Images generated in parallel give the same results, in the same order, as one at a time.
+#[test]
+fn eval_results_do_not_depend_on_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = dir.path().join("cache");
+    let run = |jobs: &str| {
+        let json = format!("r{jobs}.json");
+        let grid = format!("g{jobs}.png");
+        let args = ["eval", "--quick", "--steps", "1", "--json", &json, "--grid", &grid, "--jobs", jobs];
+        ok(&veto(&args, &cache, dir.path()));
+        let mut records: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.path().join(&json)).unwrap()).unwrap();
+        for r in records.as_array_mut().unwrap() {
+            r.as_object_mut().unwrap().remove("seconds_per_image");
+        }
+        (records, std::fs::read(dir.path().join(&grid)).unwrap())
+    };
+    let (one, grid_one) = run("1");
+    let (three, grid_three) = run("3");
+    assert_eq!(one, three);
+    assert!(grid_one == grid_three, "the grids differ");
 }

@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::kernels::{softmax_with_lse, weighted_sum};
+use crate::kernels::{softmax_tail_bias, softmax_with_lse, weighted_sum, TailBias};
 use crate::profile::{self, Op};
 
 /// Largest score matrix (elements) materialised at once; longer query sequences are processed
@@ -57,6 +57,26 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         |q| {
             let scores = scores(q, &k_t, scale)?;
             let probs = profile::timed(Op::Softmax, || candle_nn::ops::softmax_last_dim(&scores))?;
+            profile::timed(Op::AttentionMatmul, || probs.matmul(&v))
+        },
+        |parts| profile::cat(&parts, 2),
+    )
+}
+
+/// [`sdpa`] with a logit bias on the last keys ([`TailBias`]): one softmax over keys that are
+/// already concatenated, where a per-block merge would need a log-sum-exp per block and a pass
+/// over the outputs to combine them.
+pub fn sdpa_tail_bias(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: TailBias) -> Result<Tensor> {
+    let k_t = profile::contiguous(&k.t()?)?;
+    let v = profile::contiguous(v)?;
+    let mut offset = 0;
+    over_query_chunks(
+        q,
+        k.dim(2)?,
+        |q| {
+            let scores = scores(q, &k_t, scale)?;
+            let probs = profile::timed(Op::Softmax, || softmax_tail_bias(&scores, bias, offset))?;
+            offset += q.dim(2)?;
             profile::timed(Op::AttentionMatmul, || probs.matmul(&v))
         },
         |parts| profile::cat(&parts, 2),
@@ -194,5 +214,29 @@ mod tests {
         let x = Tensor::arange(0f32, 24.0, &Device::Cpu).unwrap().reshape((1, 4, 6)).unwrap();
         let back = merge_heads(&split_heads(&x, 2).unwrap()).unwrap();
         assert_eq!(max_diff(&x, &back), 0.0);
+    }
+
+    #[test]
+    fn tail_bias_attention_equals_merged_blocks_with_a_biased_block() {
+        let dev = Device::Cpu;
+        // Enough queries to be chunked: the bias must follow each chunk's query numbering.
+        let q = Tensor::randn(0f32, 1.0, (1, 2, 3000, 4), &dev).unwrap();
+        let k1 = Tensor::randn(0f32, 1.0, (1, 2, 12000, 4), &dev).unwrap();
+        let v1 = Tensor::randn(0f32, 1.0, (1, 2, 12000, 4), &dev).unwrap();
+        let k2 = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev).unwrap();
+        let v2 = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev).unwrap();
+        assert!(query_chunk(&q, 12003).unwrap() < 3000);
+        let (k, v) = (Tensor::cat(&[&k1, &k2], 2).unwrap(), Tensor::cat(&[&v1, &v2], 2).unwrap());
+        let split = 2900; // inside the second chunk
+        let bias = TailBias { tail: 3, split, before: -0.3, after: f32::NEG_INFINITY };
+        let got = sdpa_tail_bias(&q, &k, &v, 0.5, bias).unwrap();
+        // Queries before the split: both blocks, the second biased; after it: the first only.
+        let early = q.narrow(2, 0, split).unwrap();
+        let b1 = attend_block(&early, &k1, &v1, 0.5, None).unwrap();
+        let b2 = attend_block(&early, &k2, &v2, 0.5, Some(-0.3)).unwrap();
+        let want_early = merge_blocks(&[&b1, &b2]).unwrap();
+        let want_late = sdpa(&q.narrow(2, split, 100).unwrap(), &k1, &v1, 0.5).unwrap();
+        assert!(max_diff(&got.narrow(2, 0, split).unwrap(), &want_early) < 1e-5);
+        assert!(max_diff(&got.narrow(2, split, 100).unwrap(), &want_late) < 1e-5);
     }
 }

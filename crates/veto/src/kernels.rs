@@ -29,6 +29,46 @@ pub fn softmax_with_lse(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((probs, lse))
 }
 
+/// A logit bias on the last `tail` keys of every score row: `before` on the rows of queries
+/// `< split`, `after` on the others (`f32::NEG_INFINITY` hides those keys from them). Query
+/// indices count from `offset` (the first query of a chunk). VSF's flipped block needs nothing
+/// else: the image queries see it biased by `-beta`, the text queries not at all.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TailBias {
+    /// Keys at the end of each row that the bias applies to.
+    pub tail: usize,
+    /// Queries before this index get `before`, the rest `after`.
+    pub split: usize,
+    /// Bias for queries `< split`.
+    pub before: f32,
+    /// Bias for queries `>= split`.
+    pub after: f32,
+}
+
+/// Row-wise softmax of scores `[.., Q, K]` with a [`TailBias`], the queries numbered from
+/// `offset`. On the CPU with f32 one parallel pass (no bias tensor exists); elsewhere the tail
+/// is biased by a `[Q, 1]` column broadcast over it and the rows are re-joined.
+pub fn softmax_tail_bias(x: &Tensor, bias: TailBias, offset: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let (q_len, k_len) = match dims {
+        [.., q, k] => (*q, *k),
+        _ => candle_core::bail!("softmax-tail-bias: scores of shape {dims:?}"),
+    };
+    if bias.tail >= k_len {
+        // Some key must stay unbiased, or a row hidden everywhere would divide by zero.
+        candle_core::bail!("softmax-tail-bias: a tail of {} keys in rows of {k_len}", bias.tail);
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&SoftmaxTailBias { bias, offset, q_len });
+    }
+    let per_query: Vec<f32> =
+        (0..q_len).map(|q| if offset + q < bias.split { bias.before } else { bias.after }).collect();
+    let column = Tensor::from_vec(per_query, (q_len, 1), x.device())?.to_dtype(x.dtype())?;
+    let head = x.narrow(D::Minus1, 0, k_len - bias.tail)?;
+    let tail = x.narrow(D::Minus1, k_len - bias.tail, bias.tail)?.broadcast_add(&column)?;
+    candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&head, &tail], D::Minus1)?.contiguous()?)
+}
+
 /// `sum_i w_i * x_i` with `x_i` `[.., d]` and per-row weights `w_i` `[.., 1]` (f32): the
 /// log-sum-exp merge of attention blocks. On the CPU one parallel pass over the rows; elsewhere
 /// broadcast products.
@@ -193,6 +233,52 @@ impl CustomOp1 for SoftmaxLse {
     }
 }
 
+/// The CPU op behind [`softmax_tail_bias`].
+struct SoftmaxTailBias {
+    bias: TailBias,
+    offset: usize,
+    q_len: usize,
+}
+
+impl CustomOp1 for SoftmaxTailBias {
+    fn name(&self) -> &'static str {
+        "softmax-tail-bias"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(src) = storage else {
+            candle_core::bail!("softmax-tail-bias: f32 only");
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax-tail-bias: the input must be contiguous");
+        };
+        let src = &src[start..end];
+        let n = layout.dims().last().copied().unwrap_or(1).max(1);
+        let head = n - self.bias.tail;
+        let mut dst = vec![0f32; src.len()];
+        src.par_chunks(n).zip(dst.par_chunks_mut(n)).enumerate().for_each(|(row, (s, d))| {
+            let q = self.offset + row % self.q_len.max(1);
+            let b = if q < self.bias.split { self.bias.before } else { self.bias.after };
+            for (y, &x) in d.iter_mut().zip(s) {
+                *y = x;
+            }
+            for y in d[head..].iter_mut() {
+                *y += b;
+            }
+            let max = d.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for y in d.iter_mut() {
+                *y = (*y - max).exp();
+                sum += *y;
+            }
+            for y in d.iter_mut() {
+                *y /= sum;
+            }
+        });
+        Ok((CpuStorage::F32(dst), layout.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +341,31 @@ mod tests {
         let (pt, _) = softmax_with_lse(&x.transpose(2, 3).unwrap()).unwrap();
         let want_t = candle_nn::ops::softmax_last_dim(&x.transpose(2, 3).unwrap().contiguous().unwrap()).unwrap();
         assert!(diff(&pt, &want_t) < 1e-6);
+    }
+
+    #[test]
+    fn tail_bias_softmax_matches_a_dense_bias() {
+        let x = Tensor::randn(0f32, 2.0, (2, 3, 7, 11), &Device::Cpu).unwrap();
+        let bias = TailBias { tail: 4, split: 5, before: -0.7, after: f32::NEG_INFINITY };
+        // Queries numbered from 2: rows 0..3 are queries 2..5 (< split), rows 3.. are not.
+        let got = softmax_tail_bias(&x, bias, 2).unwrap();
+        let mut dense = vec![0f32; 7 * 11];
+        for q in 0..7 {
+            for k in 7..11 {
+                dense[q * 11 + k] = if q + 2 < 5 { -0.7 } else { -1e30 };
+            }
+        }
+        let dense = Tensor::from_vec(dense, (7, 11), &Device::Cpu).unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&x.broadcast_add(&dense).unwrap()).unwrap();
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        };
+        assert!(diff(&got, &want) < 1e-6);
+        // The hidden keys get exactly zero weight.
+        let hidden = got.narrow(2, 3, 4).unwrap().narrow(3, 7, 4).unwrap();
+        assert_eq!(hidden.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        // The portable path (a strided input takes the CPU kernel after a copy; f64 the fallback).
+        let slow = softmax_tail_bias(&x.to_dtype(DType::F64).unwrap(), bias, 2).unwrap();
+        assert!(diff(&slow.to_dtype(DType::F32).unwrap(), &want) < 1e-6);
     }
 }

@@ -16,11 +16,12 @@
 
 use std::ops::Range;
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::vsf::flipped_block;
 use super::{AttentionGuidance, Contrast};
-use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, BlockAttention};
+use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, sdpa_tail_bias, BlockAttention};
+use crate::kernels::TailBias;
 use crate::profile;
 
 /// The negative prompt as a model receives it for one call: the attention method of this step,
@@ -122,6 +123,21 @@ pub fn guided_attention(a: &GuidedAttention, method: Option<&AttentionGuidance>)
             }
             _ => Ok(z),
         };
+    }
+
+    // VSF on every row, no shared block (cross-attention): one softmax over the positive keys
+    // and the flipped negative ones, biased ([`TailBias`]); the short text blocks are cheap to
+    // concatenate, the per-block log-sum-exps and merge over every query are not.
+    if let Some((AttentionGuidance::Vsf(p), n)) = guided {
+        let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
+        if a.shared.is_none() && cpu_f32 && n.rows.start == 0 && n.rows.end == q.dim(0)? {
+            let flipped = profile::timed(profile::Op::Guidance, || n.kv.v * -p.scale)?;
+            let k = profile::cat(&[a.positive.k, n.kv.k], 2)?;
+            let v = profile::cat(&[a.positive.v, &flipped], 2)?;
+            let tail = n.kv.k.dim(2)?;
+            let bias = TailBias { tail, split: usize::MAX, before: -p.bias as f32, after: -p.bias as f32 };
+            return merge_heads(&sdpa_tail_bias(q, &k, &v, scale, bias)?);
+        }
     }
 
     let shared = a.shared.map(|kv| attend_block(q, kv.k, kv.v, scale, None)).transpose()?;
@@ -311,6 +327,40 @@ mod tests {
             let want = merge_heads(&candle_nn::ops::softmax(&scores, D::Minus1).unwrap().matmul(&v).unwrap()).unwrap();
             assert!(max_diff(&got, &want) < 1e-5, "shared {shared}");
         }
+    }
+
+    /// VSF on some rows only (the per-block path) and on all rows (one biased softmax) agree.
+    #[test]
+    fn vsf_on_a_guided_row_equals_vsf_on_every_row() {
+        let (h, d) = (2, 4);
+        let q = randn((2, h, 5, d), 41);
+        let (kp, vp) = (randn((2, h, 4, d), 42), randn((2, h, 4, d), 43));
+        let (kn, vn) = (randn((1, h, 3, d), 44), randn((1, h, 3, d), 45));
+        let p = VsfParams { scale: 1.2, bias: 0.3, ..Default::default() };
+        let vsf = AttentionGuidance::Vsf(p);
+        let call = |q: &Tensor, kp: &Tensor, vp: &Tensor, rows: Range<usize>| {
+            guided_attention(
+                &GuidedAttention {
+                    q,
+                    shared: None,
+                    positive: KeyValues { k: kp, v: vp },
+                    negative: Some(NegativeKeyValues { kv: KeyValues { k: &kn, v: &vn }, rows }),
+                    scale: 0.5,
+                },
+                Some(&vsf),
+            )
+            .unwrap()
+        };
+        let some = call(&q, &kp, &vp, 1..2);
+        let row = |t: &Tensor| t.narrow(0, 1, 1).unwrap();
+        let every = call(&row(&q), &row(&kp), &row(&vp), 0..1);
+        assert!(max_diff(&some.narrow(0, 1, 1).unwrap(), &every) < 1e-5);
+        let plain = merge_heads(
+            &sdpa(&q.narrow(0, 0, 1).unwrap(), &kp.narrow(0, 0, 1).unwrap(), &vp.narrow(0, 0, 1).unwrap(), 0.5)
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(max_diff(&some.narrow(0, 0, 1).unwrap(), &plain) < 1e-5);
     }
 
     #[test]

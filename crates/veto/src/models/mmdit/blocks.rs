@@ -10,24 +10,27 @@
 //!   [`crate::guidance::guided_attention()`] (image-over-image once, merged by log-sum-exp).
 //!   The image stream exists once; the negative stream's own rows attend to `[I, T-]`.
 //! - VSF ([`BlockGuide::Vsf`]): one text stream `[A, N]` whose last `neg_len` tokens are the
-//!   negative prompt; the image rows see `[I, A, N']` through the same routine, the text rows
-//!   their own blocks ([`crate::guidance::vsf::text_rows`]).
+//!   negative prompt; the image rows see `[I, A, N']`, the text rows their own blocks. On the
+//!   CPU in f32 one softmax over the concatenated keys with a bias on the N' tail does both
+//!   (`JointBlock::vsf_one_softmax`); elsewhere the same routine as NAG's merges per-block
+//!   attentions ([`crate::guidance::vsf::text_rows`] for the text rows).
 //! - MMDiT-X blocks (SD3.5-Medium) also run `attn2`, image-only self-attention, unguided.
 //! - The last block is `context_pre_only`: its text streams only give keys and values.
 
 use std::ops::Range;
 
-use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa};
-use crate::guidance::vsf;
+use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, sdpa_tail_bias};
+use crate::guidance::vsf::{self, VsfParams};
 use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
-use candle_core::{Module, Result, Tensor, D};
+use crate::kernels::TailBias;
+use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::models::layers::{
     gated_add, layer_norm, linear, modulate_normed, norm_and_modulate, FeedForward, Linear, Modulation,
     QuantizedWeights,
 };
-use crate::profile;
+use crate::profile::{self, Op};
 
 /// q/k/v projections of one token stream, with the optional per-head RMSNorm of q and k
 /// (`qk_norm: "rms_norm"`). `q` is absent where no query is ever needed (the text side of a
@@ -231,6 +234,43 @@ impl JointBlock {
         Ok(Some(gated_add(&txt, gate_mlp, &ff_out)?))
     }
 
+    /// VSF's joint attention as one softmax (CPU, f32): the keys `[I, A, N]` concatenated as the
+    /// plain path does, the values with the N block flipped (`-alpha V`); the image queries see
+    /// N with logits biased by `-beta`, the A queries do not see it ([`TailBias`]); the few N
+    /// queries attend `[I, N]` unflipped by a block merge. Equal to the per-block merge of
+    /// [`guided_attention`] and [`vsf::text_rows`], without their per-block log-sum-exps and
+    /// merge passes over every image row. Returns the image rows and the text rows, heads merged.
+    fn vsf_one_softmax(
+        img_h: &Heads,
+        txt_h: &Heads,
+        neg_len: usize,
+        p: &VsfParams,
+        scale: f64,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let n_img = img_h.k.dim(2)?;
+        let a_len = txt_h.k.dim(2)? - neg_len;
+        let v_n = txt_h.v.narrow(2, a_len, neg_len)?;
+        let flipped = profile::timed(Op::Guidance, || &v_n * -p.scale)?;
+        let k = profile::cat(&[&img_h.k, &txt_h.k], 2)?;
+        let v = profile::cat(&[&img_h.v, &txt_h.v.narrow(2, 0, a_len)?, &flipped], 2)?;
+        let q = match &txt_h.q {
+            Some(qt) => profile::cat(&[img_h.q()?, &qt.narrow(2, 0, a_len)?], 2)?,
+            None => img_h.q()?.clone(),
+        };
+        let bias = TailBias { tail: neg_len, split: n_img, before: -p.bias as f32, after: f32::NEG_INFINITY };
+        let out = sdpa_tail_bias(&q, &k, &v, scale, bias)?;
+        let z_img = merge_heads(&out.narrow(2, 0, n_img)?)?;
+        let txt_attn = match &txt_h.q {
+            Some(qt) => {
+                let n_block = Heads { q: None, k: txt_h.k.narrow(2, a_len, neg_len)?, v: v_n };
+                let n_rows = Self::rows_over(&qt.narrow(2, a_len, neg_len)?, &[img_h, &n_block], scale)?;
+                Some(merge_heads(&profile::cat(&[&out.narrow(2, n_img, a_len)?, &n_rows], 2)?)?)
+            }
+            None => None,
+        };
+        Ok((z_img, txt_attn))
+    }
+
     /// Attention of the queries `q` over the keys and values of `blocks`, merged.
     fn rows_over(q: &Tensor, blocks: &[&Heads], scale: f64) -> Result<Tensor> {
         let parts = blocks.iter().map(|h| attend_block(q, &h.k, &h.v, scale, None)).collect::<Result<Vec<_>>>()?;
@@ -281,25 +321,37 @@ impl JointBlock {
                     candle_core::bail!("VSF: negative length {neg_len} does not fit a text stream of {txt_len} tokens");
                 }
                 let a_len = txt_len - neg_len;
-                let part = |t: &Tensor, start: usize, len: usize| t.narrow(2, start, len);
-                let (k_a, v_a) = (part(&txt_h.k, 0, a_len)?, part(&txt_h.v, 0, a_len)?);
-                let (k_n, v_n) = (part(&txt_h.k, a_len, *neg_len)?, part(&txt_h.v, a_len, *neg_len)?);
-                let z_img = guided_attention(
-                    &GuidedAttention {
-                        q: img_h.q()?,
-                        shared: Some(img_kv),
-                        positive: KeyValues { k: &k_a, v: &v_a },
-                        negative: Some(NegativeKeyValues { kv: KeyValues { k: &k_n, v: &v_n }, rows: 0..img.dim(0)? }),
-                        scale,
-                    },
-                    Some(method),
-                )?;
-                let txt_attn = match &txt_h.q {
-                    Some(qt) => {
-                        let (img_heads, txt_heads) = (img_h.as_vsf(), txt_h.as_vsf());
-                        Some(merge_heads(&vsf::text_rows(qt, &img_heads, &txt_heads, *neg_len, scale)?)?)
+                let cpu_f32 = img_h.k.device().is_cpu() && img_h.k.dtype() == DType::F32;
+                let (z_img, txt_attn) = match method {
+                    AttentionGuidance::Vsf(p) if a_len > 0 && cpu_f32 => {
+                        Self::vsf_one_softmax(&img_h, &txt_h, *neg_len, p, scale)?
                     }
-                    None => None,
+                    _ => {
+                        let part = |t: &Tensor, start: usize, len: usize| t.narrow(2, start, len);
+                        let (k_a, v_a) = (part(&txt_h.k, 0, a_len)?, part(&txt_h.v, 0, a_len)?);
+                        let (k_n, v_n) = (part(&txt_h.k, a_len, *neg_len)?, part(&txt_h.v, a_len, *neg_len)?);
+                        let z_img = guided_attention(
+                            &GuidedAttention {
+                                q: img_h.q()?,
+                                shared: Some(img_kv),
+                                positive: KeyValues { k: &k_a, v: &v_a },
+                                negative: Some(NegativeKeyValues {
+                                    kv: KeyValues { k: &k_n, v: &v_n },
+                                    rows: 0..img.dim(0)?,
+                                }),
+                                scale,
+                            },
+                            Some(method),
+                        )?;
+                        let txt_attn = match &txt_h.q {
+                            Some(qt) => {
+                                let (img_heads, txt_heads) = (img_h.as_vsf(), txt_h.as_vsf());
+                                Some(merge_heads(&vsf::text_rows(qt, &img_heads, &txt_heads, *neg_len, scale)?)?)
+                            }
+                            None => None,
+                        };
+                        (z_img, txt_attn)
+                    }
                 };
                 (z_img, txt_attn, None)
             }
