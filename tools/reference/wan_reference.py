@@ -441,6 +441,22 @@ def pipeline_meta(prompt: str, meta: dict) -> dict:
     return {k: str(v) for k, v in meta.items()}
 
 
+def write_model_index(folder: Path, class_name: str, **extra: list[str]) -> None:
+    """model_index.json of a Wan pipeline folder: the T2V components plus `extra` (I2V's image
+    encoder and processor)."""
+    index = {
+        "_class_name": class_name,
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "text_encoder": ["transformers", "UMT5EncoderModel"],
+        "tokenizer": ["transformers", "T5TokenizerFast"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLWan"],
+        **extra,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def pipeline_fixtures() -> None:
     from diffusers import AutoencoderKLWan, WanPipeline
     from diffusers.pipelines.wan.pipeline_wan import prompt_clean
@@ -449,16 +465,7 @@ def pipeline_fixtures() -> None:
     folder = OUT / "pipeline"
     tr = build_transformer(PIPE_T2V, 3)
     save_model_folder(folder, tr)
-    index = {
-        "_class_name": "WanPipeline",
-        "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_model_index(folder, "WanPipeline")
     tok = AutoTokenizer.from_pretrained(PARTS / "tokenizer")
     te = UMT5EncoderModel.from_pretrained(PARTS / "text_encoder").eval()
     vae = AutoencoderKLWan.from_pretrained(PARTS / "vae").eval()
@@ -583,18 +590,12 @@ def i2v_pipeline_fixtures() -> None:
     folder = OUT / "pipeline_i2v"
     tr = build_transformer(PIPE_I2V, 4)
     save_model_folder(folder, tr)
-    index = {
-        "_class_name": "WanImageToVideoPipeline",
-        "_diffusers_version": "0.42.1",
-        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
-        "image_processor": ["transformers", "CLIPImageProcessor"],
-        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-        "text_encoder": ["transformers", "UMT5EncoderModel"],
-        "tokenizer": ["transformers", "T5TokenizerFast"],
-        "transformer": ["diffusers", "WanTransformer3DModel"],
-        "vae": ["diffusers", "AutoencoderKLWan"],
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_model_index(
+        folder,
+        "WanImageToVideoPipeline",
+        image_encoder=["transformers", "CLIPVisionModelWithProjection"],
+        image_processor=["transformers", "CLIPImageProcessor"],
+    )
     pipe = WanImageToVideoPipeline(
         tokenizer=AutoTokenizer.from_pretrained(PARTS / "tokenizer"),
         text_encoder=UMT5EncoderModel.from_pretrained(PARTS / "text_encoder").eval(),

@@ -188,10 +188,21 @@ pub fn map_batch_rows<const N: usize>(
 
 /// The elements of a contiguous f32 CPU tensor's storage.
 fn f32_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match (storage, layout.contiguous_offsets()) {
-        (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((s, e))) => Ok(&v[s..e]),
+    match storage {
+        candle_core::Storage::Cpu(cpu) => cpu_f32(cpu, layout, "kernel"),
         _ => candle_core::bail!("expected contiguous f32 CPU storage"),
     }
+}
+
+/// The elements of a contiguous f32 CPU tensor (the input of a custom op named `op`).
+fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(src) = storage else {
+        candle_core::bail!("{op}: f32 only");
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("{op}: the input must be contiguous");
+    };
+    Ok(&src[start..end])
 }
 
 /// The CPU op behind [`softmax_with_lse`]: returns the probabilities, leaves the log-sum-exps
@@ -206,13 +217,7 @@ impl CustomOp1 for SoftmaxLse {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(src) = storage else {
-            candle_core::bail!("softmax-with-lse: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softmax-with-lse: the input must be contiguous");
-        };
-        let src = &src[start..end];
+        let src = cpu_f32(storage, layout, self.name())?;
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
         let mut dst = vec![0f32; src.len()];
         let mut lse = vec![0f32; src.len() / n];
@@ -246,13 +251,7 @@ impl CustomOp1 for SoftmaxTailBias {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(src) = storage else {
-            candle_core::bail!("softmax-tail-bias: f32 only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("softmax-tail-bias: the input must be contiguous");
-        };
-        let src = &src[start..end];
+        let src = cpu_f32(storage, layout, self.name())?;
         let n = layout.dims().last().copied().unwrap_or(1).max(1);
         let head = n - self.bias.tail;
         let mut dst = vec![0f32; src.len()];

@@ -397,15 +397,21 @@ fn pipeline_flowmatch_cfg() {
     run_pipeline_case(&pipe, "pipeline_flowmatch_cfg.safetensors", None);
 }
 
+/// An unguided one-step, 5-frame request of `height x width`: the inputs the checks look at.
+fn one_step_request(prompt: &str, height: usize, width: usize) -> WanRequest {
+    let mut req = WanRequest::new(prompt);
+    req.guidance.method = veto::Method::NONE;
+    req.steps = 1;
+    req.height = height;
+    req.width = width;
+    req.frames = 5;
+    req
+}
+
 #[test]
 fn pipeline_rejects_bad_sizes_and_rounds_frames() {
     let pipe = pipeline();
-    let mut req = WanRequest::new("a fox");
-    req.guidance.method = veto::Method::NONE;
-    req.steps = 1;
-    req.height = 40;
-    req.width = 48;
-    req.frames = 5;
+    let mut req = one_step_request("a fox", 40, 48);
     let mut warnings = veto::pipelines::Warnings::default();
     let err = pipe.generate_latents(&req, &mut |_| {}, &mut warnings).unwrap_err().to_string();
     assert!(err.contains("multiples of 16"), "{err}");
@@ -459,12 +465,7 @@ fn i2v_first_frame_is_pillow_lanczos() {
 
 #[test]
 fn i2v_and_t2v_refuse_the_wrong_inputs() {
-    let mut req = WanRequest::new("a cat");
-    req.guidance.method = veto::Method::NONE;
-    req.steps = 1;
-    req.height = 32;
-    req.width = 48;
-    req.frames = 5;
+    let mut req = one_step_request("a cat", 32, 48);
     let mut warnings = veto::pipelines::Warnings::default();
     let err = i2v_pipeline().generate_latents(&req, &mut |_| {}, &mut warnings).unwrap_err().to_string();
     assert!(err.contains("needs an input image"), "{err}");
