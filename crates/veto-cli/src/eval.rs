@@ -153,7 +153,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let labels: Vec<String> = methods.iter().map(|m| m.label.clone()).collect();
     let mut report = Report::new(&labels, &steps, reference);
     let shown = grid_cases(&suite);
-    let mut tiles: Vec<(String, Vec<Vec<u8>>)> = labels.iter().map(|l| (l.clone(), Vec::new())).collect();
     let mut rows: Vec<Vec<Option<Vec<u8>>>> = vec![vec![None; shown.len() * steps.len()]; methods.len()];
 
     let total = (methods.len() * steps.len() * suite.len()) as u64 * seeds;
@@ -209,9 +208,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
             }
         }
     }
-    for (tile, row) in tiles.iter_mut().zip(rows) {
-        tile.1 = row.into_iter().flatten().collect();
-    }
+    let tiles: Vec<(String, Vec<Vec<u8>>)> =
+        labels.iter().cloned().zip(rows.into_iter().map(|row| row.into_iter().flatten().collect())).collect();
     bar.finish_and_clear();
     println!("{}", report.table());
     println!("{total} images in {:.1} s", start.elapsed().as_secs_f64());
