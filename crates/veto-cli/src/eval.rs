@@ -137,8 +137,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
         ["none", "cfg", "nag", "nasa", "cfg+nag"].map(String::from).to_vec()
     };
     let methods = method_names.iter().map(|m| parse_method(m)).collect::<Result<Vec<_>>>()?;
-    if seeds == 0 || steps.contains(&0) {
-        bail!("--seeds and --steps must be positive");
+    if seeds == 0 || steps.contains(&0) || a.jobs == Some(0) {
+        bail!("--seeds, --steps and --jobs must be positive");
     }
 
     let source = if a.model == veto::demo::model::NAME {
@@ -195,7 +195,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bar.inc(1);
         Ok((rgb, outcome, t0.elapsed().as_secs_f64()))
     };
-    let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1);
+    let jobs = a.jobs.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     bar.set_message(format!("{jobs} in parallel"));
     let start = Instant::now();
     let results = run_parallel(&items, jobs, generate_one)?;

@@ -93,3 +93,12 @@ fn eval_results_do_not_depend_on_jobs() {
     assert_eq!(one, three);
     assert!(grid_one == grid_three, "the grids differ");
 }
+
+#[test]
+fn eval_refuses_zero_jobs_before_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = veto(&["eval", "--quick", "--jobs", "0"], &dir.path().join("cache"), dir.path());
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--jobs must be positive"), "{err}");
+}
