@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::kernels::{softmax_tail_bias, softmax_with_lse, weighted_sum, TailBias};
+use crate::kernels::{fused_attention, softmax_tail_bias, softmax_with_lse, weighted_sum, Fused, TailBias};
 use crate::profile::{self, Op};
 
 /// Largest score matrix (elements) materialised at once; longer query sequences are processed
@@ -49,6 +49,9 @@ fn over_query_chunks<T>(
 /// Plain softmax attention: `softmax(q k^T * scale) v`. The scale is applied to the queries
 /// (`S_q x d` elements) rather than to the scores (`S_q x S_k`), the larger tensor.
 pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if let Some(fused) = profile::timed(Op::AttentionMatmul, || fused_attention(q, k, v, scale, None, false))? {
+        return Ok(fused.out);
+    }
     let k_t = profile::contiguous(&k.t()?)?;
     let v = profile::contiguous(v)?;
     over_query_chunks(
@@ -67,6 +70,9 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
 /// already concatenated, where a per-block merge would need a log-sum-exp per block and a pass
 /// over the outputs to combine them.
 pub fn sdpa_tail_bias(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: TailBias) -> Result<Tensor> {
+    if let Some(fused) = profile::timed(Op::AttentionMatmul, || fused_attention(q, k, v, scale, Some(bias), false))? {
+        return Ok(fused.out);
+    }
     let k_t = profile::contiguous(&k.t()?)?;
     let v = profile::contiguous(v)?;
     let mut offset = 0;
@@ -99,6 +105,13 @@ pub struct BlockAttention {
 }
 
 pub fn attend_block(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, bias: Option<f64>) -> Result<BlockAttention> {
+    if let Some(Fused { out, lse: Some(lse) }) =
+        profile::timed(Op::AttentionMatmul, || fused_attention(q, k, v, scale, None, true))?
+    {
+        // A bias shared by the whole block leaves the probabilities alone and shifts the LSE.
+        let lse = if let Some(b) = bias { (lse + b)? } else { lse };
+        return Ok(BlockAttention { out, lse });
+    }
     let k_t = profile::contiguous(&k.t()?)?;
     let v = profile::contiguous(v)?;
     over_query_chunks(
@@ -158,24 +171,53 @@ mod tests {
     use candle_core::Device;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        d.to_dtype(DType::F32).unwrap().to_scalar().unwrap()
+    }
+
+    /// Both paths: f32 on the CPU runs the fused kernel, f64 the tensor ops (the GPU's path).
+    const PATHS: [DType; 2] = [DType::F32, DType::F64];
+
+    fn randn(shape: (usize, usize, usize, usize), std: f32, dtype: DType) -> Tensor {
+        Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
     }
 
     #[test]
     fn merged_blocks_equal_attention_over_concatenated_keys() {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 3, 5, 8), &dev).unwrap();
-        let k1 = Tensor::randn(0f32, 2.0, (2, 3, 4, 8), &dev).unwrap();
-        let v1 = Tensor::randn(0f32, 1.0, (2, 3, 4, 8), &dev).unwrap();
-        let k2 = Tensor::randn(0f32, 2.0, (2, 3, 7, 8), &dev).unwrap();
-        let v2 = Tensor::randn(0f32, 1.0, (2, 3, 7, 8), &dev).unwrap();
-        let scale = 1.0 / (8f64).sqrt();
-        let full =
-            sdpa(&q, &Tensor::cat(&[&k1, &k2], 2).unwrap(), &Tensor::cat(&[&v1, &v2], 2).unwrap(), scale).unwrap();
-        let b1 = attend_block(&q, &k1, &v1, scale, None).unwrap();
-        let b2 = attend_block(&q, &k2, &v2, scale, None).unwrap();
-        let merged = merge_blocks(&[&b1, &b2]).unwrap();
-        assert!(max_diff(&full, &merged) < 1e-5);
+        for dtype in PATHS {
+            let q = randn((2, 3, 5, 8), 1.0, dtype);
+            let (k1, v1) = (randn((2, 3, 4, 8), 2.0, dtype), randn((2, 3, 4, 8), 1.0, dtype));
+            let (k2, v2) = (randn((2, 3, 7, 8), 2.0, dtype), randn((2, 3, 7, 8), 1.0, dtype));
+            let scale = 1.0 / (8f64).sqrt();
+            let (k, v) = (Tensor::cat(&[&k1, &k2], 2).unwrap(), Tensor::cat(&[&v1, &v2], 2).unwrap());
+            let full = sdpa(&q, &k, &v, scale).unwrap();
+            let b1 = attend_block(&q, &k1, &v1, scale, None).unwrap();
+            let b2 = attend_block(&q, &k2, &v2, scale, None).unwrap();
+            let merged = merge_blocks(&[&b1, &b2]).unwrap();
+            assert!(max_diff(&full, &merged) < 1e-5, "{dtype:?}");
+        }
+    }
+
+    #[test]
+    fn fused_cpu_attention_equals_the_tensor_op_path() {
+        let q = randn((1, 2, 150, 16), 1.0, DType::F32);
+        let (k, v) = (randn((1, 2, 90, 16), 1.0, DType::F32), randn((1, 2, 90, 16), 1.0, DType::F32));
+        let f64s = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let bias = TailBias { tail: 10, split: 120, before: -0.4, after: f32::NEG_INFINITY };
+        let pairs = [
+            (sdpa(&q, &k, &v, 0.25).unwrap(), sdpa(&f64s(&q), &f64s(&k), &f64s(&v), 0.25).unwrap()),
+            (
+                sdpa_tail_bias(&q, &k, &v, 0.25, bias).unwrap(),
+                sdpa_tail_bias(&f64s(&q), &f64s(&k), &f64s(&v), 0.25, bias).unwrap(),
+            ),
+        ];
+        for (fused, ops) in &pairs {
+            assert!(max_diff(&fused.to_dtype(DType::F64).unwrap(), ops) < 1e-5);
+        }
+        let fused = attend_block(&q, &k, &v, 0.25, Some(0.7)).unwrap();
+        let ops = attend_block(&f64s(&q), &f64s(&k), &f64s(&v), 0.25, Some(0.7)).unwrap();
+        assert!(max_diff(&fused.out.to_dtype(DType::F64).unwrap(), &ops.out) < 1e-5);
+        assert!(max_diff(&fused.lse, &ops.lse) < 1e-5);
     }
 
     #[test]
@@ -194,19 +236,20 @@ mod tests {
 
     #[test]
     fn chunked_queries_equal_unchunked() {
-        let dev = Device::Cpu;
-        // 1 x 1 x 9000 x 8000 scores exceed MAX_SCORE_ELEMENTS, forcing several chunks.
-        let q = Tensor::randn(0f32, 1.0, (1, 1, 9000, 4), &dev).unwrap();
-        let k = Tensor::randn(0f32, 1.0, (1, 1, 8000, 4), &dev).unwrap();
-        let v = Tensor::randn(0f32, 1.0, (1, 1, 8000, 4), &dev).unwrap();
-        assert!(query_chunk(&q, 8000).unwrap() < 9000);
-        let chunked = sdpa(&q, &k, &v, 0.5).unwrap();
-        let probe = q.narrow(2, 8990, 10).unwrap();
-        let direct = sdpa(&probe, &k, &v, 0.5).unwrap();
-        assert!(max_diff(&chunked.narrow(2, 8990, 10).unwrap(), &direct) < 1e-5);
-        let block = attend_block(&q, &k, &v, 0.5, None).unwrap();
-        assert_eq!(block.lse.dims(), &[1, 1, 9000, 1]);
-        assert!(max_diff(&block.out, &chunked) < 1e-5);
+        // 1 x 1 x 9000 x 8000 scores exceed MAX_SCORE_ELEMENTS, forcing several chunks on the
+        // tensor-op path (and many query tiles on the fused one).
+        for dtype in PATHS {
+            let q = randn((1, 1, 9000, 4), 1.0, dtype);
+            let (k, v) = (randn((1, 1, 8000, 4), 1.0, dtype), randn((1, 1, 8000, 4), 1.0, dtype));
+            assert!(query_chunk(&q, 8000).unwrap() < 9000);
+            let chunked = sdpa(&q, &k, &v, 0.5).unwrap();
+            let probe = q.narrow(2, 8990, 10).unwrap();
+            let direct = sdpa(&probe, &k, &v, 0.5).unwrap();
+            assert!(max_diff(&chunked.narrow(2, 8990, 10).unwrap(), &direct) < 1e-5, "{dtype:?}");
+            let block = attend_block(&q, &k, &v, 0.5, None).unwrap();
+            assert_eq!(block.lse.dims(), &[1, 1, 9000, 1]);
+            assert!(max_diff(&block.out, &chunked) < 1e-5, "{dtype:?}");
+        }
     }
 
     #[test]
@@ -218,25 +261,24 @@ mod tests {
 
     #[test]
     fn tail_bias_attention_equals_merged_blocks_with_a_biased_block() {
-        let dev = Device::Cpu;
         // Enough queries to be chunked: the bias must follow each chunk's query numbering.
-        let q = Tensor::randn(0f32, 1.0, (1, 2, 3000, 4), &dev).unwrap();
-        let k1 = Tensor::randn(0f32, 1.0, (1, 2, 12000, 4), &dev).unwrap();
-        let v1 = Tensor::randn(0f32, 1.0, (1, 2, 12000, 4), &dev).unwrap();
-        let k2 = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev).unwrap();
-        let v2 = Tensor::randn(0f32, 1.0, (1, 2, 3, 4), &dev).unwrap();
-        assert!(query_chunk(&q, 12003).unwrap() < 3000);
-        let (k, v) = (Tensor::cat(&[&k1, &k2], 2).unwrap(), Tensor::cat(&[&v1, &v2], 2).unwrap());
-        let split = 2900; // inside the second chunk
-        let bias = TailBias { tail: 3, split, before: -0.3, after: f32::NEG_INFINITY };
-        let got = sdpa_tail_bias(&q, &k, &v, 0.5, bias).unwrap();
-        // Queries before the split: both blocks, the second biased; after it: the first only.
-        let early = q.narrow(2, 0, split).unwrap();
-        let b1 = attend_block(&early, &k1, &v1, 0.5, None).unwrap();
-        let b2 = attend_block(&early, &k2, &v2, 0.5, Some(-0.3)).unwrap();
-        let want_early = merge_blocks(&[&b1, &b2]).unwrap();
-        let want_late = sdpa(&q.narrow(2, split, 100).unwrap(), &k1, &v1, 0.5).unwrap();
-        assert!(max_diff(&got.narrow(2, 0, split).unwrap(), &want_early) < 1e-5);
-        assert!(max_diff(&got.narrow(2, split, 100).unwrap(), &want_late) < 1e-5);
+        for dtype in PATHS {
+            let q = randn((1, 2, 3000, 4), 1.0, dtype);
+            let (k1, v1) = (randn((1, 2, 12000, 4), 1.0, dtype), randn((1, 2, 12000, 4), 1.0, dtype));
+            let (k2, v2) = (randn((1, 2, 3, 4), 1.0, dtype), randn((1, 2, 3, 4), 1.0, dtype));
+            assert!(query_chunk(&q, 12003).unwrap() < 3000);
+            let (k, v) = (Tensor::cat(&[&k1, &k2], 2).unwrap(), Tensor::cat(&[&v1, &v2], 2).unwrap());
+            let split = 2900; // inside the second chunk
+            let bias = TailBias { tail: 3, split, before: -0.3, after: f32::NEG_INFINITY };
+            let got = sdpa_tail_bias(&q, &k, &v, 0.5, bias).unwrap();
+            // Queries before the split: both blocks, the second biased; after it: the first only.
+            let early = q.narrow(2, 0, split).unwrap();
+            let b1 = attend_block(&early, &k1, &v1, 0.5, None).unwrap();
+            let b2 = attend_block(&early, &k2, &v2, 0.5, Some(-0.3)).unwrap();
+            let want_early = merge_blocks(&[&b1, &b2]).unwrap();
+            let want_late = sdpa(&q.narrow(2, split, 100).unwrap(), &k1, &v1, 0.5).unwrap();
+            assert!(max_diff(&got.narrow(2, 0, split).unwrap(), &want_early) < 1e-5, "{dtype:?}");
+            assert!(max_diff(&got.narrow(2, split, 100).unwrap(), &want_late) < 1e-5, "{dtype:?}");
+        }
     }
 }

@@ -1,29 +1,21 @@
 //! CPU kernels candle lacks. Candle's elementwise ops and reductions run on one thread on the
 //! CPU; these run over rows in parallel and do several passes' work in one.
 
-use std::sync::Mutex;
-
-use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, DType, Layout, Result, Tensor, D};
 use rayon::prelude::*;
+
+mod fused_attention;
+mod softmax_row;
+pub use fused_attention::{fused_attention, Fused};
+use softmax_row::softmax_row;
 
 /// Row-wise softmax over the last dimension together with each row's log-sum-exp
 /// (`[.., 1]`, f32), as a mergeable attention block needs: `probs = softmax(x)`,
-/// `lse = max + ln(sum(exp(x - max)))`. On the CPU with f32 one parallel pass; elsewhere the
-/// fused softmax plus two row maxima (`lse = max - ln(max probs)`, since the largest
-/// probability is `exp(max - lse)` and never below `1/n`).
+/// `lse = max + ln(sum(exp(x - max)))`: the fused softmax plus two row maxima
+/// (`lse = max - ln(max probs)`, since the largest probability is `exp(max - lse)` and never
+/// below `1/n`). The GPU's and other dtypes' path; the CPU in f32 runs [`fused_attention`].
 pub fn softmax_with_lse(x: &Tensor) -> Result<(Tensor, Tensor)> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        let op = SoftmaxLse { lse: Mutex::new(Vec::new()) };
-        let x = x.contiguous()?;
-        let probs = x.apply_op1_no_bwd(&op)?;
-        let lse = std::mem::take(&mut *op.lse.lock().map_err(|_| candle_core::Error::Msg("poisoned".into()))?);
-        let mut lse_shape = x.dims().to_vec();
-        if let Some(last) = lse_shape.last_mut() {
-            *last = 1;
-        }
-        return Ok((probs, Tensor::from_vec(lse, lse_shape, x.device())?));
-    }
-    let x = x.to_dtype(DType::F32)?;
+    let x = x.to_dtype(DType::F32)?.contiguous()?;
     let probs = candle_nn::ops::softmax_last_dim(&x)?;
     let lse = (x.max_keepdim(D::Minus1)? - probs.max_keepdim(D::Minus1)?.log()?)?;
     Ok((probs, lse))
@@ -46,8 +38,8 @@ pub struct TailBias {
 }
 
 /// Row-wise softmax of scores `[.., Q, K]` with a [`TailBias`], the queries numbered from
-/// `offset`. On the CPU with f32 one parallel pass (no bias tensor exists); elsewhere the tail
-/// is biased by a `[Q, 1]` column broadcast over it and the rows are re-joined.
+/// `offset`: the tail is biased by a `[Q, 1]` column broadcast over it and the rows re-joined.
+/// The GPU's and other dtypes' path; the CPU in f32 runs [`fused_attention`].
 pub fn softmax_tail_bias(x: &Tensor, bias: TailBias, offset: usize) -> Result<Tensor> {
     let dims = x.dims();
     let (q_len, k_len) = match dims {
@@ -57,9 +49,6 @@ pub fn softmax_tail_bias(x: &Tensor, bias: TailBias, offset: usize) -> Result<Te
     if bias.tail >= k_len {
         // Some key must stay unbiased, or a row hidden everywhere would divide by zero.
         candle_core::bail!("softmax-tail-bias: a tail of {} keys in rows of {k_len}", bias.tail);
-    }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1_no_bwd(&SoftmaxTailBias { bias, offset, q_len });
     }
     let per_query: Vec<f32> =
         (0..q_len).map(|q| if offset + q < bias.split { bias.before } else { bias.after }).collect();
@@ -203,79 +192,6 @@ fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a
         candle_core::bail!("{op}: the input must be contiguous");
     };
     Ok(&src[start..end])
-}
-
-/// The CPU op behind [`softmax_with_lse`]: returns the probabilities, leaves the log-sum-exps
-/// in `lse` (a custom op has one output).
-struct SoftmaxLse {
-    lse: Mutex<Vec<f32>>,
-}
-
-impl CustomOp1 for SoftmaxLse {
-    fn name(&self) -> &'static str {
-        "softmax-with-lse"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = cpu_f32(storage, layout, self.name())?;
-        let n = layout.dims().last().copied().unwrap_or(1).max(1);
-        let mut dst = vec![0f32; src.len()];
-        let mut lse = vec![0f32; src.len() / n];
-        src.par_chunks(n).zip(dst.par_chunks_mut(n)).zip(lse.par_iter_mut()).for_each(|((s, d), l)| {
-            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
-            for (x, y) in s.iter().zip(d.iter_mut()) {
-                *y = (x - max).exp();
-                sum += *y;
-            }
-            for y in d.iter_mut() {
-                *y /= sum;
-            }
-            *l = max + sum.ln();
-        });
-        *self.lse.lock().map_err(|_| candle_core::Error::Msg("softmax-with-lse: poisoned".into()))? = lse;
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
-    }
-}
-
-/// The CPU op behind [`softmax_tail_bias`].
-struct SoftmaxTailBias {
-    bias: TailBias,
-    offset: usize,
-    q_len: usize,
-}
-
-impl CustomOp1 for SoftmaxTailBias {
-    fn name(&self) -> &'static str {
-        "softmax-tail-bias"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let src = cpu_f32(storage, layout, self.name())?;
-        let n = layout.dims().last().copied().unwrap_or(1).max(1);
-        let head = n - self.bias.tail;
-        let mut dst = vec![0f32; src.len()];
-        src.par_chunks(n).zip(dst.par_chunks_mut(n)).enumerate().for_each(|(row, (s, d))| {
-            let q = self.offset + row % self.q_len.max(1);
-            let b = if q < self.bias.split { self.bias.before } else { self.bias.after };
-            for (y, &x) in d.iter_mut().zip(s) {
-                *y = x;
-            }
-            for y in d[head..].iter_mut() {
-                *y += b;
-            }
-            let max = d.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
-            for y in d.iter_mut() {
-                *y = (*y - max).exp();
-                sum += *y;
-            }
-            for y in d.iter_mut() {
-                *y /= sum;
-            }
-        });
-        Ok((CpuStorage::F32(dst), layout.shape().clone()))
-    }
 }
 
 #[cfg(test)]

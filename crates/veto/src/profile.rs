@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 pub enum Op {
     /// Linear layers and convolutions (weights × activations).
     Matmul,
-    /// The two products of attention, `q kᵀ` and `p v`.
+    /// The two products of attention, `q kᵀ` and `p v` (on the CPU in f32 the fused kernel,
+    /// softmax included).
     AttentionMatmul,
-    /// Softmax, and the log-sum-exp of a key block kept for merging.
+    /// Softmax, and the log-sum-exp of a key block kept for merging (where attention is not
+    /// fused: the GPU, other dtypes).
     Softmax,
     /// Merging per-block attentions by their log-sum-exp weights.
     Merge,
@@ -40,7 +42,7 @@ impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::Matmul => "matmul (linear, conv)",
-            Op::AttentionMatmul => "attention products",
+            Op::AttentionMatmul => "attention (CPU: fused softmax)",
             Op::Softmax => "softmax / block LSE",
             Op::Merge => "LSE merge",
             Op::Copy => "copies / concats / casts",
