@@ -4,9 +4,14 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, D};
 use rayon::prelude::*;
 
+mod conv2d;
 mod fused_attention;
+mod group_norm;
+mod simd;
 mod softmax_row;
+pub use conv2d::conv2d_stride1;
 pub use fused_attention::{fused_attention, Fused};
+pub use group_norm::group_norm;
 use softmax_row::softmax_row;
 
 /// Row-wise softmax over the last dimension together with each row's log-sum-exp

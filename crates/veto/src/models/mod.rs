@@ -1,6 +1,7 @@
 //! Models: denoisers (Flux), VAEs.
 
 pub mod clip_vision;
+pub mod conv;
 pub mod dc_ae;
 pub mod flux;
 pub mod layers;

@@ -5,7 +5,9 @@
 //! linear maps and norms run channels-last.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+
+use crate::models::conv::Conv2d;
 
 use crate::models::sana::conv::{Depthwise, GluMbConv, RmsNorm};
 
@@ -22,9 +24,9 @@ pub fn channels_first(x: &Tensor) -> Result<Tensor> {
 pub fn conv3x3(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding: 1, ..Default::default() };
     if bias {
-        candle_nn::conv2d(in_dim, out_dim, 3, cfg, vb)
+        crate::models::conv::conv2d(in_dim, out_dim, 3, cfg, vb)
     } else {
-        candle_nn::conv2d_no_bias(in_dim, out_dim, 3, cfg, vb)
+        crate::models::conv::conv2d_no_bias(in_dim, out_dim, 3, cfg, vb)
     }
 }
 

@@ -7,7 +7,9 @@ pub mod blocks;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+
+use crate::models::conv::Conv2d;
 use serde::Deserialize;
 
 use crate::loading::config::read_checked_config;

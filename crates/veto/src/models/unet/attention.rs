@@ -13,7 +13,9 @@
 use std::ops::Range;
 
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, VarBuilder};
+use candle_nn::{LayerNorm, VarBuilder};
+
+use crate::models::conv::{conv2d, group_norm, Conv2d, GroupNorm};
 
 use crate::attention::{merge_heads, sdpa, split_heads};
 use crate::guidance::{guided_attention, GuidedAttention, KeyValues, NegativeContext, NegativeKeyValues};
@@ -236,7 +238,7 @@ impl SpatialTransformer {
             Ok(if spec.use_linear_projection {
                 Projection::Linear(linear(c, c, vb.pp(name), q)?)
             } else {
-                Projection::Conv(candle_nn::conv2d(c, c, 1, Default::default(), vb.pp(name))?)
+                Projection::Conv(conv2d(c, c, 1, Default::default(), vb.pp(name))?)
             })
         };
         let blocks = (0..spec.layers)
@@ -270,7 +272,7 @@ impl SpatialTransformer {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            norm: candle_nn::group_norm(spec.norm_num_groups, c, 1e-6, vb.pp("norm"))?,
+            norm: group_norm(spec.norm_num_groups, c, 1e-6, vb.pp("norm"))?,
             proj_in: proj("proj_in", &vb)?,
             blocks,
             proj_out: proj("proj_out", &vb)?,

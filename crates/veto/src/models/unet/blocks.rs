@@ -5,7 +5,9 @@
 //! transformer after each resnet).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::conv::{conv2d, group_norm, Conv2d, GroupNorm};
 
 use crate::models::layers::{linear, Linear, QuantizedWeights};
 
@@ -13,7 +15,7 @@ use super::attention::{BlockContext, SpatialTransformer, TransformerSpec};
 use crate::profile;
 
 fn conv3x3(cin: usize, cout: usize, stride: usize, vb: VarBuilder) -> Result<Conv2d> {
-    candle_nn::conv2d(cin, cout, 3, Conv2dConfig { padding: 1, stride, ..Default::default() }, vb)
+    conv2d(cin, cout, 3, Conv2dConfig { padding: 1, stride, ..Default::default() }, vb)
 }
 
 /// `ResnetBlock2D` with the default time-embedding norm: GroupNorm, SiLU, conv, `+ temb`,
@@ -40,16 +42,13 @@ pub struct ResnetSpec {
 
 impl ResnetBlock {
     pub fn new(cin: usize, cout: usize, spec: ResnetSpec, vb: VarBuilder, q: &QuantizedWeights) -> Result<Self> {
-        let shortcut = if cin != cout {
-            Some(candle_nn::conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))?)
-        } else {
-            None
-        };
+        let shortcut =
+            if cin != cout { Some(conv2d(cin, cout, 1, Default::default(), vb.pp("conv_shortcut"))?) } else { None };
         Ok(Self {
-            norm1: candle_nn::group_norm(spec.groups, cin, spec.eps, vb.pp("norm1"))?,
+            norm1: group_norm(spec.groups, cin, spec.eps, vb.pp("norm1"))?,
             conv1: conv3x3(cin, cout, 1, vb.pp("conv1"))?,
             time_emb_proj: linear(spec.temb_channels, cout, vb.pp("time_emb_proj"), q)?,
-            norm2: candle_nn::group_norm(spec.groups, cout, spec.eps, vb.pp("norm2"))?,
+            norm2: group_norm(spec.groups, cout, spec.eps, vb.pp("norm2"))?,
             conv2: conv3x3(cout, cout, 1, vb.pp("conv2"))?,
             shortcut,
             output_scale_factor: spec.output_scale_factor,
@@ -58,10 +57,10 @@ impl ResnetBlock {
 
     /// `x` `[B, C, H, W]`, `temb` `[B, temb_channels]`.
     pub fn forward(&self, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         let t = self.time_emb_proj.forward(&temb.silu()?)?.unsqueeze(2)?.unsqueeze(3)?;
         let h = h.broadcast_add(&t)?;
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),

@@ -15,7 +15,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::conv::{conv2d, group_norm, Conv2d, GroupNorm};
 use serde::Deserialize;
 
 pub use crate::guidance::NegativeContext;
@@ -441,13 +443,8 @@ impl UNet2DConditionModel {
         let n = ch.len();
         let temb_dim = ch[0] * 4;
         let pad = |k: usize| Conv2dConfig { padding: (k - 1) / 2, ..Default::default() };
-        let conv_in = candle_nn::conv2d(
-            config.in_channels,
-            ch[0],
-            config.conv_in_kernel,
-            pad(config.conv_in_kernel),
-            vb.pp("conv_in"),
-        )?;
+        let conv_in =
+            conv2d(config.in_channels, ch[0], config.conv_in_kernel, pad(config.conv_in_kernel), vb.pp("conv_in"))?;
         let time_embedding = MlpEmbedder::new(ch[0], temb_dim, vb.pp("time_embedding"), q)?;
         let add_embedding = match r.text_time {
             Some((_, proj)) => Some(MlpEmbedder::new(proj, temb_dim, vb.pp("add_embedding"), q)?),
@@ -513,8 +510,8 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: candle_nn::group_norm(r.groups, ch[0], config.norm_eps, vb.pp("conv_norm_out"))?,
-            conv_out: candle_nn::conv2d(
+            conv_norm_out: group_norm(r.groups, ch[0], config.norm_eps, vb.pp("conv_norm_out"))?,
+            conv_out: conv2d(
                 ch[0],
                 config.out_channels,
                 config.conv_out_kernel,
@@ -686,7 +683,7 @@ impl UNet2DConditionModel {
             x = block.forward(&x, &mut skips, &temb, &ctx, target)?;
             record(format!("up_{i}"), &x);
         }
-        let x = self.conv_norm_out.forward(&x)?.silu()?;
+        let x = self.conv_norm_out.forward_silu(&x)?;
         Ok(self.conv_out.forward(&x)?)
     }
 

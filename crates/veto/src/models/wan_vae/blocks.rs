@@ -2,7 +2,9 @@
 //! `WanMidBlock`, `WanEncoder3d`, `WanDecoder3d`), on frames-major `[B, T, C, H, W]` activations.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+
+use crate::models::conv::Conv2d;
 
 use super::conv::{last_frames, per_frame, CausalConv3d, ChannelRmsNorm, Slot, StripConv2d, TimeCache, CACHE_FRAMES};
 use super::WanVaeConfig;
@@ -57,8 +59,8 @@ impl AttentionBlock {
         let cfg = Conv2dConfig::default();
         Ok(Self {
             norm: ChannelRmsNorm::load(c, true, vb.pp("norm"))?,
-            to_qkv: candle_nn::conv2d(c, 3 * c, 1, cfg, vb.pp("to_qkv"))?,
-            proj: candle_nn::conv2d(c, c, 1, cfg, vb.pp("proj"))?,
+            to_qkv: crate::models::conv::conv2d(c, 3 * c, 1, cfg, vb.pp("to_qkv"))?,
+            proj: crate::models::conv::conv2d(c, c, 1, cfg, vb.pp("proj"))?,
         })
     }
 

@@ -1,0 +1,110 @@
+//! What the vectorised CPU kernels share: a branch-free `exp` that LLVM vectorises, and
+//! [`multiversion!`], which compiles a kernel body for AVX-512, for AVX2+FMA and portably and
+//! picks the best for the running CPU once (the build targets baseline x86-64, so without this
+//! the loops would only get SSE2).
+
+/// Below this, `exp` is taken as 0 (`exp(-87.3)` is the smallest normal f32).
+const EXP_MIN: f32 = -87.0;
+/// Above this `exp` overflows f32.
+const EXP_MAX: f32 = 88.0;
+
+/// `exp(x)` as Cephes' `expf`: range reduction by ln 2, a degree-6 polynomial, about 1 ulp.
+/// 0 for `x < -87` (and `-inf`), NaN for NaN. No branches, so loops over it vectorise (libm's
+/// `f32::exp` is a scalar call, ~7 ns).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    // ln 2 split in two so that `k * LN2_HI` is exact for the |k| <= 127 used here.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(EXP_MIN, EXP_MAX);
+    let k = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (xc - k * LN2_HI) - k * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
+    if x < EXP_MIN {
+        0.0
+    } else {
+        y * scale
+    }
+}
+
+/// `x * sigmoid(x)` with the vectorisable [`exp`].
+#[inline(always)]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + exp(-x))
+}
+
+/// `multiversion!(pub fn name(a: A, b: B) -> R = body);` defines `name`, which runs `body`
+/// (an `#[inline(always)]` function with that signature) compiled for AVX-512F, for AVX2+FMA
+/// or for baseline x86-64, whichever is best on this CPU (chosen on the first call).
+macro_rules! multiversion {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) -> $ret:ty = $body:path) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            fn avx512($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            fn avx2($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            fn portable($($arg: $ty),*) -> $ret {
+                $body($($arg),*)
+            }
+            type Kernel = fn($($ty),*) -> $ret;
+            fn select() -> Kernel {
+                #[cfg(target_arch = "x86_64")]
+                {
+                    if std::arch::is_x86_feature_detected!("avx512f") {
+                        // SAFETY: the CPU has AVX-512F, the feature `avx512` is compiled for.
+                        return |$($arg),*| unsafe { avx512($($arg),*) };
+                    }
+                    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                        // SAFETY: the CPU has AVX2 and FMA, the features `avx2` is compiled for.
+                        return |$($arg),*| unsafe { avx2($($arg),*) };
+                    }
+                }
+                portable
+            }
+            static KERNEL: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+            (KERNEL.get_or_init(select))($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversion;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_a_few_ulp_of_libm() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(-100.0), 0.0);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
+        for x in [-30.0f32, -1.0, 0.0, 0.5, 20.0] {
+            let want = x / (1.0 + (-x).exp());
+            assert!((silu(x) - want).abs() <= 1e-6 * want.abs().max(1e-6), "silu({x})");
+        }
+    }
+}
