@@ -150,6 +150,16 @@ pub fn merge_blocks(blocks: &[&BlockAttention]) -> Result<Tensor> {
     let total = (all.broadcast_sub(&max)?.exp()?.sum_keepdim(D::Minus1)?.log()? + &max)?;
     let weights: Vec<Tensor> = blocks.iter().map(|b| (&b.lse - &total)?.exp()).collect::<Result<_>>()?;
     let outs: Vec<Tensor> = blocks.iter().map(|b| b.out.to_dtype(DType::F32)).collect::<Result<_>>()?;
+    // The fused CPU attention hands back `[b, h, s, d]` views of contiguous `[b, s, h, d]`
+    // buffers: merge in that layout (per-row weights transposed to match, a few KB) rather
+    // than copying every block's output into head-major order first.
+    let seq_major = outs.iter().all(|o| o.transpose(1, 2).is_ok_and(|t| t.is_contiguous()));
+    if seq_major && !outs.iter().all(|o| o.is_contiguous()) {
+        let outs: Vec<Tensor> = outs.iter().map(|o| o.transpose(1, 2)).collect::<Result<_>>()?;
+        let weights: Vec<Tensor> = weights.iter().map(|w| w.transpose(1, 2)?.contiguous()).collect::<Result<_>>()?;
+        let merged = weighted_sum(&outs.iter().collect::<Vec<_>>(), &weights.iter().collect::<Vec<_>>())?;
+        return merged.transpose(1, 2)?.to_dtype(dtype);
+    }
     weighted_sum(&outs.iter().collect::<Vec<_>>(), &weights.iter().collect::<Vec<_>>())?.to_dtype(dtype)
 }
 

@@ -4,14 +4,20 @@
 use candle_core::{CpuStorage, DType, Layout, Result, Tensor, D};
 use rayon::prelude::*;
 
+mod activations;
 mod conv2d;
+mod depthwise;
 mod fused_attention;
 mod group_norm;
+mod rope;
 mod simd;
 mod softmax_row;
+pub use activations::{gelu_tanh, glu_silu, silu_tensor};
 pub use conv2d::conv2d_stride1;
+pub use depthwise::depthwise_same;
 pub use fused_attention::{fused_attention, Fused};
 pub use group_norm::group_norm;
+pub use rope::rotate_pairs;
 use softmax_row::softmax_row;
 
 /// Row-wise softmax over the last dimension together with each row's log-sum-exp

@@ -57,7 +57,7 @@ impl Qkv {
             Ok((self.norm_q.forward(&q)?.transpose(1, 2)?, self.norm_k.forward(&k)?.transpose(1, 2)?))
         })?;
         let v = profile::contiguous(&split(self.v.forward(x)?)?.transpose(1, 2)?)?;
-        let (q, k) = (profile::contiguous(&q)?, profile::contiguous(&k)?);
+        // The rotation reads the transposed heads in place and writes them contiguous.
         Ok(Heads { q: rope.apply(&q)?, k: rope.apply(&k)?, v })
     }
 }
@@ -212,7 +212,7 @@ impl SingleBlock {
         let scale = 1.0 / ((x.dim(D::Minus1)? / self.heads) as f64).sqrt();
         let m = self.norm.chunks(temb)?;
         let h = norm_and_modulate(x, &m[0], &m[1])?;
-        let mlp = self.proj_mlp.forward(&h)?.gelu()?;
+        let mlp = crate::kernels::gelu_tanh(&self.proj_mlp.forward(&h)?)?;
         let heads = self.qkv.heads(&h, self.heads, rope)?;
         let mut attn = merge_heads(&sdpa(&heads.q, &heads.k, &heads.v, scale)?)?;
         if let Some(c) = contrast {
@@ -271,14 +271,14 @@ impl SingleBlock {
             Some(method),
         )?;
         let attn = profile::cat(&[&txt_attn, &img_attn], 1)?;
-        let mlp = self.proj_mlp.forward(&h)?.gelu()?;
+        let mlp = crate::kernels::gelu_tanh(&self.proj_mlp.forward(&h)?)?;
         let out = self.proj_out.forward(&profile::cat(&[&attn, &mlp], D::Minus1)?)?;
         let x = gated_add(x, &m[2], &out)?;
         // The negative text stream over [text- ; image].
         let k = profile::cat(&[&neg.k, &img_k], 2)?;
         let v = profile::cat(&[&neg.v, &img_v], 2)?;
         let neg_attn = merge_heads(&sdpa(&neg.q, &k, &v, scale)?)?;
-        let neg_mlp = self.proj_mlp.forward(&hn)?.gelu()?;
+        let neg_mlp = crate::kernels::gelu_tanh(&self.proj_mlp.forward(&hn)?)?;
         let neg_out = self.proj_out.forward(&profile::cat(&[&neg_attn, &neg_mlp], D::Minus1)?)?;
         let neg_txt = gated_add(neg_txt, &mn[2], &neg_out)?;
         Ok((x, neg_txt))

@@ -46,8 +46,13 @@ impl Rope {
         Ok(Self { cos: self.cos.narrow(0, start, len)?, sin: self.sin.narrow(0, start, len)? })
     }
 
-    /// Rotate `x` `[B, H, S, D]`: pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin).
+    /// Rotate `x` `[B, H, S, D]` (any strides): pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos +
+    /// x0 sin); contiguous out. One parallel pass on the CPU in f32.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::rotate_pairs(x, &self.cos, &self.sin)? {
+            return Ok(y);
+        }
+        let x = x.contiguous()?;
         let (b, h, s, d) = x.dims4()?;
         let pairs = x.reshape((b, h, s, d / 2, 2))?;
         let x0 = pairs.narrow(4, 0, 1)?;

@@ -61,6 +61,9 @@ impl Depthwise {
 
     /// `[B, h, w, C]` -> `[B, h, w, C]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::depthwise_same(x, &self.taps, self.bias.as_ref())? {
+            return Ok(y);
+        }
         let (_, h, w, _) = x.dims4()?;
         let r = self.k / 2;
         let padded = x.pad_with_zeros(1, r, r)?.pad_with_zeros(2, r, r)?;
@@ -108,9 +111,8 @@ impl GluMbConv {
 
     /// `[B, h, w, C]` -> `[B, h, w, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.conv_depth.forward(&self.conv_inverted.forward(x)?.silu()?)?;
-        let (value, gate) = (y.narrow(3, 0, self.hidden)?, y.narrow(3, self.hidden, self.hidden)?);
-        let y = self.conv_point.forward(&(value * gate.silu()?)?)?;
+        let y = self.conv_depth.forward(&crate::kernels::silu_tensor(&self.conv_inverted.forward(x)?)?)?;
+        let y = self.conv_point.forward(&crate::kernels::glu_silu(&y, self.hidden)?)?;
         match &self.norm {
             Some(n) => n.forward(&y),
             None => Ok(y),

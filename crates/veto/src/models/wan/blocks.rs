@@ -164,7 +164,7 @@ impl WanFeedForward {
 
 impl Module for WanFeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.proj_out.forward(&self.proj_in.forward(x)?.gelu()?)
+        self.proj_out.forward(&crate::kernels::gelu_tanh(&self.proj_in.forward(x)?)?)
     }
 }
 

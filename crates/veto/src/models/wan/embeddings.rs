@@ -93,8 +93,12 @@ impl Rope {
         })
     }
 
-    /// Rotate the channel pairs `(2i, 2i + 1)` of `x` `[B, H, S, d]`.
+    /// Rotate the channel pairs `(2i, 2i + 1)` of `x` `[B, H, S, d]` (one parallel pass on the
+    /// CPU in f32).
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = crate::kernels::rotate_pairs(x, &self.cos, &self.sin)? {
+            return Ok(y);
+        }
         let (b, h, s, d) = x.dims4()?;
         let dtype = x.dtype();
         let pairs = x.to_dtype(DType::F32)?.reshape((b, h, s, d / 2, 2))?;

@@ -38,9 +38,9 @@ impl ResidualBlock {
             Some(s) => s.forward(x, None)?,
             None => x.clone(),
         };
-        let y = self.norm1.forward(x)?.silu()?;
+        let y = crate::kernels::silu_tensor(&self.norm1.forward(x)?)?;
         let y = self.conv1.forward_cached(&y, cache.slot())?;
-        let y = self.norm2.forward(&y)?.silu()?;
+        let y = crate::kernels::silu_tensor(&self.norm2.forward(&y)?)?;
         let y = self.conv2.forward_cached(&y, cache.slot())?;
         y + h
     }
@@ -248,7 +248,7 @@ impl Encoder {
             };
         }
         let x = self.mid.forward(&x, cache)?;
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = crate::kernels::silu_tensor(&self.norm_out.forward(&x)?)?;
         self.conv_out.forward_cached(&x, cache.slot())
     }
 }
@@ -318,7 +318,7 @@ impl Decoder {
                 x = up.forward(&x, cache)?;
             }
         }
-        let x = self.norm_out.forward(&x)?.silu()?;
+        let x = crate::kernels::silu_tensor(&self.norm_out.forward(&x)?)?;
         self.conv_out.forward_cached(&x, cache.slot())
     }
 }
