@@ -24,13 +24,13 @@ fn gelu_tanh_one(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn silu_body(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|x| *x = silu(*x));
+fn silu_body(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(y, &x)| *y = silu(x));
 }
 
 #[inline(always)]
-fn gelu_tanh_body(xs: &mut [f32]) {
-    xs.iter_mut().for_each(|x| *x = gelu_tanh_one(*x));
+fn gelu_tanh_body(dst: &mut [f32], src: &[f32]) {
+    dst.iter_mut().zip(src).for_each(|(y, &x)| *y = gelu_tanh_one(x));
 }
 
 /// `out[c] = value[c] * silu(gate[c])`.
@@ -41,25 +41,22 @@ fn gated_silu_body(out: &mut [f32], value: &[f32], gate: &[f32]) {
     }
 }
 
-multiversion!(fn silu_slice(xs: &mut [f32]) -> () = silu_body);
-multiversion!(fn gelu_tanh_slice(xs: &mut [f32]) -> () = gelu_tanh_body);
+multiversion!(fn silu_slice(dst: &mut [f32], src: &[f32]) -> () = silu_body);
+multiversion!(fn gelu_tanh_slice(dst: &mut [f32], src: &[f32]) -> () = gelu_tanh_body);
 multiversion!(fn gated_silu_row(out: &mut [f32], value: &[f32], gate: &[f32]) -> () = gated_silu_body);
 
-/// A copy of `x`'s elements (row-major) when it is f32 on the CPU.
-fn cpu_f32_vec(x: &Tensor) -> Result<Option<Vec<f32>>> {
+/// An elementwise map `f(dst, src)` over `x`, in parallel chunks; `None` unless f32 on the CPU.
+fn map(x: &Tensor, f: fn(&mut [f32], &[f32])) -> Result<Option<Tensor>> {
     if !x.device().is_cpu() || x.dtype() != DType::F32 {
         return Ok(None);
     }
     let x = x.contiguous()?;
     let (g, l) = x.storage_and_layout();
-    Ok(Some(super::f32_slice(&g, l)?.to_vec()))
-}
-
-/// An elementwise map `f` over a copy of `x`, in parallel chunks; `None` unless f32 on the CPU.
-fn map(x: &Tensor, f: fn(&mut [f32])) -> Result<Option<Tensor>> {
-    let Some(mut data) = cpu_f32_vec(x)? else { return Ok(None) };
-    data.par_chunks_mut(CHUNK).for_each(f);
-    Ok(Some(Tensor::from_vec(data, x.shape().clone(), x.device())?))
+    let src = super::f32_slice(&g, l)?;
+    let mut dst = vec![0f32; src.len()];
+    dst.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(d, s)| f(d, s));
+    drop(g);
+    Ok(Some(Tensor::from_vec(dst, x.shape().clone(), x.device())?))
 }
 
 /// `silu(x)`: on the CPU in f32 the kernel, elsewhere candle's op.

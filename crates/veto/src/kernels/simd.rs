@@ -19,7 +19,8 @@ pub fn exp(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
     let xc = x.clamp(EXP_MIN, EXP_MAX);
-    let k = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let k = t - ROUND;
     let r = (xc - k * LN2_HI) - k * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_2e-3;
@@ -28,11 +29,14 @@ pub fn exp(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((k as i32 + 127) as u32) << 23);
-    if x < EXP_MIN {
-        0.0
+    // 2^k from the bits of `t`, whose low mantissa holds k + 2^22: a float-to-int cast
+    // (`k as i32`, saturating) would keep LLVM from vectorising the loop (4x slower).
+    let scale = f32::from_bits(t.to_bits().wrapping_sub(0x4B40_0000).wrapping_add(127) << 23);
+    let out = if x < EXP_MIN { 0.0 } else { y * scale };
+    if x.is_nan() {
+        x
     } else {
-        y * scale
+        out
     }
 }
 
