@@ -69,6 +69,22 @@ pub fn softmax_tail_bias(x: &Tensor, bias: TailBias, offset: usize) -> Result<Te
     candle_nn::ops::softmax_last_dim(&Tensor::cat(&[&head, &tail], D::Minus1)?.contiguous()?)
 }
 
+/// Elements per parallel task of [`weighted_sum`].
+const WEIGHTED_SUM_TASK: usize = 1 << 14;
+
+/// `out[r] += w[r] * x[r]` over consecutive rows (of `out.len() / w.len()` elements).
+#[inline(always)]
+fn weighted_rows_body(out: &mut [f32], x: &[f32], w: &[f32]) {
+    let d = out.len() / w.len().max(1);
+    for ((o, x), &w) in out.chunks_exact_mut(d).zip(x.chunks_exact(d)).zip(w) {
+        for (o, v) in o.iter_mut().zip(x) {
+            *o += w * v;
+        }
+    }
+}
+
+simd::multiversion!(fn weighted_rows(out: &mut [f32], x: &[f32], w: &[f32]) -> () = weighted_rows_body);
+
 /// `sum_i w_i * x_i` with `x_i` `[.., d]` and per-row weights `w_i` `[.., 1]` (f32): the
 /// log-sum-exp merge of attention blocks. On the CPU one parallel pass over the rows; elsewhere
 /// broadcast products.
@@ -76,7 +92,7 @@ pub fn weighted_sum(xs: &[&Tensor], ws: &[&Tensor]) -> Result<Tensor> {
     if xs.is_empty() || xs.len() != ws.len() {
         candle_core::bail!("weighted_sum: {} tensors, {} weights", xs.len(), ws.len());
     }
-    let cpu_f32 = xs.iter().chain(ws).all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
+    let cpu_f32 = xs.iter().chain(ws).all(|t| is_cpu_f32(t));
     if !cpu_f32 {
         let mut acc = xs[0].broadcast_mul(ws[0])?;
         for (x, w) in xs.iter().zip(ws).skip(1) {
@@ -98,12 +114,12 @@ pub fn weighted_sum(xs: &[&Tensor], ws: &[&Tensor]) -> Result<Tensor> {
     let slices: Vec<&[f32]> = guards.iter().map(|(g, l)| f32_slice(g, l)).collect::<Result<_>>()?;
     let (x_slices, w_slices) = slices.split_at(xs.len());
     let mut dst = vec![0f32; rows * d];
-    dst.par_chunks_mut(d).enumerate().for_each(|(r, out)| {
+    // Tasks of many rows: one row (a head's 64 channels) is too little work to schedule alone.
+    let rows_per_task = (WEIGHTED_SUM_TASK / d).max(1);
+    dst.par_chunks_mut(d * rows_per_task).enumerate().for_each(|(task, out)| {
+        let (first, n) = (task * rows_per_task, out.len() / d);
         for (x, w) in x_slices.iter().zip(w_slices) {
-            let wr = w[r];
-            for (o, v) in out.iter_mut().zip(&x[r * d..(r + 1) * d]) {
-                *o += wr * v;
-            }
+            weighted_rows(out, &x[first * d..(first + n) * d], &w[first..first + n]);
         }
     });
     drop(guards);
@@ -114,7 +130,7 @@ pub fn weighted_sum(xs: &[&Tensor], ws: &[&Tensor]) -> Result<Tensor> {
 /// in parallel; `None` when the tensors are not f32 on the CPU (the caller falls back to
 /// tensor ops).
 pub fn map_row_pairs(a: &Tensor, b: &Tensor, f: impl Fn(&[f32], &[f32], &mut [f32]) + Sync) -> Result<Option<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = is_cpu_f32;
     if !cpu_f32(a) || !cpu_f32(b) {
         return Ok(None);
     }
@@ -144,7 +160,7 @@ pub fn map_batch_rows<const N: usize>(
     vectors: [&Tensor; N],
     f: impl Fn(&[f32], Option<&[f32]>, [&[f32]; N], &mut [f32]) + Sync,
 ) -> Result<Option<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = is_cpu_f32;
     if !cpu_f32(x) || !y.is_none_or(cpu_f32) || !vectors.iter().all(|v| cpu_f32(v)) {
         return Ok(None);
     }
@@ -184,6 +200,11 @@ pub fn map_batch_rows<const N: usize>(
         dst
     };
     Ok(Some(Tensor::from_vec(dst, x.shape().clone(), x.device())?))
+}
+
+/// Whether `t` is f32 on the CPU, where veto's kernels run (elsewhere the tensor-op paths).
+fn is_cpu_f32(t: &Tensor) -> bool {
+    t.device().is_cpu() && t.dtype() == DType::F32
 }
 
 /// The elements of a contiguous f32 CPU tensor's storage.

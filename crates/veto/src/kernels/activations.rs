@@ -2,7 +2,7 @@
 //! with a scalar libm `exp`/`tanh` per element, which on the MLPs' wide hidden layers (Flux:
 //! 12288 channels per token) cost as much as a matrix product.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{exp, multiversion, silu};
@@ -47,7 +47,7 @@ multiversion!(fn gated_silu_row(out: &mut [f32], value: &[f32], gate: &[f32]) ->
 
 /// An elementwise map `f(dst, src)` over `x`, in parallel chunks; `None` unless f32 on the CPU.
 fn map(x: &Tensor, f: fn(&mut [f32], &[f32])) -> Result<Option<Tensor>> {
-    if !x.device().is_cpu() || x.dtype() != DType::F32 {
+    if !super::is_cpu_f32(x) {
         return Ok(None);
     }
     let x = x.contiguous()?;
@@ -82,7 +82,7 @@ pub fn glu_silu(y: &Tensor, n: usize) -> Result<Tensor> {
     if last != 2 * n || n == 0 {
         candle_core::bail!("glu: last axis {last} is not twice {n}");
     }
-    if y.device().is_cpu() && y.dtype() == DType::F32 {
+    if super::is_cpu_f32(y) {
         let y = y.contiguous()?;
         let (g, l) = y.storage_and_layout();
         let src = super::f32_slice(&g, l)?;

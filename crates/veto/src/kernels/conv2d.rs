@@ -9,7 +9,7 @@
 //! the input's size is built (candle's tiled im2col gathers one element at a time and reshapes
 //! the kernel on every call).
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -17,7 +17,7 @@ use rayon::prelude::*;
 /// `[C_out]`, stride 1 and `padding` on every side. `None` unless all are f32 on the CPU (the
 /// caller then runs candle's convolution).
 pub fn conv2d_stride1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Option<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = super::is_cpu_f32;
     if !(cpu_f32(x) && cpu_f32(w) && bias.is_none_or(cpu_f32)) {
         return Ok(None);
     }

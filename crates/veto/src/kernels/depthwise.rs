@@ -3,7 +3,7 @@
 //! per channel (vectorised over channels). The tensor-op version is `k²` broadcast products
 //! and sums, each a single-threaded pass over the whole activation.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::simd::multiversion;
@@ -21,7 +21,7 @@ multiversion!(fn fma_row(acc: &mut [f32], tap: &[f32], src: &[f32]) -> () = fma_
 /// `x` `[B, h, w, C]` convolved per channel with `taps` `[k, k, C]` (stride 1, zero padding
 /// `k / 2`: "same" size), plus `bias` `[C]`. `None` unless all are f32 on the CPU.
 pub fn depthwise_same(x: &Tensor, taps: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = super::is_cpu_f32;
     if !(cpu_f32(x) && cpu_f32(taps) && bias.is_none_or(cpu_f32)) {
         return Ok(None);
     }

@@ -8,7 +8,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{DType, Layout, Result, Tensor};
+use candle_core::{Layout, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -81,7 +81,7 @@ pub fn fused_attention(
     tail: Option<TailBias>,
     want_lse: bool,
 ) -> Result<Option<Fused>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = super::is_cpu_f32;
     if !(cpu_f32(q) && cpu_f32(k) && cpu_f32(v)) {
         return Ok(None);
     }
@@ -205,7 +205,7 @@ fn f32_slice_any(storage: &candle_core::Storage) -> Result<&[f32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, D};
+    use candle_core::{DType, Device, D};
 
     fn unfused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, tail: Option<TailBias>) -> (Tensor, Tensor) {
         let (q, k, v) =

@@ -3,7 +3,7 @@
 //! square, a second mean, a division, two broadcasts) and the resnets then apply SiLU as one
 //! more pass.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::simd::{multiversion, silu};
@@ -55,7 +55,7 @@ pub fn group_norm(
     eps: f64,
     with_silu: bool,
 ) -> Result<Option<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = super::is_cpu_f32;
     if !(cpu_f32(x) && cpu_f32(weight) && cpu_f32(bias)) {
         return Ok(None);
     }

@@ -4,7 +4,7 @@
 //! broadcast once the batch is 2, as under batched CFG), after a separate contiguous copy of
 //! the heads.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 /// Rotate the channel pairs `(2i, 2i + 1)` of `x` `[B, H, S, D]` (any strides with unit
@@ -12,7 +12,7 @@ use rayon::prelude::*;
 /// `cos`, `sin` `[S, D / 2]` (one entry per pair) or `[S, D]` (each entry repeated for its
 /// pair). Returns a contiguous `[B, H, S, D]`; `None` unless all are f32 on the CPU.
 pub fn rotate_pairs(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
-    let cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    let cpu_f32 = super::is_cpu_f32;
     if !(cpu_f32(x) && cpu_f32(cos) && cpu_f32(sin)) {
         return Ok(None);
     }
