@@ -12,7 +12,7 @@ mod group_norm;
 mod rope;
 mod simd;
 mod softmax_row;
-pub use activations::{gelu_tanh, glu_silu, silu_tensor};
+pub use activations::{gelu_tanh, glu, silu_tensor, Gate};
 pub use conv2d::conv2d_stride1;
 pub use depthwise::depthwise_same;
 pub use fused_attention::{fused_attention, Fused};

@@ -5,7 +5,7 @@
 use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
-use super::simd::{exp, multiversion, silu};
+use super::simd::{exp, gelu_erf, multiversion, silu};
 
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 14;
@@ -43,6 +43,15 @@ fn gated_silu_body(out: &mut [f32], value: &[f32], gate: &[f32]) {
 
 multiversion!(fn silu_slice(dst: &mut [f32], src: &[f32]) -> () = silu_body);
 multiversion!(fn gelu_tanh_slice(dst: &mut [f32], src: &[f32]) -> () = gelu_tanh_body);
+/// `out[c] = value[c] * gelu_erf(gate[c])`.
+#[inline(always)]
+fn gated_gelu_body(out: &mut [f32], value: &[f32], gate: &[f32]) {
+    for ((o, v), g) in out.iter_mut().zip(value).zip(gate) {
+        *o = v * gelu_erf(*g);
+    }
+}
+
+multiversion!(fn gated_gelu_row(out: &mut [f32], value: &[f32], gate: &[f32]) -> () = gated_gelu_body);
 multiversion!(fn gated_silu_row(out: &mut [f32], value: &[f32], gate: &[f32]) -> () = gated_silu_body);
 
 /// An elementwise map `f(dst, src)` over `x`, in parallel chunks; `None` unless f32 on the CPU.
@@ -75,9 +84,18 @@ pub fn gelu_tanh(x: &Tensor) -> Result<Tensor> {
     }
 }
 
-/// The gated half of a GLU over the last axis: `y[.., :n] * silu(y[.., n:])` for `y`
-/// `[.., 2n]`. On the CPU in f32 one pass, elsewhere narrow, SiLU and a product.
-pub fn glu_silu(y: &Tensor, n: usize) -> Result<Tensor> {
+/// The gate's activation in [`glu`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gate {
+    /// SwiGLU-style (SANA's Mix-FFN).
+    Silu,
+    /// GEGLU with the exact GELU (the UNet's feed-forward).
+    GeluErf,
+}
+
+/// The gated half of a GLU over the last axis: `y[.., :n] * act(y[.., n:])` for `y` `[.., 2n]`.
+/// On the CPU in f32 one pass, elsewhere narrow, the activation and a product.
+pub fn glu(y: &Tensor, n: usize, gate: Gate) -> Result<Tensor> {
     let last = y.dims().last().copied().unwrap_or(0);
     if last != 2 * n || n == 0 {
         candle_core::bail!("glu: last axis {last} is not twice {n}");
@@ -86,10 +104,12 @@ pub fn glu_silu(y: &Tensor, n: usize) -> Result<Tensor> {
         let y = y.contiguous()?;
         let (g, l) = y.storage_and_layout();
         let src = super::f32_slice(&g, l)?;
+        let row = match gate {
+            Gate::Silu => gated_silu_row,
+            Gate::GeluErf => gated_gelu_row,
+        };
         let mut out = vec![0f32; src.len() / 2];
-        out.par_chunks_mut(n).zip(src.par_chunks(2 * n)).for_each(|(o, row)| {
-            gated_silu_row(o, &row[..n], &row[n..]);
-        });
+        out.par_chunks_mut(n).zip(src.par_chunks(2 * n)).for_each(|(o, r)| row(o, &r[..n], &r[n..]));
         let mut dims = y.dims().to_vec();
         if let Some(d) = dims.last_mut() {
             *d = n;
@@ -98,7 +118,12 @@ pub fn glu_silu(y: &Tensor, n: usize) -> Result<Tensor> {
         return Tensor::from_vec(out, dims, y.device());
     }
     let d = y.rank() - 1;
-    y.narrow(d, 0, n)? * y.narrow(d, n, n)?.silu()?
+    let g = y.narrow(d, n, n)?;
+    let g = match gate {
+        Gate::Silu => g.silu()?,
+        Gate::GeluErf => g.gelu_erf()?,
+    };
+    y.narrow(d, 0, n)? * g
 }
 
 #[cfg(test)]
@@ -116,8 +141,11 @@ mod tests {
         assert!(max_diff(&silu_tensor(&x).unwrap(), &x.silu().unwrap()) < 1e-5);
         assert!(max_diff(&gelu_tanh(&x).unwrap(), &x.gelu().unwrap()) < 1e-5);
         let want = (x.narrow(2, 0, 20_000).unwrap() * x.narrow(2, 20_000, 20_000).unwrap().silu().unwrap()).unwrap();
-        assert!(max_diff(&glu_silu(&x, 20_000).unwrap(), &want) < 1e-5);
-        assert!(glu_silu(&x, 7).is_err());
+        assert!(max_diff(&glu(&x, 20_000, Gate::Silu).unwrap(), &want) < 1e-5);
+        let want =
+            (x.narrow(2, 0, 20_000).unwrap() * x.narrow(2, 20_000, 20_000).unwrap().gelu_erf().unwrap()).unwrap();
+        assert!(max_diff(&glu(&x, 20_000, Gate::GeluErf).unwrap(), &want) < 1e-4);
+        assert!(glu(&x, 7, Gate::Silu).is_err());
         // Strided input.
         let t = x.narrow(2, 0, 64).unwrap().transpose(1, 2).unwrap();
         assert!(max_diff(&gelu_tanh(&t).unwrap(), &t.gelu().unwrap()) < 1e-5);

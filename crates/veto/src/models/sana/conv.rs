@@ -112,7 +112,7 @@ impl GluMbConv {
     /// `[B, h, w, C]` -> `[B, h, w, out]`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = self.conv_depth.forward(&crate::kernels::silu_tensor(&self.conv_inverted.forward(x)?)?)?;
-        let y = self.conv_point.forward(&crate::kernels::glu_silu(&y, self.hidden)?)?;
+        let y = self.conv_point.forward(&crate::kernels::glu(&y, self.hidden, crate::kernels::Gate::Silu)?)?;
         match &self.norm {
             Some(n) => n.forward(&y),
             None => Ok(y),

@@ -172,8 +172,8 @@ impl FeedForward {
 impl Module for FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.proj_in.forward(x)?;
-        let parts = h.chunk(2, D::Minus1)?;
-        self.proj_out.forward(&(&parts[0] * parts[1].gelu_erf()?)?)
+        let inner = h.dim(D::Minus1)? / 2;
+        self.proj_out.forward(&crate::kernels::glu(&h, inner, crate::kernels::Gate::GeluErf)?)
     }
 }
 
