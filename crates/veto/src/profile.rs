@@ -42,7 +42,7 @@ impl Op {
     pub fn name(self) -> &'static str {
         match self {
             Op::Matmul => "matmul (linear, conv)",
-            Op::AttentionMatmul => "attention (CPU: fused softmax)",
+            Op::AttentionMatmul => "attention (+softmax, CPU)",
             Op::Softmax => "softmax / block LSE",
             Op::Merge => "LSE merge",
             Op::Copy => "copies / concats / casts",
