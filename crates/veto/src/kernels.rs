@@ -13,7 +13,7 @@ mod rope;
 mod simd;
 mod softmax_row;
 pub use activations::{gelu_tanh, glu, silu_tensor, Gate};
-pub use conv2d::conv2d_stride1;
+pub use conv2d::conv2d;
 pub use depthwise::depthwise_same;
 pub use fused_attention::{fused_attention, Fused};
 pub use group_norm::group_norm;

@@ -1,22 +1,24 @@
-//! 2-d convolution on the CPU (f32, stride 1, no dilation, one group: every convolution of
-//! the UNet's resnets, its attention projections and the VAEs' 3x3s) without im2col.
+//! 2-d convolution on the CPU (f32, any stride, no dilation, one group: every convolution of
+//! the UNet, its attention projections and the VAEs) without im2col.
 //!
-//! With the input zero-padded to `Hp x Wp` and flattened per channel, output pixel `(y, x)`
-//! reads tap `(i, j)` at `(y + i) * Wp + (x + j)`: for every output laid out on rows of `Wp`
-//! (the last `kw - 1` columns of each row are computed and dropped) the tap is the same
-//! matrix, `[C_in, Ho * Wp]`, shifted by `i * Wp + j`. So the convolution is `kh * kw` GEMMs
-//! `W[:, :, i, j] · X_shifted` accumulating into one output — no patch matrix `kh * kw` times
-//! the input's size is built (candle's tiled im2col gathers one element at a time and reshapes
-//! the kernel on every call).
+//! At stride 1, with the input zero-padded to `Hp x Wp` and flattened per channel, output pixel
+//! `(y, x)` reads tap `(i, j)` at `(y + i) * Wp + (x + j)`: for every output laid out on rows of
+//! `Wp` (the last columns of each row are computed and dropped) the tap is the same matrix,
+//! `[C_in, Ho * Wp]`, shifted by `i * Wp + j`. So the convolution is `kh * kw` GEMMs
+//! `W[:, :, i, j] · X_shifted` accumulating into one output — no patch matrix `kh * kw` times the
+//! input's size is built (candle's tiled im2col gathers one element at a time and reshapes the
+//! kernel on every call). At stride `s` the padded input is split into `s²` phase planes
+//! (`phase(p, q)[u][v] = padded[u s + p][v s + q]`); tap `(i, j)` is then the stride-1 shift
+//! `(i / s, j / s)` of phase `(i % s, j % s)`, and the same GEMMs apply.
 
 use candle_core::{Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
 /// `conv2d(x, w) + bias` for `x` `[B, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`, `bias`
-/// `[C_out]`, stride 1 and `padding` on every side. `None` unless all are f32 on the CPU (the
-/// caller then runs candle's convolution).
-pub fn conv2d_stride1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize) -> Result<Option<Tensor>> {
+/// `[C_out]`, with `stride` and `padding` on every side. `None` unless all are f32 on the CPU
+/// (the caller then runs candle's convolution).
+pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padding: usize) -> Result<Option<Tensor>> {
     let cpu_f32 = super::is_cpu_f32;
     if !(cpu_f32(x) && cpu_f32(w) && bias.is_none_or(cpu_f32)) {
         return Ok(None);
@@ -24,16 +26,19 @@ pub fn conv2d_stride1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: us
     let (b, cin, h, wd) = x.dims4()?;
     let (cout, wcin, kh, kw) = w.dims4()?;
     let (hp, wp) = (h + 2 * padding, wd + 2 * padding);
-    if wcin != cin || kh == 0 || kw == 0 || hp < kh || wp < kw {
-        candle_core::bail!("conv2d: input {:?}, kernel {:?}, padding {padding}", x.dims(), w.dims());
+    if wcin != cin || kh == 0 || kw == 0 || stride == 0 || hp < kh || wp < kw {
+        candle_core::bail!("conv2d: input {:?}, kernel {:?}, stride {stride}, padding {padding}", x.dims(), w.dims());
     }
     if let Some(bias) = bias {
         if bias.dims() != [cout] {
             candle_core::bail!("conv2d: bias {:?} for {cout} output channels", bias.dims());
         }
     }
-    let (ho, wo) = (hp - kh + 1, wp - kw + 1);
-    let (plane, wide) = (hp * wp, ho * wp);
+    let s = stride;
+    let (ho, wo) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
+    // Phase planes of hq x wq; outputs on rows of wq (wq >= wo), the extra columns dropped.
+    let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
+    let (plane, wide, phases) = (hq * wq, ho * wq, s * s);
 
     let x = x.contiguous()?;
     let w = w.contiguous()?;
@@ -45,33 +50,43 @@ pub fn conv2d_stride1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: us
     let gb = bias.as_ref().map(|b| b.storage_and_layout());
     let bs = gb.as_ref().map(|(g, l)| super::f32_slice(g, l)).transpose()?;
 
-    // The padded input, plus `kw` elements of slack: the dropped columns of the last rows
-    // read up to `kw - 2` past the last plane.
-    let padded_owned;
-    let padded: &[f32] = if padding == 0 && kh == 1 && kw == 1 {
+    // `[B, phase, C_in, hq, wq]`, plus slack: the dropped columns of the last rows read up to
+    // `wq + kw` elements past the last plane.
+    let planes_owned;
+    let planes: &[f32] = if padding == 0 && s == 1 && kh == 1 && kw == 1 {
         xs
     } else {
-        let mut p = vec![0f32; b * cin * plane + kw];
-        p[..b * cin * plane].par_chunks_mut(plane).zip(xs.par_chunks(h * wd)).for_each(|(dst, src)| {
-            for (y, row) in src.chunks_exact(wd).enumerate() {
-                let start = (y + padding) * wp + padding;
-                dst[start..start + wd].copy_from_slice(row);
+        let mut p = vec![0f32; b * phases * cin * plane + wq + kw];
+        p[..b * phases * cin * plane].par_chunks_mut(plane).enumerate().for_each(|(index, dst)| {
+            let (c, phase, bi) = (index % cin, index / cin % phases, index / (cin * phases));
+            let (pi, pj) = (phase / s, phase % s);
+            let src = &xs[(bi * cin + c) * h * wd..][..h * wd];
+            for (u, row) in dst.chunks_exact_mut(wq).enumerate() {
+                // Padded row u s + pi is input row u s + pi - padding, when inside.
+                let Some(y) = (u * s + pi).checked_sub(padding).filter(|&y| y < h) else { continue };
+                let src_row = &src[y * wd..(y + 1) * wd];
+                for (v, out) in row.iter_mut().enumerate() {
+                    if let Some(xi) = (v * s + pj).checked_sub(padding).filter(|&xi| xi < wd) {
+                        *out = src_row[xi];
+                    }
+                }
             }
         });
-        padded_owned = p;
-        &padded_owned
+        planes_owned = p;
+        &planes_owned
     };
 
     let mut out_wide = vec![0f32; b * cout * wide];
     for (bi, dst) in out_wide.chunks_exact_mut(cout * wide).enumerate() {
-        let src = &padded[bi * cin * plane..];
         for i in 0..kh {
             for j in 0..kw {
                 let tap = i * kw + j;
+                let phase = (i % s) * s + j % s;
+                let src = &planes[(bi * phases + phase) * cin * plane + (i / s) * wq + j / s..];
                 // SAFETY: lhs is `w[:, :, i, j]` (cout x cin, strides kh*kw*cin and kh*kw)
-                // inside `ws`; rhs is cin rows of `wide` elements starting `i*wp + j` into
-                // each padded plane, inside `padded` (its slack covers the dropped columns of
-                // the last plane); dst is this batch's cout x wide block.
+                // inside `ws`; rhs is cin rows of `wide` elements, one per phase plane of this
+                // batch item, starting at the tap's shift, inside `planes` (its slack covers the
+                // dropped columns of the last plane); dst is this batch's cout x wide block.
                 unsafe {
                     gemm::gemm(
                         cout,
@@ -84,7 +99,7 @@ pub fn conv2d_stride1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: us
                         ws.as_ptr().add(tap),
                         (kh * kw) as isize,
                         (cin * kh * kw) as isize,
-                        src.as_ptr().add(i * wp + j),
+                        src.as_ptr(),
                         1,
                         plane as isize,
                         1.0,
@@ -101,7 +116,7 @@ pub fn conv2d_stride1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: us
 
     // Drop the wide columns, add the bias.
     let bias_of = |plane_index: usize| bs.map_or(0.0, |b| b[plane_index % cout]);
-    let out = if wo == wp {
+    let out = if wo == wq {
         out_wide.par_chunks_mut(ho * wo).enumerate().for_each(|(c, plane)| {
             let add = bias_of(c);
             if add != 0.0 {
@@ -113,7 +128,7 @@ pub fn conv2d_stride1(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: us
         let mut out = vec![0f32; b * cout * ho * wo];
         out.par_chunks_mut(ho * wo).zip(out_wide.par_chunks(wide)).enumerate().for_each(|(c, (dst, src))| {
             let add = bias_of(c);
-            for (d, s) in dst.chunks_exact_mut(wo).zip(src.chunks_exact(wp)) {
+            for (d, s) in dst.chunks_exact_mut(wo).zip(src.chunks_exact(wq)) {
                 for (d, s) in d.iter_mut().zip(&s[..wo]) {
                     *d = s + add;
                 }
@@ -132,30 +147,35 @@ mod tests {
     #[test]
     fn matches_candle_convolution() {
         let dev = Device::Cpu;
-        for (b, cin, cout, h, w, k, pad, bias) in [
-            (2, 5, 7, 9, 6, 3, 1, true),
-            (1, 4, 3, 5, 8, 1, 0, true),
-            (1, 3, 2, 6, 6, 3, 0, false),
-            (2, 2, 4, 4, 7, 5, 2, true),
-            (1, 6, 6, 8, 8, 1, 1, false),
+        for (b, cin, cout, h, w, k, pad, stride, bias) in [
+            (2, 5, 7, 9, 6, 3, 1, 1, true),
+            (1, 4, 3, 5, 8, 1, 0, 1, true),
+            (1, 3, 2, 6, 6, 3, 0, 1, false),
+            (2, 2, 4, 4, 7, 5, 2, 1, true),
+            (1, 6, 6, 8, 8, 1, 1, 1, false),
+            // Strided: the UNet's downsamplers (3x3, stride 2, padding 1), odd sizes, stride 3.
+            (2, 5, 4, 9, 8, 3, 1, 2, true),
+            (1, 3, 2, 7, 11, 3, 0, 2, false),
+            (1, 4, 3, 10, 9, 4, 1, 3, true),
+            (1, 2, 5, 6, 6, 1, 0, 2, true),
         ] {
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
             let kernel = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();
             let bias_t = Tensor::randn(0f32, 1.0, cout, &dev).unwrap();
-            let got = conv2d_stride1(&x, &kernel, bias.then_some(&bias_t), pad).unwrap().unwrap();
-            let mut want = x.conv2d(&kernel, pad, 1, 1, 1).unwrap();
+            let got = conv2d(&x, &kernel, bias.then_some(&bias_t), stride, pad).unwrap().unwrap();
+            let mut want = x.conv2d(&kernel, pad, stride, 1, 1).unwrap();
             if bias {
                 want = want.broadcast_add(&bias_t.reshape((1, cout, 1, 1)).unwrap()).unwrap();
             }
             assert_eq!(got.dims(), want.dims());
             let diff = (got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             let diff = diff.to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "{b}x{cin}->{cout} {h}x{w} k{k} p{pad}: {diff}");
+            assert!(diff < 1e-4, "{b}x{cin}->{cout} {h}x{w} k{k} s{stride} p{pad}: {diff}");
         }
         // A strided (non-contiguous) input is read correctly too.
         let x = Tensor::randn(0f32, 1.0, (1, 6, 5, 3), &dev).unwrap().transpose(2, 3).unwrap();
         let kernel = Tensor::randn(0f32, 1.0, (2, 6, 3, 3), &dev).unwrap();
-        let got = conv2d_stride1(&x, &kernel, None, 1).unwrap().unwrap();
+        let got = conv2d(&x, &kernel, None, 1, 1).unwrap().unwrap();
         let want = x.contiguous().unwrap().conv2d(&kernel, 1, 1, 1, 1).unwrap();
         let diff = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);

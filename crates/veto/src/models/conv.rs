@@ -1,7 +1,7 @@
 //! The convolution and group norm the UNet and the VAEs build on: candle's layers (same
 //! weights, same loading), run on the CPU in f32 by veto's kernels
-//! ([`kernels::conv2d_stride1`], [`kernels::group_norm`]) where those apply, by candle
-//! elsewhere (the GPU, half precision, strided convolutions).
+//! ([`kernels::conv2d`], [`kernels::group_norm`]) where those apply, by candle
+//! elsewhere (the GPU, half precision, dilated or grouped convolutions).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
@@ -34,8 +34,8 @@ impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let _scope = profile::scope(Op::Matmul);
         let cfg = self.0.config();
-        if cfg.stride == 1 && cfg.dilation == 1 && cfg.groups == 1 {
-            if let Some(y) = kernels::conv2d_stride1(x, self.0.weight(), self.0.bias(), cfg.padding)? {
+        if cfg.dilation == 1 && cfg.groups == 1 {
+            if let Some(y) = kernels::conv2d(x, self.0.weight(), self.0.bias(), cfg.stride, cfg.padding)? {
                 return Ok(y);
             }
         }

@@ -158,7 +158,7 @@ impl CausalConv3d {
 pub(super) const MAX_UNFOLDED: usize = 1 << 25;
 
 /// `conv2d` of `x` `[N, C, H, W]` (already padded) with `w` `[O, C, kh, kw]`, unpadded: on the
-/// CPU in f32 at stride 1 by [`crate::kernels::conv2d_stride1`], otherwise by candle in strips of
+/// CPU in f32 by [`crate::kernels::conv2d`], otherwise by candle in strips of
 /// output rows so that no call unfolds more than `max_unfolded` elements.
 pub(super) fn conv2d_in_strips(
     x: &Tensor,
@@ -171,11 +171,9 @@ pub(super) fn conv2d_in_strips(
     if h < kh || wd < kw {
         candle_core::bail!("conv2d: input {h}x{wd} smaller than the {kh}x{kw} kernel");
     }
-    if stride == 1 {
-        // veto's CPU kernel unfolds nothing (f32 on the CPU; None elsewhere).
-        if let Some(y) = crate::kernels::conv2d_stride1(x, w, None, 0)? {
-            return Ok(y);
-        }
+    // veto's CPU kernel unfolds nothing (f32 on the CPU; None elsewhere).
+    if let Some(y) = crate::kernels::conv2d(x, w, None, stride, 0)? {
+        return Ok(y);
     }
     let (ho, wo) = ((h - kh) / stride + 1, (wd - kw) / stride + 1);
     let rows = (max_unfolded / (n * wo * c * kh * kw).max(1)).max(1);
@@ -272,7 +270,7 @@ mod tests {
     #[test]
     fn strips_match_one_convolution() {
         let dev = Device::Cpu;
-        // f32: veto's kernel at stride 1; f64: candle's convolution in strips at both strides.
+        // f32: veto's kernel; f64: candle's convolution in strips.
         for (dtype, stride) in [(DType::F32, 1), (DType::F32, 2), (DType::F64, 1), (DType::F64, 2)] {
             let x = Tensor::randn(0f32, 1f32, (2, 3, 11, 9), &dev).unwrap().to_dtype(dtype).unwrap();
             let w = Tensor::randn(0f32, 1f32, (4, 3, 3, 3), &dev).unwrap().to_dtype(dtype).unwrap();
