@@ -203,27 +203,25 @@ pub fn map_batch_rows<const N: usize>(
 }
 
 /// Whether `t` is f32 on the CPU, where veto's kernels run (elsewhere the tensor-op paths).
-fn is_cpu_f32(t: &Tensor) -> bool {
+pub fn is_cpu_f32(t: &Tensor) -> bool {
     t.device().is_cpu() && t.dtype() == DType::F32
+}
+
+/// All of an f32 CPU storage's elements (strided readers index them with their layout).
+fn f32_storage(storage: &candle_core::Storage) -> Result<&[f32]> {
+    match storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(data)) => Ok(data),
+        _ => candle_core::bail!("kernel: expected f32 CPU storage"),
+    }
 }
 
 /// The elements of a contiguous f32 CPU tensor's storage.
 fn f32_slice<'a>(storage: &'a candle_core::Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match storage {
-        candle_core::Storage::Cpu(cpu) => cpu_f32(cpu, layout, "kernel"),
-        _ => candle_core::bail!("expected contiguous f32 CPU storage"),
-    }
-}
-
-/// The elements of a contiguous f32 CPU tensor (the input of a custom op named `op`).
-fn cpu_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(src) = storage else {
-        candle_core::bail!("{op}: f32 only");
-    };
+    let data = f32_storage(storage)?;
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("{op}: the input must be contiguous");
+        candle_core::bail!("kernel: the input must be contiguous");
     };
-    Ok(&src[start..end])
+    Ok(&data[start..end])
 }
 
 #[cfg(test)]
@@ -311,7 +309,7 @@ mod tests {
         // The hidden keys get exactly zero weight.
         let hidden = got.narrow(2, 3, 4).unwrap().narrow(3, 7, 4).unwrap();
         assert_eq!(hidden.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap(), 0.0);
-        // The portable path (a strided input takes the CPU kernel after a copy; f64 the fallback).
+        // f64 takes the same tensor ops.
         let slow = softmax_tail_bias(&x.to_dtype(DType::F64).unwrap(), bias, 2).unwrap();
         assert!(diff(&slow.to_dtype(DType::F32).unwrap(), &want) < 1e-6);
     }

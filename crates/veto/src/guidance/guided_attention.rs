@@ -16,12 +16,12 @@
 
 use std::ops::Range;
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 use super::vsf::flipped_block;
 use super::{AttentionGuidance, Contrast};
 use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, sdpa_tail_bias, BlockAttention};
-use crate::kernels::TailBias;
+use crate::kernels::{is_cpu_f32, TailBias};
 use crate::profile;
 
 /// The negative prompt as a model receives it for one call: the attention method of this step,
@@ -129,8 +129,7 @@ pub fn guided_attention(a: &GuidedAttention, method: Option<&AttentionGuidance>)
     // and the flipped negative ones, biased ([`TailBias`]); the short text blocks are cheap to
     // concatenate, the per-block log-sum-exps and merge over every query are not.
     if let Some((AttentionGuidance::Vsf(p), n)) = guided {
-        let cpu_f32 = q.device().is_cpu() && q.dtype() == DType::F32;
-        if a.shared.is_none() && cpu_f32 && n.rows.start == 0 && n.rows.end == q.dim(0)? {
+        if a.shared.is_none() && is_cpu_f32(q) && n.rows.start == 0 && n.rows.end == q.dim(0)? {
             let flipped = profile::timed(profile::Op::Guidance, || n.kv.v * -p.scale)?;
             let k = profile::cat(&[a.positive.k, n.kv.k], 2)?;
             let v = profile::cat(&[a.positive.v, &flipped], 2)?;

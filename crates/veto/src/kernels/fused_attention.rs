@@ -12,7 +12,7 @@ use candle_core::{Layout, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{softmax_row, TailBias};
+use super::{f32_storage, softmax_row, TailBias};
 
 /// Score-buffer size (f32 elements) one tile aims at: 1 MB, well inside a core's L2.
 const TILE_SCORES: usize = 1 << 18;
@@ -109,8 +109,7 @@ pub fn fused_attention(
         let (gq, lq) = q.storage_and_layout();
         let (gk, lk) = k.storage_and_layout();
         let (gv, lv) = v.storage_and_layout();
-        let (vq, vk, vv) =
-            (view(f32_slice_any(&gq)?, lq)?, view(f32_slice_any(&gk)?, lk)?, view(f32_slice_any(&gv)?, lv)?);
+        let (vq, vk, vv) = (view(f32_storage(&gq)?, lq)?, view(f32_storage(&gk)?, lk)?, view(f32_storage(&gv)?, lv)?);
         let out_ptr = SharedMut(out.as_mut_ptr());
         let lse_ptr = SharedMut(lse.as_mut_ptr());
         let scale = scale as f32;
@@ -192,14 +191,6 @@ pub fn fused_attention(
     let out = Tensor::from_vec(out, (b, sq, h, dv), q.device())?.transpose(1, 2)?;
     let lse = if want_lse { Some(Tensor::from_vec(lse, (b, h, sq, 1), q.device())?) } else { None };
     Ok(Some(Fused { out, lse }))
-}
-
-/// All of an f32 CPU storage's elements (the views index them with the layouts' offsets).
-fn f32_slice_any(storage: &candle_core::Storage) -> Result<&[f32]> {
-    match storage {
-        candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)) => Ok(data),
-        _ => candle_core::bail!("fused attention: expected f32 CPU storage"),
-    }
 }
 
 #[cfg(test)]

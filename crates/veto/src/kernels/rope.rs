@@ -26,9 +26,7 @@ pub fn rotate_pairs(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Option<Ten
     let x = if x.stride()[3] == 1 { x.clone() } else { x.contiguous()? };
     let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
     let (gx, lx) = x.storage_and_layout();
-    let candle_core::Storage::Cpu(candle_core::CpuStorage::F32(xs)) = &*gx else {
-        candle_core::bail!("rope: expected f32 CPU storage");
-    };
+    let xs = super::f32_storage(&gx)?;
     let st = lx.stride();
     let (base, st) = (lx.start_offset(), [st[0], st[1], st[2]]);
     let (gc, lc) = cos.storage_and_layout();

@@ -22,8 +22,8 @@ use std::ops::Range;
 use crate::attention::{attend_block, merge_blocks, merge_heads, sdpa, sdpa_tail_bias};
 use crate::guidance::vsf::{self, VsfParams};
 use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
-use crate::kernels::TailBias;
-use candle_core::{DType, Module, Result, Tensor, D};
+use crate::kernels::{is_cpu_f32, TailBias};
+use candle_core::{Module, Result, Tensor, D};
 use candle_nn::{RmsNorm, VarBuilder};
 
 use crate::models::layers::{
@@ -321,9 +321,8 @@ impl JointBlock {
                     candle_core::bail!("VSF: negative length {neg_len} does not fit a text stream of {txt_len} tokens");
                 }
                 let a_len = txt_len - neg_len;
-                let cpu_f32 = img_h.k.device().is_cpu() && img_h.k.dtype() == DType::F32;
                 let (z_img, txt_attn) = match method {
-                    AttentionGuidance::Vsf(p) if a_len > 0 && cpu_f32 => {
+                    AttentionGuidance::Vsf(p) if a_len > 0 && is_cpu_f32(&img_h.k) => {
                         Self::vsf_one_softmax(&img_h, &txt_h, *neg_len, p, scale)?
                     }
                     _ => {
