@@ -73,6 +73,8 @@ SIGMA_DIST = "high"  # "grid": 70% on the k/8 grid, 30% uniform; "high": logit-n
 CAPTION_DROPOUT = 0.1
 DECODER_EVERY = 4  # one VAE-decoder batch per this many transformer steps
 GRID_FRACTION = 0.7  # share of training sigmas on the k/8 grid the 1/2/4/8-step samplers use
+REFINE_SIGMAS = (0.125, 0.25, 0.375, 0.5)  # decoder refinement: the last sigma of 8/4/2-step sampling (+3/8)
+REFINE_SHARE = 0.7  # of refinement inputs; the rest are plain encoder latents
 
 
 def log(msg: str) -> None:
@@ -278,9 +280,14 @@ class DecoderTuner:
         self.opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0, betas=(0.9, 0.99))
         self.steps, self.running = 0, None
 
-    def step(self, batch: int = 4) -> None:
+    def step(self, batch: int = 4, refine=None) -> None:
+        """One decoder batch on encoder latents; `refine(idx)` -> (rows, latents) replaces those
+        rows' inputs with other latents of the same images (the refinement phase below)."""
         idx = torch.randint(0, self.raw.shape[0], (batch,), generator=self.gen)
         z = self.raw[idx] + 0.05 * torch.randn(self.raw[idx].shape, generator=self.gen)
+        if refine is not None:
+            rows, replaced = refine(idx)
+            z[rows] = replaced
         x = to_pixels(self.images[idx.numpy()])
         rec = self.net(z)
         l1 = (rec - x).abs().mean()
@@ -428,6 +435,53 @@ def train_flow(model, ema, latents, captions, text_ids, steps, batch, gen, rng, 
                 break
 
 
+def refine_decoder(decoder: DecoderTuner, ema: Denoiser, latents: torch.Tensor, captions: list[str], text_ids,
+                   deadline: float, gen: torch.Generator, rank: int = 0, world: int = 1) -> None:
+    """Phase 5: the decoder learns to turn the finished transformer's denoised predictions into
+    the clean scene. A few-step sampler ends on the transformer's x0 prediction from sigma 1/n
+    (n steps), which is a slightly blurred scene; these predictions of noised training latents at
+    the last sigmas of 2-, 4- and 8-step sampling (and the plain encoder latents, the rest of
+    the time) are the decoder's inputs, the renders its targets. In a 10-minute pilot on the
+    session-6 weights this alone doubled the images that show everything the prompt names at 4
+    steps (12.5% -> 25%). The decoder sees no caption: it sharpens what the latents say."""
+    say = log if rank == 0 else (lambda msg: None)
+    scale, shift = decoder.vae.config.scaling_factor, decoder.vae.config.shift_factor
+    sigmas = torch.tensor(REFINE_SIGMAS)
+
+    @torch.no_grad()
+    def refine(idx: torch.Tensor):
+        rows = (torch.rand(idx.shape[0], generator=gen) < REFINE_SHARE).nonzero()[:, 0]
+        if rows.numel() == 0:
+            return rows, decoder.raw[idx[rows]]
+        x0 = latents[idx[rows]]
+        sigma = sigmas[torch.randint(0, len(REFINE_SIGMAS), (rows.numel(),), generator=gen)]
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * torch.randn(x0.shape, generator=gen)
+        clip_ids, t5_ids = text_ids([captions[i] for i in idx[rows].tolist()])
+        packed = pack(xt)
+        v = ema(packed, sigma, clip_ids, t5_ids)
+        size = x0.shape[-1] * 2 ** (len(VAE_BLOCKS) - 1)
+        x0_hat = FluxPipeline._unpack_latents(packed - sigma[:, None, None] * v, size, size, 2 ** (len(VAE_BLOCKS) - 1))
+        return rows, x0_hat / scale + shift
+
+    start, step, spent = time.time(), 0, 0.0
+    while spent < 1.0:
+        # Cosine from the tuner's rate to a tenth of it over the phase.
+        lr = 5e-4 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * spent)))
+        for g in decoder.opt.param_groups:
+            g["lr"] = lr
+        decoder.step(batch=8, refine=refine)
+        if step % 10 == 0:
+            used = torch.tensor([(time.time() - start) / max(deadline - start, 1.0)])
+            if world > 1:
+                torch.distributed.all_reduce(used, op=torch.distributed.ReduceOp.MAX)
+            spent = used.item()
+        if step % 200 == 0:
+            say(f"decoder refinement step {step}: loss l1 {decoder.running:.4f} lr {lr:.2e}")
+        step += 1
+    say(f"decoder refinement: {step} steps x {world} ranks x 8 images in {(time.time() - start) / 60:.1f} min")
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. Save and sample
 # ------------------------------------------------------------------------------------------------
@@ -492,6 +546,10 @@ def sample_grid(folder: Path, path: Path, prompts: list[str], steps_list=(1, 2, 
 SAMPLE_PROMPTS = ["a red circle", "a blue square and a yellow triangle", "a yellow star on a black background"]
 
 
+def plain_model(model, world: int):
+    return model.module if world > 1 else model
+
+
 def flow_worker(rank: int, world: int, job: dict) -> None:
     """Phase 4 in one process: `world` of them train data-parallel (DistributedDataParallel over
     gloo, one thread each — on 2 cores two single-threaded processes do ~2x the samples/s of one
@@ -529,9 +587,21 @@ def flow_worker(rank: int, world: int, job: dict) -> None:
         sample_grid(job["out"], job["work"] / f"samples-{step}.png", SAMPLE_PROMPTS, steps_list=(2, 4), seeds=range(3))
 
     decoder = DecoderTuner(vae, images, job["raw"], gen, distributed=world > 1)
-    train_flow(trained, ema, job["latents"], captions, TextIds(clip_tok, t5_tok), job["steps"], job["batch"], gen, rng,
+    text_ids = TextIds(clip_tok, t5_tok)
+    train_flow(trained, ema, job["latents"], captions, text_ids, job["steps"], job["batch"], gen, rng,
                checkpoint if rank == 0 else None, decoder, compile_model=job["compile"], deadline=job["deadline"],
                rank=rank, world=world)
+    # The refinement gets its minutes after the flow phase, within the whole budget (a pilot's
+    # flow phase ends early, by steps).
+    refine_deadline = min(time.time() + job["refine_seconds"], job["budget_end"])
+    if job["refine_seconds"] > 0:
+        if world > 1:  # every rank refines against the same (rank 0's) EMA transformer
+            if ema is None:
+                ema = copy.deepcopy(plain_model(trained, world))
+            for p_ in ema.parameters():
+                torch.distributed.broadcast(p_.data, src=0)
+        ema.eval()
+        refine_decoder(decoder, ema, job["latents"], captions, text_ids, refine_deadline, gen, rank, world)
     if rank == 0:
         torch.save({"ema": ema.state_dict(), "decoder": vae.decoder.state_dict()}, job["work"] / "flow_result.pt")
     if world > 1:
@@ -549,6 +619,8 @@ def main() -> None:
     p.add_argument("--flow-steps", type=int, default=12000, help="at most; the time budget usually ends it")
     p.add_argument("--no-compile", action="store_true", help="eager PyTorch (slower; no C++ compiler needed)")
     p.add_argument("--budget-minutes", type=float, default=58.0, help="stop the flow phase early past this")
+    p.add_argument("--refine-minutes", type=float, default=9.0,
+                   help="the budget's last minutes: decoder refinement on the transformer's predictions")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=2, help="CPU threads in all")
     p.add_argument("--procs", type=int, default=2, help="data-parallel training processes (threads split among them)")
@@ -564,6 +636,7 @@ def main() -> None:
     a = p.parse_args()
     if a.pilot:
         a.scenes, a.vae_steps, a.flow_steps = min(a.scenes, 3000), 80, 200
+        a.refine_minutes = min(a.refine_minutes, 1.0)
     LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR = a.latent_channels, a.kl, a.rgb_anchor
     VAE_BLOCKS = [int(v) for v in a.vae_blocks.split(",")]
     HEADS, LAYERS, SIGMA_DIST = a.heads, tuple(int(v) for v in a.layers.split(",")), a.sigmas
@@ -611,7 +684,8 @@ def main() -> None:
         data_dir=data_dir, tok_dir=tok_dir, out=a.out, work=a.work, latents=latents, raw=raw,
         vae_state=vae.state_dict(), vae_config={k: vae.config[k] for k in ("shift_factor", "scaling_factor")}, model_state=model.state_dict(),
         steps=a.flow_steps, batch=a.batch, seed=a.seed, threads=max(1, a.threads // a.procs),
-        compile=not a.no_compile, deadline=t0 + a.budget_minutes * 60 - 90,
+        compile=not a.no_compile, deadline=t0 + (a.budget_minutes - a.refine_minutes) * 60 - 90,
+        refine_seconds=a.refine_minutes * 60, budget_end=t0 + a.budget_minutes * 60 - 90,
         port=29500 + os.getpid() % 1000,
     )
     if a.procs > 1:
