@@ -15,6 +15,10 @@ use candle_core::{Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+/// Output columns per block: with up to a few hundred channels in and out, a block's output
+/// and the input rows its taps read fit a core's L2 cache.
+const CONV_COLUMNS: usize = 256;
+
 /// `conv2d(x, w) + bias` for `x` `[B, C_in, H, W]`, `w` `[C_out, C_in, kh, kw]`, `bias`
 /// `[C_out]`, with `stride` and `padding` on every side. `None` unless all are f32 on the CPU
 /// (the caller then runs candle's convolution).
@@ -76,27 +80,41 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
         &planes_owned
     };
 
+    // The output in blocks of (output channels x columns) small enough to stay in a core's L2
+    // cache while all `kh * kw` taps accumulate into it (one GEMM per tap over the whole output
+    // would stream it through memory `kh * kw` times); the blocks run in parallel, each GEMM on
+    // one thread. Output channels are split only when there are too few column blocks to share.
     let mut out_wide = vec![0f32; b * cout * wide];
-    for (bi, dst) in out_wide.chunks_exact_mut(cout * wide).enumerate() {
+    let col_blocks = wide.div_ceil(CONV_COLUMNS);
+    let threads = rayon::current_num_threads();
+    let cout_blocks = (2 * threads).div_ceil(b * col_blocks).min(cout.div_ceil(32)).max(1);
+    let cout_step = cout.div_ceil(cout_blocks);
+    let dst_all = super::SharedMut(out_wide.as_mut_ptr());
+    (0..b * col_blocks * cout_blocks).into_par_iter().for_each(|task| {
+        let (oc_block, col_block, bi) =
+            (task % cout_blocks, task / cout_blocks % col_blocks, task / (cout_blocks * col_blocks));
+        let (oc0, col0) = (oc_block * cout_step, col_block * CONV_COLUMNS);
+        let (m, n) = (cout_step.min(cout - oc0), CONV_COLUMNS.min(wide - col0));
         for i in 0..kh {
             for j in 0..kw {
                 let tap = i * kw + j;
                 let phase = (i % s) * s + j % s;
-                let src = &planes[(bi * phases + phase) * cin * plane + (i / s) * wq + j / s..];
-                // SAFETY: lhs is `w[:, :, i, j]` (cout x cin, strides kh*kw*cin and kh*kw)
-                // inside `ws`; rhs is cin rows of `wide` elements, one per phase plane of this
-                // batch item, starting at the tap's shift, inside `planes` (its slack covers the
-                // dropped columns of the last plane); dst is this batch's cout x wide block.
+                let src = &planes[(bi * phases + phase) * cin * plane + (i / s) * wq + j / s + col0..];
+                // SAFETY: dst is rows oc0..oc0+m, columns col0..col0+n of this batch item's
+                // cout x wide output, written by this task only; lhs is `w[oc0.., :, i, j]`
+                // (m x cin, strides kh*kw*cin and kh*kw) inside `ws`; rhs is cin rows of n
+                // elements, one per phase plane of this batch item, starting at the tap's shift,
+                // inside `planes` (its slack covers the dropped columns of the last plane).
                 unsafe {
                     gemm::gemm(
-                        cout,
-                        wide,
+                        m,
+                        n,
                         cin,
-                        dst.as_mut_ptr(),
+                        dst_all.get().add((bi * cout + oc0) * wide + col0),
                         1,
                         wide as isize,
                         tap > 0,
-                        ws.as_ptr().add(tap),
+                        ws.as_ptr().add(oc0 * cin * kh * kw + tap),
                         (kh * kw) as isize,
                         (cin * kh * kw) as isize,
                         src.as_ptr(),
@@ -107,12 +125,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                         false,
                         false,
                         false,
-                        Parallelism::Rayon(0),
+                        Parallelism::None,
                     );
                 }
             }
         }
-    }
+    });
 
     // Drop the wide columns, add the bias.
     let bias_of = |plane_index: usize| bs.map_or(0.0, |b| b[plane_index % cout]);
@@ -158,6 +176,9 @@ mod tests {
             (1, 3, 2, 7, 11, 3, 0, 2, false),
             (1, 4, 3, 10, 9, 4, 1, 3, true),
             (1, 2, 5, 6, 6, 1, 0, 2, true),
+            // Several column blocks (wide rows > CONV_COLUMNS), output channels split unevenly.
+            (2, 8, 70, 40, 37, 3, 1, 1, true),
+            (1, 6, 33, 30, 30, 3, 1, 2, false),
         ] {
             let x = Tensor::randn(0f32, 1.0, (b, cin, h, w), &dev).unwrap();
             let kernel = Tensor::randn(0f32, 1.0, (cout, cin, k, k), &dev).unwrap();

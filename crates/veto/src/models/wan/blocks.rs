@@ -16,7 +16,7 @@ use candle_nn::VarBuilder;
 use super::embeddings::{AffineNorm, Rope};
 use crate::attention::{merge_heads, sdpa, split_heads};
 use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
-use crate::models::layers::{linear, Linear, QuantizedWeights};
+use crate::models::layers::{gated_add, linear, modulate_normed, Linear, QuantizedWeights};
 
 /// `RMSNorm(width)` with weight, in f32.
 pub struct RmsNorm {
@@ -195,18 +195,15 @@ fn plain_norm(x: &Tensor, eps: f64) -> Result<Tensor> {
     candle_nn::ops::layer_norm(&x, &ones, &zeros, eps as f32)
 }
 
-/// `norm(x) (1 + scale) + shift` in f32, returned in `dtype`; `shift`/`scale` `[B, dim]`.
+/// `norm(x) (1 + scale) + shift` in f32, returned in `dtype`; `shift`/`scale` `[B, dim]` (one
+/// parallel pass on the CPU, as the other adaLN blocks).
 pub(crate) fn modulated_norm(x: &Tensor, shift: &Tensor, scale: &Tensor, eps: f64) -> Result<Tensor> {
-    plain_norm(x, eps)?
-        .broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
-        .broadcast_add(&shift.unsqueeze(1)?)?
-        .to_dtype(x.dtype())
+    modulate_normed(&plain_norm(x, eps)?, shift, scale)?.to_dtype(x.dtype())
 }
 
 /// `x + y gate` computed in f32, returned in the dtype of `x`.
 fn gated(x: &Tensor, y: &Tensor, gate: &Tensor) -> Result<Tensor> {
-    let dtype = x.dtype();
-    (x.to_dtype(DType::F32)? + y.to_dtype(DType::F32)?.broadcast_mul(&gate.unsqueeze(1)?)?)?.to_dtype(dtype)
+    gated_add(&x.to_dtype(DType::F32)?, gate, &y.to_dtype(DType::F32)?)?.to_dtype(x.dtype())
 }
 
 impl WanBlock {
