@@ -314,18 +314,3 @@ mod tests {
         assert!(diff(&slow.to_dtype(DType::F32).unwrap(), &want) < 1e-6);
     }
 }
-
-/// A raw pointer into one output buffer that parallel tasks writing disjoint parts of it share
-/// (fused attention: query tiles; convolution: output blocks).
-#[derive(Clone, Copy)]
-pub(crate) struct SharedMut(pub(crate) *mut f32);
-// SAFETY: every user hands each task a part of the buffer no other task touches.
-unsafe impl Send for SharedMut {}
-unsafe impl Sync for SharedMut {}
-
-impl SharedMut {
-    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not its field).
-    pub(crate) fn get(self) -> *mut f32 {
-        self.0
-    }
-}

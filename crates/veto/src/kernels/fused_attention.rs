@@ -12,7 +12,7 @@ use candle_core::{Layout, Result, Tensor};
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::{f32_storage, softmax_row, SharedMut, TailBias};
+use super::{f32_storage, softmax_row, TailBias};
 
 /// Score-buffer size (f32 elements) one tile aims at: 1 MB, well inside a core's L2.
 const TILE_SCORES: usize = 1 << 18;
@@ -49,6 +49,20 @@ fn view<'a>(data: &'a [f32], layout: &Layout) -> Result<View<'a>> {
         candle_core::bail!("fused attention: expected [b, h, s, d] with unit stride on d, got {:?}", s);
     }
     Ok(View { data, offset: layout.start_offset(), stride: [s[0], s[1], s[2], s[3]] })
+}
+
+/// A raw pointer that tiles writing disjoint rows may share across threads.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: every tile writes rows no other tile touches (see `fused_attention`).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+
+impl SharedMut {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not its field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
 }
 
 thread_local! {
