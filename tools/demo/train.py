@@ -34,8 +34,8 @@ What it does, in order (fixed seeds throughout; CPU, f32):
     finished (EMA) transformer's x0 predictions of noised training latents — at the last sigma
     of 2-, 4- and 8-step sampling — into the clean renders. Measured (session 8, 312 images of
     the default suite, none, 4 steps): 10 single-thread minutes of it on the committed weights
-    took the images with everything the prompt names from 14.7% to 19.6% and made shapes
-    visibly crisper; but a full run with 9 of the 58 minutes moved from the flow phase to it
+    (a scratch run) took the images with everything the prompt names from 14.7% to 19.6% and
+    made shapes visibly crisper; but a full run with 9 of the 58 minutes moved from the flow phase to it
     reached only 13.5% (its transformer, with 15% fewer steps, was weaker): the transformer,
     not the decoder, is what limits the demo.
  6. Save: FluxPipeline.save_pretrained, tokenizers rewritten exactly in the real repos' file
