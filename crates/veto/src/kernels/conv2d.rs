@@ -1,5 +1,5 @@
 //! 2-d convolution on the CPU (f32, any stride, no dilation, one group: every convolution of
-//! the UNet, its attention projections and the VAEs) without im2col.
+//! the UNet, its attention projections and the VAEs), in two ways that share one layout.
 //!
 //! At stride 1, with the input zero-padded to `Hp x Wp` and flattened per channel, output pixel
 //! `(y, x)` reads tap `(i, j)` at `(y + i) * Wp + (x + j)`: for every output laid out on rows of
@@ -10,6 +10,11 @@
 //! kernel on every call). At stride `s` the padded input is split into `s²` phase planes
 //! (`phase(p, q)[u][v] = padded[u s + p][v s + q]`); tap `(i, j)` is then the stride-1 shift
 //! `(i / s, j / s)` of phase `(i % s, j % s)`, and the same GEMMs apply.
+//!
+//! On small maps (at most [`IM2COL_MAX_COLUMNS`] output columns) those same shifted windows are
+//! instead copied, each a contiguous row, into patch rows `[C_in * kh * kw, columns]` in the
+//! kernel's own (channel, tap) order, and one deep GEMM with the kernel as stored replaces the
+//! `kh * kw` shallow ones: there the output is small and the depth is what feeds the GEMM.
 
 use candle_core::{Result, Tensor};
 use gemm::Parallelism;
