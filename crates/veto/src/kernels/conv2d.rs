@@ -98,6 +98,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
 
     let mut out_wide = vec![0f32; b * cout * wide];
     let taps = kh * kw;
+    // Where tap (i, j)'s window of batch item bi starts, channel 0: the stride-1 shift
+    // (i / s, j / s) in phase plane (i % s, j % s); channel c is `c * plane` further.
+    let window = |bi: usize, i: usize, j: usize| {
+        let phase = (i % s) * s + j % s;
+        (bi * phases + phase) * cin * plane + (i / s) * wq + j / s
+    };
     if taps > 1 && wide <= IM2COL_MAX_COLUMNS {
         // Columns per GEMM: the patch rows of a chunk (`cin * taps` rows) stay within COLS_BUDGET.
         let chunk = (COLS_BUDGET / (cin * taps)).max(64).min(wide);
@@ -113,9 +119,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
                     // the tap's shifted window of channel c's plane, a contiguous copy.
                     cols[..cin * taps * chunk].par_chunks_mut(chunk).enumerate().for_each(|(row, out)| {
                         let (c, tap) = (row / taps, row % taps);
-                        let (i, j) = (tap / kw, tap % kw);
-                        let phase = (i % s) * s + j % s;
-                        let at = ((bi * phases + phase) * cin + c) * plane + (i / s) * wq + j / s + col0;
+                        let at = window(bi, tap / kw, tap % kw) + c * plane + col0;
                         out[..n].copy_from_slice(&planes[at..at + n]);
                     });
                     // SAFETY: lhs is the kernel as stored, cout x (cin * taps) row-major, `ws`; rhs
@@ -152,8 +156,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
             for i in 0..kh {
                 for j in 0..kw {
                     let tap = i * kw + j;
-                    let phase = (i % s) * s + j % s;
-                    let src = &planes[(bi * phases + phase) * cin * plane + (i / s) * wq + j / s..];
+                    let src = &planes[window(bi, i, j)..];
                     // SAFETY: lhs is `w[:, :, i, j]` (cout x cin, strides kh*kw*cin and kh*kw)
                     // inside `ws`; rhs is cin rows of `wide` elements, one per phase plane of this
                     // batch item, starting at the tap's shift, inside `planes` (its slack covers the
