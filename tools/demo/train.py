@@ -379,6 +379,11 @@ def sample_sigmas(batch: int, gen: torch.Generator) -> torch.Tensor:
     return torch.where(on_grid, grid, uniform)
 
 
+def plain_model(model, world: int):
+    """The model inside its DistributedDataParallel wrapper (when `world` > 1)."""
+    return model.module if world > 1 else model
+
+
 def train_flow(model, ema, latents, captions, text_ids, steps, batch, gen, rng, checkpoint=None, decoder=None,
                lr_max=8e-4, compile_model=True, deadline=None, rank=0, world=1):
     """`checkpoint(step)` is called at 50% and 75% of the run (steps or time) (the EMA so far is saved), so a
@@ -388,7 +393,7 @@ def train_flow(model, ema, latents, captions, text_ids, steps, batch, gen, rng, 
     with a log line, rather than overrun the training budget on a slower machine. `world` > 1:
     `model` is wrapped in DistributedDataParallel; rank 0 keeps the EMA, logs and checkpoints."""
     say = log if rank == 0 else (lambda msg: None)
-    plain = model.module if world > 1 else model
+    plain = plain_model(model, world)
     opt = torch.optim.AdamW(model.parameters(), lr=lr_max, weight_decay=0.01, betas=(0.9, 0.99))
     forward = torch.compile(model) if compile_model else model
     n = latents.shape[0]
@@ -552,10 +557,6 @@ def sample_grid(folder: Path, path: Path, prompts: list[str], steps_list=(1, 2, 
 
 
 SAMPLE_PROMPTS = ["a red circle", "a blue square and a yellow triangle", "a yellow star on a black background"]
-
-
-def plain_model(model, world: int):
-    return model.module if world > 1 else model
 
 
 def flow_worker(rank: int, world: int, job: dict) -> None:
