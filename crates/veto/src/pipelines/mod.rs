@@ -1,6 +1,7 @@
 //! Pipelines: text -> latents -> image, one readable module per model family, all behind the
 //! [`TextToImage`] trait; [`Pipeline`] is what a library user holds.
 
+pub(crate) mod caption_dit;
 pub mod flux;
 pub mod memory;
 pub mod noise;

@@ -28,18 +28,19 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{Error, Result};
 use crate::families::PIXART;
 use crate::guidance::vsf::{VsfLayout, VsfParams};
-use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext};
+use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled};
 use crate::loading::components::{component_weights, t5_tokenizer_dir};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::read_json;
-use crate::models::pixart::{Perturbation, PixArtConfig, PixArtInputs, PixArtTransformer2DModel};
+use crate::models::pixart::{PixArtConfig, PixArtInputs, PixArtTransformer2DModel};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
-use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::pipelines::caption_dit::{CaptionDitLoop, CaptionRows};
+use crate::pipelines::noise::gaussian;
 use crate::pipelines::pixart_bins::{Bin, ASPECT_RATIO_1024, ASPECT_RATIO_2048, ASPECT_RATIO_256, ASPECT_RATIO_512};
 use crate::pipelines::request::vae_decoder_term;
 use crate::pipelines::residency::{Component, LoadOptions, PromptCache};
 use crate::pipelines::sampling::{
-    check_sampler, describe, folder_scheduler, prepared_scheduler, requested_scheduler, scheduler_for,
+    check_sampler, folder_scheduler, prepared_scheduler, requested_scheduler, scheduler_for,
 };
 use crate::pipelines::{Defaults, Denoised, ResolvedRequest, StepEvent, TextToImage, Warnings};
 use crate::schedulers::scheduler::Scheduler;
@@ -270,7 +271,7 @@ impl PixArtSigmaPipeline {
             Some(t) => t.to_device(&self.device)?.to_dtype(DType::F32)?,
             None => gaussian(&shape, req.seed, &self.device)?,
         };
-        let mut x = (&init * scheduler.init_noise_sigma())?;
+        let x = (&init * scheduler.init_noise_sigma())?;
 
         // Text: the negative prompt (diffusers' default "") serves CFG and the attention methods.
         let msl = req.max_sequence_length;
@@ -284,59 +285,35 @@ impl PixArtSigmaPipeline {
         self.text_encoder.release();
         let transformer = self.transformer.get()?;
 
-        // Rows: [uncond?, cond, perturbed?].
-        let mut rows: Vec<&Tensor> = Vec::new();
-        if let (Some(n), Some(_)) = (&negative, cfg_scale) {
-            rows.push(&n.states);
-        }
-        let cond_row = rows.len();
-        rows.push(&positive.states);
-        if pag_scale.is_some() {
-            rows.push(&positive.states);
-        }
-        let (caption, lens) = pad_rows(&rows)?;
+        let rows = CaptionRows::new(
+            &positive.states,
+            negative.as_ref().filter(|_| cfg_scale.is_some()).map(|n| &n.states),
+            pag_scale.is_some(),
+        )?;
         let pag = match (&req.sampler.pag_layers, pag_scale) {
             (_, None) => Vec::new(),
             (Some(layers), Some(_)) => pag_blocks(&self.config, layers)?,
             (None, Some(_)) => pag_blocks(&self.config, &DEFAULT_PAG_LAYERS.map(String::from))?,
         };
-
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
-        let mut noise = StepNoise::new(req)?;
-        for (i, &t) in timesteps.iter().enumerate() {
-            let plan = planner.step(scheduler.window_time(i));
-            let scaled = scheduler.scale_model_input(&x)?;
-            let input = scaled.to_dtype(self.dtype)?.repeat((rows.len(), 1, 1, 1))?;
-            let guided = match (&plan.attention, &negative) {
-                (Some(method), Some(n)) => {
-                    Some(NegativeContext { method, states: &n.states, pooled: None, rows: cond_row..cond_row + 1 })
-                }
-                _ => None,
-            };
+        let denoiser = CaptionDitLoop {
+            family: &PIXART,
+            rows: &rows,
+            negative: negative.as_ref().map(|n| &n.states),
+            pag_blocks: &pag,
+            dtype: self.dtype,
+        };
+        let (x, step_noise) = denoiser.run(scheduler.as_mut(), &mut planner, x, req, on_step, warnings, |call| {
             let out = transformer.forward(&PixArtInputs {
-                latents: &input,
-                timestep: t,
-                caption: &caption,
-                caption_lens: &lens,
-                guidance: guided.as_ref(),
-                perturbation: pag_scale.map(|_| Perturbation { rows: cond_row + 1..cond_row + 2, blocks: &pag }),
+                latents: call.input,
+                timestep: call.timestep,
+                caption: call.caption,
+                caption_lens: call.caption_lens,
+                guidance: call.guidance,
+                perturbation: call.perturbation.clone(),
             })?;
             // Learned sigma: keep the noise channels.
-            let out = out.narrow(1, 0, channels)?.to_dtype(DType::F32)?;
-            let (cond, uncond, perturbed) = super::split_guidance_rows(&out, cond_row, pag_scale.is_some())?;
-            let eps = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
-            x = scheduler.step(&eps, &x, &mut noise)?;
-            super::ensure_finite(&x, (i, total, t), req, &PIXART)?;
-            on_step(StepEvent {
-                index: i,
-                total,
-                timestep: t,
-                attention_guided: plan.attention.is_some(),
-                latents: &x,
-            });
-        }
-        let step_noise = noise.finish(&describe(scheduler.as_ref(), req), warnings)?;
+            call.combine(&out.narrow(1, 0, channels)?.to_dtype(DType::F32)?)
+        })?;
         Ok(Denoised { latents: x, init_latents: init, step_noise })
     }
 }

@@ -30,20 +30,21 @@ use tokenizers::Tokenizer;
 use crate::error::{Error, Result};
 use crate::families::SANA;
 use crate::guidance::vsf::{VsfLayout, VsfParams};
-use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled, NegativeContext};
+use crate::guidance::{GuidanceConfig, GuidancePlanner, Method, NagParams, NagPooled};
 use crate::loading::components::{component_dir, component_weights};
 use crate::loading::model_source::ModelSource;
 use crate::loading::safetensors_files::read_json;
 use crate::models::dc_ae::{AutoencoderDc, DcAeConfig};
-use crate::models::sana::{Perturbation, SanaConfig, SanaInputs, SanaTransformer2DModel};
-use crate::pipelines::noise::{gaussian, StepNoise};
+use crate::models::sana::{SanaConfig, SanaInputs, SanaTransformer2DModel};
+use crate::pipelines::caption_dit::{CaptionDitLoop, CaptionRows};
+use crate::pipelines::noise::gaussian;
 use crate::pipelines::pixart::{binned_size, pag_blocks_of};
 use crate::pipelines::pixart_bins::{Bin, ASPECT_RATIO_1024, ASPECT_RATIO_2048, ASPECT_RATIO_512};
 use crate::pipelines::request::vae_decoder_term;
 use crate::pipelines::residency::{Component, LoadOptions, PromptCache};
 use crate::pipelines::resize::resize_and_crop;
 use crate::pipelines::sampling::{
-    check_sampler, describe, folder_scheduler, prepared_scheduler, requested_scheduler, scheduler_for,
+    check_sampler, folder_scheduler, prepared_scheduler, requested_scheduler, scheduler_for,
 };
 use crate::pipelines::sana_bins::ASPECT_RATIO_4096;
 use crate::pipelines::sana_sprint::{sprint_velocity, steps_warning};
@@ -279,7 +280,7 @@ impl SanaPipeline {
             Some(t) => t.to_device(&self.device)?.to_dtype(DType::F32)?,
             None => gaussian(&shape, req.seed, &self.device)?,
         };
-        let mut x = (&init * scheduler.init_noise_sigma())?;
+        let x = (&init * scheduler.init_noise_sigma())?;
 
         // Text: the negative prompt (diffusers' default "") serves CFG and the attention methods.
         let msl = req.max_sequence_length;
@@ -293,63 +294,39 @@ impl SanaPipeline {
         self.text_encoder.release();
         let transformer = self.transformer.get()?;
 
-        // Rows: [uncond?, cond, perturbed?].
-        let mut rows: Vec<&Tensor> = Vec::new();
-        if let (Some(n), Some(_)) = (&negative, cfg_scale) {
-            rows.push(&n.states);
-        }
-        let cond_row = rows.len();
-        rows.push(&positive.states);
-        if pag_scale.is_some() {
-            rows.push(&positive.states);
-        }
-        let (caption, lens) = super::pixart::pad_rows(&rows)?;
+        let rows = CaptionRows::new(
+            &positive.states,
+            negative.as_ref().filter(|_| cfg_scale.is_some()).map(|n| &n.states),
+            pag_scale.is_some(),
+        )?;
         let pag = match pag_scale {
             None => Vec::new(),
             Some(_) => pag_blocks(&self.config, req.sampler.pag_layers.as_deref())?,
         };
-
-        let timesteps = scheduler.timesteps().to_vec();
-        let total = timesteps.len();
-        let mut noise = StepNoise::new(req)?;
-        for (i, &t) in timesteps.iter().enumerate() {
-            let plan = planner.step(scheduler.window_time(i));
-            let scaled = scheduler.scale_model_input(&x)?;
-            let input = scaled.to_dtype(self.dtype)?.repeat((rows.len(), 1, 1, 1))?;
-            let guided = match (&plan.attention, &negative) {
-                (Some(method), Some(n)) => {
-                    Some(NegativeContext { method, states: &n.states, pooled: None, rows: cond_row..cond_row + 1 })
-                }
-                _ => None,
-            };
+        let denoiser = CaptionDitLoop {
+            family: &SANA,
+            rows: &rows,
+            negative: negative.as_ref().map(|n| &n.states),
+            pag_blocks: &pag,
+            dtype: self.dtype,
+        };
+        let (x, step_noise) = denoiser.run(scheduler.as_mut(), &mut planner, x, req, on_step, warnings, |call| {
             let inputs = SanaInputs {
                 embedded_guidance,
-                latents: &input,
-                timestep: t * self.config.timestep_scale,
-                caption: &caption,
-                caption_lens: &lens,
-                guidance: guided.as_ref(),
-                perturbation: pag_scale.map(|_| Perturbation { rows: cond_row + 1..cond_row + 2, blocks: &pag }),
+                latents: call.input,
+                timestep: call.timestep * self.config.timestep_scale,
+                caption: call.caption,
+                caption_lens: call.caption_lens,
+                guidance: call.guidance,
+                perturbation: call.perturbation.clone(),
             };
-            let v = if sprint {
+            if sprint {
                 // One row (no CFG, no PAG): the velocity the SCM step takes.
-                sprint_velocity(&transformer, &x, t, sigma_data, &inputs)?
+                sprint_velocity(&transformer, call.latents, call.timestep, sigma_data, &inputs)
             } else {
-                let out = transformer.forward(&inputs)?.to_dtype(DType::F32)?;
-                let (cond, uncond, perturbed) = super::split_guidance_rows(&out, cond_row, pag_scale.is_some())?;
-                plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?
-            };
-            x = scheduler.step(&v, &x, &mut noise)?;
-            super::ensure_finite(&x, (i, total, t), req, &SANA)?;
-            on_step(StepEvent {
-                index: i,
-                total,
-                timestep: t,
-                attention_guided: plan.attention.is_some(),
-                latents: &x,
-            });
-        }
-        let step_noise = noise.finish(&describe(scheduler.as_ref(), req), warnings)?;
+                call.combine(&transformer.forward(&inputs)?.to_dtype(DType::F32)?)
+            }
+        })?;
         // Sprint: the last step's clean prediction over sigma_data is what diffusers decodes.
         let latents = if sprint { (x / sigma_data)? } else { x };
         Ok(Denoised { latents, init_latents: init, step_noise })
