@@ -16,6 +16,22 @@ pub struct Limits {
     pub base_macs: f64,
 }
 
+impl Limits {
+    /// "NAG +26%, VSF +1%, CFG +100%" (with Flux's shared-image variant where it has one).
+    pub fn describe(&self) -> String {
+        let pct = |f: f64| format!("{:+.0}%", f * 100.0);
+        let mut parts = vec![format!("NAG {}", pct(self.nag))];
+        if let Some(v) = self.vsf {
+            parts.push(format!("VSF {}", pct(v)));
+        }
+        parts.push(format!("CFG {}", pct(self.cfg)));
+        if let Some(s) = self.shared_image {
+            parts.push(format!("shared-image {}", pct(s)));
+        }
+        parts.join(", ")
+    }
+}
+
 /// Multiply-adds of one token through a transformer block's linear layers: q, k, v and out
 /// projections (4d²) and an MLP of ratio `r` (2r·d²). Flux's single blocks fuse the same
 /// layers differently (d → 3d + r·d, then d + r·d → d): the same 4 + 2r.

@@ -16,7 +16,7 @@ use veto::models::unet::{UNet2DConditionModel, UNetConfig, UNetInputs};
 use veto::models::wan::{WanConfig, WanInputs, WanTransformer3DModel};
 use veto::profile::{self, Op};
 
-use crate::arithmetic;
+use crate::arithmetic::{self, Limits};
 use crate::generate::{device, dtype, DeviceArg, DtypeArg};
 
 #[derive(Args)]
@@ -234,10 +234,8 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         depths, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!(
-        "{:>6} {:>12} {:>18} {:>18} {:>18}",
-        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
-    );
+    let table = MethodTable { lead: &[("size", 6)], methods: &["NAG", "VSF", "CFG"] };
+    table.print_header();
     for &size in &a.sizes {
         let x = randn(&[1, 4, size / 8, size / 8])?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;
@@ -271,7 +269,6 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 }),
             ],
         )?;
-        let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
         let limit = arithmetic::unet(
             &[320, 640, 1280],
             &[0, depths[1], depths[2]],
@@ -282,24 +279,55 @@ fn run_sdxl(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
             2048,
             VSF_TOKENS,
         );
-        println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%, CFG {:+.0}%",
-            size,
-            none,
-            nag_ms,
-            pct(nag_ms, none),
-            vsf_ms,
-            pct(vsf_ms, none),
-            cfg_ms,
-            pct(cfg_ms, none),
-            limit.nag * 100.0,
-            limit.vsf.unwrap_or(0.0) * 100.0,
-            limit.cfg * 100.0
-        );
+        table.print_row(&[format!("{size}²")], &t, &limit);
     }
     println!("\n{LIMIT_NOTE}");
     println!("Paper (NAG Table 4, SDXL, A100, full depth): NAG +22%, CFG +34% per step.");
     Ok(())
+}
+
+/// A family's table: leading columns (label, width), the baseline's milliseconds, each
+/// method's milliseconds and ratio to the baseline, then the arithmetic limits.
+struct MethodTable<'a> {
+    lead: &'a [(&'a str, usize)],
+    methods: &'a [&'a str],
+}
+
+impl MethodTable<'_> {
+    fn column(method: &str) -> String {
+        format!("{method} (ms, ratio)")
+    }
+
+    fn header(&self) -> String {
+        let mut line: String = self.lead.iter().map(|(label, width)| format!("{label:>width$} ")).collect();
+        line += &format!("{:>12}", "none (ms)");
+        for m in self.methods {
+            let head = Self::column(m);
+            line += &format!(" {head:>w$}", w = head.len().max(18));
+        }
+        line
+    }
+
+    /// `times`: the baseline first, then the methods in the header's order.
+    fn row(&self, lead: &[String], times: &[f64], limit: &Limits) -> String {
+        let mut line: String =
+            self.lead.iter().zip(lead).map(|((_, width), cell)| format!("{cell:>width$} ")).collect();
+        let base = times[0];
+        line += &format!("{base:>12.0}");
+        for (m, ms) in self.methods.iter().zip(&times[1..]) {
+            let cell = format!("{ms:>10.0} ({:+.0}%)", (ms / base - 1.0) * 100.0);
+            line += &format!(" {cell:>w$}", w = Self::column(m).len().max(18));
+        }
+        line + "   limit: " + &limit.describe()
+    }
+
+    fn print_header(&self) {
+        println!("{}", self.header());
+    }
+
+    fn print_row(&self, lead: &[String], times: &[f64], limit: &Limits) {
+        println!("{}", self.row(lead, times, limit));
+    }
 }
 
 /// Tokens of an unpadded VSF negative prompt in the benches (a short phrase with its specials).
@@ -338,10 +366,8 @@ fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         a.pixart_blocks, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!(
-        "{:>6} {:>12} {:>18} {:>18} {:>18}",
-        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
-    );
+    let table = MethodTable { lead: &[("size", 6)], methods: &["NAG", "VSF", "CFG"] };
+    table.print_header();
     for &size in &a.sizes {
         let x = randn(&[1, 4, size / 8, size / 8])?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;
@@ -374,23 +400,9 @@ fn run_pixart(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 }),
             ],
         )?;
-        let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
         let side = size / 16;
         let limit = arithmetic::pixart(1152, a.pixart_blocks, side * side, len, 4096, len.min(16));
-        println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%, CFG {:+.0}%",
-            size,
-            none,
-            nag_ms,
-            pct(nag_ms, none),
-            vsf_ms,
-            pct(vsf_ms, none),
-            cfg_ms,
-            pct(cfg_ms, none),
-            limit.nag * 100.0,
-            limit.vsf.unwrap_or(0.0) * 100.0,
-            limit.cfg * 100.0
-        );
+        table.print_row(&[format!("{size}²")], &t, &limit);
     }
     println!("\n{LIMIT_NOTE}");
     println!("Target (issue 9): NAG <= +8%, VSF <= +5% per step; the NAG paper (Table 4) has no PixArt timing.");
@@ -416,10 +428,8 @@ fn run_wan(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
 ",
         a.iters
     );
-    println!(
-        "{:>6} {:>6} {:>7} {:>11} {:>18} {:>18} {:>18}",
-        "width", "size", "tokens", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
-    );
+    let table = MethodTable { lead: &[("width", 6), ("size", 6), ("tokens", 7)], methods: &["NAG", "VSF", "CFG"] };
+    table.print_header();
     for (heads, ffn) in [(12usize, 8960usize), (40, 13824)] {
         let width = heads * 128;
         let cfg: WanConfig = serde_json::from_value(serde_json::json!({
@@ -463,24 +473,9 @@ fn run_wan(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                     }),
                 ],
             )?;
-            let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
             let tokens = latent_frames * (size / 16) * (size / 16);
             let limit = arithmetic::wan(width, ffn, a.wan_blocks, tokens, TEXT, 4096);
-            println!(
-                "{:>6} {:>5}² {:>7} {:>11.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%",
-                width,
-                size,
-                tokens,
-                none,
-                nag_ms,
-                pct(nag_ms, none),
-                vsf_ms,
-                pct(vsf_ms, none),
-                cfg_ms,
-                pct(cfg_ms, none),
-                limit.nag * 100.0,
-                limit.vsf.unwrap_or(0.0) * 100.0
-            );
+            table.print_row(&[width.to_string(), format!("{size}²"), tokens.to_string()], &t, &limit);
         }
     }
     println!("\n{LIMIT_NOTE}");
@@ -520,10 +515,8 @@ fn run_sana(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         a.sana_blocks, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!(
-        "{:>6} {:>12} {:>18} {:>18} {:>18}",
-        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
-    );
+    let table = MethodTable { lead: &[("size", 6)], methods: &["NAG", "VSF", "CFG"] };
+    table.print_header();
     for &size in &a.sizes {
         if size % 32 != 0 {
             bail!("--sizes: {size} is not a multiple of 32 (the DC-AE factor)");
@@ -560,33 +553,15 @@ fn run_sana(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 }),
             ],
         )?;
-        let (none, nag_ms, vsf_ms, cfg_ms) = (t[0], t[1], t[2], t[3]);
         let side = size / 32;
         let limit = arithmetic::sana(2240, 32, cfg.ff_hidden(), a.sana_blocks, side * side, len, 2304, len.min(16));
-        println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%, CFG {:+.0}%",
-            size,
-            none,
-            nag_ms,
-            pct(nag_ms, none),
-            vsf_ms,
-            pct(vsf_ms, none),
-            cfg_ms,
-            pct(cfg_ms, none),
-            limit.nag * 100.0,
-            limit.vsf.unwrap_or(0.0) * 100.0,
-            limit.cfg * 100.0
-        );
+        table.print_row(&[format!("{size}²")], &t, &limit);
     }
     println!("\n{LIMIT_NOTE}");
     println!(
         "Target (issue 9): NAG <= +8%, VSF <= +5% per step; NAG paper Table 4 (SANA 1.6B, A100): NAG +13% per step."
     );
     Ok(())
-}
-
-fn pct(x: f64, base: f64) -> f64 {
-    (x / base - 1.0) * 100.0
 }
 
 /// SD3.5-Large at reduced depth: none / NAG / VSF / CFG (CFG batched [uncond, cond] as diffusers).
@@ -619,10 +594,8 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         a.sd3_blocks, ctx_len, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!(
-        "{:>6} {:>12} {:>18} {:>18} {:>18}",
-        "size", "none (ms)", "NAG (ms, ratio)", "VSF (ms, ratio)", "CFG (ms, ratio)"
-    );
+    let table = MethodTable { lead: &[("size", 6)], methods: &["NAG", "VSF", "CFG"] };
+    table.print_header();
     for &size in &a.sizes {
         let x = randn(&[1, 16, size / 8, size / 8])?;
         let x2 = Tensor::cat(&[&x, &x], 0)?;
@@ -651,22 +624,8 @@ fn run_sd3(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 }),
             ],
         )?;
-        let (none, nag_ms, vsf_ms, cfg_ms) = (times[0], times[1], times[2], times[3]);
         let limit = arithmetic::mmdit(2432, a.sd3_blocks, (size / 16) * (size / 16), ctx_len, 16);
-        println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, VSF {:+.0}%, CFG {:+.0}%",
-            size,
-            none,
-            nag_ms,
-            pct(nag_ms, none),
-            vsf_ms,
-            pct(vsf_ms, none),
-            cfg_ms,
-            pct(cfg_ms, none),
-            limit.nag * 100.0,
-            limit.vsf.unwrap_or(0.0) * 100.0,
-            limit.cfg * 100.0
-        );
+        table.print_row(&[format!("{size}²")], &times, &limit);
     }
     println!("\n{LIMIT_NOTE}");
     println!("Papers: NAG Table 4 (SD3.5-Large, A100, full depth) NAG +43%, CFG +95% per step;");
@@ -695,10 +654,8 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
         a.double_blocks, a.single_blocks, a.text_len, dtype, device
     );
     println!("one denoising step, median of {} runs\n", a.iters);
-    println!(
-        "{:>6} {:>12} {:>18} {:>18} {:>18}",
-        "size", "none (ms)", "NAG (ms, ratio)", "CFG (ms, ratio)", "NAG shared-image"
-    );
+    let table = MethodTable { lead: &[("size", 6)], methods: &["NAG", "CFG", "shared-image"] };
+    table.print_header();
     for &size in &a.sizes {
         let (lh, lw) = (size / 8, size / 8);
         let x = latents::pack(&Tensor::randn(0f32, 1.0, (1, 16, lh, lw), &device)?.to_dtype(dtype)?)?;
@@ -742,24 +699,29 @@ fn run_flux(a: &BenchArgs, device: &Device, dtype: DType) -> Result<()> {
                 labelled("NAG shared-image", || Ok(call(&pos, Some(&nag_context), NagVariant::SharedImage)?)),
             ],
         )?;
-        let (none, nag_ms, cfg_ms, shared_ms) = (times[0], times[1], times[2], times[3]);
         let limit = arithmetic::flux(3072, a.double_blocks, a.single_blocks, (size / 16) * (size / 16), a.text_len);
-        println!(
-            "{:>5}² {:>12.0} {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%) {:>10.0} ({:+.0}%)   limit: NAG {:+.0}%, CFG {:+.0}%, shared-image {:+.0}%",
-            size,
-            none,
-            nag_ms,
-            pct(nag_ms, none),
-            cfg_ms,
-            pct(cfg_ms, none),
-            shared_ms,
-            pct(shared_ms, none),
-            limit.nag * 100.0,
-            limit.cfg * 100.0,
-            limit.shared_image.unwrap_or(0.0) * 100.0
-        );
+        table.print_row(&[format!("{size}²")], &times, &limit);
     }
     println!("\n{LIMIT_NOTE}");
     println!("Paper (NAG Table 4, Flux, A100, full depth): NAG +87%, CFG +100% per step.");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_rows_line_up_under_their_header_with_ratios_and_limits() {
+        let table = MethodTable { lead: &[("size", 6)], methods: &["NAG", "shared-image"] };
+        let limit = Limits { nag: 0.74, vsf: None, cfg: 1.0, shared_image: Some(0.21), base_macs: 1.0 };
+        let header = table.header();
+        let row = table.row(&["512²".to_string()], &[2000.0, 3500.0, 2500.0], &limit);
+        assert_eq!(header, "  size    none (ms)    NAG (ms, ratio) shared-image (ms, ratio)");
+        assert!(row.starts_with("  512²         2000 "), "{row}");
+        assert!(row.contains(" 3500 (+75%) ") && row.contains(" 2500 (+25%) "), "{row}");
+        let end_of = |line: &str, text: &str| line[..line.find(text).unwrap()].chars().count() + text.chars().count();
+        assert_eq!(end_of(&row, "(+75%)"), end_of(&header, "NAG (ms, ratio)"));
+        assert_eq!(end_of(&row, "(+25%)"), header.chars().count());
+    }
 }
