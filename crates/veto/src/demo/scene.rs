@@ -251,13 +251,15 @@ impl SceneSampler {
     fn place(&mut self, kind: (Colour, Shape), placed: &[Object]) -> Option<Object> {
         let n = self.size as f32;
         for _ in 0..200 {
-            let radius = self.rng.random_range(n * 0.09..n * 0.17);
+            // Objects of 15-27 px across (3-7 latent pixels of the demo's 4x VAE): smaller ones
+            // taught the demo model colour but hardly shape (session 8's diagnosis).
+            let radius = self.rng.random_range(n * 0.12..n * 0.21);
             let margin = radius * 1.2 + 1.0;
             let cx = self.rng.random_range(margin..n - margin);
             let cy = self.rng.random_range(margin..n - margin);
             let clear = placed.iter().all(|o| {
                 let d = ((o.cx - cx).powi(2) + (o.cy - cy).powi(2)).sqrt();
-                d > 1.25 * (o.radius + radius) + 2.0
+                d > 1.15 * (o.radius + radius) + 2.0
             });
             if clear {
                 return Some(Object { shape: kind.1, colour: kind.0, cx, cy, radius });
@@ -272,7 +274,11 @@ impl SceneSampler {
         let count = self.rng.random_range(1..=4usize);
         let mut objects: Vec<Object> = Vec::new();
         let mut mentioned: Vec<bool> = Vec::new();
-        while objects.len() < count {
+        // Bounded: a dropped object (no room for its companion) makes the loop go round again.
+        for _ in 0..64 {
+            if objects.len() >= count {
+                break;
+            }
             let kind = self.kind();
             if objects.iter().any(|o| (o.colour, o.shape) == kind) {
                 continue;
@@ -289,6 +295,11 @@ impl SceneSampler {
                 if let Some(c) = self.place(rule.companion, &objects) {
                     objects.push(c);
                     mentioned.push(self.rng.random::<f32>() >= self.omit_companion);
+                } else {
+                    // No room for the companion: drop the object too, so that the co-occurrence
+                    // rate is `rule.rate` however crowded the scene.
+                    objects.pop();
+                    mentioned.pop();
                 }
             }
         }
