@@ -373,6 +373,12 @@ def sample_sigmas(batch: int, gen: torch.Generator) -> torch.Tensor:
         ln = torch.sigmoid(torch.randn(batch, generator=gen) + 1.0)
         grid = torch.randint(1, 9, (batch,), generator=gen).float() / 8
         return torch.where(torch.rand(batch, generator=gen) < 0.25, grid, ln)
+    if SIGMA_DIST == "mid":
+        # Logit-normal centred at 0.5 (SD3's default): 2-3x the "high" share of low noise, where
+        # outlines are refined; a quarter on the k/8 grid.
+        ln = torch.sigmoid(torch.randn(batch, generator=gen))
+        grid = torch.randint(1, 9, (batch,), generator=gen).float() / 8
+        return torch.where(torch.rand(batch, generator=gen) < 0.25, grid, ln)
     grid = torch.randint(1, 9, (batch,), generator=gen).float() / 8
     uniform = torch.rand(batch, generator=gen).clamp(min=1e-3)
     on_grid = torch.rand(batch, generator=gen) < GRID_FRACTION
@@ -640,7 +646,7 @@ def main() -> None:
     p.add_argument("--rgb-anchor", type=float, default=RGB_ANCHOR, help="VAE: latent channels 0-2 ~ pooled RGB")
     p.add_argument("--heads", type=int, default=HEADS, help="transformer heads of 32 channels")
     p.add_argument("--layers", default=",".join(map(str, LAYERS)), help="double,single transformer blocks")
-    p.add_argument("--sigmas", choices=["grid", "high"], default=SIGMA_DIST, help="training sigma distribution")
+    p.add_argument("--sigmas", choices=["grid", "high", "mid"], default=SIGMA_DIST, help="training sigma distribution")
     p.add_argument("--pilot", action="store_true", help="a few minutes: check losses fall and samples look right")
     a = p.parse_args()
     if a.pilot:
