@@ -34,13 +34,26 @@ impl CaptionRows {
         if perturbed {
             rows.push(positive);
         }
-        let (caption, lens) = super::pixart::pad_rows(&rows)?;
+        let (caption, lens) = pad_rows(&rows)?;
         Ok(Self { caption, lens, cond_row, perturbed })
     }
 
     fn count(&self) -> usize {
         self.lens.len()
     }
+}
+
+/// Rows of different lengths `[1, L_i, C]` as one `[B, max L, C]` (zeros after each row's
+/// tokens) and their lengths.
+fn pad_rows(rows: &[&Tensor]) -> Result<(Tensor, Vec<usize>)> {
+    let lens: Vec<usize> = rows.iter().map(|r| r.dim(1)).collect::<candle_core::Result<_>>()?;
+    let max = lens.iter().copied().max().unwrap_or(0);
+    let padded = rows
+        .iter()
+        .zip(&lens)
+        .map(|(r, &l)| if l == max { Ok((*r).clone()) } else { r.pad_with_zeros(1, 0, max - l) })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Ok((Tensor::cat(&padded, 0)?, lens))
 }
 
 /// What one step hands the family's transformer.

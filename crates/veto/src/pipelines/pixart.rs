@@ -318,19 +318,6 @@ impl PixArtSigmaPipeline {
     }
 }
 
-/// Rows of different lengths `[1, L_i, C]` as one `[B, max L, C]` (zeros after each row's
-/// tokens) and their lengths.
-pub(crate) fn pad_rows(rows: &[&Tensor]) -> Result<(Tensor, Vec<usize>)> {
-    let lens: Vec<usize> = rows.iter().map(|r| r.dim(1)).collect::<candle_core::Result<_>>()?;
-    let max = lens.iter().copied().max().unwrap_or(0);
-    let padded = rows
-        .iter()
-        .zip(&lens)
-        .map(|(r, &l)| if l == max { Ok((*r).clone()) } else { r.pad_with_zeros(1, 0, max - l) })
-        .collect::<candle_core::Result<Vec<_>>>()?;
-    Ok((Tensor::cat(&padded, 0)?, lens))
-}
-
 /// PAG's blocks: diffusers' rule, a self-attention module (`transformer_blocks.{i}.attn1`)
 /// whose name the id (a regex) matches anywhere. Note that, as in diffusers, `blocks.1` also
 /// matches `transformer_blocks.10` .. `.19`.
