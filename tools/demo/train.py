@@ -369,17 +369,13 @@ def pack(latents: torch.Tensor) -> torch.Tensor:
 
 
 def sample_sigmas(batch: int, gen: torch.Generator) -> torch.Tensor:
-    if SIGMA_DIST == "high":
-        # Logit-normal centred at sigma ~0.73: the noisy end, where the caption decides what the
-        # scene holds (and where a 1-4 step sampler spends its first, decisive steps) gets most
-        # of the training; a quarter stays on the sampler's k/8 grid.
-        ln = torch.sigmoid(torch.randn(batch, generator=gen) + 1.0)
-        grid = torch.randint(1, 9, (batch,), generator=gen).float() / 8
-        return torch.where(torch.rand(batch, generator=gen) < 0.25, grid, ln)
-    if SIGMA_DIST == "mid":
-        # Logit-normal centred at 0.5 (SD3's default): 2-3x the "high" share of low noise, where
-        # outlines are refined; a quarter on the k/8 grid.
-        ln = torch.sigmoid(torch.randn(batch, generator=gen))
+    if SIGMA_DIST in ("high", "mid"):
+        # Logit-normal, a quarter on the sampler's k/8 grid. "mid" centres it at 0.5 (SD3's
+        # default): 2-3x the low-noise share of "high", where outlines are refined. "high"
+        # centres it at sigma ~0.73, the noisy end, where the caption decides what the scene
+        # holds (and where a 1-4 step sampler spends its first, decisive steps).
+        centre = 1.0 if SIGMA_DIST == "high" else 0.0
+        ln = torch.sigmoid(torch.randn(batch, generator=gen) + centre)
         grid = torch.randint(1, 9, (batch,), generator=gen).float() / 8
         return torch.where(torch.rand(batch, generator=gen) < 0.25, grid, ln)
     grid = torch.randint(1, 9, (batch,), generator=gen).float() / 8
