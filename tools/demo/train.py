@@ -76,11 +76,15 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config,
 SIZE = 64
 MAX_SEQ = 32  # T5 tokens (the demo's max_sequence_length; veto's demo defaults use the same)
 TEXT_DIM = 64
-LATENT_CHANNELS = 4
+LATENT_CHANNELS = 6  # 0-2 colour (RGB anchor), 3-4 shape (shape anchor), 5 free
 VAE_BLOCKS = [16, 32, 32]  # len 3: 64x64 -> 16x16 latents; len 4: -> 8x8 (the real Flux VAE's 8x)
 HEADS, LAYERS = 4, (3, 3)  # transformer width = 32 * HEADS; (double, single) blocks
 KL_WEIGHT = 1e-5
 RGB_ANCHOR = 1.0  # weight of the loss tying latent channels 0-2 to the image's pooled RGB
+SHAPE_ANCHOR = 1.0  # weight of the loss tying latent channels 3-4 to the pooled shape code (0: off)
+# The shape code of each shape of `Shape::ALL` (circle, square, triangle, star): four directions
+# in a plane, so a patch's code is its coverage (the length) times its shape (the direction).
+SHAPE_CODES = ((1.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (0.0, -1.0))
 SIGMA_DIST = "mid"  # "mid": logit-normal at 0.5; "high": leaning to noise; "grid": 70% on the k/8 grid, 30% uniform
 CAPTION_DROPOUT = 0.1
 DECODER_EVERY = 4  # one VAE-decoder batch per this many transformer steps
@@ -99,7 +103,7 @@ def log(msg: str) -> None:
 
 
 def render_data(out: Path, count: int, seed: int) -> None:
-    if (out / "images.npy").exists() and (out / "scenes.json").exists():
+    if all((out / f).exists() for f in ("images.npy", "shapes.npy", "scenes.json")):
         log(f"reusing data in {out}")
         return
     log(f"rendering {count} scenes with `cargo run -p veto --example demo_data` ...")
@@ -115,6 +119,18 @@ def load_data(folder: Path) -> tuple[np.ndarray, list[dict]]:
     scenes = json.loads((folder / "scenes.json").read_text())
     assert images.shape[0] == len(scenes) and images.shape[1:] == (SIZE, SIZE, 3), images.shape
     return np.ascontiguousarray(images), scenes
+
+
+def load_shape_codes(folder: Path, chunk: int = 1000) -> torch.Tensor:
+    """The shape-anchor targets [N, 2, h, w]: each latent pixel's mean shape code over its
+    patch, from the renderer's per-pixel shape coverage (`shapes.npy`, Scene::shape_coverage)."""
+    cover = np.load(folder / "shapes.npy", mmap_mode="r")
+    codes = torch.tensor(SHAPE_CODES)  # [shapes, 2]
+    out = []
+    for i in range(0, cover.shape[0], chunk):
+        c = torch.from_numpy(np.ascontiguousarray(cover[i : i + chunk])).float() / 255.0  # [n, H, W, shapes]
+        out.append(F.avg_pool2d((c @ codes).permute(0, 3, 1, 2), 2 ** (len(VAE_BLOCKS) - 1)))
+    return torch.cat(out)
 
 
 def caption_variant(caption: str, rng: random.Random) -> str:
@@ -248,10 +264,11 @@ def to_pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: int, gen: torch.Generator) -> None:
+def train_vae(vae: AutoencoderKL, images: np.ndarray, shape_codes: torch.Tensor, steps: int, batch: int,
+              gen: torch.Generator) -> None:
     """Encoder and decoder together, as a plain autoencoder (the latents are the posterior
     means with a little noise, so the decoder tolerates imperfect latents; KL only as a tiny
-    regulariser)."""
+    regulariser), with the latent anchors below."""
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0, betas=(0.9, 0.99))
     n = images.shape[0]
     for step in range(steps):
@@ -270,11 +287,19 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, steps: int, batch: int, ge
             # then smooth in colour, which a small denoiser conditions on far more easily.
             pooled = F.avg_pool2d(x, 2 ** (len(VAE_BLOCKS) - 1))
             loss = loss + RGB_ANCHOR * F.mse_loss(post.mean[:, :3], pooled)
+        shape_err = None
+        if SHAPE_ANCHOR > 0:
+            # Channels 3-4 carry the shape code of the patch's object, the same for every patch
+            # of it: a shape word then moves the latents in one direction, as a colour word does,
+            # and the decoder (a convolutional net, good at outlines) draws the shape.
+            shape_err = F.mse_loss(post.mean[:, 3:5], shape_codes[torch.from_numpy(idx)])
+            loss = loss + SHAPE_ANCHOR * shape_err
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"vae step {step}/{steps}: l1 {l1.item():.4f}")
+            shape = f", shape code mse {shape_err.item():.4f}" if shape_err is not None else ""
+            log(f"vae step {step}/{steps}: l1 {l1.item():.4f}{shape}")
 
 
 class DecoderTuner:
@@ -624,12 +649,12 @@ def flow_worker(rank: int, world: int, job: dict) -> None:
 
 
 def main() -> None:
-    global VAE_BLOCKS, HEADS, LAYERS, SIGMA_DIST, LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR
+    global VAE_BLOCKS, HEADS, LAYERS, SIGMA_DIST, LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR, SHAPE_ANCHOR
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "models" / "demo")
     p.add_argument("--work", type=Path, default=Path("/tmp/veto-demo-train"), help="data and checkpoints")
     p.add_argument("--scenes", type=int, default=20000)
-    p.add_argument("--vae-steps", type=int, default=600)
+    p.add_argument("--vae-steps", type=int, default=1500)
     p.add_argument("--flow-steps", type=int, default=12000, help="at most; the time budget usually ends it")
     p.add_argument("--no-compile", action="store_true", help="eager PyTorch (slower; no C++ compiler needed)")
     p.add_argument("--budget-minutes", type=float, default=58.0, help="stop the flow phase early past this")
@@ -643,6 +668,7 @@ def main() -> None:
     p.add_argument("--latent-channels", type=int, default=LATENT_CHANNELS)
     p.add_argument("--kl", type=float, default=KL_WEIGHT, help="VAE KL weight")
     p.add_argument("--rgb-anchor", type=float, default=RGB_ANCHOR, help="VAE: latent channels 0-2 ~ pooled RGB")
+    p.add_argument("--shape-anchor", type=float, default=SHAPE_ANCHOR, help="VAE: latent channels 3-4 ~ shape code")
     p.add_argument("--heads", type=int, default=HEADS, help="transformer heads of 32 channels")
     p.add_argument("--layers", default=",".join(map(str, LAYERS)), help="double,single transformer blocks")
     p.add_argument("--sigmas", choices=["grid", "high", "mid"], default=SIGMA_DIST, help="training sigma distribution")
@@ -651,7 +677,9 @@ def main() -> None:
     if a.pilot:
         a.scenes, a.vae_steps, a.flow_steps = min(a.scenes, 3000), 80, 200
         a.refine_minutes = min(a.refine_minutes, 1.0)
-    LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR = a.latent_channels, a.kl, a.rgb_anchor
+    LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR, SHAPE_ANCHOR = a.latent_channels, a.kl, a.rgb_anchor, a.shape_anchor
+    if SHAPE_ANCHOR > 0 and LATENT_CHANNELS < 5:
+        p.error("--shape-anchor needs --latent-channels >= 5 (0-2 colour, 3-4 shape)")
     VAE_BLOCKS = [int(v) for v in a.vae_blocks.split(",")]
     HEADS, LAYERS, SIGMA_DIST = a.heads, tuple(int(v) for v in a.layers.split(",")), a.sigmas
     torch.set_num_threads(a.threads)
@@ -671,7 +699,7 @@ def main() -> None:
     text_ids = TextIds(clip_tok, t5_tok)
 
     vae = build_vae()
-    train_vae(vae, images, a.vae_steps, 8, gen)
+    train_vae(vae, images, load_shape_codes(data_dir), a.vae_steps, 8, gen)
     vae.eval()
     with torch.no_grad():
         from PIL import Image

@@ -2,6 +2,8 @@
 //! re-implements the world): `count` seeded scenes written as
 //!
 //! * `images.npy`: `uint8 [count, size, size, 3]` (NumPy format, read with `numpy.load`),
+//! * `shapes.npy`: `uint8 [count, size, size, 4]`, each pixel's coverage (0–255) by each shape
+//!   of `Shape::ALL` (circle, square, triangle, star) — `Scene::shape_coverage`,
 //! * `scenes.json`: `[{"caption": "...", "background": "white", "objects": [{"colour", "shape",
 //!   "cx", "cy", "radius"}, ...]}, ...]` in the same order.
 //!
@@ -24,10 +26,13 @@ fn main() -> std::io::Result<()> {
     let mut sampler = SceneSampler::new(seed, size);
     let mut images = std::io::BufWriter::new(std::fs::File::create(out.join("images.npy"))?);
     images.write_all(&npy_header(&[count, size, size, 3]))?;
+    let mut shapes = std::io::BufWriter::new(std::fs::File::create(out.join("shapes.npy"))?);
+    shapes.write_all(&npy_header(&[count, size, size, 4]))?;
     let mut scenes = Vec::with_capacity(count);
     for _ in 0..count {
         let scene = sampler.sample();
         images.write_all(&scene.render())?;
+        shapes.write_all(&scene.shape_coverage())?;
         let objects: Vec<serde_json::Value> = scene
             .objects
             .iter()
@@ -40,6 +45,7 @@ fn main() -> std::io::Result<()> {
             "caption": scene.caption, "background": scene.background.name(), "objects": objects}));
     }
     images.flush()?;
+    shapes.flush()?;
     std::fs::write(out.join("scenes.json"), serde_json::to_string(&scenes)?)?;
     eprintln!("wrote {count} scenes of {size}x{size} (seed {seed}) to {}", out.display());
     Ok(())

@@ -180,30 +180,46 @@ pub struct Scene {
 impl Scene {
     /// RGB bytes, row-major, `size × size × 3`, anti-aliased (4×4 supersampling).
     pub fn render(&self) -> Vec<u8> {
-        let n = self.size;
         let bg = self.background.rgb().map(f32::from);
-        let mut out = Vec::with_capacity(n * n * 3);
+        self.supersample(3, |acc, top| {
+            let colour = top.map_or(bg, |o| o.colour.rgb().map(f32::from));
+            for (a, c) in acc.iter_mut().zip(colour) {
+                *a += c;
+            }
+        })
+    }
+
+    /// Per-shape coverage, row-major, `size × size × 4` bytes (channel k: the share of the pixel,
+    /// 0–255, covered by a visible object of shape `Shape::ALL[k]`), on the supersampling grid
+    /// of [`Scene::render`]: a segmentation of the render by shape (demo training uses it to
+    /// give its latents a shape direction, as their colour one).
+    pub fn shape_coverage(&self) -> Vec<u8> {
+        self.supersample(Shape::ALL.len(), |acc, top| {
+            if let Some(o) = top {
+                acc[Shape::ALL.iter().position(|&s| s == o.shape).expect("a known shape")] += 255.0;
+            }
+        })
+    }
+
+    /// Per pixel, `channels` bytes: the mean over a 4×4 supersampling grid of what `add` adds
+    /// for the object drawn on top at each sample (None: the background).
+    fn supersample(&self, channels: usize, mut add: impl FnMut(&mut [f32], Option<&Object>)) -> Vec<u8> {
         const SS: usize = 4;
+        let n = self.size;
+        let mut out = Vec::with_capacity(n * n * channels);
+        let mut acc = vec![0f32; channels];
         for y in 0..n {
             for x in 0..n {
-                let mut acc = [0f32; 3];
+                acc.fill(0.0);
                 for sy in 0..SS {
                     for sx in 0..SS {
                         let (px, py) =
                             (x as f32 + (sx as f32 + 0.5) / SS as f32, y as f32 + (sy as f32 + 0.5) / SS as f32);
                         // Later objects are drawn over earlier ones.
-                        let colour = self
-                            .objects
-                            .iter()
-                            .rev()
-                            .find(|o| o.contains(px, py))
-                            .map_or(bg, |o| o.colour.rgb().map(f32::from));
-                        for c in 0..3 {
-                            acc[c] += colour[c];
-                        }
+                        add(&mut acc, self.objects.iter().rev().find(|o| o.contains(px, py)));
                     }
                 }
-                out.extend(acc.map(|v| (v / (SS * SS) as f32).round() as u8));
+                out.extend(acc.iter().map(|v| (v / (SS * SS) as f32).round() as u8));
             }
         }
         out
@@ -335,6 +351,28 @@ mod tests {
             assert!((1..=5).contains(&s.objects.len()), "{s:?}");
             assert!(s.caption.starts_with("a "), "{}", s.caption);
             assert_eq!(s.render().len(), 64 * 64 * 3);
+        }
+    }
+
+    #[test]
+    fn shape_coverage_segments_the_render_by_shape() {
+        let mut sampler = SceneSampler::new(3, 64);
+        for _ in 0..20 {
+            let s = sampler.sample();
+            let (rgb, cover) = (s.render(), s.shape_coverage());
+            assert_eq!(cover.len(), 64 * 64 * 4);
+            for (p, c) in rgb.chunks(3).zip(cover.chunks(4)) {
+                let total: u32 = c.iter().map(|&v| u32::from(v)).sum();
+                assert!(total <= 256, "{c:?}");
+                // A pixel fully inside one shape has that shape's object colour; one outside
+                // every object has the background's.
+                if let Some(k) = c.iter().position(|&v| v == 255) {
+                    let shape = Shape::ALL[k];
+                    assert!(s.objects.iter().any(|o| o.shape == shape && o.colour.rgb() == p), "{p:?} {shape:?}");
+                } else if total == 0 {
+                    assert_eq!(p, s.background.rgb());
+                }
+            }
         }
     }
 
