@@ -137,6 +137,35 @@ fn i2v_transformer_cfg_nag_batched() {
     transformer_case("i2v", "cfg_nag");
 }
 
+/// Latents that stop being finite end the loop at that step with the step and the method named:
+/// no step is reported and no NaN reaches a file.
+#[test]
+fn non_finite_latents_stop_the_loop_at_their_step() {
+    let m = model("t2v");
+    let fx = Fixture::load("wan", "sampler_nag.safetensors");
+    let config = guidance_of(&fx, GuidanceConfig::nag_default());
+    let scale = fx.f("guidance_scale");
+    let mut planner =
+        GuidancePlanner::new(&config, CfgScaleSource::GuidanceScale, scale, StepWindow::Threshold, 1000.0);
+    let mut sched = scheduler();
+    sched.set_timesteps(fx.f("steps") as usize).unwrap();
+    let cond = WanConditioning {
+        positive: fx.t("context").clone(),
+        uncond: None,
+        negative: Some(fx.t("negative").clone()),
+        image: None,
+        condition: None,
+    };
+    let nan = (fx.t("init_latents") * f64::NAN).unwrap();
+    let mut reported = 0;
+    let err = denoise(&m, &mut sched, &mut planner, (&config, scale), &cond, nan, &mut |_| reported += 1).unwrap_err();
+    assert_eq!(reported, 0);
+    match err {
+        veto::Error::NonFinite { step, method, .. } => assert!(step == 1 && method == "nag", "step {step}, {method}"),
+        other => panic!("expected NonFinite, got {other}"),
+    }
+}
+
 /// WanPipeline's denoising loop ([`denoise`]) on the transformer: UniPC flow, CFG as one batch
 /// `[uncond, cond]`, attention guidance on the cond row while the official window is open.
 fn sampler_case(case: &str) {
@@ -173,7 +202,9 @@ fn sampler_case(case: &str) {
         assert_close(&format!("{} step {}", fx.name, e.index), e.latents, fx.t(&format!("step_{}", e.index)), TOL);
         i += 1;
     };
-    let latents = denoise(&m, &mut sched, &mut planner, &cond, fx.t("init_latents").clone(), &mut check_step).unwrap();
+    let guidance = (&config, fx.f("guidance_scale"));
+    let latents =
+        denoise(&m, &mut sched, &mut planner, guidance, &cond, fx.t("init_latents").clone(), &mut check_step).unwrap();
     assert_eq!(i, steps);
     assert_close(&format!("{} final", fx.name), &latents, fx.t("final"), TOL);
 }

@@ -139,14 +139,8 @@ impl CaptionDitLoop<'_> {
             };
             let prediction = model(&call)?;
             x = scheduler.step(&prediction, &x, &mut noise)?;
-            super::ensure_finite(&x, (i, total, t), req, self.family)?;
-            on_step(StepEvent {
-                index: i,
-                total,
-                timestep: t,
-                attention_guided: plan.attention.is_some(),
-                latents: &x,
-            });
+            let guided = plan.attention.is_some();
+            super::finish_step(&x, (i, total, t), guided, (&req.guidance, req.guidance_scale), self.family, on_step)?;
         }
         let step_noise = noise.finish(&describe(&*scheduler, req), warnings)?;
         Ok((x, step_noise))

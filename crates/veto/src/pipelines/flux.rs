@@ -255,14 +255,8 @@ impl FluxPipeline {
             let v = plan.combine_outputs(&v, v_neg.as_ref(), None)?;
             x = scheduler.step(&v, &x, &mut noise)?;
             let unpacked = latents::unpack(&x, lh, lw)?;
-            super::ensure_finite(&unpacked, (i, total, t), req, &FLUX)?;
-            on_step(StepEvent {
-                index: i,
-                total,
-                timestep: t,
-                attention_guided: plan.attention.is_some(),
-                latents: &unpacked,
-            });
+            let guided = plan.attention.is_some();
+            super::finish_step(&unpacked, (i, total, t), guided, (&req.guidance, req.guidance_scale), &FLUX, on_step)?;
         }
         let step_noise = noise.finish(scheduler.class_name(), warnings)?;
         Ok(Denoised { latents: latents::unpack(&x, lh, lw)?, init_latents: init, step_noise })

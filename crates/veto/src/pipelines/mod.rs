@@ -23,6 +23,7 @@ pub use residency::{LoadOptions, Residency};
 
 use crate::error::Result;
 use crate::families::{self, Family};
+use crate::guidance::GuidanceConfig;
 use crate::loading::model_source::ModelSource;
 use candle_core::{DType, Device, Tensor};
 
@@ -118,12 +119,27 @@ pub(crate) fn warn_unused_cfg_and_negative(req: &ResolvedRequest, family: &Famil
     }
 }
 
-/// Stop at the first step whose latents are not finite, naming the step, the method and the
-/// scales to lower: a NaN never reaches a file.
-pub(crate) fn ensure_finite(
+/// The end of every denoising step: latents that are not finite stop the run (naming the step,
+/// the method and the scales to lower: a NaN never reaches a file); finite ones are reported to
+/// `on_step`. `guidance`: the request's guidance and guidance scale.
+pub(crate) fn finish_step(
+    latents: &Tensor,
+    (index, total, timestep): (usize, usize, f64),
+    attention_guided: bool,
+    guidance: (&GuidanceConfig, f64),
+    family: &Family,
+    on_step: &mut dyn FnMut(StepEvent),
+) -> Result<()> {
+    ensure_finite(latents, (index, total, timestep), guidance, family)?;
+    on_step(StepEvent { index, total, timestep, attention_guided, latents });
+    Ok(())
+}
+
+/// Stop at the first step whose latents are not finite (see [`finish_step`]).
+fn ensure_finite(
     latents: &Tensor,
     event: (usize, usize, f64),
-    req: &ResolvedRequest,
+    (guidance, guidance_scale): (&GuidanceConfig, f64),
     family: &Family,
 ) -> Result<()> {
     let x = latents.to_dtype(DType::F32)?;
@@ -137,8 +153,8 @@ pub(crate) fn ensure_finite(
         step: index + 1,
         total,
         timestep,
-        method: req.guidance.method.to_string(),
-        parameters: req.guidance.scale_parameters(family.cfg_scale, req.guidance_scale),
+        method: guidance.method.to_string(),
+        parameters: guidance.scale_parameters(family.cfg_scale, guidance_scale),
     })
 }
 

@@ -410,14 +410,8 @@ impl Sd3Pipeline {
             };
             let v = plan.combine_outputs(&v_cond, v_uncond.as_ref(), None)?;
             x = scheduler.step(&v, &x, &mut noise)?;
-            super::ensure_finite(&x, (i, total, t as f64), req, &SD3)?;
-            on_step(StepEvent {
-                index: i,
-                total,
-                timestep: t as f64,
-                attention_guided: plan.attention.is_some(),
-                latents: &x,
-            });
+            let guided = plan.attention.is_some();
+            super::finish_step(&x, (i, total, t as f64), guided, (&req.guidance, req.guidance_scale), &SD3, on_step)?;
         }
         let step_noise = noise.finish(scheduler.class_name(), warnings)?;
         Ok(Denoised { latents: x, init_latents: init, step_noise })

@@ -443,14 +443,8 @@ impl StableDiffusionPipeline {
             let (cond, uncond, perturbed) = super::split_guidance_rows(&out, cond_row, pag_scale.is_some())?;
             let eps = plan.combine_outputs(&cond, uncond.as_ref(), perturbed.as_ref())?;
             x = scheduler.step(&eps, &x, &mut noise)?;
-            super::ensure_finite(&x, (i, total, t), req, &UNET)?;
-            on_step(StepEvent {
-                index: i,
-                total,
-                timestep: t,
-                attention_guided: plan.attention.is_some(),
-                latents: &x,
-            });
+            let guided = plan.attention.is_some();
+            super::finish_step(&x, (i, total, t), guided, (&req.guidance, req.guidance_scale), &UNET, on_step)?;
         }
         let step_noise = noise.finish(&describe(scheduler.as_ref(), req), warnings)?;
         Ok(Denoised { latents: x, init_latents: init, step_noise })

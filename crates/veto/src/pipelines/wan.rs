@@ -174,11 +174,14 @@ pub struct WanConditioning {
 
 /// WanPipeline's denoising loop from `latents` (`[1, 16, F', H', W']`, f32): per step the plan of
 /// `planner`, one transformer call (CFG: batch `[uncond, cond]`, the method on the cond row),
-/// CFG's combination, the scheduler step. The scheduler must be set to its timesteps.
+/// CFG's combination, the scheduler step; a step whose latents are not finite stops the run with
+/// an error naming the step and `guidance`'s scales (the request's guidance and guidance scale).
+/// The scheduler must be set to its timesteps.
 pub fn denoise(
     model: &WanTransformer3DModel,
     scheduler: &mut dyn Scheduler,
     planner: &mut GuidancePlanner,
+    guidance: (&GuidanceConfig, f64),
     cond: &WanConditioning,
     mut latents: Tensor,
     on_step: &mut dyn FnMut(StepEvent),
@@ -217,7 +220,7 @@ pub fn denoise(
         let (c, u, _) = super::split_guidance_rows(&out, cond_row, false)?;
         let pred = plan.combine_outputs(&c, u.as_ref(), None)?;
         latents = scheduler.step(&pred, &latents, &mut NoNoise)?.to_dtype(DType::F32)?;
-        on_step(StepEvent { index, total, timestep: t, attention_guided: plan.attention.is_some(), latents: &latents });
+        super::finish_step(&latents, (index, total, t), plan.attention.is_some(), guidance, &WAN, on_step)?;
     }
     Ok(latents)
 }
@@ -406,7 +409,9 @@ impl WanPipeline {
             StepWindow::Threshold,
             scheduler.num_train_timesteps() as f64,
         );
-        let latents = denoise(&self.transformer, scheduler.as_mut(), &mut planner, &cond, init.clone(), on_step)?;
+        let guidance = (&req.guidance, req.guidance_scale);
+        let latents =
+            denoise(&self.transformer, scheduler.as_mut(), &mut planner, guidance, &cond, init.clone(), on_step)?;
         Ok(Denoised { latents, init_latents: init, step_noise: None })
     }
 
