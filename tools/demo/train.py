@@ -99,6 +99,7 @@ SHAPE_CODE_SETS = {
     "onehot": ((1.0, 0.0, 0.0, 0.0), (0.0, 1.0, 0.0, 0.0), (0.0, 0.0, 1.0, 0.0), (0.0, 0.0, 0.0, 1.0)),
 }
 SHAPE_CODES = SHAPE_CODE_SETS["planar"]
+SHAPE_CODE_SCALE = 1.0  # length of a fully covered patch's code
 SIGMA_DIST = "mid"  # "mid": logit-normal at 0.5; "high": leaning to noise; "grid": 70% on the k/8 grid, 30% uniform
 CAPTION_DROPOUT = 0.1
 DECODER_EVERY = 4  # one VAE-decoder batch per this many transformer steps
@@ -139,7 +140,7 @@ def load_shape_codes(folder: Path, chunk: int = 1000) -> torch.Tensor:
     """The shape-anchor targets [N, code channels, h, w]: each latent pixel's mean shape code over its
     patch, from the renderer's per-pixel shape coverage (`shapes.npy`, Scene::shape_coverage)."""
     cover = np.load(folder / "shapes.npy", mmap_mode="r")
-    codes = torch.tensor(SHAPE_CODES)  # [shapes, code channels]
+    codes = SHAPE_CODE_SCALE * torch.tensor(SHAPE_CODES)  # [shapes, code channels]
     out = []
     for i in range(0, cover.shape[0], chunk):
         c = torch.from_numpy(np.ascontiguousarray(cover[i : i + chunk])).float() / 255.0  # [n, H, W, shapes]
@@ -663,7 +664,7 @@ def flow_worker(rank: int, world: int, job: dict) -> None:
 
 
 def main() -> None:
-    global VAE_BLOCKS, HEADS, LAYERS, SIGMA_DIST, LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR, SHAPE_ANCHOR, SHAPE_CODES
+    global VAE_BLOCKS, HEADS, LAYERS, SIGMA_DIST, LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR, SHAPE_ANCHOR, SHAPE_CODES, SHAPE_CODE_SCALE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "models" / "demo")
     p.add_argument("--work", type=Path, default=Path("/tmp/veto-demo-train"), help="data and checkpoints")
@@ -683,6 +684,7 @@ def main() -> None:
     p.add_argument("--kl", type=float, default=KL_WEIGHT, help="VAE KL weight")
     p.add_argument("--rgb-anchor", type=float, default=RGB_ANCHOR, help="VAE: latent channels 0-2 ~ pooled RGB")
     p.add_argument("--shape-anchor", type=float, default=SHAPE_ANCHOR, help="VAE: latent channels 3.. ~ shape code")
+    p.add_argument("--shape-code-scale", type=float, default=SHAPE_CODE_SCALE, help="length of a full patch's code")
     p.add_argument("--shape-code", choices=sorted(SHAPE_CODE_SETS), default="planar",
                    help="planar: 2 channels, four directions (the committed weights); onehot: 4 channels "
                         "(session 10: its encoder fit the code 6x worse after 1,500 VAE steps, mse 0.016 vs 0.0027; "
@@ -696,7 +698,7 @@ def main() -> None:
         a.scenes, a.vae_steps, a.flow_steps = min(a.scenes, 3000), 80, 200
         a.refine_minutes = min(a.refine_minutes, 1.0)
     LATENT_CHANNELS, KL_WEIGHT, RGB_ANCHOR, SHAPE_ANCHOR = a.latent_channels, a.kl, a.rgb_anchor, a.shape_anchor
-    SHAPE_CODES = SHAPE_CODE_SETS[a.shape_code]
+    SHAPE_CODES, SHAPE_CODE_SCALE = SHAPE_CODE_SETS[a.shape_code], a.shape_code_scale
     if SHAPE_ANCHOR > 0 and LATENT_CHANNELS < 3 + len(SHAPE_CODES[0]):
         p.error(f"--shape-anchor with --shape-code {a.shape_code} needs --latent-channels >= {3 + len(SHAPE_CODES[0])}")
     VAE_BLOCKS = [int(v) for v in a.vae_blocks.split(",")]
