@@ -108,6 +108,11 @@ REFINE_SIGMAS = (0.125, 0.25, 0.375, 0.5)  # decoder refinement: the last sigma 
 REFINE_SHARE = 0.7  # of refinement inputs; the rest are plain encoder latents
 
 
+def latent_patch() -> int:
+    """Pixels per latent pixel along each side (the VAE downsamples once per block after the first)."""
+    return 2 ** (len(VAE_BLOCKS) - 1)
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -144,7 +149,7 @@ def load_shape_codes(folder: Path, chunk: int = 1000) -> torch.Tensor:
     out = []
     for i in range(0, cover.shape[0], chunk):
         c = torch.from_numpy(np.ascontiguousarray(cover[i : i + chunk])).float() / 255.0  # [n, H, W, shapes]
-        out.append(F.avg_pool2d((c @ codes).permute(0, 3, 1, 2), 2 ** (len(VAE_BLOCKS) - 1)))
+        out.append(F.avg_pool2d((c @ codes).permute(0, 3, 1, 2), latent_patch()))
     return torch.cat(out)
 
 
@@ -279,7 +284,7 @@ def to_pixels(batch: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(batch).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(vae: AutoencoderKL, images: np.ndarray, shape_codes: torch.Tensor, steps: int, batch: int,
+def train_vae(vae: AutoencoderKL, images: np.ndarray, shape_codes: torch.Tensor | None, steps: int, batch: int,
               gen: torch.Generator) -> None:
     """Encoder and decoder together, as a plain autoencoder (the latents are the posterior
     means with a little noise, so the decoder tolerates imperfect latents; KL only as a tiny
@@ -300,11 +305,11 @@ def train_vae(vae: AutoencoderKL, images: np.ndarray, shape_codes: torch.Tensor,
         if RGB_ANCHOR > 0:
             # Latent channels 0-2 carry the colour of their pixels' patch: the latent space is
             # then smooth in colour, which a small denoiser conditions on far more easily.
-            pooled = F.avg_pool2d(x, 2 ** (len(VAE_BLOCKS) - 1))
+            pooled = F.avg_pool2d(x, latent_patch())
             loss = loss + RGB_ANCHOR * F.mse_loss(post.mean[:, :3], pooled)
         shape_err = None
-        if SHAPE_ANCHOR > 0:
-            # Channels 3-4 carry the shape code of the patch's object, the same for every patch
+        if shape_codes is not None:
+            # Channels 3.. carry the shape code of the patch's object, the same for every patch
             # of it: a shape word then moves the latents in one direction, as a colour word does,
             # and the decoder (a convolutional net, good at outlines) draws the shape.
             shape_err = F.mse_loss(post.mean[:, 3 : 3 + shape_codes.shape[1]], shape_codes[torch.from_numpy(idx)])
@@ -518,8 +523,8 @@ def refine_decoder(decoder: DecoderTuner, ema: Denoiser, latents: torch.Tensor, 
         clip_ids, t5_ids = text_ids([captions[i] for i in idx[rows].tolist()])
         packed = pack(xt)
         v = ema(packed, sigma, clip_ids, t5_ids)
-        size = x0.shape[-1] * 2 ** (len(VAE_BLOCKS) - 1)
-        x0_hat = FluxPipeline._unpack_latents(packed - sigma[:, None, None] * v, size, size, 2 ** (len(VAE_BLOCKS) - 1))
+        size = x0.shape[-1] * latent_patch()
+        x0_hat = FluxPipeline._unpack_latents(packed - sigma[:, None, None] * v, size, size, latent_patch())
         return rows, x0_hat / scale + shift
 
     start, step, spent = time.time(), 0, 0.0
@@ -720,7 +725,9 @@ def main() -> None:
     text_ids = TextIds(clip_tok, t5_tok)
 
     vae = build_vae()
-    train_vae(vae, images, load_shape_codes(data_dir), a.vae_steps, 8, gen)
+    # The shape-anchor targets (read from shapes.npy) only when the anchor is on.
+    shape_codes = load_shape_codes(data_dir) if SHAPE_ANCHOR > 0 else None
+    train_vae(vae, images, shape_codes, a.vae_steps, 8, gen)
     vae.eval()
     with torch.no_grad():
         from PIL import Image
