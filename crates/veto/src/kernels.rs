@@ -5,6 +5,7 @@ use candle_core::{CpuStorage, DType, Layout, Result, Tensor, D};
 use rayon::prelude::*;
 
 mod activations;
+pub mod blas;
 mod conv2d;
 mod depthwise;
 mod fused_attention;

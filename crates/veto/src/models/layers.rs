@@ -88,7 +88,13 @@ impl Module for Linear {
         match self {
             // candle folds the batch into one GEMM only for contiguous input; otherwise it runs
             // a broadcast batched product, far slower than the copy.
-            Self::Dense(l) => l.forward(&profile::contiguous(x)?),
+            Self::Dense(l) => {
+                let x = profile::contiguous(x)?;
+                match kernels::blas::linear(&x, l.weight(), l.bias())? {
+                    Some(y) => Ok(y),
+                    None => l.forward(&x),
+                }
+            }
             Self::Quantized { matmul, bias, .. } => quantized_forward(matmul, bias.as_ref(), x),
         }
     }
