@@ -139,14 +139,11 @@ pub fn map_row_pairs(a: &Tensor, b: &Tensor, f: impl Fn(&[f32], &[f32], &mut [f3
         candle_core::bail!("row map: shapes {:?} and {:?} differ", a.dims(), b.dims());
     }
     let d = a.dims().last().copied().unwrap_or(1).max(1);
-    let (a, b) = (a.contiguous()?, b.contiguous()?);
-    let dst = {
-        let ((ga, la), (gb, lb)) = (a.storage_and_layout(), b.storage_and_layout());
-        let (sa, sb) = (f32_slice(&ga, la)?, f32_slice(&gb, lb)?);
+    let dst = with_f32_slices([a, b], None, |[sa, sb], _| {
         let mut dst = vec![0f32; sa.len()];
         dst.par_chunks_mut(d).zip(sa.par_chunks(d)).zip(sb.par_chunks(d)).for_each(|((o, x), y)| f(x, y, o));
-        dst
-    };
+        Ok(dst)
+    })?;
     Ok(Some(Tensor::from_vec(dst, a.shape().clone(), a.device())?))
 }
 
@@ -214,6 +211,20 @@ fn f32_storage(storage: &candle_core::Storage) -> Result<&[f32]> {
         candle_core::Storage::Cpu(CpuStorage::F32(data)) => Ok(data),
         _ => candle_core::bail!("kernel: expected f32 CPU storage"),
     }
+}
+
+/// Runs `f` on the elements of the f32 CPU tensors `inputs` and of `optional` when given (each
+/// made contiguous first), holding their storage guards while it runs: the one place the
+/// kernels borrow several tensors' storage.
+fn with_f32_slices<const N: usize, R>(
+    inputs: [&Tensor; N],
+    optional: Option<&Tensor>,
+    f: impl FnOnce([&[f32]; N], Option<&[f32]>) -> Result<R>,
+) -> Result<R> {
+    let owned: Vec<Tensor> = inputs.iter().chain(optional.as_slice()).map(|t| t.contiguous()).collect::<Result<_>>()?;
+    let guards: Vec<_> = owned.iter().map(|t| t.storage_and_layout()).collect();
+    let slices: Vec<&[f32]> = guards.iter().map(|(g, l)| f32_slice(g, l)).collect::<Result<_>>()?;
+    f(std::array::from_fn(|i| slices[i]), optional.map(|_| slices[N]))
 }
 
 /// The elements of a contiguous f32 CPU tensor's storage.

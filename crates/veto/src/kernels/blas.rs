@@ -130,18 +130,26 @@ fn linear_with(blas: &Blas, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
     if m * n * k < MIN_WORK || m < MIN_ROWS * threads || [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
         return Ok(None);
     }
-    let w = w.contiguous()?;
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
-    let (gx, lx) = x.storage_and_layout();
-    let xs = super::f32_slice(&gx, lx)?;
-    let (gw, lw) = w.storage_and_layout();
-    let ws = super::f32_slice(&gw, lw)?;
-    let gb = bias.as_ref().map(|b| b.storage_and_layout());
-    let bs = gb.as_ref().map(|(g, l)| super::f32_slice(g, l)).transpose()?;
-    if bs.is_some_and(|b| b.len() != n) {
-        candle_core::bail!("linear: a bias of {} for {n} outputs", bs.map_or(0, <[f32]>::len));
+    if let Some(bias) = bias.filter(|b| b.dims() != [n]) {
+        candle_core::bail!("linear: a bias of {:?} for {n} outputs", bias.dims());
     }
+    let out =
+        super::with_f32_slices([x, w], bias, |[xs, ws], bs| Ok(sgemm_rows(blas, xs, ws, bs, [m, n, k], threads)))?;
+    let mut out_dims = lead.to_vec();
+    out_dims.push(n);
+    Ok(Some(Tensor::from_vec(out, out_dims, x.device())?))
+}
 
+/// `xs · wsᵀ + bs` for `xs` `m x k`, `ws` `n x k` (row-major): one single-threaded `sgemm` per
+/// block of rows, the blocks over the current pool's `threads`.
+fn sgemm_rows(
+    blas: &Blas,
+    xs: &[f32],
+    ws: &[f32],
+    bs: Option<&[f32]>,
+    [m, n, k]: [usize; 3],
+    threads: usize,
+) -> Vec<f32> {
     let mut out = vec![0f32; m * n];
     // The bias goes in first and the product adds to it (beta = 1): no second pass.
     if let Some(b) = bs {
@@ -174,9 +182,7 @@ fn linear_with(blas: &Blas, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
             )
         };
     });
-    let mut out_dims = lead.to_vec();
-    out_dims.push(n);
-    Ok(Some(Tensor::from_vec(out, out_dims, x.device())?))
+    out
 }
 
 #[cfg(test)]

@@ -60,157 +60,150 @@ pub fn conv2d(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, stride: usize, padd
     let (hq, wq) = (hp.div_ceil(s), wp.div_ceil(s));
     let (plane, wide, phases) = (hq * wq, ho * wq, s * s);
 
-    let x = x.contiguous()?;
-    let w = w.contiguous()?;
-    let bias = bias.map(|b| b.contiguous()).transpose()?;
-    let (gx, lx) = x.storage_and_layout();
-    let xs = super::f32_slice(&gx, lx)?;
-    let (gw, lw) = w.storage_and_layout();
-    let ws = super::f32_slice(&gw, lw)?;
-    let gb = bias.as_ref().map(|b| b.storage_and_layout());
-    let bs = gb.as_ref().map(|(g, l)| super::f32_slice(g, l)).transpose()?;
-
-    // `[B, phase, C_in, hq, wq]`, plus slack: the dropped columns of the last rows read up to
-    // `wq + kw` elements past the last plane.
-    let planes_owned;
-    let planes: &[f32] = if padding == 0 && s == 1 && kh == 1 && kw == 1 {
-        xs
-    } else {
-        let mut p = vec![0f32; b * phases * cin * plane + wq + kw];
-        p[..b * phases * cin * plane].par_chunks_mut(plane).enumerate().for_each(|(index, dst)| {
-            let (c, phase, bi) = (index % cin, index / cin % phases, index / (cin * phases));
-            let (pi, pj) = (phase / s, phase % s);
-            let src = &xs[(bi * cin + c) * h * wd..][..h * wd];
-            for (u, row) in dst.chunks_exact_mut(wq).enumerate() {
-                // Padded row u s + pi is input row u s + pi - padding, when inside.
-                let Some(y) = (u * s + pi).checked_sub(padding).filter(|&y| y < h) else { continue };
-                let src_row = &src[y * wd..(y + 1) * wd];
-                for (v, out) in row.iter_mut().enumerate() {
-                    if let Some(xi) = (v * s + pj).checked_sub(padding).filter(|&xi| xi < wd) {
-                        *out = src_row[xi];
+    let out = super::with_f32_slices([x, w], bias, |[xs, ws], bs| {
+        // `[B, phase, C_in, hq, wq]`, plus slack: the dropped columns of the last rows read up to
+        // `wq + kw` elements past the last plane.
+        let planes_owned;
+        let planes: &[f32] = if padding == 0 && s == 1 && kh == 1 && kw == 1 {
+            xs
+        } else {
+            let mut p = vec![0f32; b * phases * cin * plane + wq + kw];
+            p[..b * phases * cin * plane].par_chunks_mut(plane).enumerate().for_each(|(index, dst)| {
+                let (c, phase, bi) = (index % cin, index / cin % phases, index / (cin * phases));
+                let (pi, pj) = (phase / s, phase % s);
+                let src = &xs[(bi * cin + c) * h * wd..][..h * wd];
+                for (u, row) in dst.chunks_exact_mut(wq).enumerate() {
+                    // Padded row u s + pi is input row u s + pi - padding, when inside.
+                    let Some(y) = (u * s + pi).checked_sub(padding).filter(|&y| y < h) else { continue };
+                    let src_row = &src[y * wd..(y + 1) * wd];
+                    for (v, out) in row.iter_mut().enumerate() {
+                        if let Some(xi) = (v * s + pj).checked_sub(padding).filter(|&xi| xi < wd) {
+                            *out = src_row[xi];
+                        }
                     }
                 }
-            }
-        });
-        planes_owned = p;
-        &planes_owned
-    };
+            });
+            planes_owned = p;
+            &planes_owned
+        };
 
-    let mut out_wide = vec![0f32; b * cout * wide];
-    let taps = kh * kw;
-    // Where tap (i, j)'s window of batch item bi starts, channel 0: the stride-1 shift
-    // (i / s, j / s) in phase plane (i % s, j % s); channel c is `c * plane` further.
-    let window = |bi: usize, i: usize, j: usize| {
-        let phase = (i % s) * s + j % s;
-        (bi * phases + phase) * cin * plane + (i / s) * wq + j / s
-    };
-    if taps > 1 && wide <= IM2COL_MAX_COLUMNS {
-        // Columns per GEMM: the patch rows of a chunk (`cin * taps` rows) stay within COLS_BUDGET.
-        let chunk = (COLS_BUDGET / (cin * taps)).max(64).min(wide);
-        COLS.with(|buf| {
-            let mut cols = buf.borrow_mut();
-            if cols.len() < cin * taps * chunk {
-                cols.resize(cin * taps * chunk, 0.0);
-            }
+        let mut out_wide = vec![0f32; b * cout * wide];
+        let taps = kh * kw;
+        // Where tap (i, j)'s window of batch item bi starts, channel 0: the stride-1 shift
+        // (i / s, j / s) in phase plane (i % s, j % s); channel c is `c * plane` further.
+        let window = |bi: usize, i: usize, j: usize| {
+            let phase = (i % s) * s + j % s;
+            (bi * phases + phase) * cin * plane + (i / s) * wq + j / s
+        };
+        if taps > 1 && wide <= IM2COL_MAX_COLUMNS {
+            // Columns per GEMM: the patch rows of a chunk (`cin * taps` rows) stay within COLS_BUDGET.
+            let chunk = (COLS_BUDGET / (cin * taps)).max(64).min(wide);
+            COLS.with(|buf| {
+                let mut cols = buf.borrow_mut();
+                if cols.len() < cin * taps * chunk {
+                    cols.resize(cin * taps * chunk, 0.0);
+                }
+                for (bi, dst) in out_wide.chunks_exact_mut(cout * wide).enumerate() {
+                    for col0 in (0..wide).step_by(chunk) {
+                        let n = chunk.min(wide - col0);
+                        // Patch rows in the kernel's own order (channel, tap): row `c * taps + tap` is
+                        // the tap's shifted window of channel c's plane, a contiguous copy.
+                        cols[..cin * taps * chunk].par_chunks_mut(chunk).enumerate().for_each(|(row, out)| {
+                            let (c, tap) = (row / taps, row % taps);
+                            let at = window(bi, tap / kw, tap % kw) + c * plane + col0;
+                            out[..n].copy_from_slice(&planes[at..at + n]);
+                        });
+                        // SAFETY: lhs is the kernel as stored, cout x (cin * taps) row-major, `ws`; rhs
+                        // is the cin * taps patch rows of `chunk` stride just filled (n valid columns);
+                        // dst is columns col0..col0+n of this batch item's cout x wide output.
+                        unsafe {
+                            gemm::gemm(
+                                cout,
+                                n,
+                                cin * taps,
+                                dst.as_mut_ptr().add(col0),
+                                1,
+                                wide as isize,
+                                false,
+                                ws.as_ptr(),
+                                1,
+                                (cin * taps) as isize,
+                                cols.as_ptr(),
+                                1,
+                                chunk as isize,
+                                0.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                Parallelism::Rayon(0),
+                            );
+                        }
+                    }
+                }
+            });
+        } else {
             for (bi, dst) in out_wide.chunks_exact_mut(cout * wide).enumerate() {
-                for col0 in (0..wide).step_by(chunk) {
-                    let n = chunk.min(wide - col0);
-                    // Patch rows in the kernel's own order (channel, tap): row `c * taps + tap` is
-                    // the tap's shifted window of channel c's plane, a contiguous copy.
-                    cols[..cin * taps * chunk].par_chunks_mut(chunk).enumerate().for_each(|(row, out)| {
-                        let (c, tap) = (row / taps, row % taps);
-                        let at = window(bi, tap / kw, tap % kw) + c * plane + col0;
-                        out[..n].copy_from_slice(&planes[at..at + n]);
-                    });
-                    // SAFETY: lhs is the kernel as stored, cout x (cin * taps) row-major, `ws`; rhs
-                    // is the cin * taps patch rows of `chunk` stride just filled (n valid columns);
-                    // dst is columns col0..col0+n of this batch item's cout x wide output.
-                    unsafe {
-                        gemm::gemm(
-                            cout,
-                            n,
-                            cin * taps,
-                            dst.as_mut_ptr().add(col0),
-                            1,
-                            wide as isize,
-                            false,
-                            ws.as_ptr(),
-                            1,
-                            (cin * taps) as isize,
-                            cols.as_ptr(),
-                            1,
-                            chunk as isize,
-                            0.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::Rayon(0),
-                        );
-                    }
-                }
-            }
-        });
-    } else {
-        for (bi, dst) in out_wide.chunks_exact_mut(cout * wide).enumerate() {
-            for i in 0..kh {
-                for j in 0..kw {
-                    let tap = i * kw + j;
-                    let src = &planes[window(bi, i, j)..];
-                    // SAFETY: lhs is `w[:, :, i, j]` (cout x cin, strides kh*kw*cin and kh*kw)
-                    // inside `ws`; rhs is cin rows of `wide` elements, one per phase plane of this
-                    // batch item, starting at the tap's shift, inside `planes` (its slack covers the
-                    // dropped columns of the last plane); dst is this batch's cout x wide block.
-                    unsafe {
-                        gemm::gemm(
-                            cout,
-                            wide,
-                            cin,
-                            dst.as_mut_ptr(),
-                            1,
-                            wide as isize,
-                            tap > 0,
-                            ws.as_ptr().add(tap),
-                            (kh * kw) as isize,
-                            (cin * kh * kw) as isize,
-                            src.as_ptr(),
-                            1,
-                            plane as isize,
-                            1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
-                            Parallelism::Rayon(0),
-                        );
+                for i in 0..kh {
+                    for j in 0..kw {
+                        let tap = i * kw + j;
+                        let src = &planes[window(bi, i, j)..];
+                        // SAFETY: lhs is `w[:, :, i, j]` (cout x cin, strides kh*kw*cin and kh*kw)
+                        // inside `ws`; rhs is cin rows of `wide` elements, one per phase plane of this
+                        // batch item, starting at the tap's shift, inside `planes` (its slack covers the
+                        // dropped columns of the last plane); dst is this batch's cout x wide block.
+                        unsafe {
+                            gemm::gemm(
+                                cout,
+                                wide,
+                                cin,
+                                dst.as_mut_ptr(),
+                                1,
+                                wide as isize,
+                                tap > 0,
+                                ws.as_ptr().add(tap),
+                                (kh * kw) as isize,
+                                (cin * kh * kw) as isize,
+                                src.as_ptr(),
+                                1,
+                                plane as isize,
+                                1.0,
+                                1.0,
+                                false,
+                                false,
+                                false,
+                                Parallelism::Rayon(0),
+                            );
+                        }
                     }
                 }
             }
         }
-    }
 
-    // Drop the wide columns, add the bias.
-    let bias_of = |plane_index: usize| bs.map_or(0.0, |b| b[plane_index % cout]);
-    let out = if wo == wq {
-        out_wide.par_chunks_mut(ho * wo).enumerate().for_each(|(c, plane)| {
-            let add = bias_of(c);
-            if add != 0.0 {
-                plane.iter_mut().for_each(|v| *v += add);
-            }
-        });
-        out_wide
-    } else {
-        let mut out = vec![0f32; b * cout * ho * wo];
-        out.par_chunks_mut(ho * wo).zip(out_wide.par_chunks(wide)).enumerate().for_each(|(c, (dst, src))| {
-            let add = bias_of(c);
-            for (d, s) in dst.chunks_exact_mut(wo).zip(src.chunks_exact(wq)) {
-                for (d, s) in d.iter_mut().zip(&s[..wo]) {
-                    *d = s + add;
+        // Drop the wide columns, add the bias.
+        let bias_of = |plane_index: usize| bs.map_or(0.0, |b| b[plane_index % cout]);
+        let out = if wo == wq {
+            out_wide.par_chunks_mut(ho * wo).enumerate().for_each(|(c, plane)| {
+                let add = bias_of(c);
+                if add != 0.0 {
+                    plane.iter_mut().for_each(|v| *v += add);
                 }
-            }
-        });
-        out
-    };
+            });
+            out_wide
+        } else {
+            let mut out = vec![0f32; b * cout * ho * wo];
+            out.par_chunks_mut(ho * wo).zip(out_wide.par_chunks(wide)).enumerate().for_each(|(c, (dst, src))| {
+                let add = bias_of(c);
+                for (d, s) in dst.chunks_exact_mut(wo).zip(src.chunks_exact(wq)) {
+                    for (d, s) in d.iter_mut().zip(&s[..wo]) {
+                        *d = s + add;
+                    }
+                }
+            });
+            out
+        };
+        Ok(out)
+    })?;
     Ok(Some(Tensor::from_vec(out, (b, cout, ho, wo), x.device())?))
 }
 

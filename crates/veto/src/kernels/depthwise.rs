@@ -36,33 +36,26 @@ pub fn depthwise_same(x: &Tensor, taps: &Tensor, bias: Option<&Tensor>) -> Resul
         );
     }
     let r = k / 2;
-    let (x, taps) = (x.contiguous()?, taps.contiguous()?);
-    let bias = bias.map(|t| t.contiguous()).transpose()?;
-    let (gx, lx) = x.storage_and_layout();
-    let xs = super::f32_slice(&gx, lx)?;
-    let (gt, lt) = taps.storage_and_layout();
-    let ts = super::f32_slice(&gt, lt)?;
-    let gb = bias.as_ref().map(|t| t.storage_and_layout());
-    let bs = gb.as_ref().map(|(g, l)| super::f32_slice(g, l)).transpose()?;
-
-    let mut out = vec![0f32; b * h * w * c];
-    out.par_chunks_mut(w * c).enumerate().for_each(|(row, dst)| {
-        let (bi, y) = (row / h, row % h);
-        for (xi, px) in dst.chunks_exact_mut(c).enumerate() {
-            if let Some(bs) = bs {
-                px.copy_from_slice(bs);
-            }
-            for i in 0..k {
-                let Some(yy) = (y + i).checked_sub(r).filter(|&yy| yy < h) else { continue };
-                for j in 0..k {
-                    let Some(xx) = (xi + j).checked_sub(r).filter(|&xx| xx < w) else { continue };
-                    let src = &xs[((bi * h + yy) * w + xx) * c..][..c];
-                    fma_row(px, &ts[(i * k + j) * c..][..c], src);
+    let out = super::with_f32_slices([x, taps], bias, |[xs, ts], bs| {
+        let mut out = vec![0f32; b * h * w * c];
+        out.par_chunks_mut(w * c).enumerate().for_each(|(row, dst)| {
+            let (bi, y) = (row / h, row % h);
+            for (xi, px) in dst.chunks_exact_mut(c).enumerate() {
+                if let Some(bs) = bs {
+                    px.copy_from_slice(bs);
+                }
+                for i in 0..k {
+                    let Some(yy) = (y + i).checked_sub(r).filter(|&yy| yy < h) else { continue };
+                    for j in 0..k {
+                        let Some(xx) = (xi + j).checked_sub(r).filter(|&xx| xx < w) else { continue };
+                        let src = &xs[((bi * h + yy) * w + xx) * c..][..c];
+                        fma_row(px, &ts[(i * k + j) * c..][..c], src);
+                    }
                 }
             }
-        }
-    });
-    drop((gx, gt, gb));
+        });
+        Ok(out)
+    })?;
     Ok(Some(Tensor::from_vec(out, (b, h, w, c), x.device())?))
 }
 

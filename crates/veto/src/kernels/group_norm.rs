@@ -71,32 +71,27 @@ pub fn group_norm(
     }
     let spatial: usize = dims[2..].iter().product();
     let per_group = c / groups * spatial;
-    let x = x.contiguous()?;
-    let (weight, bias) = (weight.contiguous()?, bias.contiguous()?);
-    let (g, l) = x.storage_and_layout();
-    let xs = super::f32_slice(&g, l)?;
-    let (gw, lw) = weight.storage_and_layout();
-    let gamma = super::f32_slice(&gw, lw)?;
-    let (gb, lb) = bias.storage_and_layout();
-    let beta = super::f32_slice(&gb, lb)?;
-    // Each group task reads its input twice (moments, then the affine map into the output; the
-    // second read hits cache) and first touches its own part of the output.
-    let mut out = vec![0f32; xs.len()];
-    if per_group > 0 {
-        out.par_chunks_mut(per_group).zip(xs.par_chunks(per_group)).enumerate().for_each(|(index, (dst, src))| {
-            let n = src.len() as f64;
-            let (sum, sq) = moments(src);
-            let mean = sum / n;
-            let rstd = 1.0 / ((sq / n - mean * mean).max(0.0) + eps).sqrt();
-            let first_channel = (index % groups) * (c / groups);
-            let channels = dst.chunks_exact_mut(spatial.max(1)).zip(src.chunks_exact(spatial.max(1)));
-            for (k, (out_channel, channel)) in channels.enumerate() {
-                let scale = gamma[first_channel + k] as f64 * rstd;
-                let shift = beta[first_channel + k] as f64 - mean * scale;
-                affine(channel, out_channel, scale as f32, shift as f32, with_silu);
-            }
-        });
-    }
+    let out = super::with_f32_slices([x, weight, bias], None, |[xs, gamma, beta], _| {
+        // Each group task reads its input twice (moments, then the affine map into the output; the
+        // second read hits cache) and first touches its own part of the output.
+        let mut out = vec![0f32; xs.len()];
+        if per_group > 0 {
+            out.par_chunks_mut(per_group).zip(xs.par_chunks(per_group)).enumerate().for_each(|(index, (dst, src))| {
+                let n = src.len() as f64;
+                let (sum, sq) = moments(src);
+                let mean = sum / n;
+                let rstd = 1.0 / ((sq / n - mean * mean).max(0.0) + eps).sqrt();
+                let first_channel = (index % groups) * (c / groups);
+                let channels = dst.chunks_exact_mut(spatial.max(1)).zip(src.chunks_exact(spatial.max(1)));
+                for (k, (out_channel, channel)) in channels.enumerate() {
+                    let scale = gamma[first_channel + k] as f64 * rstd;
+                    let shift = beta[first_channel + k] as f64 - mean * scale;
+                    affine(channel, out_channel, scale as f32, shift as f32, with_silu);
+                }
+            });
+        }
+        Ok(out)
+    })?;
     Ok(Some(Tensor::from_vec(out, dims, x.device())?))
 }
 

@@ -1,5 +1,6 @@
 //! Building blocks shared by the models: the linear layer that may be quantized ([`Linear`],
-//! used for every big matmul of the Flux transformer, the MMDiT and the UNet), and for the two
+//! used for every big matmul of the transformers and the UNet: on the CPU it runs OpenBLAS where
+//! the machine has it), and for the two
 //! transformers the adaptive-norm modulation heads (diffusers `AdaLayerNormZero`,
 //! `AdaLayerNormContinuous`), the GELU feed-forward, and the timestep + pooled-text
 //! conditioning embedding.
@@ -29,6 +30,12 @@ pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder, quantized: &Quantiz
     build_linear(in_dim, out_dim, true, vb, quantized)
 }
 
+/// A dense `Linear(in_dim, out_dim)` under `vb`, with or without bias (models that never load
+/// ggml blocks: PixArt-Σ, SANA, DC-AE).
+pub fn dense(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
+    build_linear(in_dim, out_dim, bias, vb, &QuantizedWeights::none())
+}
+
 /// [`linear`] without bias.
 pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder, quantized: &QuantizedWeights) -> Result<Linear> {
     build_linear(in_dim, out_dim, false, vb, quantized)
@@ -45,7 +52,7 @@ fn build_linear(
     let Some(weight) = quantized.matrix(&name) else {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        return Ok(Linear::Dense(candle_nn::Linear::new(weight, bias)));
+        return Ok(Linear::from_weights(weight, bias));
     };
     let weight = weight?;
     if weight.shape().dims() != [out_dim, in_dim] {
@@ -60,6 +67,20 @@ fn build_linear(
 }
 
 impl Linear {
+    /// A dense layer from its weight `[out, in]` and bias `[out]` (a patch embedding's or a 1x1
+    /// convolution's kernel, reshaped).
+    pub fn from_weights(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Self::Dense(candle_nn::Linear::new(weight, bias))
+    }
+
+    /// The output width.
+    pub fn out_dim(&self) -> Result<usize> {
+        match self {
+            Self::Dense(l) => l.weight().dim(0),
+            Self::Quantized { weight, .. } => Ok(weight.shape().dims()[0]),
+        }
+    }
+
     /// The dtype the layer computes in (a quantized layer's is the run dtype).
     pub fn dtype(&self) -> DType {
         match self {

@@ -4,8 +4,9 @@
 //! channel-repeating shortcut). Tensors are `[B, C, h, w]` between blocks; the per-channel
 //! linear maps and norms run channels-last.
 
+use crate::models::layers::{dense, Linear};
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
 
 use crate::models::conv::Conv2d;
 
@@ -173,10 +174,10 @@ impl MultiscaleLinearAttention {
             .map(|(i, &k)| MultiscaleProjection::new(3 * inner, 3 * heads, k, vb.pp(format!("to_qkv_multiscale.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear_no_bias(inner * (1 + scales.len()), dim, vb.pp("to_out"))?,
+            to_q: dense(dim, inner, false, vb.pp("to_q"))?,
+            to_k: dense(dim, inner, false, vb.pp("to_k"))?,
+            to_v: dense(dim, inner, false, vb.pp("to_v"))?,
+            to_out: dense(inner * (1 + scales.len()), dim, false, vb.pp("to_out"))?,
             norm_out: ChannelNorm::new(norm, dim, vb.pp("norm_out"))?,
             multiscale,
             head_dim,

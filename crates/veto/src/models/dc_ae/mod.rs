@@ -184,7 +184,8 @@ impl DcAeConfig {
 enum Layer {
     Up(UpBlock),
     Res(ResBlock),
-    Vit(EfficientVitBlock),
+    // Boxed: a ViT block's linear layers make it the one large variant.
+    Vit(Box<EfficientVitBlock>),
 }
 
 impl Layer {
@@ -226,13 +227,13 @@ impl DcAeDecoder {
             for k in j..j + count {
                 let vb = level.pp(k.to_string());
                 layers.push(if types[i] == "EfficientViTBlock" {
-                    Layer::Vit(EfficientVitBlock::new(
+                    Layer::Vit(Box::new(EfficientVitBlock::new(
                         widths[i],
                         c.attention_head_dim,
                         &c.decoder_qkv_multiscales[i],
                         &norms[i],
                         vb,
-                    )?)
+                    )?))
                 } else {
                     Layer::Res(ResBlock::new(widths[i], &norms[i], act(&acts[i])?, vb)?)
                 });

@@ -15,11 +15,11 @@ use crate::loading::quantized::QuantizedWeights;
 use std::ops::Range;
 
 use candle_core::{Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::attention::{merge_heads, sdpa, split_heads};
 use crate::guidance::{guided_attention, AttentionGuidance, GuidedAttention, KeyValues, NegativeKeyValues};
-use crate::models::layers::{gated_add, layer_norm, modulate_normed, FeedForward};
+use crate::models::layers::{dense, gated_add, layer_norm, modulate_normed, FeedForward, Linear};
 use crate::models::sana::conv::RmsNorm;
 use crate::profile;
 
@@ -55,10 +55,10 @@ impl Attention {
     pub(crate) fn new(dim: usize, context_dim: usize, heads: usize, head_dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = heads * head_dim;
         Ok(Self {
-            to_q: candle_nn::linear(dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            to_q: dense(dim, inner, true, vb.pp("to_q"))?,
+            to_k: dense(context_dim, inner, true, vb.pp("to_k"))?,
+            to_v: dense(context_dim, inner, true, vb.pp("to_v"))?,
+            to_out: dense(inner, dim, true, vb.pp("to_out.0"))?,
             heads,
             scale: 1.0 / (head_dim as f64).sqrt(),
             qk_norm: None,
@@ -67,8 +67,8 @@ impl Attention {
 
     /// Adds the query/key RMS norms (`norm_q`, `norm_k`, eps 1e-5 as diffusers' `Attention`).
     pub(crate) fn with_qk_norm(mut self, vb: VarBuilder) -> Result<Self> {
-        let width = self.to_q.weight().dim(0)?;
-        let kwidth = self.to_k.weight().dim(0)?;
+        let width = self.to_q.out_dim()?;
+        let kwidth = self.to_k.out_dim()?;
         self.qk_norm = Some((
             RmsNorm::new(width, 1e-5, false, vb.pp("norm_q"))?,
             RmsNorm::new(kwidth, 1e-5, false, vb.pp("norm_k"))?,

@@ -4,8 +4,9 @@
 //! projection.
 
 use crate::loading::quantized::QuantizedWeights;
+use crate::models::layers::{dense, Linear};
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::models::layers::{timestep_features, MlpEmbedder};
 
@@ -59,7 +60,7 @@ impl PatchEmbed {
     ) -> Result<Self> {
         let weight = vb.get((dim, in_channels, patch, patch), "proj.weight")?;
         let bias = vb.get(dim, "proj.bias")?;
-        let proj = Linear::new(weight.reshape((dim, in_channels * patch * patch))?, Some(bias));
+        let proj = Linear::from_weights(weight.reshape((dim, in_channels * patch * patch))?, Some(bias));
         Ok(Self { proj, patch, dim, base, interpolation_scale })
     }
 
@@ -85,8 +86,8 @@ pub struct CaptionProjection {
 impl CaptionProjection {
     pub fn new(in_dim: usize, dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            linear_1: candle_nn::linear(in_dim, dim, vb.pp("linear_1"))?,
-            linear_2: candle_nn::linear(dim, dim, vb.pp("linear_2"))?,
+            linear_1: dense(in_dim, dim, true, vb.pp("linear_1"))?,
+            linear_2: dense(dim, dim, true, vb.pp("linear_2"))?,
         })
     }
 }
@@ -109,7 +110,7 @@ impl AdaLayerNormSingle {
     pub fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             timestep_embedder: MlpEmbedder::new(256, dim, vb.pp("emb.timestep_embedder"), &QuantizedWeights::none())?,
-            linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))?,
+            linear: dense(dim, 6 * dim, true, vb.pp("linear"))?,
         })
     }
 

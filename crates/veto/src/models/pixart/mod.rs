@@ -9,8 +9,9 @@ pub mod embeddings;
 use std::ops::Range;
 use std::path::Path;
 
+use crate::models::layers::{dense, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::guidance::NegativeContext;
@@ -199,7 +200,7 @@ impl PixArtTransformer2DModel {
             caption_projection: CaptionProjection::new(config.caption_channels(), dim, vb.pp("caption_projection"))?,
             blocks,
             scale_shift_table: vb.get((2, dim), "scale_shift_table")?,
-            proj_out: candle_nn::linear(dim, p * p * config.out_channels(), vb.pp("proj_out"))?,
+            proj_out: dense(dim, p * p * config.out_channels(), true, vb.pp("proj_out"))?,
             config: config.clone(),
         })
     }

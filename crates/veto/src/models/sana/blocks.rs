@@ -11,8 +11,9 @@
 
 use std::ops::Range;
 
+use crate::models::layers::{dense, Linear};
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use super::conv::{GluMbConv, RmsNorm};
 use crate::attention::{merge_heads, split_heads};
@@ -33,18 +34,12 @@ pub struct LinearAttention {
 impl LinearAttention {
     pub fn new(dim: usize, heads: usize, head_dim: usize, bias: bool, qk_norm: bool, vb: VarBuilder) -> Result<Self> {
         let inner = heads * head_dim;
-        let proj = |name: &str| {
-            if bias {
-                candle_nn::linear(dim, inner, vb.pp(name))
-            } else {
-                candle_nn::linear_no_bias(dim, inner, vb.pp(name))
-            }
-        };
+        let proj = |name: &str| dense(dim, inner, bias, vb.pp(name));
         Ok(Self {
             to_q: proj("to_q")?,
             to_k: proj("to_k")?,
             to_v: proj("to_v")?,
-            to_out: candle_nn::linear(inner, dim, vb.pp("to_out.0"))?,
+            to_out: dense(inner, dim, true, vb.pp("to_out.0"))?,
             heads,
             qk_norm: if qk_norm {
                 Some((

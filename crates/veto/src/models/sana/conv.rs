@@ -4,8 +4,9 @@
 //! (the Mix-FFN: 1x1 up to twice the hidden width, SiLU, depthwise 3x3, half times SiLU of the
 //! other half, 1x1 down).
 
+use crate::models::layers::Linear;
 use candle_core::{DType, Module, Result, Tensor, D};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 /// diffusers' `RMSNorm` over the last axis: `x / sqrt(mean(x^2) + eps) * weight (+ bias)`, the
 /// statistics in f32.
@@ -38,7 +39,7 @@ impl Module for RmsNorm {
 pub fn pointwise(in_dim: usize, out_dim: usize, bias: bool, vb: VarBuilder) -> Result<Linear> {
     let weight = vb.get((out_dim, in_dim, 1, 1), "weight")?.reshape((out_dim, in_dim))?;
     let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-    Ok(Linear::new(weight, bias))
+    Ok(Linear::from_weights(weight, bias))
 }
 
 /// A depthwise `k x k` convolution (stride 1, "same" zero padding, `groups == channels`) on

@@ -9,8 +9,9 @@ pub mod conv;
 
 use std::path::Path;
 
+use crate::models::layers::{dense, Linear};
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 use serde::Deserialize;
 
 use crate::guidance::NegativeContext;
@@ -196,7 +197,7 @@ impl TimestepGuidanceEmbedding {
         Ok(Self {
             timestep_embedder: MlpEmbedder::new(256, dim, vb.pp("timestep_embedder"), &none)?,
             guidance_embedder: MlpEmbedder::new(256, dim, vb.pp("guidance_embedder"), &none)?,
-            linear: candle_nn::linear(dim, 6 * dim, vb.pp("linear"))?,
+            linear: dense(dim, 6 * dim, true, vb.pp("linear"))?,
         })
     }
 
@@ -238,8 +239,10 @@ impl SanaTransformer2DModel {
             .map(|i| SanaBlock::new(&shape, vb.pp(format!("transformer_blocks.{i}"))))
             .collect::<Result<Vec<_>>>()?;
         let pe = vb.pp("patch_embed.proj");
-        let patch_proj =
-            Linear::new(pe.get((dim, c, p, p), "weight")?.reshape((dim, c * p * p))?, Some(pe.get(dim, "bias")?));
+        let patch_proj = Linear::from_weights(
+            pe.get((dim, c, p, p), "weight")?.reshape((dim, c * p * p))?,
+            Some(pe.get(dim, "bias")?),
+        );
         Ok(Self {
             patch_proj,
             time_embed: if config.guidance_embeds {
@@ -251,7 +254,7 @@ impl SanaTransformer2DModel {
             caption_norm: RmsNorm::new(dim, 1e-5, false, vb.pp("caption_norm"))?,
             blocks,
             scale_shift_table: vb.get((2, dim), "scale_shift_table")?,
-            proj_out: candle_nn::linear(dim, p * p * config.out_channels(), vb.pp("proj_out"))?,
+            proj_out: dense(dim, p * p * config.out_channels(), true, vb.pp("proj_out"))?,
             config: config.clone(),
         })
     }
