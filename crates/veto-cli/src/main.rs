@@ -29,6 +29,8 @@ enum Command {
 }
 
 fn main() {
+    // Each layer's large buffers reuse the pages the previous layer freed (glibc).
+    veto::allocator::reuse_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),

@@ -19,6 +19,7 @@
 //! ```
 #![warn(missing_docs)]
 
+pub mod allocator;
 pub mod demo;
 pub mod error;
 pub mod families;
