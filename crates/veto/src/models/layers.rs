@@ -1,9 +1,8 @@
 //! Building blocks shared by the models: the linear layer that may be quantized ([`Linear`],
-//! used for every big matmul of the transformers and the UNet: on the CPU it runs OpenBLAS where
-//! the machine has it), and for the two
-//! transformers the adaptive-norm modulation heads (diffusers `AdaLayerNormZero`,
-//! `AdaLayerNormContinuous`), the GELU feed-forward, and the timestep + pooled-text
-//! conditioning embedding.
+//! used for every big matmul of the transformers and the UNet; on the CPU it runs OpenBLAS where
+//! the machine has it), and for the two transformers the adaptive-norm modulation heads
+//! (diffusers `AdaLayerNormZero`, `AdaLayerNormContinuous`), the GELU feed-forward, and the
+//! timestep + pooled-text conditioning embedding.
 
 use std::sync::Arc;
 
