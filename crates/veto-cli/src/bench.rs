@@ -67,6 +67,10 @@ pub struct BenchArgs {
     /// table per size: time per op class and its difference from the baseline, bytes copied.
     #[arg(long)]
     pub profile: bool,
+    /// Print every timed run of each method (in the order they ran), not only the median, so
+    /// the spread behind a ratio is visible.
+    #[arg(long)]
+    pub samples: bool,
 }
 
 fn config(a: &BenchArgs) -> FluxConfig {
@@ -95,6 +99,8 @@ fn labelled<'a>(label: &'a str, f: impl FnMut() -> Result<Tensor> + 'a) -> (&'a 
 
 /// Whether `--profile` was given (read by [`time_methods`]).
 static PROFILE: AtomicBool = AtomicBool::new(false);
+/// Whether `--samples` was given (read by [`time_methods`]).
+static SAMPLES: AtomicBool = AtomicBool::new(false);
 
 /// Median wall time (ms) of each method over `iters` rounds, after one warm-up round. The
 /// methods run interleaved (none, NAG, ..., none, NAG, ...) so that drift of a shared machine
@@ -112,6 +118,21 @@ fn time_methods(iters: usize, device: &Device, mut methods: Vec<(&str, Method)>)
             device.synchronize()?;
             drop(out);
             t.push(start.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    if SAMPLES.load(Ordering::Relaxed) {
+        // The fastest run is the least disturbed where disturbances only add time (other
+        // processes, a hypervisor's steal): its ratio is shown beside the runs.
+        let fastest = |t: &[f64]| t.iter().copied().fold(f64::INFINITY, f64::min);
+        let base = fastest(&times[0]);
+        for ((label, _), t) in methods.iter().zip(&times) {
+            let runs: Vec<String> = t.iter().map(|ms| format!("{ms:.0}")).collect();
+            let min = fastest(t);
+            println!(
+                "  runs (ms) {label:<14} {}  | fastest {min:.0} ({:+.1}%)",
+                runs.join(" "),
+                (min / base - 1.0) * 100.0
+            );
         }
     }
     if PROFILE.load(Ordering::Relaxed) {
@@ -184,6 +205,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         bail!("--profile times ops on the calling thread: it needs --device cpu");
     }
     PROFILE.store(a.profile, Ordering::Relaxed);
+    SAMPLES.store(a.samples, Ordering::Relaxed);
     let dtype: DType = dtype(a.dtype);
     match name {
         "flux" => run_flux(&a, &device, dtype),

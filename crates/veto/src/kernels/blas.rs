@@ -30,6 +30,8 @@ const TRANS: i32 = 112;
 const MIN_WORK: usize = 1 << 20;
 /// Rows per parallel block at least (each block packs the weight again).
 const MIN_ROWS: usize = 64;
+/// Output columns per parallel block at least, where the rows are too few to split.
+const MIN_COLUMNS: usize = 64;
 
 /// OpenBLAS core types whose SGEMM kernels are AVX-512.
 const AVX512_CORES: [&str; 3] = ["SkylakeX", "Cooperlake", "SapphireRapids"];
@@ -124,10 +126,13 @@ fn linear_with(blas: &Blas, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
         candle_core::bail!("linear: input {dims:?} for a weight {:?}", w.dims());
     }
     let m: usize = lead.iter().product();
-    // Rows are what the blocks split: fewer than a block per thread (the 77 tokens of a text
-    // projection, say) would leave threads idle, where candle's GEMM splits the columns.
     let threads = rayon::current_num_threads();
-    if m * n * k < MIN_WORK || m < MIN_ROWS * threads || [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+    // One row is a matrix-vector product, which candle streams through the weight once (16 ms
+    // for a 3072 x 18432 adaLN weight here, OpenBLAS 33); from two rows on candle's GEMM falls
+    // far behind (two rows: 111 against 32 ms). Too few rows and columns to give every thread a
+    // block: candle's GEMM keeps them too.
+    let too_narrow = m < MIN_ROWS * threads && n < MIN_COLUMNS * threads;
+    if m < 2 || m * n * k < MIN_WORK || too_narrow || [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
         return Ok(None);
     }
     if let Some(bias) = bias.filter(|b| b.dims() != [n]) {
@@ -156,6 +161,12 @@ fn sgemm_rows(
         out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
     }
     let beta = if bs.is_some() { 1.0 } else { 0.0 };
+    // Few rows (the 77 tokens of a text projection, say): split the columns instead, so every
+    // thread reads its own share of the weight rather than all of it.
+    if m < MIN_ROWS * threads && n >= MIN_COLUMNS * threads {
+        sgemm_columns(blas, xs, ws, &mut out, beta, [m, n, k], threads);
+        return out;
+    }
     let blocks = threads.min(m / MIN_ROWS).max(1);
     let rows = m.div_ceil(blocks);
     out.par_chunks_mut(rows * n).enumerate().for_each(|(i, c)| {
@@ -185,6 +196,53 @@ fn sgemm_rows(
     out
 }
 
+/// [`sgemm_rows`]' product for few rows: one single-threaded `sgemm` per block of output
+/// columns (weight rows), written in place into the row-major `out` (`beta` 1 keeps a bias
+/// already there).
+fn sgemm_columns(
+    blas: &Blas,
+    xs: &[f32],
+    ws: &[f32],
+    out: &mut [f32],
+    beta: f32,
+    [m, n, k]: [usize; 3],
+    threads: usize,
+) {
+    /// The output, shared by the blocks; each writes only its own columns.
+    struct Output(*mut f32);
+    // SAFETY: the blocks below write disjoint column ranges of the buffer.
+    unsafe impl Sync for Output {}
+    let c = Output(out.as_mut_ptr());
+    let c = &c;
+    let blocks = threads.min(n / MIN_COLUMNS).max(1);
+    let cols = n.div_ceil(blocks);
+    (0..blocks).into_par_iter().for_each(|i| {
+        let first = i * cols;
+        let width = cols.min(n - first);
+        // SAFETY: xs is m x k; the weight rows first..first+width are width x k (read
+        // transposed); the output block starts at column `first` of the m x n row-major
+        // buffer, leading dimension n, and no other block writes these columns.
+        unsafe {
+            (blas.sgemm)(
+                ROW_MAJOR,
+                NO_TRANS,
+                TRANS,
+                m as i32,
+                width as i32,
+                k as i32,
+                1.0,
+                xs.as_ptr(),
+                k as i32,
+                ws[first * k..].as_ptr(),
+                k as i32,
+                beta,
+                c.0.add(first),
+                n as i32,
+            )
+        };
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,7 +259,7 @@ mod tests {
             return;
         };
         let dev = Device::Cpu;
-        for (m, k, n) in [(300, 256, 96), (1030, 64, 130)] {
+        for (m, k, n) in [(300, 256, 96), (1030, 64, 130), (20, 2048, 333), (100, 512, 130)] {
             let x = Tensor::randn(0f32, 1.0, (2, m / 2, k), &dev).unwrap();
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
             let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
@@ -211,7 +269,8 @@ mod tests {
                     Some(b) => product.broadcast_add(b).unwrap(),
                     None => product.clone(),
                 };
-                // Two threads, whatever the machine: the rows split into two blocks.
+                // Two threads, whatever the machine: the rows (the last two shapes: the columns)
+                // split into two blocks.
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
                 let got =
                     pool.install(|| linear_with(&blas, &x, &w, bias)).unwrap().expect("large enough for OpenBLAS");
