@@ -129,49 +129,63 @@ fn linear_with(blas: &Blas, x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Re
     }
     let m: usize = lead.iter().product();
     let threads = rayon::current_num_threads();
-    // One row is a matrix-vector product, which candle streams through the weight once (16 ms
-    // for a 3072 x 18432 adaLN weight here, OpenBLAS 33); from two rows on candle's GEMM falls
-    // far behind (two rows: 111 against 32 ms). Too few rows and columns to give every thread a
-    // block: candle's GEMM keeps them too.
-    let too_narrow = m < MIN_ROWS * threads && n < MIN_COLUMNS * threads;
-    if m < 2 || m * n * k < MIN_WORK || too_narrow || [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
+    let Some(split) = split(m, n, threads) else { return Ok(None) };
+    if m * n * k < MIN_WORK || [m, n, k].iter().any(|&d| d > i32::MAX as usize) {
         return Ok(None);
     }
     if let Some(bias) = bias.filter(|b| b.dims() != [n]) {
         candle_core::bail!("linear: a bias of {:?} for {n} outputs", bias.dims());
     }
-    let out =
-        super::with_f32_slices([x, w], bias, |[xs, ws], bs| Ok(sgemm_rows(blas, xs, ws, bs, [m, n, k], threads)))?;
+    let out = super::with_f32_slices([x, w], bias, |[xs, ws], bs| {
+        let mut out = vec![0f32; m * n];
+        // The bias goes in first and the product adds to it (beta = 1): no second pass.
+        if let Some(b) = bs {
+            out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
+        }
+        let beta = if bs.is_some() { 1.0 } else { 0.0 };
+        match split {
+            Split::Rows => sgemm_rows(blas, xs, ws, &mut out, beta, [m, n, k], threads),
+            Split::Columns => sgemm_columns(blas, xs, ws, &mut out, beta, [m, n, k], threads),
+        }
+        Ok(out)
+    })?;
     let mut out_dims = lead.to_vec();
     out_dims.push(n);
     Ok(Some(Tensor::from_vec(out, out_dims, x.device())?))
 }
 
-/// `xs · wsᵀ + bs` for `xs` `m x k`, `ws` `n x k` (row-major): one single-threaded `sgemm` per
-/// block of rows, the blocks over the current pool's `threads`.
-fn sgemm_rows(
-    blas: &Blas,
-    xs: &[f32],
-    ws: &[f32],
-    bs: Option<&[f32]>,
-    [m, n, k]: [usize; 3],
-    threads: usize,
-) -> Vec<f32> {
-    let mut out = vec![0f32; m * n];
-    // The bias goes in first and the product adds to it (beta = 1): no second pass.
-    if let Some(b) = bs {
-        out.par_chunks_mut(n).for_each(|row| row.copy_from_slice(b));
-    }
-    let beta = if bs.is_some() { 1.0 } else { 0.0 };
-    // Few rows (the 77 tokens of a text projection, say): split the columns instead. Each row
-    // block packs the whole weight again, each column block only its share (and all the rows):
-    // for a few hundred rows through a wider weight that is less to pack (300 x 4096 x 1152:
-    // 20.4 -> 16.7 ms; 256 x 3072 x 21504: 227 -> 202 ms; from ~1000 rows on the two are even).
+/// How a product of `m` rows and `n` output columns is shared among the threads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Split {
+    /// A block of rows per thread: each packs the whole weight.
+    Rows,
+    /// A block of output columns (weight rows) per thread: each packs its share of the weight
+    /// and all the rows.
+    Columns,
+}
+
+/// The split of `m x n` over `threads`, or `None` where candle's GEMM should keep the product.
+/// One row is a matrix-vector product, which candle streams through the weight once (16 ms for
+/// a 3072 x 18432 adaLN weight here, OpenBLAS 33); from two rows on candle's GEMM falls far
+/// behind (two rows: 111 against 32 ms). Few rows (the 77 tokens of a text projection, say), or
+/// a few hundred through a wider weight, split the columns: less to pack (300 x 4096 x 1152:
+/// 20.4 -> 16.7 ms; 256 x 3072 x 21504: 227 -> 202 ms; from ~1000 rows on the two are even).
+/// Too few rows and columns to give every thread a block: candle's GEMM keeps them too.
+fn split(m: usize, n: usize, threads: usize) -> Option<Split> {
     let few_rows = m < MIN_ROWS * threads || (n > m && m < COLUMN_SPLIT_ROWS * threads);
-    if few_rows && n >= MIN_COLUMNS * threads {
-        sgemm_columns(blas, xs, ws, &mut out, beta, [m, n, k], threads);
-        return out;
+    let wide = n >= MIN_COLUMNS * threads;
+    match (few_rows, wide) {
+        _ if m < 2 => None,
+        (true, true) => Some(Split::Columns),
+        (true, false) if m < MIN_ROWS * threads => None,
+        _ => Some(Split::Rows),
     }
+}
+
+/// `xs · wsᵀ` (plus `beta` times what `out` holds) for `xs` `m x k`, `ws` `n x k`, into the
+/// row-major `out` `m x n`: one single-threaded `sgemm` per block of rows, the blocks over the
+/// current pool's `threads`.
+fn sgemm_rows(blas: &Blas, xs: &[f32], ws: &[f32], out: &mut [f32], beta: f32, [m, n, k]: [usize; 3], threads: usize) {
     let blocks = threads.min(m / MIN_ROWS).max(1);
     let rows = m.div_ceil(blocks);
     out.par_chunks_mut(rows * n).enumerate().for_each(|(i, c)| {
@@ -198,12 +212,10 @@ fn sgemm_rows(
             )
         };
     });
-    out
 }
 
-/// [`sgemm_rows`]' product for few rows: one single-threaded `sgemm` per block of output
-/// columns (weight rows), written in place into the row-major `out` (`beta` 1 keeps a bias
-/// already there).
+/// [`sgemm_rows`]' product with one single-threaded `sgemm` per block of output columns
+/// (weight rows).
 fn sgemm_columns(
     blas: &Blas,
     xs: &[f32],
@@ -252,6 +264,25 @@ fn sgemm_columns(
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    /// The split of each product on two threads: one row and too few rows and columns stay
+    /// with candle; few rows, or a few hundred through a wider weight, split the columns.
+    #[test]
+    fn products_split_as_measured() {
+        let cases = [
+            ((1, 18432), None),
+            ((2, 18432), Some(Split::Columns)),
+            ((77, 1280), Some(Split::Columns)),
+            ((100, 100), None),
+            ((300, 1152), Some(Split::Columns)),
+            ((300, 200), Some(Split::Rows)),
+            ((1280, 9216), Some(Split::Rows)),
+            ((4096, 320), Some(Split::Rows)),
+        ];
+        for ((m, n), want) in cases {
+            assert_eq!(split(m, n, 2), want, "{m} x {n}");
+        }
+    }
 
     /// Through the machine's OpenBLAS, whatever core type the environment names (correctness,
     /// not speed): the same values as candle, with and without bias, on ragged row counts.

@@ -129,14 +129,14 @@ fn few_rows_forward(l: &candle_nn::Linear, x: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
     let rows: usize = dims[..dims.len().saturating_sub(1)].iter().product();
     let small = l.weight().elem_count() < 1 << 20;
-    if small || !x.device().is_cpu() || dims.len() < 2 || !(2..=4).contains(&rows) {
+    if small || !x.device().is_cpu() || !(2..=4).contains(&rows) {
         return l.forward(x);
     }
     let flat = x.reshape((rows, dims[dims.len() - 1]))?;
     let parts = (0..rows).map(|r| l.forward(&flat.narrow(0, r, 1)?)).collect::<Result<Vec<_>>>()?;
     let y = Tensor::cat(&parts, 0)?;
     let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("two dims at least") = y.dim(1)?;
+    *out_dims.last_mut().expect("rows imply a leading dim") = y.dim(1)?;
     y.reshape(out_dims)
 }
 
